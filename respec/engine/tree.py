@@ -159,7 +159,7 @@ class DraftTree:
         """long [B, n + 1, C]: children of each position in node order, padded with -1.
 
         Position 0 is the root, position i + 1 is node i; entries are node indices.
-        C is the largest number of children any position has (at least 1).
+        C is the largest number of children any position has (0 for an empty tree).
         """
         b, n = self.batch_size, self.width
         valid = self.valid_mask()
@@ -167,8 +167,7 @@ class DraftTree:
         same_parent = parent_pos[:, :, None] == parent_pos[:, None, :]
         earlier = torch.ones(n, n, dtype=torch.bool, device=self.device).tril(-1)
         rank = (same_parent & earlier & valid[:, None, :]).sum(-1)  # earlier siblings
-        num_children = int(rank.masked_fill(~valid, -1).max()) + 1 if n else 0
-        c = max(num_children, 1)
+        c = int(rank.masked_fill(~valid, -1).max()) + 1 if n else 0
         table = torch.full((b, (n + 1) * c + 1), -1, dtype=torch.long, device=self.device)
         slot = torch.where(valid, parent_pos * c + rank, (n + 1) * c)  # padding -> spare slot
         node = torch.arange(n, device=self.device).expand(b, n)
@@ -256,9 +255,7 @@ class TopNTreeBuilder:
         pool_parents = torch.cat(self._parents, 1).gather(1, kept)
         new_index = torch.full_like(scores, -1, dtype=torch.long)
         new_index.scatter_(1, kept, torch.arange(n, device=kept.device).expand_as(kept))
-        parents = torch.where(
-            pool_parents < 0, -1, new_index.gather(1, pool_parents.clamp(min=0))
-        )
+        parents = torch.where(pool_parents < 0, -1, new_index.gather(1, pool_parents.clamp(min=0)))
         return DraftTree.from_parents(tokens, parents)
 
 

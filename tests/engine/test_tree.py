@@ -8,8 +8,8 @@ from respec.engine.tree import DraftTree, TopNTreeBuilder, build_topn_tree
 
 def example_tree() -> DraftTree:
     """Row 0:  root -> 0 -> 2 -> 4      Row 1 (3 valid nodes): root -> 0 -> 1
-                    -> 1                                         root -> 2
-                    0 -> 3
+    -> 1                                         root -> 2
+    0 -> 3
     """
     tokens = torch.tensor([[10, 11, 12, 13, 14], [20, 21, 22, 0, 0]])
     parents = torch.tensor([[-1, -1, 0, 0, 2], [-1, 0, -1, 1, 3]])  # row 1 slots 3, 4: padding
@@ -101,7 +101,8 @@ def test_bad_parents_are_rejected():
 def test_empty_tree_is_plain_decoding():
     tree = DraftTree.empty(3)
     assert tree.attention_mask().shape == (3, 1, 1)
-    assert tree.children_table().tolist() == [[[-1]]] * 3
+    assert tree.children_table().shape == (3, 1, 0)
+    assert tree.depths().shape == (3, 0)
 
 
 # ---------------------------------------------------------------- the top-n builder

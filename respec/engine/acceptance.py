@@ -1,0 +1,302 @@
+"""Lossless acceptance rules of speculative decoding, batched over rows.
+
+Inputs (layouts of ``respec.engine.tree``: position 0 is the root, position i + 1 is node i)
+
+- ``tree``: a ``DraftTree`` with n node slots per row.
+- ``target_probs``: float [B, n + 1, V]. Position j holds the target's next-token
+  distribution after the token at position j, i.e. what the target would sample
+  next at the root (j = 0) or at node j - 1. Already processed (temperature,
+  top-k, top-p); for greedy rows anything whose argmax is the greedy token.
+- ``draft_probs`` (sampled drafts only): float [B, n, V]. Row i is the drafter's
+  distribution that node i's token was *sampled from*, i.e. the drafter's
+  next-token distribution at node i's parent (siblings share it).
+
+Every rule walks the tree from the root. At the current node it tries the
+children in node order; the first accepted child becomes the current node. When
+no child is accepted (or there is none), one bonus token is drawn from what is
+left of the target distribution at the current node and the walk ends. So each
+row outputs ``num_accepted + 1`` tokens, distributed exactly as the target would
+have sampled them one by one.
+
+Rules
+- greedy: accept a child iff it is the argmax of the target at its parent;
+  the bonus is the argmax at the last accepted node.
+- deterministic drafts (the candidates at a node are a deterministic function of
+  the context and distinct, e.g. the drafter's top-t; a chain of argmax drafts is
+  t = 1): accept child c with probability r(c), where r is the target distribution
+  with earlier rejected siblings removed and renormalised; the bonus comes from r
+  after all children are removed. P(output = c_i) = p(c_i): the factors telescope.
+- sampled drafts (children drawn i.i.d. from q; a chain is one child per node,
+  Leviathan et al. 2023; several is SpecInfer's multi-draft rule): accept x with
+  probability min(1, r(x) / q(x)); on rejection r <- norm(max(r - q, 0)); r = p
+  at first; the bonus comes from the final r.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from respec.engine.tree import DraftTree
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """What one verification step keeps, per row. D = the tree's largest depth."""
+
+    num_accepted: Tensor  # long [B] accepted draft nodes (the bonus not counted)
+    path: Tensor  # long [B, D] accepted node indices root-down, padded with -1
+    tokens: Tensor  # long [B, D + 1] accepted tokens then the bonus token, padded with -1
+    bonus_node: Tensor  # long [B] node whose target distribution gave the bonus (-1 = root)
+
+    @property
+    def num_tokens(self) -> Tensor:
+        """long [B]: tokens emitted per row, num_accepted + 1."""
+        return self.num_accepted + 1
+
+    def source_positions(self) -> Tensor:
+        """long [B, D + 1]: for each output token, the verification position whose target
+        distribution it was drawn under (root = 0, node i = i + 1); -1 past the end.
+
+        Also the positions whose KV entries to keep: the root and the accepted nodes.
+        """
+        root = torch.zeros_like(self.path[:, :1])
+        positions = torch.cat([root, self.path + 1], dim=1)
+        return torch.where(self._emitted(), positions, -1)
+
+    def _emitted(self) -> Tensor:
+        index = torch.arange(self.tokens.shape[1], device=self.tokens.device)
+        return index <= self.num_accepted[:, None]
+
+
+def output_logprobs(target_probs: Tensor, result: Acceptance) -> Tensor:
+    """float [B, D + 1]: log p of each output token under the target where it was drawn;
+    0 past the end. These are the behaviour log-probabilities RL needs."""
+    positions = result.source_positions()
+    rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+    logp = target_probs[rows, positions.clamp(min=0), result.tokens.clamp(min=0)].float().log()
+    return torch.where(positions >= 0, logp, 0.0)
+
+
+# ------------------------------------------------------------------- the three rules
+# A rule is three small functions over the current residual r [B, V]. Tests swap in
+# deliberately broken rules to show that the statistical tests can fail.
+
+
+@dataclass(frozen=True)
+class Rule:
+    # (r, q, token, generator) -> bool [B]: keep this child?
+    accept: Callable[[Tensor, Tensor | None, Tensor, torch.Generator | None], Tensor]
+    # (r, q, token) -> new r [B, V] after the child was rejected
+    after_reject: Callable[[Tensor, Tensor | None, Tensor], Tensor]
+    # (r, generator) -> long [B] bonus token
+    bonus: Callable[[Tensor, torch.Generator | None], Tensor]
+
+
+def _greedy_accept(r: Tensor, q: Tensor | None, token: Tensor, gen) -> Tensor:
+    return token == r.argmax(-1)
+
+
+def _greedy_bonus(r: Tensor, gen) -> Tensor:
+    return r.argmax(-1)
+
+
+def _keep_residual(r: Tensor, q: Tensor | None, token: Tensor) -> Tensor:
+    return r  # greedy: the bonus is the target's argmax whatever was rejected
+
+
+def _deterministic_accept(r: Tensor, q: Tensor | None, token: Tensor, gen) -> Tensor:
+    return _uniform(r, gen) < _at(r, token)
+
+
+def _remove_token(r: Tensor, q: Tensor | None, token: Tensor) -> Tensor:
+    return _normalise(r.scatter(1, token[:, None], 0.0), fallback=r)
+
+
+def _sampled_accept(r: Tensor, q: Tensor, token: Tensor, gen) -> Tensor:
+    r_x, q_x = _at(r, token), _at(q, token)
+    # q(x) = 0 cannot happen for a token sampled from q; accept then iff r(x) > 0.
+    ratio = torch.where(q_x > 0, r_x / q_x.clamp(min=1e-30), (r_x > 0).to(r.dtype))
+    return _uniform(r, gen) < ratio.clamp(max=1.0)
+
+
+def _subtract_draft(r: Tensor, q: Tensor, token: Tensor) -> Tensor:
+    return _normalise((r - q).clamp(min=0.0), fallback=r)
+
+
+def _sample_bonus(r: Tensor, gen) -> Tensor:
+    return _sample(r, gen)
+
+
+GREEDY = Rule(_greedy_accept, _keep_residual, _greedy_bonus)
+DETERMINISTIC = Rule(_deterministic_accept, _remove_token, _sample_bonus)
+SAMPLED = Rule(_sampled_accept, _subtract_draft, _sample_bonus)
+
+
+# ------------------------------------------------------------------- public entry points
+
+
+def accept_greedy(tree: DraftTree, target_probs: Tensor) -> Acceptance:
+    """Temperature 0: keep the longest path that matches the target's argmax."""
+    return walk_tree(tree, target_probs, GREEDY)
+
+
+def accept_deterministic(
+    tree: DraftTree, target_probs: Tensor, generator: torch.Generator | None = None
+) -> Acceptance:
+    """Drafts that are a deterministic function of their context (top-t, argmax chain)."""
+    return walk_tree(tree, target_probs, DETERMINISTIC, generator=generator)
+
+
+def accept_sampled(
+    tree: DraftTree,
+    target_probs: Tensor,
+    draft_probs: Tensor,
+    generator: torch.Generator | None = None,
+) -> Acceptance:
+    """Drafts sampled from q: a chain (Leviathan et al.) or i.i.d. siblings (SpecInfer)."""
+    return walk_tree(tree, target_probs, SAMPLED, draft_probs, generator)
+
+
+def accept(
+    tree: DraftTree,
+    target_probs: Tensor,
+    draft_probs: Tensor | None = None,
+    greedy: bool | Tensor = False,
+    generator: torch.Generator | None = None,
+) -> Acceptance:
+    """Pick the rule: greedy rows (bool or bool [B]) take argmax; the others take the
+    sampled rule when draft_probs is given, the deterministic rule otherwise."""
+    if isinstance(greedy, bool) and greedy:
+        return accept_greedy(tree, target_probs)
+    if draft_probs is None:
+        result = accept_deterministic(tree, target_probs, generator)
+    else:
+        result = accept_sampled(tree, target_probs, draft_probs, generator)
+    if isinstance(greedy, Tensor) and bool(greedy.any()):
+        result = _choose_rows(greedy, accept_greedy(tree, target_probs), result)
+    return result
+
+
+# ------------------------------------------------------------------- the walk
+
+
+def walk_tree(
+    tree: DraftTree,
+    target_probs: Tensor,
+    rule: Rule,
+    draft_probs: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Acceptance:
+    """Walk every row's tree from the root with `rule`; see the module docstring."""
+    b, n = tree.batch_size, tree.width
+    device = tree.device
+    rows = torch.arange(b, device=device)
+    children = tree.children_table()  # [B, n + 1, C]
+    padded_tokens = torch.nn.functional.pad(tree.tokens, (0, 1), value=-1)  # [:, -1] = no node
+    max_depth = int(tree.depths().max()) if n else 0
+
+    current = torch.full((b,), -1, dtype=torch.long, device=device)  # node, -1 = root
+    active = torch.ones(b, dtype=torch.bool, device=device)
+    num_accepted = torch.zeros(b, dtype=torch.long, device=device)
+    path = torch.full((b, max_depth), -1, dtype=torch.long, device=device)
+    tokens = torch.full((b, max_depth + 1), -1, dtype=torch.long, device=device)
+    bonus_node = torch.full((b,), -1, dtype=torch.long, device=device)
+
+    for _ in range(max_depth + 1):  # each level accepts one node or ends the row
+        residual = target_probs[rows, current + 1].float()
+        chosen, residual = _try_children(
+            tree, children[rows, current + 1], residual, active, rule, draft_probs, generator
+        )
+        ending = active & (chosen < 0)
+        _write_at(tokens, num_accepted, rule.bonus(residual, generator), ending)
+        bonus_node = torch.where(ending, current, bonus_node)
+        moving = active & (chosen >= 0)
+        _write_at(path, num_accepted, chosen, moving)
+        _write_at(tokens, num_accepted, padded_tokens[rows, chosen], moving)
+        num_accepted = num_accepted + moving.long()
+        current = torch.where(moving, chosen, current)
+        active = moving
+    return Acceptance(num_accepted, path, tokens, bonus_node)
+
+
+def _try_children(
+    tree: DraftTree,
+    candidates: Tensor,
+    residual: Tensor,
+    active: Tensor,
+    rule: Rule,
+    draft_probs: Tensor | None,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """Offer each row's candidates [B, C] (node indices, -1 = none) in order until one
+    is accepted. Returns the accepted node per row (-1 = none) and the residual left
+    after the rejections, which is where the bonus comes from when nothing was kept."""
+    rows = torch.arange(tree.batch_size, device=tree.device)
+    chosen = torch.full_like(rows, -1)
+    for candidate in candidates.unbind(1):
+        trying = active & (chosen < 0) & (candidate >= 0)
+        node = candidate.clamp(min=0)
+        token = tree.tokens[rows, node]
+        q = draft_probs[rows, node].float() if draft_probs is not None else None
+        accepted = trying & rule.accept(residual, q, token, generator)
+        chosen = torch.where(accepted, candidate, chosen)
+        rejected = (trying & ~accepted)[:, None]
+        residual = torch.where(rejected, rule.after_reject(residual, q, token), residual)
+    return chosen, residual
+
+
+# ------------------------------------------------------------------- small tensor helpers
+
+
+def _at(probs: Tensor, token: Tensor) -> Tensor:
+    """probs[b, token[b]] for every row."""
+    return probs.gather(1, token[:, None])[:, 0]
+
+
+def _uniform(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.rand(like.shape[0], generator=generator, device=like.device)
+
+
+def _normalise(weights: Tensor, fallback: Tensor) -> Tensor:
+    """weights / their sum; rows with no mass keep `fallback` (only reached through
+    rounding, when the rejected event had probability ~0)."""
+    total = weights.sum(-1, keepdim=True)
+    return torch.where(total > 0, weights / total.clamp(min=1e-30), fallback)
+
+
+def _sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One token per row from unnormalised probs, by inverse CDF (never picks a 0 entry)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)
+    token = (cdf <= u * cdf[:, -1:]).sum(-1)
+    # u * total can round up to total; fall back to the last token with mass.
+    last_with_mass = probs.shape[1] - 1 - (probs > 0).flip(-1).long().argmax(-1)
+    return torch.minimum(token, last_with_mass)
+
+
+def _write_at(target: Tensor, column: Tensor, value: Tensor, where: Tensor) -> None:
+    """target[b, column[b]] = value[b] for rows where `where` is True."""
+    if target.shape[1] == 0:
+        return
+    col = column.clamp(max=target.shape[1] - 1)[:, None]
+    old = target.gather(1, col)[:, 0]
+    target.scatter_(1, col, torch.where(where, value, old)[:, None])
+
+
+def _choose_rows(pick_first: Tensor, first: Acceptance, second: Acceptance) -> Acceptance:
+    """Row-wise merge of two results over the same tree."""
+
+    def pick(a: Tensor, b: Tensor) -> Tensor:
+        mask = pick_first.reshape(-1, *([1] * (a.dim() - 1)))
+        return torch.where(mask, a, b)
+
+    return Acceptance(
+        pick(first.num_accepted, second.num_accepted),
+        pick(first.path, second.path),
+        pick(first.tokens, second.tokens),
+        pick(first.bonus_node, second.bonus_node),
+    )
