@@ -1,0 +1,62 @@
+"""Messages of the learning path: scored rollouts, distillation samples, weights."""
+
+from __future__ import annotations
+
+import msgspec
+
+from respec.messages.arrays import Array
+from respec.messages.base import Channel, Message
+from respec.messages.generation import Rollout
+
+
+class ScoredRollout(Message, frozen=True):
+    """RewardScorer -> PolicyTrainer: a rollout with its reward."""
+
+    rollout: Rollout
+    reward: float
+    correct: bool  # the checker's verdict, for accuracy metrics
+    error: str = ""  # a checker that raised or timed out: reward is 0 and this says why
+
+
+class DistillSample(Message, frozen=True):
+    """RewardScorer -> DraftDistiller: what the drafter learns from one rollout."""
+
+    prompt_id: str
+    policy_version: int  # version of the policy whose distribution is the target
+    tokens: Array  # int32 [T] prompt + response
+    response_start: int  # index in tokens where the response begins
+    features: Array | None = None  # [T, F] target features the drafter reads
+    target_probs_topk: Array | None = None  # float32 [T, K] target distribution, top-K
+    target_ids_topk: Array | None = None  # int32 [T, K]
+    reward: float = 0.0
+    advantage: float = 0.0
+
+
+class WeightsHandle(msgspec.Struct, frozen=True):
+    """Where a weight set lives; the announcement never carries the bytes over a socket.
+
+    kind: "local" (tensors by reference, same process), "file" (a safetensors file),
+    "shm" (a shared-memory safetensors image), "cuda_ipc" (CUDA IPC handles).
+    """
+
+    kind: str
+    location: str = ""  # file path or shared-memory name
+    tensors: dict[str, Array] | None = None  # kind "local" only
+
+
+class PolicyWeights(Message, frozen=True):
+    """PolicyTrainer -> Verifier (and Generator): a new policy version to swap in."""
+
+    channel = Channel.BROADCAST
+    version: int
+    handle: WeightsHandle
+
+
+class DraftWeights(Message, frozen=True):
+    """DraftDistiller -> Generator: a new drafter version to swap in."""
+
+    channel = Channel.BROADCAST
+    version: int
+    handle: WeightsHandle
+    heldout_accept_before: float = 0.0  # held-out acceptance length before the update
+    heldout_accept_after: float = 0.0  # and after it

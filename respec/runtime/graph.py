@@ -1,0 +1,151 @@
+"""The run file: a YAML graph of actors, parsed into typed structs before anything starts.
+
+Every error names the file, the key path and what was expected, e.g.
+`configs/demo.yaml: actors.sink.replicas: Expected `int`, got `str``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+
+class ConfigError(ValueError):
+    """A run file that cannot run; the message names the file, the key and the problem."""
+
+
+class RestartPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How the supervisor treats an actor that raises."""
+
+    max_restarts: int = 3  # restarts allowed before the actor gives up and the run stops
+    backoff_s: float = 0.1  # wait before the first restart, doubled after each one
+    backoff_max_s: float = 5.0
+
+
+class ActorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One actor of the graph; its key in `actors:` is its name."""
+
+    cls: str = msgspec.field(name="class")  # import path "package.module.ClassName"
+    replicas: int = 1  # instances sharing the actor's work queue
+    group: str = "main"  # process group: actors of one group share a process (inproc)
+    params: dict[str, Any] = {}  # checked against the class's Params struct
+    restart: RestartPolicy = RestartPolicy()
+
+
+class TraceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    enabled: bool = True
+    payload: bool = False  # also store each message body (arrays as shapes only)
+
+
+class RunSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    seed: int = 0
+    runs_dir: str = "runs"
+    transport: Literal["ipc", "tcp"] = "ipc"  # between process groups
+    host: str = "127.0.0.1"  # tcp bind address
+    hwm: int = 1000  # high-water mark of every socket, in messages
+    timeout_s: float = 0.0  # stop the run with an error after this long (0: never)
+    stop_after_s: float = 0.0  # end the run normally after this long (0: when an actor ends it)
+    startup_timeout_s: float = 60.0
+    trace: TraceSpec = TraceSpec()
+
+
+class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    path: str = ""  # local Hugging Face checkpoint directory of the policy
+    draft_path: str = ""  # local drafter checkpoint directory
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+class GraphConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    run: RunSpec
+    actors: dict[str, ActorSpec]
+    model: ModelSpec = ModelSpec()
+
+
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> GraphConfig:
+    """Read and type-check a run file; structural errors only (see validate.py for the rest)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such run file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    return parse_config(raw, str(path))
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>") -> GraphConfig:
+    actors = raw.get("actors")
+    if isinstance(actors, dict):  # one by one, so that errors name the actor, not `[...]`
+        for name, spec in actors.items():
+            _convert(spec, ActorSpec, source, f"actors.{name}")
+    config = _convert(raw, GraphConfig, source, "")
+    _check_names(config, source)
+    return config
+
+
+def _convert(raw: Any, kind: type, source: str, prefix: str) -> Any:
+    try:
+        return msgspec.convert(raw, kind)
+    except msgspec.ValidationError as error:
+        where = readable_error(str(error))
+        if prefix:
+            where = f"{prefix}.{where}" if ": " in where else f"{prefix}: {where}"
+            where = where.replace(f"{prefix}.: ", f"{prefix}: ")
+        raise ConfigError(f"{source}: {where}") from None
+
+
+def _check_names(config: GraphConfig, source: str) -> None:
+    if not _NAME.match(config.run.name):
+        raise ConfigError(f"{source}: run.name: {config.run.name!r} must be a plain name")
+    if not config.actors:
+        raise ConfigError(f"{source}: actors: the graph has no actors")
+    for name, spec in config.actors.items():
+        if not _NAME.match(name):
+            raise ConfigError(f"{source}: actors.{name}: actor names are plain names")
+        if spec.replicas < 1:
+            raise ConfigError(f"{source}: actors.{name}.replicas: must be >= 1")
+        if not _NAME.match(spec.group):
+            raise ConfigError(f"{source}: actors.{name}.group: {spec.group!r} is not a plain name")
+        if spec.restart.max_restarts < 0 or spec.restart.backoff_s < 0:
+            raise ConfigError(f"{source}: actors.{name}.restart: values must be >= 0")
+
+
+def readable_error(message: str) -> str:
+    """msgspec says 'Problem - at `$.a.b`'; we say 'a.b: Problem'."""
+    match = re.match(r"^(.*?)(?: - at `\$\.?(.*)`)?$", message)
+    problem, where = match.group(1), match.group(2) or ""
+    where = re.sub(r"\[(\d+)\]", r".\1", where)
+    unknown = re.match(r"^Object contains unknown field `(.*)`$", problem)
+    if unknown:
+        problem = f"unknown key {unknown.group(1)!r}"
+        where = f"{where}.{unknown.group(1)}" if where else unknown.group(1)
+    missing = re.match(r"^Object missing required field `(.*)`$", problem)
+    if missing:
+        problem = "required key is missing"
+        where = f"{where}.{missing.group(1)}" if where else missing.group(1)
+    return f"{where}: {problem}" if where else problem
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+
+
+def config_to_yaml(config: GraphConfig) -> str:
+    return yaml.safe_dump(msgspec.to_builtins(config), sort_keys=False)

@@ -1,0 +1,80 @@
+"""The live view of a run: one row per actor instance, updated from the groups' stats."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+
+class ProgressView:
+    """A rich Live table on a terminal; silent (the log has it all) elsewhere."""
+
+    def __init__(self, run_name: str, enabled: bool = True) -> None:
+        self.run_name = run_name
+        self.console = Console(stderr=True)
+        self.enabled = enabled and sys.stderr.isatty()
+        self.stats: dict[str, dict[str, Any]] = {}
+        self.progress: dict[str, tuple[int, int, str]] = {}
+        self.notes: list[str] = []
+        self.started = time.time()
+        self._last = (time.time(), {})
+        self._rates: dict[str, float] = {}
+        self._live = Live(console=self.console, refresh_per_second=4, transient=False) if self.enabled else None
+
+    def __enter__(self) -> ProgressView:
+        if self._live is not None:
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._live is not None:
+            self._live.update(self._render())
+            self._live.__exit__(*exc)
+
+    def update_stats(self, stats: dict[str, dict[str, Any]]) -> None:
+        now = time.time()
+        last_time, last = self._last
+        for instance, row in stats.items():
+            before = last.get(instance, {}).get("handled", 0)
+            if now > last_time:
+                self._rates[instance] = (row["handled"] - before) / (now - last_time)
+        self.stats.update(stats)
+        self._last = (now, {k: dict(v) for k, v in self.stats.items()})
+        self._refresh()
+
+    def update_progress(self, actor: str, done: int, total: int, label: str) -> None:
+        self.progress[actor] = (done, total, label)
+        self._refresh()
+
+    def note(self, text: str) -> None:
+        self.notes = [*self.notes[-4:], text]
+        if self._live is None:
+            self.console.print(Text.from_markup(text)) if sys.stderr.isatty() else None
+        self._refresh()
+
+    def _refresh(self) -> None:
+        if self._live is not None:
+            self._live.update(self._render())
+
+    def _render(self) -> Group:
+        table = Table(title=f"respec run {self.run_name}  ({time.time() - self.started:.1f}s)")
+        for column in ("actor", "handled", "msg/s", "sent", "restarts", "progress"):
+            table.add_column(column, justify="left" if column in ("actor", "progress") else "right")
+        for instance in sorted(self.stats):
+            row = self.stats[instance]
+            done, total, label = self.progress.get(instance, (0, 0, ""))
+            bar = _bar(done, total, label) if total else ""
+            table.add_row(instance, str(row["handled"]), f"{self._rates.get(instance, 0.0):.0f}",
+                          str(row["sent"]), str(row["restarts"]), bar)
+        return Group(table, *(Text.from_markup(n) for n in self.notes))
+
+
+def _bar(done: int, total: int, label: str, width: int = 20) -> str:
+    filled = int(width * min(done, total) / total)
+    return f"{'█' * filled}{'░' * (width - filled)} {done}/{total} {label}"
