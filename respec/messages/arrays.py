@@ -1,10 +1,13 @@
 """Arrays beside the header: numpy arrays and torch tensors travel as their own frames.
 
 A message field typed `Array` holds a numpy array or a torch tensor. The codec replaces
-it in the MessagePack header by a small descriptor (kind, dtype, shape, frame index) and
+it in the MessagePack header by a small descriptor (kind, dtype, shape, where) and
 appends the raw bytes as a separate ZeroMQ frame, which is sent and received without a
-copy. Device (CUDA) tensors never leave their process: inside one process they are passed
-by reference through `LocalRefs`; anything else is an error that says so.
+copy. Two exceptions:
+- Large arrays going to exactly one receiver in another process on the same host travel
+  through a recycled shared-memory segment instead (see shared_memory.py).
+- Device (CUDA) tensors never leave their process: inside one process they are passed
+  by reference through `LocalRefs`; anything else is an error that says so.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ class Array(abc.ABC):
 
 Array.register(np.ndarray)
 
-NUMPY, TORCH, DEVICE_REF = "np", "pt", "ref"
+from respec.messages import shared_memory
+
+NUMPY, TORCH, DEVICE_REF, SHARED = "np", "pt", "ref", "shm"
 
 
 def _torch():
@@ -71,11 +76,23 @@ def _torch_dtype(name: str):
     return dtype
 
 
+_SHARED_MEMORY = shared_memory.available()
+
+
+def shared_memory_available() -> bool:
+    return _SHARED_MEMORY
+
+
 class ArrayPacker:
     """Encoder side: turns arrays into descriptors and collects their frames."""
 
-    def __init__(self, allow_device_refs: bool) -> None:
+    def __init__(self, allow_device_refs: bool, use_shared_memory: bool = False) -> None:
+        self.reset(allow_device_refs, use_shared_memory)
+
+    def reset(self, allow_device_refs: bool, use_shared_memory: bool) -> None:
+        """Ready for the next message (the codec reuses one packer per thread)."""
         self.allow_device_refs = allow_device_refs
+        self.use_shared_memory = use_shared_memory and shared_memory_available()
         self.frames: list[Any] = []
 
     def enc_hook(self, obj: Any) -> Any:
@@ -90,6 +107,9 @@ class ArrayPacker:
         if array.dtype.hasobject:
             raise TypeError("object arrays cannot travel in a message")
         array = np.ascontiguousarray(array)
+        if self.use_shared_memory and array.nbytes >= shared_memory.MIN_BYTES:
+            raw = array.reshape(-1).view(np.uint8)
+            return [SHARED, "np:" + array.dtype.str, list(array.shape), shared_memory.write(raw)]
         self.frames.append(memoryview(array.reshape(-1)).cast("B") if array.size else b"")
         return [NUMPY, array.dtype.str, list(array.shape), len(self.frames) - 1]
 
@@ -104,6 +124,8 @@ class ArrayPacker:
             return [DEVICE_REF, dtype, list(tensor.shape), LOCAL_REFS.put(tensor)]
         tensor = tensor.detach().contiguous()
         raw = tensor.view(-1).view(_torch().uint8).numpy() if tensor.numel() else b""
+        if self.use_shared_memory and tensor.numel() and raw.nbytes >= shared_memory.MIN_BYTES:
+            return [SHARED, "pt:" + dtype, list(tensor.shape), shared_memory.write(raw)]
         self.frames.append(raw)
         return [TORCH, dtype, list(tensor.shape), len(self.frames) - 1]
 
@@ -117,12 +139,15 @@ class ArrayUnpacker:
     def dec_hook(self, kind: type, obj: Any) -> Any:
         if kind is not Array:
             raise TypeError(f"no decoder for {kind!r}")
-        if not (isinstance(obj, list) and len(obj) == 4 and isinstance(obj[3], int)):
+        if not (isinstance(obj, list) and len(obj) == 4 and isinstance(obj[1], str)
+                and isinstance(obj[2], list)):
             raise ValueError(f"malformed array descriptor {obj!r}")
         tag, dtype, shape, index = obj
         if tag == DEVICE_REF:
             return LOCAL_REFS.take(index)
-        if not 0 <= index < len(self.frames):
+        if tag == SHARED:
+            return self._from_shared(dtype, shape, index)
+        if not isinstance(index, int) or not 0 <= index < len(self.frames):
             raise ValueError(f"array frame {index} missing ({len(self.frames)} frames)")
         buffer = self.frames[index]
         if tag == NUMPY:
@@ -131,6 +156,13 @@ class ArrayUnpacker:
             return self._torch_view(buffer, dtype, shape)
         raise ValueError(f"unknown array kind {tag!r}")
 
+    def _from_shared(self, dtype: str, shape: list[int], name: Any) -> Any:
+        kind, _, dtype = dtype.partition(":")
+        raw = shared_memory.read(str(name))
+        if kind == NUMPY:
+            return raw.view(np.dtype(dtype)).reshape(shape)
+        return _torch().from_numpy(raw).view(_torch_dtype(dtype)).reshape(shape)
+
     @staticmethod
     def _torch_view(buffer, dtype: str, shape: list[int]):
         torch = _torch()
@@ -138,3 +170,4 @@ class ArrayUnpacker:
         if len(buffer) == 0:
             return torch.empty(shape, dtype=torch_dtype)
         return torch.frombuffer(buffer, dtype=torch_dtype).reshape(shape)
+

@@ -38,6 +38,7 @@ class ActorContext:
         self.push: dict[str, Port] = {}  # work queues, by handling actor name
         self.dealers: dict[str, Port] = {}  # request channels, by handling actor name
         self.local_only: dict[str, bool] = {}  # port name -> every peer shares the process
+        self.shared_memory: dict[str, bool] = {}  # port name -> one receiver, another process, same host
         self.pending: dict[str, asyncio.Future] = {}
         self.sent = 0
         self._seq = 0
@@ -58,7 +59,7 @@ class ActorContext:
             port = Port(zmq_context, zmq.PUSH if work else zmq.DEALER, hwm, f"{name}:{channel.value}")
             peers = self.plan.actors[name].instances()
             port.connect(*(self.plan.address(p, INBOX if work else RPC, self.group.name) for p in peers))
-            self.local_only[port.name] = all(self.plan.group_of(p) == self.group.name for p in peers)
+            self.set_locality(port.name, [self.plan.group_of(p) for p in peers])
             (self.push if work else self.dealers)[name] = port
 
     def bind_pub(self, zmq_context) -> None:
@@ -70,6 +71,15 @@ class ActorContext:
             if any(t in plan.handles for t in self.plan.actors[self.actor_name].sends)
         }
         self.local_only[self.pub.name] = subscriber_groups <= {self.group.name}
+        self.shared_memory[self.pub.name] = False  # many receivers: nobody may recycle a segment
+
+    def set_locality(self, port_name: str, peer_groups: list[str]) -> None:
+        local = all(group == self.group.name for group in peer_groups)
+        self.local_only[port_name] = local
+        self.shared_memory[port_name] = not local and self.plan.config.run.transport == "ipc"
+
+    def encode_for(self, port: Port, envelope: Envelope, body: Message) -> list[Any]:
+        return encode(envelope, body, self.local_only[port.name], self.shared_memory[port.name])
 
     # --- sending --------------------------------------------------------------------------
     def envelope(self, body: Message, reply_to: str = "", **fields: Any) -> Envelope:
@@ -94,7 +104,7 @@ class ActorContext:
             if name not in self.push:
                 raise TypeError(f"{self.actor_name} does not declare {type(body).__name__} in `sends`")
             port = self.push[name]
-            frames = encode(envelope, body, self.local_only[port.name])
+            frames = self.encode_for(port, envelope, body)
             await port.send(frames)
             self.trace.message("send", self.instance, frames)
         self.sent += 1
@@ -102,7 +112,7 @@ class ActorContext:
     async def _broadcast(self, envelope: Envelope, body: Message) -> None:
         if self.pub is None:
             raise TypeError(f"{self.actor_name} does not declare {type(body).__name__} in `sends`")
-        frames = encode(envelope, body, self.local_only[self.pub.name])
+        frames = self.encode_for(self.pub, envelope, body)
         await self.pub.send([envelope.type.encode(), *frames])
         self.trace.message("send", self.instance, frames)
         self.sent += 1
@@ -118,7 +128,7 @@ class ActorContext:
         envelope = self.envelope(body, **fields)
         future = asyncio.get_running_loop().create_future()
         self.pending[envelope.id] = future
-        frames = encode(envelope, body, self.local_only[port.name])
+        frames = self.encode_for(port, envelope, body)
         try:
             await port.send(frames)
             self.trace.message("send", self.instance, frames)
@@ -127,8 +137,8 @@ class ActorContext:
         finally:
             self.pending.pop(envelope.id, None)
 
-    async def receive_replies(self, frames: list[Any]) -> None:
-        """Reader of the DEALER sockets: resolve the future of the request answered."""
+    def receive_reply(self, frames: list[Any]) -> None:
+        """A reply on a DEALER socket: resolve the future of the request it answers."""
         try:
             envelope, body = decode(frames)
         except FrameError as error:

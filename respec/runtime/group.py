@@ -17,10 +17,9 @@ from typing import Any
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from respec import log as logging_setup
-from respec.messages import FrameError
+from respec.messages import FrameError, shared_memory
 from respec.runtime import protocol
 from respec.runtime.graph import GraphConfig
 from respec.runtime.plan import GraphPlan, build_plan
@@ -28,6 +27,7 @@ from respec.runtime.supervisor import ActorSupervisor
 from respec.runtime.trace import TraceWriter
 
 STATS_PERIOD_S = 0.5
+CONTROL_POLL_S = 0.02
 
 
 class GroupRuntime:
@@ -37,9 +37,10 @@ class GroupRuntime:
         self.run_dir = run_dir
         self.control_endpoint = control_endpoint
         run = plan.config.run
+        shared_memory.set_scope(run.name)
         self.trace = TraceWriter(run_dir / f"trace.{name}.msgpack", run.trace.payload, run.trace.enabled)
         self.log = logging_setup.configure(run_dir / "log.jsonl", console=False, process=name)
-        self.zmq = zmq.asyncio.Context()
+        self.zmq = zmq.Context()
         self.control = self.zmq.socket(zmq.DEALER)
         self.control.setsockopt(zmq.LINGER, 1000)
         self.control.setsockopt(zmq.IDENTITY, name.encode())  # the launcher addresses groups by name
@@ -50,6 +51,7 @@ class GroupRuntime:
             for instance in actor.instances()
         ]
         self.rejected = 0
+        self.parent_pid = os.getppid()
 
     def endpoints(self, instance: str, kind: str) -> list[str]:
         """Bound endpoints of one socket: inproc for this process, ipc/tcp for the others."""
@@ -102,7 +104,14 @@ class GroupRuntime:
         await asyncio.gather(*(s.wait_for_subscribers(timeout) for s in self.supervisors))
 
     async def _next_command(self) -> protocol.LauncherCommand:
-        return protocol.command_decoder.decode(await self.control.recv())
+        while True:
+            try:
+                return protocol.command_decoder.decode(self.control.recv(flags=zmq.NOBLOCK))
+            except zmq.Again:
+                await asyncio.sleep(CONTROL_POLL_S)
+            if os.getppid() != self.parent_pid:  # the launcher died: nobody will say stop
+                self.log.error("launcher_gone")
+                return protocol.LauncherCommand("stop", "launcher gone")
 
     async def _serve_until_stopped(self) -> None:
         commands = asyncio.create_task(self._next_command())
@@ -145,7 +154,14 @@ def group_main(launch_file: str, name: str) -> None:
     runtime = GroupRuntime(plan, name, Path(launch.run_dir), launch.control)
     runtime.log.info("group_started", pid=os.getpid(), actors=[s.instance for s in runtime.supervisors])
     started = time.time()
-    asyncio.run(runtime.serve())
+    profile_dir = os.environ.get("RESPEC_PROFILE_DIR")  # cProfile each group, for tuning
+    if profile_dir:
+        import cProfile
+
+        cProfile.runctx("asyncio.run(runtime.serve())", globals(), {"runtime": runtime},
+                        os.path.join(profile_dir, f"{name}.prof"))
+    else:
+        asyncio.run(runtime.serve())
     runtime.log.info("group_exited", seconds=round(time.time() - started, 3))
 
 

@@ -21,6 +21,7 @@ import msgspec
 import zmq
 
 from respec import log as logging_setup
+from respec.messages import shared_memory
 from respec.runtime import protocol
 from respec.runtime.graph import GraphConfig, config_to_yaml, load_config
 from respec.runtime.group import LaunchFile
@@ -91,6 +92,7 @@ class Launcher:
             control.close()
             context.term()
             shutil.rmtree(self.ipc_dir, ignore_errors=True)
+            shared_memory.remove_scope(self.config.run.name)
         return self._finish(started)
 
     def _spawn(self, endpoint: str) -> dict[str, subprocess.Popen]:

@@ -16,11 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from respec.messages import Channel, Envelope, ErrorReport, FrameError, Message, decode, encode
+from respec.messages import Channel, Envelope, ErrorReport, FrameError, Message, decode
+from respec.messages.codec import split_header
 from respec.runtime.actor import Actor
 from respec.runtime.context import ActorContext
 from respec.runtime.plan import INBOX, PUB, RPC, ActorPlan
 from respec.runtime.sockets import Port
+
+RECV_BATCH = 256  # messages taken from one socket before looking at the others
+IDLE_POLL_S = 0.05
 
 if TYPE_CHECKING:
     from respec.runtime.group import GroupRuntime
@@ -41,6 +45,7 @@ class ActorSupervisor:
         self._tasks: list[asyncio.Task] = []
         self._run_task: asyncio.Task | None = None
         self.subscriptions_seen = 0
+        self._rpc: Port | None = None
 
     # --- wiring ---------------------------------------------------------------------------
     def bind(self, zmq_context) -> None:
@@ -53,15 +58,20 @@ class ActorSupervisor:
             elif kind == RPC:
                 port = Port(zmq_context, zmq.ROUTER, hwm, f"{self.instance}:rpc")
                 port.bind(*self.group.endpoints(self.instance, RPC))
+                self.context.set_locality(port.name, self._requester_groups())
+                self._rpc = port
                 self._inbound.append((port, self._on_request))
             elif kind == PUB:
                 self.context.bind_pub(zmq_context)
 
+    def _requester_groups(self) -> list[str]:
+        requests = [t for t in self.plan.handles if t.channel is Channel.REQUEST]
+        plan = self.group.plan
+        return [plan.actors[name].spec.group for t in requests for name in plan.publishers_of(t)]
+
     def connect(self, zmq_context) -> None:
         self.context.connect(zmq_context)
         self._subscribe(zmq_context)
-        for port in self.context.dealers.values():
-            self._inbound.append((port, self.context.receive_replies))
 
     def _subscribe(self, zmq_context) -> None:
         topics = [t for t in self.plan.handles if t.channel is Channel.BROADCAST]
@@ -81,26 +91,64 @@ class ActorSupervisor:
         expected = self.group.plan.expected_subscriptions(self.instance)
         if pub is None:
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
+        try:
+            await asyncio.wait_for(self._count_subscriptions(pub, expected), timeout_s)
+        except TimeoutError:
+            raise TimeoutError(
+                f"{self.instance}: {self.subscriptions_seen}/{expected} subscribers joined "
+                f"within {timeout_s}s"
+            ) from None
+
+    async def _count_subscriptions(self, pub: Port, expected: int) -> None:
         while self.subscriptions_seen < expected:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError(
-                    f"{self.instance}: {self.subscriptions_seen}/{expected} subscribers joined "
-                    f"within {timeout_s}s"
-                )
-            with contextlib.suppress(TimeoutError):
-                frame = await asyncio.wait_for(pub.socket.recv(), remaining)
-                if frame[:1] == b"\x01":
-                    self.subscriptions_seen += 1
+            frames = await pub.receive()
+            if bytes(frames[0])[:1] == b"\x01":
+                self.subscriptions_seen += 1
 
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         async with self._lock:
             await self._start_instance()
-        for port, deliver in self._inbound:
-            self._tasks.append(asyncio.create_task(port.receive_forever(deliver)))
+        self._wakeup = asyncio.Event()
+        for port, _ in self._inbound:
+            port.watch(self._wakeup.set)
+        for port in self.context.dealers.values():
+            port.watch(lambda port=port: self._drain_replies(port))
+        if self.context.pub is not None:  # later (re)subscriptions must not pile up unread
+            self.context.pub.watch(lambda: self._drain(self.context.pub))
+        self._tasks.append(asyncio.create_task(self._dispatch_forever()))
+        self._tasks.append(asyncio.create_task(self._kick_forever()))
+
+    async def _dispatch_forever(self) -> None:
+        """Handle whatever is queued on any inbound socket, then sleep until woken."""
+        while True:
+            self._wakeup.clear()
+            handled = 0
+            for port, deliver in self._inbound:
+                for _ in range(RECV_BATCH):
+                    frames = port.try_receive()
+                    if frames is None:
+                        break
+                    handled += 1
+                    await deliver(frames)
+            if not handled:
+                await self._wakeup.wait()
+
+    async def _kick_forever(self) -> None:
+        """Safety net: wake the dispatcher now and then, in case an edge was missed."""
+        while True:
+            await asyncio.sleep(IDLE_POLL_S)
+            self._wakeup.set()
+
+    def _drain_replies(self, port: Port) -> None:
+        """Replies resolve futures at once, outside the handler lock (a handler may await one)."""
+        while (frames := port.try_receive()) is not None:
+            self.context.receive_reply(frames)
+
+    @staticmethod
+    def _drain(port: Port) -> None:
+        while port.try_receive() is not None:
+            pass
 
     async def _start_instance(self) -> None:
         """(Re)build the actor from its class and run its hooks; a failure here is a crash."""
@@ -161,9 +209,8 @@ class ActorSupervisor:
         reply_envelope = self.context.envelope(
             reply, reply_to=envelope.id, correlation_id=envelope.correlation_id
         )
-        port = next(p for p, d in self._inbound if d == self._on_request)
-        reply_frames = encode(reply_envelope, reply, self.context.local_only.get(port.name, False))
-        await port.send([identity, *reply_frames])
+        reply_frames = self.context.encode_for(self._rpc, reply_envelope, reply)
+        await self._rpc.send([identity, *reply_frames])
         self.group.trace.message("send", self.instance, reply_frames)
 
     def _decode(self, frames: list[Any]) -> tuple[Envelope, Message] | None:
@@ -206,7 +253,7 @@ class ActorSupervisor:
         """Record a crash; wait the back-off and return True to restart, False if giving up."""
         policy = self.plan.spec.restart
         report = self._error_report(error, message_id)
-        envelope = bytes(frames[0]) if frames else None
+        envelope = bytes(split_header(frames[0])[0]) if frames else None
         self.group.trace.event("crash", self.instance, f"{where}: {report.error}", envelope)
         self.group.log.error("actor_crashed", actor=self.instance, where=where, error=report.error,
                              message_id=message_id, restarts=self.restarts, traceback=report.traceback)

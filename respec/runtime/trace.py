@@ -16,6 +16,7 @@ from pathlib import Path
 import msgspec
 
 from respec.messages import Envelope
+from respec.messages.codec import split_header
 
 _LENGTH = struct.Struct("<I")
 
@@ -24,10 +25,11 @@ class TraceRecord(msgspec.Struct, array_like=True):
     event: str  # send, recv, reject, crash, restart, gave_up, start, stop
     t: float  # wall clock of the event
     actor: str  # the instance where it happened, "<actor>/<replica>"
-    envelope: msgspec.Raw | None = None  # the wire envelope, when a message is involved
+    # msgspec cannot decode `Raw | None`, so "absent" is an empty Raw (see has_envelope)
+    envelope: msgspec.Raw = msgspec.Raw()  # the wire envelope, when a message is involved
     handled_s: float = 0.0  # recv: time the handler took
     detail: str = ""  # crash/reject: what went wrong
-    payload: msgspec.Raw | None = None  # the wire body, when payload tracing is on
+    payload: msgspec.Raw = msgspec.Raw()  # the wire body, when payload tracing is on
 
 
 class TraceWriter:
@@ -45,13 +47,14 @@ class TraceWriter:
         """Record a message event from its wire frames [envelope, body, arrays...]."""
         if not self.enabled:
             return
-        body = msgspec.Raw(bytes(frames[1])) if self.payload and len(frames) > 1 else None
-        self._append(TraceRecord(event, time.time(), actor, msgspec.Raw(bytes(frames[0])), handled_s, "", body))
+        envelope, body = split_header(frames[0])
+        body = msgspec.Raw(bytes(body)) if self.payload else msgspec.Raw()
+        self._append(TraceRecord(event, time.time(), actor, msgspec.Raw(bytes(envelope)), handled_s, "", body))
 
     def event(self, event: str, actor: str, detail: str = "", envelope: bytes | None = None) -> None:
         if not self.enabled:
             return
-        raw = msgspec.Raw(envelope) if envelope else None
+        raw = msgspec.Raw(envelope) if envelope else msgspec.Raw()
         self._append(TraceRecord(event, time.time(), actor, raw, 0.0, detail))
         self.flush()  # rare events are written at once: they matter most after a crash
 
@@ -97,5 +100,10 @@ def read_trace(run_dir: Path) -> list[TraceRecord]:
     return records
 
 
+def has_raw(raw: msgspec.Raw) -> bool:
+    """An absent Raw field reads back as empty or as MessagePack nil."""
+    return len(raw) > 0 and bytes(raw) != b"\xc0"
+
+
 def envelope_of(record: TraceRecord) -> Envelope | None:
-    return _envelope_decoder.decode(record.envelope) if record.envelope is not None else None
+    return _envelope_decoder.decode(record.envelope) if has_raw(record.envelope) else None
