@@ -4,7 +4,7 @@ from respec.messages.arrays import Array
 from respec.messages.base import MESSAGE_TYPES, Channel, Message, message_type
 from respec.messages.codec import FrameError, decode, decode_body, decode_envelope, encode
 from respec.messages.control import Control, ErrorReport, Metrics
-from respec.messages.demo import Ping, Pong, Worked, Tick
+from respec.messages.demo import Ping, Pong, Tick, Worked
 from respec.messages.envelope import SCHEMA_VERSION, Envelope
 from respec.messages.generation import (
     GenerationStats,

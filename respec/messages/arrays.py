@@ -18,14 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from respec.messages import shared_memory
 
-class Array(abc.ABC):
+
+class Array(abc.ABC):  # noqa: B024 - a virtual base: no methods, only registrations
     """Type for message fields holding a numpy array or a torch tensor (virtual base)."""
 
 
 Array.register(np.ndarray)
-
-from respec.messages import shared_memory
 
 NUMPY, TORCH, DEVICE_REF, SHARED = "np", "pt", "ref", "shm"
 

@@ -9,9 +9,9 @@ tracing read the envelope without touching the body.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import struct
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec

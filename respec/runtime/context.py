@@ -15,7 +15,7 @@ import zmq
 
 from respec.messages import Channel, Envelope, FrameError, Message, decode, encode
 from respec.messages.envelope import SCHEMA_VERSION
-from respec.runtime.plan import PUB, RPC, INBOX, GraphPlan
+from respec.runtime.plan import INBOX, PUB, RPC, GraphPlan
 from respec.runtime.sockets import Port
 
 if TYPE_CHECKING:

@@ -19,17 +19,19 @@ from respec.messages import Envelope
 from respec.messages.codec import split_header
 
 _LENGTH = struct.Struct("<I")
+NIL = msgspec.Raw(b"\xc0")
 
 
 class TraceRecord(msgspec.Struct, array_like=True):
     event: str  # send, recv, reject, crash, restart, gave_up, start, stop
     t: float  # wall clock of the event
     actor: str  # the instance where it happened, "<actor>/<replica>"
-    # msgspec cannot decode `Raw | None`, so "absent" is an empty Raw (see has_envelope)
-    envelope: msgspec.Raw = msgspec.Raw()  # the wire envelope, when a message is involved
+    # msgspec cannot decode `Raw | None`, so "absent" is a Raw MessagePack nil (see has_raw);
+    # an empty Raw would encode as nothing at all and shift the fields after it.
+    envelope: msgspec.Raw = NIL  # the wire envelope, when a message is involved
     handled_s: float = 0.0  # recv: time the handler took
     detail: str = ""  # crash/reject: what went wrong
-    payload: msgspec.Raw = msgspec.Raw()  # the wire body, when payload tracing is on
+    payload: msgspec.Raw = NIL  # the wire body, when payload tracing is on
 
 
 class TraceWriter:
@@ -48,13 +50,13 @@ class TraceWriter:
         if not self.enabled:
             return
         envelope, body = split_header(frames[0])
-        body = msgspec.Raw(bytes(body)) if self.payload else msgspec.Raw()
+        body = msgspec.Raw(bytes(body)) if self.payload else NIL
         self._append(TraceRecord(event, time.time(), actor, msgspec.Raw(bytes(envelope)), handled_s, "", body))
 
     def event(self, event: str, actor: str, detail: str = "", envelope: bytes | None = None) -> None:
         if not self.enabled:
             return
-        raw = msgspec.Raw(envelope) if envelope else msgspec.Raw()
+        raw = msgspec.Raw(envelope) if envelope else NIL
         self._append(TraceRecord(event, time.time(), actor, raw, 0.0, detail))
         self.flush()  # rare events are written at once: they matter most after a crash
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import struct
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from respec.messages import Envelope
-from respec.runtime.trace import TraceRecord, envelope_of
+from respec.runtime.trace import TraceRecord, envelope_of, read_trace_file
 
 TIMELINE_BUCKETS = 40
 INCIDENT_KINDS = ("crash", "restart", "gave_up", "reject")
@@ -144,52 +143,6 @@ def _group_of(path: Path) -> str:
     return path.name.removeprefix("trace.").removesuffix(".msgpack")
 
 
-class _LooseRecord(msgspec.Struct, array_like=True):
-    """TraceRecord as stored, with the optional raw fields typed as plain `Raw`.
-
-    Why not `trace.read_trace_file`: msgspec (0.22) cannot decode `Raw | None` (msgspec
-    issue #659): every record carrying an envelope fails validation. A plain `Raw` field
-    takes anything, nil included, which `_as_record` turns back into None.
-    """
-
-    event: str
-    t: float
-    actor: str
-    envelope: msgspec.Raw = msgspec.Raw()
-    handled_s: float = 0.0
-    detail: str = ""
-    payload: msgspec.Raw = msgspec.Raw()
-
-
-_NIL = b"\xc0"
-_LENGTH = struct.Struct("<I")  # trace.py's framing: u32 little-endian length, then the record
-_loose_decoder = msgspec.msgpack.Decoder(_LooseRecord)
-
-
-def _raw_or_none(raw: msgspec.Raw) -> msgspec.Raw | None:
-    return None if bytes(raw) in (b"", _NIL) else raw
-
-
-def _as_record(loose: _LooseRecord) -> TraceRecord:
-    return TraceRecord(
-        loose.event, loose.t, loose.actor, _raw_or_none(loose.envelope), loose.handled_s,
-        loose.detail, _raw_or_none(loose.payload),
-    )
-
-
-def _read_records(path: Path) -> list[TraceRecord]:
-    data = path.read_bytes()
-    records, offset = [], 0
-    while offset + _LENGTH.size <= len(data):
-        (length,) = _LENGTH.unpack_from(data, offset)
-        start = offset + _LENGTH.size
-        if start + length > len(data):
-            break  # a partial last record: the process was killed mid-write
-        records.append(_as_record(_loose_decoder.decode(data[start : start + length])))
-        offset = start + length
-    return records
-
-
 def _safe_envelope(record: TraceRecord) -> Envelope | None:
     # One undecodable envelope should cost that record's details, not the whole report.
     try:
@@ -202,7 +155,7 @@ def _load(files: list[Path]) -> list[_Entry]:
     entries = [
         _Entry(record, _group_of(path), _safe_envelope(record))
         for path in files
-        for record in _read_records(path)
+        for record in read_trace_file(path)
     ]
     entries.sort(key=lambda entry: entry.record.t)
     return entries

@@ -17,11 +17,11 @@ import json
 import types
 from pathlib import Path
 
-import msgspec
 import pytest
 from rich.console import Console
 
-from respec.messages import Envelope
+from respec.messages import Envelope, Tick, encode
+from respec.messages.codec import split_header
 from respec.runtime import trace as trace_module
 from respec.runtime.trace import TraceWriter
 from respec.runtime.trace_report import print_summary, summarize, to_chrome, trace_command
@@ -47,7 +47,7 @@ def clock(monkeypatch) -> FakeClock:
 
 def frames(message_id: str, kind: str, sender: str, sent_at_offset: float, **fields) -> list[bytes]:
     envelope = Envelope(1, message_id, kind, sender, T0 + sent_at_offset, **fields)
-    return [msgspec.msgpack.encode(envelope), b"body"]
+    return encode(envelope, Tick(seq=0))  # the real wire header; the body is not read
 
 
 def rollout(n: int, sent_at: float) -> list[bytes]:
@@ -79,7 +79,7 @@ def run_dir(tmp_path: Path, clock: FakeClock) -> Path:
     gen.message("recv", "trainer/0", scored, handled_s=0.2)
     clock.at(5.001)
     score.event("crash", "scorer/1", "on_rollout: ZeroDivisionError: division by zero",
-                rollout(5, 5.0)[0])
+                bytes(split_header(rollout(5, 5.0)[0])[0]))
     clock.at(5.5)
     score.event("restart", "scorer/1", "restart 1 after 0.500s")
     clock.at(6.0)
