@@ -164,6 +164,13 @@ class ActorContext:
     def finish_run(self, reason: str) -> None:
         self.group.actor_event("finish", self.instance, reason=reason)
 
+    def send_waits(self) -> int:
+        """How many sends had to wait for room (back-pressure), over all our sockets."""
+        return sum(port.waits for port in self._ports())
+
+    def _ports(self) -> list[Port]:
+        return [*self.push.values(), *self.dealers.values(), *([self.pub] if self.pub else [])]
+
     def close(self) -> None:
-        for port in [*self.push.values(), *self.dealers.values(), *([self.pub] if self.pub else [])]:
+        for port in self._ports():
             port.close()

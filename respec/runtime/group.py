@@ -50,7 +50,6 @@ class GroupRuntime:
             if actor.spec.group == name
             for instance in actor.instances()
         ]
-        self.rejected = 0
         self.parent_pid = os.getppid()
 
     def endpoints(self, instance: str, kind: str) -> list[str]:
@@ -71,7 +70,9 @@ class GroupRuntime:
 
     def reject(self, instance: str, frames: list[Any], error: FrameError) -> None:
         """A frame we cannot decode: say what was wrong, keep serving."""
-        self.rejected += 1
+        for supervisor in self.supervisors:
+            if supervisor.instance == instance:
+                supervisor.rejected += 1
         self.log.error("frame_rejected", actor=instance, error=str(error), frames=len(frames))
         self.trace.event("reject", instance, str(error))
         self.emit("rejected", instance, error=str(error))
@@ -122,7 +123,8 @@ class GroupRuntime:
 
     def _stats(self) -> dict[str, Any]:
         return {
-            s.instance: {"handled": s.handled, "sent": s.context.sent, "restarts": s.restarts}
+            s.instance: {"handled": s.handled, "sent": s.context.sent, "restarts": s.restarts,
+                         "send_waits": s.context.send_waits(), "rejected": s.rejected}
             for s in self.supervisors
         }
 

@@ -38,6 +38,7 @@ class Port:
             self.socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscription (start barrier)
         self.bidirectional = kind in (zmq.DEALER, zmq.ROUTER, zmq.XPUB)
         self.header_index = 1 if kind in (zmq.ROUTER, zmq.SUB) else 0  # after identity / topic
+        self.waits = 0  # sends that met the high-water mark and had to wait (back-pressure)
         self._on_readable: Callable[[], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -93,6 +94,9 @@ class Port:
         return True
 
     async def send(self, frames: list[Any]) -> None:
+        if self.try_send(frames):
+            return
+        self.waits += 1
         delay = 5e-5
         while not self.try_send(frames):  # high-water mark reached: wait for room
             await asyncio.sleep(delay)

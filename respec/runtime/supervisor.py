@@ -39,6 +39,7 @@ class ActorSupervisor:
         self.actor: Actor | None = None
         self.restarts = 0
         self.handled = 0
+        self.rejected = 0
         self.gave_up = False
         self._lock = asyncio.Lock()  # one message at a time per instance
         self._inbound: list[tuple[Port, Any]] = []
