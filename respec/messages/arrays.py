@@ -106,7 +106,8 @@ class ArrayPacker:
     def _pack_numpy(self, array: np.ndarray) -> list:
         if array.dtype.hasobject:
             raise TypeError("object arrays cannot travel in a message")
-        array = np.ascontiguousarray(array)
+        if not array.flags.c_contiguous:  # (np.ascontiguousarray would turn 0-d into 1-d)
+            array = array.copy(order="C")
         if self.use_shared_memory and array.nbytes >= shared_memory.MIN_BYTES:
             raw = array.reshape(-1).view(np.uint8)
             return [SHARED, "np:" + array.dtype.str, list(array.shape), shared_memory.write(raw)]
@@ -169,5 +170,7 @@ class ArrayUnpacker:
         torch_dtype = _torch_dtype(dtype)
         if len(buffer) == 0:
             return torch.empty(shape, dtype=torch_dtype)
+        if memoryview(buffer).readonly:  # torch tensors must own writable memory
+            buffer = bytearray(buffer)
         return torch.frombuffer(buffer, dtype=torch_dtype).reshape(shape)
 

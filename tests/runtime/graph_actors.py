@@ -7,7 +7,7 @@ import asyncio
 import msgspec
 import numpy as np
 
-from respec.messages import Envelope, Ping, PolicyWeights, Pong, Tick, WeightsHandle, Worked
+from respec.messages import Envelope, Ping, PolicyWeights, Pong, Tick, WeightsHandle, Worked, encode
 from respec.runtime import Actor, RemoteError, handles
 
 
@@ -159,3 +159,40 @@ class WeightsSubscriber(Actor):
         self.next_version += 1
         if self.next_version == self.params.count:
             await self.send(Worked(seq=self.next_version, worker=self.name))
+
+
+class GarbageSender(Actor):
+    """Pushes malformed frames straight onto the receiver's queue, then valid Ticks."""
+
+    class Params(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+        valid: int = 10
+
+    sends = (Tick,)
+
+    async def run(self) -> None:
+        port = self.context.push["receiver"]  # test-only: bypass the codec to send garbage
+        good = encode(self.context.envelope(Tick(seq=0)), Tick(seq=0))[0]
+        with_array = Tick(seq=0, payload=np.ones(3))
+        header_only = encode(self.context.envelope(with_array), with_array)[0]
+        wrong_type = msgspec.msgpack.encode({"type": "Tick", "seq": "zero"})
+        envelope = msgspec.msgpack.encode(self.context.envelope(Tick(seq=0)))
+        for frames in ([b"garbage"], [b""], [good[:9]], [header_only],
+                       [len(envelope).to_bytes(4, "little") + envelope + wrong_type]):
+            await port.send(frames)
+        for seq in range(self.params.valid):
+            await self.send(Tick(seq=seq))
+
+
+class TickCounter(Actor):
+    class Params(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+        expected: int = 10
+
+    async def on_start(self) -> None:
+        self.count = 0
+
+    @handles(Tick)
+    async def on_tick(self, tick: Tick, envelope: Envelope) -> None:
+        self.count += 1
+        if self.count == self.params.expected:
+            self.report(0, ticks=float(self.count))
+            self.finish_run("counted")

@@ -100,3 +100,21 @@ def test_broadcast_reaches_every_subscriber_in_order(run_graph):
     }, name="broadcast", hwm=10)
     assert result.ok, result.reason
     assert result.stats["sink/0"]["handled"] == 3  # all three subscribers saw all 200 versions
+
+
+def test_bad_frames_are_rejected_with_clear_errors_and_the_receiver_keeps_serving(run_graph):
+    result = run_graph({
+        "sender": {"class": f"{ACTORS}.GarbageSender", "params": {"valid": 10}},
+        "receiver": {"class": f"{ACTORS}.TickCounter", "group": "other", "params": {"expected": 10}},
+    }, name="garbage")
+    assert result.ok, result.reason
+    assert metric(result, "ticks") == 10  # every valid message after the garbage was handled
+    assert result.stats["receiver/0"]["rejected"] == 5
+    assert result.stats["receiver/0"]["restarts"] == 0  # a bad frame is not a crash
+    rejects = [r.detail for r in read_trace(result.run_dir) if r.event == "reject"]
+    assert len(rejects) == 5
+    assert any("too short" in d for d in rejects)
+    assert any("array frame 0 missing" in d for d in rejects)
+    assert any("Expected `int`, got `str` - at `$.seq`" in d for d in rejects)
+    log = (result.run_dir / "log.jsonl").read_text()
+    assert log.count('"frame_rejected"') == 5
