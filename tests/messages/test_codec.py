@@ -12,10 +12,31 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from respec.messages import (
-    MESSAGE_TYPES, SCHEMA_VERSION, Control, DistillSample, DraftWeights, Envelope, ErrorReport,
-    FrameError, GenerationStats, Metrics, Ping, PolicyWeights, Pong, Prompt, Rollout,
-    SamplingParams, SchedulerDecision, ScoredRollout, Tick, VerifyRequest, VerifyResult,
-    WeightsHandle, Worked, decode, encode,
+    MESSAGE_TYPES,
+    SCHEMA_VERSION,
+    Control,
+    DistillSample,
+    DraftWeights,
+    Envelope,
+    ErrorReport,
+    FrameError,
+    GenerationStats,
+    Metrics,
+    Ping,
+    PolicyWeights,
+    Pong,
+    Prompt,
+    Rollout,
+    SamplingParams,
+    SchedulerDecision,
+    ScoredRollout,
+    Tick,
+    VerifyRequest,
+    VerifyResult,
+    WeightsHandle,
+    Worked,
+    decode,
+    encode,
 )
 from respec.messages.codec import split_header
 
