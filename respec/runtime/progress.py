@@ -23,7 +23,7 @@ class ProgressView:
         self.progress: dict[str, tuple[int, int, str]] = {}
         self.notes: list[str] = []
         self.started = time.time()
-        self._last = (time.time(), {})
+        self._last: dict[str, tuple[float, int]] = {}  # instance -> (time, handled) last seen
         self._rates: dict[str, float] = {}
         self._live = Live(console=self.console, refresh_per_second=4, transient=False) if self.enabled else None
 
@@ -38,14 +38,14 @@ class ProgressView:
             self._live.__exit__(*exc)
 
     def update_stats(self, stats: dict[str, dict[str, Any]]) -> None:
+        """Stats arrive per group, at each group's own pace: rates are per instance."""
         now = time.time()
-        last_time, last = self._last
         for instance, row in stats.items():
-            before = last.get(instance, {}).get("handled", 0)
+            last_time, handled = self._last.get(instance, (self.started, 0))
             if now > last_time:
-                self._rates[instance] = (row["handled"] - before) / (now - last_time)
+                self._rates[instance] = (row["handled"] - handled) / (now - last_time)
+            self._last[instance] = (now, row["handled"])
         self.stats.update(stats)
-        self._last = (now, {k: dict(v) for k, v in self.stats.items()})
         self._refresh()
 
     def update_progress(self, actor: str, done: int, total: int, label: str) -> None:
