@@ -29,6 +29,9 @@ from respec.runtime.plan import build_plan
 from respec.runtime.progress import ProgressView
 
 
+INTERRUPTED = "interrupted (Ctrl-C)"
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -38,8 +41,12 @@ class RunResult:
     stats: dict[str, Any] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
+    interrupted: bool = False
+
     @property
     def exit_code(self) -> int:
+        if self.interrupted:
+            return 130  # the shell's code for Ctrl-C
         return 0 if self.ok else 1
 
 
@@ -86,7 +93,7 @@ class Launcher:
                     self._watch(control, processes, started)
                 self._stop(control, processes)
         except KeyboardInterrupt:
-            self.failure = "interrupted (Ctrl-C)"
+            self.failure = INTERRUPTED
             self._stop(control, processes)
         finally:
             control.close()
@@ -217,6 +224,7 @@ class Launcher:
                    "actors": self.stats}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         (self.log.info if ok else self.log.error)("run_ended", ok=ok, reason=reason, wall_s=round(wall, 2))
-        return RunResult(self.run_dir, ok, reason, wall, self.stats, self.metrics)
+        return RunResult(self.run_dir, ok, reason, wall, self.stats, self.metrics,
+                         interrupted=self.failure == INTERRUPTED)
 
 

@@ -57,3 +57,26 @@ actors:
 def test_trace_of_a_directory_without_trace_files(tmp_path):
     done = respec("trace", str(tmp_path), cwd=ROOT)
     assert done.returncode == 2 and "error:" in done.stderr
+
+
+def test_ctrl_c_stops_every_group_cleanly(tmp_path):
+    import signal
+    import time
+
+    config = ROOT / "configs" / "demo.yaml"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "respec", "run", str(config), "--name", "interrupted",
+         "--set", f"run.runs_dir={tmp_path}", "--set", "actors.ticker.params.interval_s=0.01"],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    summary = tmp_path / "interrupted" / "log.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not summary.exists() or "group_started" not in summary.read_text()):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "interrupted (Ctrl-C)" in stderr
+    log = (tmp_path / "interrupted" / "log.jsonl").read_text()
+    assert log.count('"group_exited"') == 2  # both groups shut down, none left behind
+    assert json.loads((tmp_path / "interrupted" / "summary.json").read_text())["reason"] == "interrupted (Ctrl-C)"
