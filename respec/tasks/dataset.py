@@ -1,0 +1,95 @@
+"""A user's dataset: a local JSONL or Parquet file with `prompt` and `answer` fields.
+
+Every row is checked when the file is loaded, so a bad row stops the run before any
+compute is spent, with the file, the row and the problem in the message (or, with
+`skip_invalid`, is skipped with a warning that counts them).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from pathlib import Path
+
+from respec.tasks.base import CheckResult, Problem, Task
+from respec.tasks.math_answer import answers_match, extract_answer
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used; the message names the file and the row."""
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such dataset file")
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    raise DatasetError(f"{path}: expected a .jsonl or .parquet file")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path) as stream:
+        for number, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DatasetError(f"{path}:{number}: not valid JSON: {error}") from None
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError:
+        raise DatasetError(f"{path}: reading Parquet needs pyarrow: pip install 'respec[parquet]'") from None
+    return parquet.read_table(path).to_pylist()
+
+
+def to_problem(row: object, where: str) -> Problem:
+    if not isinstance(row, dict):
+        raise DatasetError(f"{where}: a row must be an object with 'prompt' and 'answer'")
+    for key in ("prompt", "answer"):
+        if row.get(key) is None or str(row[key]).strip() == "":
+            raise DatasetError(f"{where}: row has no {key!r}")
+    return Problem(prompt=str(row["prompt"]), answer=str(row["answer"]),
+                   solution=str(row.get("solution", "")))
+
+
+class Dataset(Task):
+    """Problems from a file, drawn at random; numeric / \\boxed{} answers."""
+
+    name = "dataset"
+
+    def __init__(self, path: str, skip_invalid: bool = False, heldout_fraction: float = 0.1) -> None:
+        self.path = Path(path)
+        problems, skipped = [], []
+        for number, row in enumerate(read_rows(self.path), 1):
+            try:
+                problems.append(to_problem(row, f"{self.path}:{number}"))
+            except DatasetError as error:
+                if not skip_invalid:
+                    raise
+                skipped.append(str(error))
+        if skipped:
+            warnings.warn(f"{self.path}: skipped {len(skipped)} invalid rows, first: {skipped[0]}",
+                          stacklevel=2)
+        if not problems:
+            raise DatasetError(f"{self.path}: no usable rows")
+        cut = max(1, int(len(problems) * heldout_fraction)) if len(problems) > 1 else 0
+        self.heldout_problems, self.train_problems = problems[:cut], problems[cut:] or problems
+
+    def sample(self, rng: random.Random) -> Problem:
+        return rng.choice(self.train_problems)
+
+    def heldout(self, count: int, seed: int = 12345) -> list[Problem]:
+        return self.heldout_problems[:count]
+
+    def check(self, response: str, problem: Problem) -> CheckResult:
+        correct = answers_match(extract_answer(response), problem.answer)
+        return CheckResult(1.0 if correct else 0.0, correct)
