@@ -28,7 +28,6 @@ from respec.runtime.group import LaunchFile
 from respec.runtime.plan import build_plan
 from respec.runtime.progress import ProgressView
 
-
 INTERRUPTED = "interrupted (Ctrl-C)"
 
 
