@@ -1,0 +1,1 @@
+"""RL math (GRPO advantages, the decoupled PPO objective), free of any runtime."""
