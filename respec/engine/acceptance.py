@@ -63,7 +63,7 @@ class Acceptance:
 
         Also the positions whose KV entries to keep: the root and the accepted nodes.
         """
-        root = torch.zeros_like(self.path[:, :1])
+        root = self.path.new_zeros(self.path.shape[0], 1)  # (path[:, :1] is empty for an empty tree)
         positions = torch.cat([root, self.path + 1], dim=1)
         return torch.where(self._emitted(), positions, -1)
 
