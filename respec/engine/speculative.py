@@ -1,11 +1,11 @@
-"""The rollout engine: continuous batching with speculative decoding (or without).
+"""The rollout engine in one process: rows and drafter on one side, the target on the other.
 
 Every active row carries a *root*: its last sampled token, not yet in the KV cache. One
-step drafts a tree (or nothing) per row, runs the target once over [root, nodes] of all
-rows, applies the lossless acceptance rule, keeps the KV entries of the root and the
-accepted nodes, and appends the accepted tokens plus the bonus token, which becomes the
-next root. Plain decoding is the same step with an empty tree, so SD on and off differ
-only in the drafts.
+step drafts a tree (or nothing) per row, lets the target verify all rows in one pass
+(`TargetRunner.verify`), and appends the accepted tokens plus the bonus token, which
+becomes the next root. Plain decoding is the same step with an empty tree, so SD on and
+off differ only in the drafts. The Generator and Verifier actors split exactly along
+`RowBook` / `TargetRunner`.
 """
 
 from __future__ import annotations
@@ -14,22 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from respec.engine.acceptance import accept
 from respec.engine.drafters.base import Drafter, DraftRequest, DraftShape
-from respec.engine.errors import CacheFullError
-from respec.engine.kv_cache import KVCache
 from respec.engine.model import CausalLM
-from respec.engine.sampling import behaviour_logprobs, target_probs, validate
+from respec.engine.target import Sampling, TargetRunner, Verified
 from respec.engine.tree import DraftTree
 
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    stop_token_ids: tuple[int, ...] = ()
+__all__ = ["Row", "RowBook", "Sampling", "SpeculativeEngine", "StepStats"]
 
 
 @dataclass
@@ -54,100 +44,40 @@ class StepStats:
     accepted: int  # draft tokens accepted over all rows
 
 
-class SpeculativeEngine:
-    def __init__(self, model: CausalLM, drafter: Drafter | None = None, max_rows: int = 16,
-                 max_len: int = 512, seed: int = 0) -> None:
-        self.model, self.drafter = model, drafter
-        device = next(model.parameters()).device
-        self.cache = KVCache(model.config, max_rows, max_len, next(model.parameters()).dtype, device)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+class RowBook:
+    """The draft side: active rows, the drafter, appending and finishing."""
+
+    def __init__(self, drafter: Drafter | None) -> None:
+        self.drafter = drafter
         self.rows: dict[int, Row] = {}
         self.finished: list[Row] = []
         self._next_id = 0
 
-    # --- admission ------------------------------------------------------------------------
-    def add(self, prompts: list[torch.Tensor], sampling: Sampling, reserve: int = 0) -> list[int]:
-        """Prefill rows (equal-length prompts share one pass) and sample their first token.
-        `reserve`: extra cache positions a row needs for draft nodes in one step."""
-        validate(sampling.temperature, sampling.top_k, sampling.top_p)
-        for prompt in prompts:
-            need = len(prompt) + sampling.max_new_tokens + reserve + 1
-            if len(prompt) == 0 or need > self.cache.max_len:
-                raise CacheFullError(f"a prompt of {len(prompt)} tokens with max_new_tokens="
-                                     f"{sampling.max_new_tokens} needs {need} positions; the cache holds "
-                                     f"{self.cache.max_len}")
-        if len(prompts) > len(self.cache._free):
-            raise CacheFullError(f"{len(prompts)} new rows but {len(self.cache._free)} free slots")
-        by_length: dict[int, list[torch.Tensor]] = {}
-        for prompt in prompts:
-            by_length.setdefault(len(prompt), []).append(prompt.long())
-        ids = []
-        for group in by_length.values():
-            ids += self._prefill(group, sampling)
-        return ids
-
-    def _prefill(self, prompts: list[torch.Tensor], sampling: Sampling) -> list[int]:
-        rows = [Row(self._take_id(), self.cache.allocate(), p, sampling) for p in prompts]
-        slots = torch.tensor([r.slot for r in rows], device=self.cache.k.device)
-        tokens = torch.stack(prompts).to(self.cache.k.device)
-        with torch.no_grad():
-            logits = self.model.forward_cached(tokens, self.cache, slots).logits[:, -1:]
-        self.cache.commit(slots, [torch.arange(tokens.shape[1])] * len(rows))
-        probs = self._probs(rows, logits)
-        first = torch.multinomial(probs[:, 0], 1, generator=self.generator)
-        logp = self._logprobs(rows, logits, first)
-        for index, row in enumerate(rows):
-            self.rows[row.row_id] = row
-            self._append(row, [int(first[index, 0])], [float(logp[index, 0])])
-        return [row.row_id for row in rows]
-
-    def _take_id(self) -> int:
+    def open(self, slot: int, prompt: torch.Tensor, sampling: Sampling) -> Row:
+        row = Row(self._next_id, slot, prompt.long(), sampling)
         self._next_id += 1
-        return self._next_id - 1
+        self.rows[row.row_id] = row
+        return row
 
-    # --- one step -------------------------------------------------------------------------
-    def step(self, shape: DraftShape | None = None) -> StepStats:
-        rows = list(self.rows.values())
-        if not rows:
-            return StepStats(0, 0, 0)
-        tree, draft_probs = self._draft(rows, shape)
-        slots = torch.tensor([r.slot for r in rows], device=self.cache.k.device)
-        roots = torch.tensor([r.tokens[-1] for r in rows], device=slots.device)
-        inputs = tree.verify_tokens(roots)
-        with torch.no_grad():
-            logits = self.model.forward_cached(inputs, self.cache, slots, tree_mask=tree.attention_mask()).logits
-        probs = self._probs(rows, logits)
-        greedy = torch.tensor([r.sampling.temperature == 0 for r in rows], device=slots.device)
-        result = accept(tree, probs, draft_probs, greedy=greedy, generator=self.generator)
-        sources = result.source_positions()  # [B, D + 1]: root and accepted nodes, padded
-        counts = result.num_tokens
-        self.cache.commit(slots, [sources[b, : counts[b]] for b in range(len(rows))])
-        logp = self._logprobs(rows, logits.gather(1, sources.clamp(min=0)[..., None].expand(-1, -1, logits.shape[-1])),
-                              result.tokens)
-        for b, row in enumerate(rows):
-            count = int(counts[b])
-            row.steps += 1
-            self._append(row, result.tokens[b, :count].tolist(), logp[b, :count].tolist())
-        return StepStats(len(rows), int(counts.sum()), int(result.num_accepted.sum()))
-
-    def _draft(self, rows: list[Row], shape: DraftShape | None):
+    def draft(self, rows: list[Row], shape: DraftShape | None) -> tuple[DraftTree, torch.Tensor | None]:
         if self.drafter is None or shape is None:
-            return DraftTree.empty(len(rows), self.cache.k.device), None
+            return DraftTree.empty(len(rows)), None
         request = DraftRequest([r.history() for r in rows], None, [r.row_id for r in rows], shape)
         proposal = self.drafter.propose(request)
         return proposal.tree, proposal.draft_probs
 
-    def _probs(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
-        params = [(r.sampling.temperature, r.sampling.top_k, r.sampling.top_p) for r in rows]
-        temperature, top_k, top_p = (torch.tensor(column, device=logits.device) for column in zip(*params, strict=True))
-        return target_probs(logits, temperature.float(), top_k.long(), top_p.float())
+    def apply(self, rows: list[Row], verified: Verified, is_step: bool = True) -> list[Row]:
+        """Append each row's tokens; returns the rows that finished (their slots are free to go).
+        `is_step`: a verification step (False for the first token, sampled at prefill)."""
+        done = []
+        for b, row in enumerate(rows):
+            count = int(verified.num_tokens[b])
+            row.steps += int(is_step)
+            if self._append(row, verified.tokens[b, :count].tolist(), verified.logprobs[b, :count].tolist()):
+                done.append(row)
+        return done
 
-    def _logprobs(self, rows: list[Row], logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        temperature = torch.tensor([r.sampling.temperature for r in rows], device=logits.device).float()
-        return behaviour_logprobs(logits, tokens, temperature)
-
-    # --- finishing ------------------------------------------------------------------------
-    def _append(self, row: Row, tokens: list[int], logprobs: list[float]) -> None:
+    def _append(self, row: Row, tokens: list[int], logprobs: list[float]) -> bool:
         for token, logprob in zip(tokens, logprobs, strict=True):
             row.tokens.append(token)
             row.logprobs.append(logprob)
@@ -156,15 +86,57 @@ class SpeculativeEngine:
             elif len(row.tokens) >= row.sampling.max_new_tokens:
                 row.finish_reason = "length"
             if row.finish_reason:
-                self._finish(row)
-                return
+                self.rows.pop(row.row_id)
+                self.finished.append(row)
+                if self.drafter is not None:
+                    self.drafter.release_row(row.row_id)
+                return True
+        return False
 
-    def _finish(self, row: Row) -> None:
-        self.rows.pop(row.row_id, None)
-        self.cache.free(row.slot)
-        if self.drafter is not None:
-            self.drafter.release_row(row.row_id)
-        self.finished.append(row)
+
+class SpeculativeEngine:
+    def __init__(self, model: CausalLM, drafter: Drafter | None = None, max_rows: int = 16,
+                 max_len: int = 512, seed: int = 0) -> None:
+        self.target = TargetRunner(model, max_rows, max_len, seed)
+        self.book = RowBook(drafter)
+
+    @property
+    def rows(self) -> dict[int, Row]:
+        return self.book.rows
+
+    @property
+    def finished(self) -> list[Row]:
+        return self.book.finished
+
+    def add(self, prompts: list[torch.Tensor], sampling: Sampling, reserve: int = 0) -> list[int]:
+        """Prefill rows (equal-length prompts share a pass) and sample their first tokens.
+        `reserve`: cache positions a row needs for draft nodes in one step."""
+        for prompt in prompts:
+            self.target.check_admission(len(prompt), sampling, reserve)
+        by_length: dict[int, list[torch.Tensor]] = {}
+        for prompt in prompts:
+            by_length.setdefault(len(prompt), []).append(prompt)
+        ids = []
+        for group in by_length.values():
+            slots, first = self.target.prefill(group, [sampling] * len(group))
+            rows = [self.book.open(slot, prompt, sampling) for slot, prompt in zip(slots, group, strict=True)]
+            self._release(self.book.apply(rows, first, is_step=False))
+            ids += [row.row_id for row in rows]
+        return ids
+
+    def step(self, shape: DraftShape | None = None) -> StepStats:
+        rows = list(self.book.rows.values())
+        if not rows:
+            return StepStats(0, 0, 0)
+        tree, draft_probs = self.book.draft(rows, shape)
+        roots = torch.tensor([row.tokens[-1] for row in rows])
+        verified = self.target.verify([r.slot for r in rows], roots, tree, draft_probs, [r.sampling for r in rows])
+        self._release(self.book.apply(rows, verified))
+        return StepStats(len(rows), int(verified.num_tokens.sum()), int(verified.num_accepted.sum()))
+
+    def _release(self, done: list[Row]) -> None:
+        for row in done:
+            self.target.release(row.slot)
 
     def generate(self, prompts: list[torch.Tensor], sampling: Sampling,
                  shape: DraftShape | None = None) -> list[Row]:
@@ -172,13 +144,12 @@ class SpeculativeEngine:
         reserve = shape.num_draft if shape else 0
         waiting = list(enumerate(prompts))
         order: dict[int, int] = {}
-        self.finished = []
-        while waiting or self.rows:
-            free = len(self.cache._free)
+        self.book.finished = []
+        while waiting or self.book.rows:
+            free = self.target.free_slots
             if waiting and free:
                 admitted, waiting = waiting[:free], waiting[free:]
-                for (index, _), row_id in zip(admitted, self.add([p for _, p in admitted], sampling, reserve),
-                                              strict=True):
-                    order[row_id] = index
+                ids = self.add([prompt for _, prompt in admitted], sampling, reserve)
+                order.update({row_id: index for row_id, (index, _) in zip(ids, admitted, strict=True)})
             self.step(shape)
-        return sorted(self.finished, key=lambda row: order[row.row_id])
+        return sorted(self.book.finished, key=lambda row: order[row.row_id])

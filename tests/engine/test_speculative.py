@@ -68,13 +68,13 @@ def test_greedy_equality_also_holds_when_drafts_are_rejected(model):
         rejected += int(((tree.valid_mask().sum(1) > 0) & (result.num_accepted < tree.depths().max(1).values)).sum())
         return result
 
-    import respec.engine.speculative as speculative_module
+    import respec.engine.target as target_module
 
-    speculative_module.accept = counting
+    target_module.accept = counting
     try:
         speculative = engine.generate(prompts, sampling, DraftShape(4, 2, 6))
     finally:
-        speculative_module.accept = original
+        target_module.accept = original
     assert [r.tokens for r in plain] == [r.tokens for r in speculative]
     assert rejected > 0
 

@@ -1,0 +1,113 @@
+"""The target side of speculative decoding: the policy weights, the KV cache, acceptance.
+
+It knows slots, not rows: prefill prompts into free slots, verify a draft tree per slot
+in one forward pass, keep what the lossless rule accepts. What to draft and when a row
+ends is the caller's business (the Generator, or `SpeculativeEngine` in one process).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from respec.engine.acceptance import accept
+from respec.engine.errors import CacheFullError
+from respec.engine.kv_cache import KVCache
+from respec.engine.model import CausalLM
+from respec.engine.sampling import behaviour_logprobs, target_probs, validate
+from respec.engine.tree import DraftTree
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Verified:
+    """Per slot, in request order: tokens[b, :num_tokens[b]] are accepted drafts + bonus."""
+
+    tokens: torch.Tensor  # long [B, D + 1], -1 past the end
+    logprobs: torch.Tensor  # float [B, D + 1] behaviour log-probabilities of those tokens
+    num_tokens: torch.Tensor  # long [B]
+    num_accepted: torch.Tensor  # long [B]
+
+
+class TargetRunner:
+    def __init__(self, model: CausalLM, max_rows: int, max_len: int, seed: int = 0) -> None:
+        parameter = next(model.parameters())
+        self.model = model
+        self.cache = KVCache(model.config, max_rows, max_len, parameter.dtype, parameter.device)
+        self.device = parameter.device
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.version = 0
+
+    @property
+    def free_slots(self) -> int:
+        return len(self.cache._free)
+
+    def check_admission(self, prompt_len: int, sampling: Sampling, reserve: int) -> None:
+        validate(sampling.temperature, sampling.top_k, sampling.top_p)
+        need = prompt_len + sampling.max_new_tokens + reserve + 1
+        if prompt_len == 0 or need > self.cache.max_len:
+            raise CacheFullError(f"a prompt of {prompt_len} tokens with max_new_tokens={sampling.max_new_tokens} "
+                                 f"needs {need} positions; the cache holds {self.cache.max_len}")
+
+    def prefill(self, prompts: list[torch.Tensor], sampling: list[Sampling]) -> tuple[list[int], Verified]:
+        """Equal-length prompts in one pass; returns their slots and first sampled tokens."""
+        if len(prompts) > self.free_slots:
+            raise CacheFullError(f"{len(prompts)} new rows but {self.free_slots} free slots")
+        if len({len(p) for p in prompts}) != 1:
+            raise ValueError("prefill takes prompts of one length; group them first")
+        slots = torch.tensor([self.cache.allocate() for _ in prompts], device=self.device)
+        tokens = torch.stack([p.long() for p in prompts]).to(self.device)
+        with torch.no_grad():
+            logits = self.model.forward_cached(tokens, self.cache, slots).logits[:, -1:]
+        self.cache.commit(slots, [torch.arange(tokens.shape[1])] * len(prompts))
+        first = torch.multinomial(self._probs(sampling, logits)[:, 0], 1, generator=self.generator)
+        logp = self._logprobs(sampling, logits, first)
+        ones = torch.ones(len(prompts), dtype=torch.long, device=self.device)
+        return slots.tolist(), Verified(first, logp, ones, ones * 0)
+
+    def verify(self, slots: list[int], roots: torch.Tensor, tree: DraftTree,
+               draft_probs: torch.Tensor | None, sampling: list[Sampling]) -> Verified:
+        """One target pass over [root, nodes] of every slot, the acceptance rule, the KV commit."""
+        slot_ids = torch.tensor(slots, device=self.device)
+        inputs = tree.verify_tokens(roots.to(self.device))
+        with torch.no_grad():
+            logits = self.model.forward_cached(inputs, self.cache, slot_ids, tree_mask=tree.attention_mask()).logits
+        greedy = torch.tensor([s.temperature == 0 for s in sampling], device=self.device)
+        result = accept(tree, self._probs(sampling, logits), draft_probs, greedy=greedy, generator=self.generator)
+        sources = result.source_positions()  # the root and the accepted nodes: their KV stays
+        counts = result.num_tokens
+        self.cache.commit(slot_ids, [sources[b, : counts[b]] for b in range(len(slots))])
+        at_sources = logits.gather(1, sources.clamp(min=0)[..., None].expand(-1, -1, logits.shape[-1]))
+        return Verified(result.tokens, self._logprobs(sampling, at_sources, result.tokens), counts,
+                        result.num_accepted)
+
+    def release(self, slot: int) -> None:
+        self.cache.free(slot)
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Swap policy weights between steps; rows in flight continue under the new version."""
+        self.model.load_state_dict(state_dict, strict=False)
+        self.version = version
+
+    def _probs(self, sampling: list[Sampling], logits: torch.Tensor) -> torch.Tensor:
+        temperature, top_k, top_p = _columns(sampling, logits.device)
+        return target_probs(logits, temperature, top_k, top_p)
+
+    def _logprobs(self, sampling: list[Sampling], logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return behaviour_logprobs(logits, tokens, _columns(sampling, logits.device)[0])
+
+
+def _columns(sampling: list[Sampling], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    temperature = torch.tensor([s.temperature for s in sampling], device=device, dtype=torch.float32)
+    top_k = torch.tensor([s.top_k for s in sampling], device=device, dtype=torch.long)
+    top_p = torch.tensor([s.top_p for s in sampling], device=device, dtype=torch.float32)
+    return temperature, top_k, top_p
