@@ -62,6 +62,7 @@ class VerifyResult(Message, frozen=True):
     target_probs_topk: Array | None = None  # float32 [B, n + 1, K] distillation targets
     target_ids_topk: Array | None = None  # int32 [B, n + 1, K] their token ids
     step_time_s: float = 0.0  # verifier forward + acceptance wall time
+    policy_version: int = -1  # the policy weights that produced these tokens
 
 
 class Rollout(Message, frozen=True):
@@ -72,12 +73,14 @@ class Rollout(Message, frozen=True):
     logprobs: Array  # float32 [T] behaviour log-probability of each token
     token_versions: Array  # int32 [T] policy version that produced each token
     finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens)
-    accept_len: float = 0.0  # mean tokens per verification step for this rollout
+    accept_len: float = 0.0  # tokens per verification step (the first token comes from prefill)
     gen_time_s: float = 0.0  # from admission to finish
 
 
 class GenerationStats(Message, frozen=True):
-    """Generator -> Scheduler: live load and speed after a step."""
+    """Generator -> Scheduler (and any other listener): live load and speed after a step."""
+
+    channel = Channel.BROADCAST
 
     active_rows: int
     waiting_prompts: int

@@ -24,14 +24,19 @@ class NoParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Parameters of an actor that takes none."""
 
 
-def handles(*types: type[Message]) -> Callable:
-    """Mark an async method as the handler of these message types: `async def f(self, msg, env)`."""
+def handles(*types: type[Message], optional: bool = False) -> Callable:
+    """Mark an async method as the handler of these message types: `async def f(self, msg, env)`.
+
+    `optional=True`: an input the actor can run without (a Generator without a Scheduler);
+    otherwise a graph where nobody sends the type is an error, caught before the run.
+    """
     for kind in types:
         if not (isinstance(kind, type) and issubclass(kind, Message)):
             raise TypeError(f"@handles takes message types, got {kind!r}")
 
     def mark(method: Callable) -> Callable:
         method.__respec_handles__ = types
+        method.__respec_optional__ = optional
         return method
 
     return mark
@@ -57,6 +62,12 @@ class Actor:
                 for kind in getattr(value, "__respec_handles__", ()):
                     table[kind] = attr
         return table
+
+    @classmethod
+    def optional_types(cls) -> set[type[Message]]:
+        """Handled types the actor can do without (see `handles(optional=True)`)."""
+        return {kind for kind, attr in cls.handled_types().items()
+                if getattr(getattr(cls, attr), "__respec_optional__", False)}
 
     # --- lifecycle hooks ----------------------------------------------------------------
     async def on_start(self) -> None:

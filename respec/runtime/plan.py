@@ -121,8 +121,9 @@ def _import_class(path: str, where: str) -> Any:
 def _check_routes(plan: GraphPlan, source: str) -> None:
     sent = {kind for actor in plan.actors.values() for kind in actor.sends}
     for name, actor in plan.actors.items():
+        optional = actor.cls.optional_types()
         for kind in actor.handles:
-            if kind.channel is not Channel.CONTROL and kind not in sent:
+            if kind.channel is not Channel.CONTROL and kind not in sent and kind not in optional:
                 raise ConfigError(
                     f"{source}: actors.{name}: handles {kind.__name__}, but no actor in the "
                     f"graph sends it ({actor.cls.__name__}.{actor.handles[kind]} would never run)"

@@ -1,0 +1,59 @@
+"""Actors for the Generator/Verifier graph tests: a prompt source and a rollout sink."""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import numpy as np
+
+from respec.messages import Envelope, Prompt, Rollout, SamplingParams
+from respec.runtime import Actor, handles
+
+
+class FixedPrompts(Actor):
+    """Sends the prompts listed in a JSON file (lists of token ids), greedy or sampled."""
+
+    class Params(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+        prompts_file: str
+        max_new_tokens: int = 16
+        temperature: float = 0.0
+
+    sends = (Prompt,)
+
+    async def run(self) -> None:
+        prompts = json.loads(open(self.params.prompts_file).read())
+        sampling = SamplingParams(temperature=self.params.temperature, max_new_tokens=self.params.max_new_tokens)
+        for index, tokens in enumerate(prompts):
+            await self.send(Prompt(prompt_id=f"p{index}", group_id=f"p{index}", sample_index=0,
+                                   tokens=np.array(tokens, dtype=np.int32), sampling=sampling))
+        await _forever()
+
+
+class RolloutFile(Actor):
+    """Writes every rollout's tokens to a JSON file; ends the run when all have come."""
+
+    class Params(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+        out_file: str
+        expected: int
+
+    async def on_start(self) -> None:
+        self.rollouts: dict[str, dict] = {}
+
+    @handles(Rollout)
+    async def on_rollout(self, rollout: Rollout, envelope: Envelope) -> None:
+        self.rollouts[rollout.prompt.prompt_id] = {
+            "tokens": rollout.tokens.tolist(), "logprobs": rollout.logprobs.tolist(),
+            "versions": rollout.token_versions.tolist(), "accept_len": rollout.accept_len,
+            "finish_reason": rollout.finish_reason,
+        }
+        if len(self.rollouts) == self.params.expected:
+            with open(self.params.out_file, "w") as stream:
+                json.dump(self.rollouts, stream)
+            self.finish_run("all rollouts")
+
+
+async def _forever() -> None:
+    import asyncio
+
+    await asyncio.Event().wait()
