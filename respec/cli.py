@@ -65,6 +65,26 @@ def bench_runtime(
     typer.echo(f"wrote {json_file}")
 
 
+@bench_app.command("sd")
+def bench_sd(
+    model: Annotated[Path, typer.Option(help="local checkpoint directory of the policy")],
+    json_file: Annotated[Path, typer.Option("--json", help="write results here")] = Path("runs/bench_sd.json"),
+    draft: Annotated[str, typer.Option(help="drafter: ngram")] = "ngram",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    batches: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,2,4,8,16,32,64",
+    max_new_tokens: Annotated[int, typer.Option(help="tokens generated per row")] = 64,
+    plot: Annotated[Path | None, typer.Option(help="PNG of speedup against batch size")] = None,
+) -> None:
+    """Accepted tokens per second of SD configs against plain decoding, per batch size."""
+    from respec.bench.sd import run_benchmark, write_json
+
+    results = run_benchmark(str(model), draft, tuple(int(b) for b in batches.split(",")),
+                            max_new_tokens=max_new_tokens, device=device,
+                            plot=str(plot or json_file.with_suffix(".png")))
+    write_json(results, str(json_file))
+    typer.echo(f"wrote {json_file} and {plot or json_file.with_suffix('.png')}")
+
+
 def _overrides(pairs: list[str]) -> dict:
     import yaml
 
