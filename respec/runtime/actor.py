@@ -45,6 +45,8 @@ def handles(*types: type[Message], optional: bool = False) -> Callable:
 class Actor:
     Params: ClassVar[type[msgspec.Struct]] = NoParams
     sends: ClassVar[tuple[type[Message], ...]] = ()  # every type it may send or publish
+    # sent only when some actor in the graph handles them (e.g. distillation samples)
+    optional_sends: ClassVar[tuple[type[Message], ...]] = ()
 
     def __init__(self, params: Any, context: ActorContext) -> None:
         self.params = params

@@ -96,11 +96,14 @@ class ActorContext:
             return
         if channel is Channel.REQUEST:
             raise TypeError(f"{type(body).__name__} is a request: use `await self.request(...)`")
+        handlers = self.plan.handlers_of(type(body))
+        if not handlers and type(body) in self.plan.actors[self.actor_name].cls.optional_sends:
+            return  # an optional output nobody in this graph consumes
         envelope = self.envelope(body, **fields)
         if channel is Channel.BROADCAST:
             await self._broadcast(envelope, body)
             return
-        for name in self.plan.handlers_of(type(body)):
+        for name in handlers:
             if name not in self.push:
                 raise TypeError(f"{self.actor_name} does not declare {type(body).__name__} in `sends`")
             port = self.push[name]

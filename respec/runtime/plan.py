@@ -130,7 +130,8 @@ def _check_routes(plan: GraphPlan, source: str) -> None:
                 )
         for kind in actor.sends:
             handlers = plan.handlers_of(kind)
-            if kind.channel in (Channel.WORK, Channel.REQUEST) and not handlers:
+            if kind.channel in (Channel.WORK, Channel.REQUEST) and not handlers \
+                    and kind not in actor.cls.optional_sends:
                 raise ConfigError(
                     f"{source}: actors.{name}: sends {kind.__name__}, but no actor in the graph "
                     "handles it"

@@ -196,3 +196,14 @@ class TickCounter(Actor):
         if self.count == self.params.expected:
             self.report(0, ticks=float(self.count))
             self.finish_run("counted")
+
+
+class OptionalSender(NumberedSender):
+    """Sends Ticks to whoever handles them, and Worked only if someone in the graph does."""
+
+    optional_sends = (Worked,)
+
+    async def run(self) -> None:
+        for seq in range(self.params.count):
+            await self.send(Worked(seq=seq, worker=self.name))  # nobody handles it here: skipped
+            await self.send(Tick(seq=seq))

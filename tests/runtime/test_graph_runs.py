@@ -118,3 +118,12 @@ def test_bad_frames_are_rejected_with_clear_errors_and_the_receiver_keeps_servin
     assert any("Expected `int`, got `str` - at `$.seq`" in d for d in rejects)
     log = (result.run_dir / "log.jsonl").read_text()
     assert log.count('"frame_rejected"') == 5
+
+
+def test_optional_outputs_are_skipped_when_nobody_consumes_them(run_graph):
+    result = run_graph({
+        "sender": {"class": f"{ACTORS}.OptionalSender", "params": {"count": 10}},
+        "receiver": {"class": f"{ACTORS}.TickCounter", "params": {"expected": 10}},
+    }, name="optional")
+    assert result.ok, result.reason
+    assert result.stats["sender/0"]["sent"] == 10  # the Ticks; the optional Worked went nowhere
