@@ -1,0 +1,110 @@
+"""One GRPO update of the policy from scored rollouts (no runtime: the PolicyTrainer actor
+wraps this).
+
+Per update: group-normalised advantages; the proximal log-probabilities (the weights
+before this update) recomputed without gradients; then `epochs` passes of the decoupled
+PPO-clip objective over micro-batches, gradients accumulated so the result does not
+depend on the micro-batch size; global gradient-norm clipping; AdamW.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from respec.engine.model import CausalLM
+from respec.rl.advantages import group_advantages
+from respec.rl.loss import PPOConfig, ppo_loss
+
+
+@dataclass(frozen=True)
+class TrainSample:
+    prompt: torch.Tensor  # long [P]
+    response: torch.Tensor  # long [R]
+    behaviour_logprobs: torch.Tensor  # float [R], recorded at generation time
+    reward: float
+    group_id: str
+    temperature: float = 1.0  # the sampling temperature (0: greedy, scored at T = 1)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    micro_batch: int = 8
+    epochs: int = 1
+    scale_by_std: bool = True
+    ppo: PPOConfig = PPOConfig()
+
+
+class GRPOTrainer:
+    def __init__(self, model: CausalLM, config: TrainerConfig = TrainerConfig(),
+                 reference: CausalLM | None = None) -> None:
+        self.model, self.config, self.reference = model, config, reference
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.version = 0
+
+    def step(self, samples: list[TrainSample]) -> dict[str, float]:
+        rewards = torch.tensor([s.reward for s in samples])
+        advantages = group_advantages(rewards, [s.group_id for s in samples], self.config.scale_by_std)
+        batch = _pad(samples)
+        with torch.no_grad():
+            proximal = self._logprobs(self.model, batch)
+            reference = self._logprobs(self.reference, batch) if self.reference is not None else None
+        total_tokens = batch.mask.sum().clamp(min=1)
+        stats: dict[str, float] = {}
+        self.model.train()
+        for _ in range(self.config.epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            for rows in torch.arange(len(samples)).split(self.config.micro_batch):
+                part = batch.select(rows)
+                loss, stats = ppo_loss(self._logprobs(self.model, part), proximal[rows], part.behaviour,
+                                       advantages[rows], part.mask, self.config.ppo,
+                                       None if reference is None else reference[rows])
+                (loss * part.mask.sum() / total_tokens).backward()  # token-mean over the whole batch
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+            self.optimizer.step()
+        self.model.eval()
+        self.version += 1
+        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "reward_mean": float(rewards.mean()),
+                "advantage_abs_mean": float(advantages.abs().mean()), **stats}
+
+    @staticmethod
+    def _logprobs(model: CausalLM, batch: _Batch) -> torch.Tensor:
+        """log p(response token | everything before it), at T = the sampling temperature."""
+        logits = model(batch.tokens).logits[:, :-1].float()
+        logits = logits / batch.temperature[:, None, None]
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, batch.tokens[:, 1:, None]).squeeze(-1)
+        return logp.gather(1, batch.response_index)
+
+
+@dataclass
+class _Batch:
+    tokens: torch.Tensor  # long [B, L] prompt + response, right-padded
+    response_index: torch.Tensor  # long [B, R]: where, in logp [B, L-1], each response token is predicted
+    mask: torch.Tensor  # bool [B, R]
+    behaviour: torch.Tensor  # float [B, R]
+    temperature: torch.Tensor  # float [B]
+
+    def select(self, rows: torch.Tensor) -> _Batch:
+        return _Batch(self.tokens[rows], self.response_index[rows], self.mask[rows], self.behaviour[rows],
+                      self.temperature[rows])
+
+
+def _pad(samples: list[TrainSample]) -> _Batch:
+    length = max(len(s.prompt) + len(s.response) for s in samples)
+    width = max(len(s.response) for s in samples)
+    tokens = torch.zeros(len(samples), length, dtype=torch.long)
+    index = torch.zeros(len(samples), width, dtype=torch.long)
+    mask = torch.zeros(len(samples), width, dtype=torch.bool)
+    behaviour = torch.zeros(len(samples), width)
+    for row, sample in enumerate(samples):
+        prompt, response = len(sample.prompt), len(sample.response)
+        tokens[row, : prompt + response] = torch.cat([sample.prompt, sample.response])
+        index[row, :response] = torch.arange(prompt - 1, prompt - 1 + response)  # logits at i predict i + 1
+        mask[row, :response] = True
+        behaviour[row, :response] = sample.behaviour_logprobs
+    temperature = torch.tensor([s.temperature if s.temperature > 0 else 1.0 for s in samples])
+    return _Batch(tokens, index, mask, behaviour, temperature)
