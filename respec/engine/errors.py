@@ -1,9 +1,23 @@
-"""Errors of the engine, each naming what is wrong."""
+"""Errors of the model side of the engine. Every message names the file, key, tensor,
+slot or length at fault, so a user can fix the input without reading the code."""
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded (missing file, key, tensor, shape)."""
+class EngineError(Exception):
+    """Base class: anything the engine refuses to run with."""
 
 
-class CacheFullError(RuntimeError):
-    """No free slot or no room left in the KV cache."""
+class CheckpointError(EngineError, ValueError):
+    """A checkpoint directory that cannot be used: missing file or key, unsupported
+    architecture, missing/unexpected tensor, shape mismatch."""
+
+
+class TokenizerMismatchError(CheckpointError):
+    """A tokenizer whose ids do not fit the model's vocabulary."""
+
+
+class CacheFullError(EngineError, RuntimeError):
+    """The KV cache has no room: no free slot, or a row would outgrow max_len."""
+
+
+class SequenceTooLongError(CacheFullError):
+    """A row's cached length plus its new tokens exceeds the cache's max_len."""

@@ -1,9 +1,21 @@
-"""A compact decoder of the Qwen2 / Llama family: RMSNorm, RoPE, GQA, SwiGLU.
+"""A compact Qwen2 / Llama decoder: RMSNorm, RoPE (with the checkpoint's theta and
+scaling), grouped-query attention, SwiGLU MLP, tied or untied embeddings.
 
-Parameter names match Hugging Face's, so safetensors checkpoints load as they are. The
-same weights run three ways: `forward` for training (causal, no cache), and
-`forward_cached` for prefill, decode and verification of a draft chain or tree against a
-static KV cache in which every row has its own length.
+Parameter names are Hugging Face's (``model.layers.0.self_attn.q_proj.weight``, ...), so
+safetensors checkpoints load as they are. One set of weights runs three ways:
+
+- ``model(tokens, attention_mask).logits``: the training pass (causal, autograd, no
+  cache; right padding allowed), which the RL trainer uses to recompute log-probs;
+- ``model.forward_cached(tokens, cache, slots, tree_mask)``: prefill, decode and draft
+  verification against a static KV cache in which every row sits at its own length.
+
+Both return a ``ForwardOutput``: logits, the final-normed hidden state, and on request
+the hidden states after chosen layers (an EAGLE-3 drafter fuses a low, a middle and a
+high layer).
+
+Attention goes through ``scaled_dot_product_attention`` with an explicit boolean mask
+(True = may attend). Grouped-query attention folds the query heads that share a K/V head
+into the query length instead of repeating K and V, so the cache is never copied per head.
 """
 
 from __future__ import annotations
@@ -13,10 +25,20 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
-from respec.engine.config import ModelConfig
+from respec.engine.config import ModelConfig, RopeScaling
 from respec.engine.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    logits: Tensor  # [B, T, V] (or [B, 1, V] with only_last)
+    captured: tuple[Tensor, ...]  # [B, T, hidden] after each of capture_layers, in that order
+    last_hidden: Tensor  # [B, T, hidden] after the final norm: what lm_head reads
+
+
+# ---------------------------------------------------------------------- building blocks
 
 
 class RMSNorm(nn.Module):
@@ -25,99 +47,141 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 (bf16 squares lose too much), scale in the input's dtype.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
-def rope_frequencies(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies, with the checkpoint's scaling ("linear" or "llama3")."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    scaling = config.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif kind == "llama3":
-        inv_freq = _llama3_scaling(inv_freq, scaling)
-    return inv_freq.float()
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> Tensor:
+    """float32 [head_dim / 2]: RoPE's angular speed per channel pair, scaled as configured."""
+    # Explicit CPU: the model may be built under torch.device("meta") to load a checkpoint.
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    return _llama3_frequencies(inv_freq, scaling)
 
 
-def _llama3_scaling(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
-    """Llama 3's long-context rule: slow down low frequencies, keep high ones, blend between."""
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_len = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(medium, blended, scaled)
+def _llama3_frequencies(inv_freq: Tensor, scaling: RopeScaling) -> Tensor:
+    """Llama 3.1: wavelengths longer than the original context / low_freq_factor are slowed
+    by `factor`, shorter than context / high_freq_factor kept, and blended in between."""
+    context = scaling.original_max_position_embeddings
+    low, high, factor = scaling.low_freq_factor, scaling.high_freq_factor, scaling.factor
+    wavelength = 2 * math.pi / inv_freq
+    slowed = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)
+    blend = (context / wavelength - low) / (high - low)
+    blended = (1 - blend) * slowed / factor + blend * slowed
+    in_between = (wavelength >= context / high) & (wavelength <= context / low)
+    return torch.where(in_between, blended, slowed)
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; positions: [B, T]. The rotate-half convention of HF checkpoints."""
-    angles = positions[:, None, :, None].float() * inv_freq  # [B, 1, T, D/2]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    first, second = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+class Rotary:
+    """cos/sin tables for given positions. Not an nn.Module buffer on purpose: ``.to(bf16)``
+    would round the frequencies, so a float32 copy is kept per device instead."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        self._by_device: dict[torch.device, Tensor] = {}
+
+    def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """positions long [B, T] -> cos, sin [B, 1, T, head_dim] in `dtype`."""
+        inv_freq = self._by_device.get(positions.device)
+        if inv_freq is None:
+            inv_freq = self._by_device[positions.device] = self.inv_freq.to(positions.device)
+        angles = positions[..., None].float() * inv_freq
+        angles = torch.cat([angles, angles], dim=-1)[:, None]  # HF pairs channel i with i + D/2
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """q [B, H, T, D]; k, v [B, Hkv, S, D]; mask bool [B, 1, T, S] -> [B, H, T, D].
+
+    The H / Hkv query heads of a group share one K/V head (query head h uses K/V head
+    h // group, as in HF), so they are stacked along the query axis instead of copying K/V.
+    """
+    b, h, t, d = q.shape
+    group = h // k.shape[1]
+    if group > 1:
+        q = q.reshape(b, k.shape[1], group * t, d)
+        mask = mask.repeat(1, 1, group, 1)
+    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+    return out.reshape(b, h, t, d)
+
+
+class _KVWrites:
+    """The cache I/O of one cached pass: where new entries go and how much to read back."""
+
+    def __init__(self, cache: KVCache, slots: Tensor, positions: Tensor, read_length: int):
+        self.cache, self.slots, self.positions, self.read_length = cache, slots, positions, read_length
+
+    def store_and_read(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.cache.write(layer, self.slots, self.positions, k, v)
+        return self.cache.read(layer, self.slots, self.read_length)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
-        self.layer, self.heads, self.kv_heads = layer, config.num_attention_heads, config.num_key_value_heads
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
+        hidden, q_size, kv_size = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden, q_size, bias=config.attention_bias)
+        self.k_proj = nn.Linear(hidden, kv_size, bias=config.attention_bias)
+        self.v_proj = nn.Linear(hidden, kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, hidden, bias=config.output_bias)
 
-    def _project(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor):
-        batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
-
-    def forward(self, x, positions, inv_freq, mask=None, cache: CachedStep | None = None):
-        q, k, v = self._project(x, positions, inv_freq)
-        if cache is not None:
-            k, v = cache.store_and_read(self.layer, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                             enable_gqa=self.kv_heads != self.heads)
-        return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv: _KVWrites | None) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is not None:
+            k, v = kv.store_and_read(self.layer_index, k, v)
+        out = grouped_attention(q, k, v, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
 class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(hidden, inner, bias=bias)
+        self.up_proj = nn.Linear(hidden, inner, bias=bias)
+        self.down_proj = nn.Linear(inner, hidden, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
-        self.self_attn = Attention(config, layer)
+        self.self_attn = Attention(config, layer_index)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, positions, inv_freq, mask=None, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), positions, inv_freq, mask, cache)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv: _KVWrites | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Backbone(nn.Module):
-    """`model.*` in HF names: embeddings, layers, final norm."""
+class DecoderStack(nn.Module):
+    """What HF calls ``model``: embeddings, layers, final norm."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -126,75 +190,152 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-@dataclass
-class Output:
-    logits: torch.Tensor  # [B, T, V]
-    hidden: torch.Tensor  # [B, T, hidden] after the final norm
-    captured: list[torch.Tensor]  # hidden states after the `capture_layers`, in order
+# ---------------------------------------------------------------------- the model
 
 
 class CausalLM(nn.Module):
+    """Decoder + lm_head, with HF parameter names (see the module docstring)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = Backbone(config)
+        self.model = DecoderStack(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.rotary = Rotary(config)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """With tie_word_embeddings, lm_head and the embeddings share one tensor."""
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, capture_layers: tuple[int, ...] = ()) -> Output:
-        """Training / scoring pass: causal over `tokens` [B, T], no cache."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-        return self._run(tokens, positions, None, None, capture_layers)
+    # ------------------------------------------------------------------ pieces a drafter reuses
 
-    def forward_cached(self, tokens: torch.Tensor, cache: KVCache, slots: torch.Tensor,
-                       tree_mask: torch.Tensor | None = None, capture_layers: tuple[int, ...] = ()) -> Output:
-        """Run `tokens` [B, T] after each row's cached prefix; their K/V are written to the cache
-        (tentatively: `cache.commit` decides what stays). `tree_mask` [B, T, T] (True: may attend)
-        verifies a tree; node i sits at position length + depth(i). Without it, T is causal."""
-        step = CachedStep(cache, slots, tokens.shape[1], tree_mask)
-        return self._run(tokens, step.positions, step.mask, step, capture_layers)
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.model.embed_tokens
 
-    def _run(self, tokens, positions, mask, cache, capture_layers) -> Output:
+    @property
+    def output_head(self) -> nn.Linear:
+        return self.lm_head
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        return self.model.embed_tokens(tokens)
+
+    def compute_logits(self, last_hidden: Tensor) -> Tensor:
+        """Logits from final-normed hidden states (``ForwardOutput.last_hidden``)."""
+        return self.lm_head(last_hidden)
+
+    # ------------------------------------------------------------------ training pass
+
+    def forward(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor | None = None,
+        capture_layers: tuple[int, ...] | None = None,
+    ) -> ForwardOutput:
+        """A causal pass over tokens [B, T]; ``.logits`` is [B, T, V]. attention_mask [B, T]
+        (1 = real token) hides padding, and positions count real tokens only.
+        capture_layers: also return the hidden states after these layers."""
+        b, t = tokens.shape
+        causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
+        if attention_mask is None:
+            positions = torch.arange(t, device=tokens.device).expand(b, t)
+            mask = causal.expand(b, 1, t, t)
+        else:
+            real = attention_mask.bool()
+            positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+            diagonal = torch.eye(t, dtype=torch.bool, device=tokens.device)
+            mask = ((causal & real[:, None, :]) | diagonal)[:, None]  # padding still sees itself: no NaN
+        return self._run(tokens, positions, mask, None, capture_layers, None)
+
+    # ------------------------------------------------------------------ cached pass
+
+    def forward_cached(
+        self,
+        tokens: Tensor,
+        cache: KVCache,
+        slots: Tensor,
+        tree_mask: Tensor | None = None,
+        capture_layers: tuple[int, ...] | None = None,
+        num_tokens: Tensor | None = None,
+        only_last: bool = False,
+    ) -> ForwardOutput:
+        """Run tokens [B, T] right after each row's cached prefix (row b in cache slot
+        ``slots[b]``, at its own length). New K/V entries are written tentatively; the
+        caller keeps what it wants with ``cache.commit`` / ``cache.advance``.
+
+        tree_mask: bool [B, T, T], True where token i may attend token j of this pass; a
+        token sits at position length + depth, depth = row sum - 1 (it sees itself and its
+        ancestors). Without it the T tokens are causal (prefill, decode, chain).
+        num_tokens: long [B], real tokens per row when rows are right-padded (prefill of
+        unequal prompts); only_last then returns each row's logits at its last real token.
+        """
+        b, t = tokens.shape
+        slots = torch.as_tensor(slots, dtype=torch.long, device=cache.device)
+        if num_tokens is None:
+            num_tokens = torch.full((b,), t, dtype=torch.long, device=cache.device)
+        num_tokens = torch.as_tensor(num_tokens, dtype=torch.long, device=cache.device)
+        cache.check_room(slots, num_tokens)  # before any write: nothing else is touched
+        lengths = cache.lengths[slots]
+        local = _local_mask(tree_mask, b, t, cache.device)
+        positions = lengths[:, None] + local.sum(-1) - 1
+        read_length = min(int((lengths + t).max()), cache.max_len)
+        mask = _cached_mask(lengths, local, read_length)
+        writes = _KVWrites(cache, slots, cache.write_positions(slots, t), read_length)
+        last = (num_tokens - 1) if only_last else None
+        return self._run(tokens, positions, mask, writes, capture_layers, last)
+
+    # ------------------------------------------------------------------ shared body
+
+    def _run(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        mask: Tensor,
+        kv: _KVWrites | None,
+        capture_layers: tuple[int, ...] | None,
+        last_index: Tensor | None,
+    ) -> ForwardOutput:
+        capture = self._check_capture(capture_layers)
         x = self.model.embed_tokens(tokens)
-        captured = []
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        captured: dict[int, Tensor] = {}
         for index, layer in enumerate(self.model.layers):
-            x = layer(x, positions, self.inv_freq, mask, cache)
-            if index in capture_layers:
-                captured.append(x)
-        hidden = self.model.norm(x)
-        return Output(self.lm_head(hidden), hidden, captured)
+            x = layer(x, cos, sin, mask, kv)
+            if index in capture:
+                captured[index] = x
+        last_hidden = self.model.norm(x)
+        if last_index is not None:
+            rows = torch.arange(x.shape[0], device=x.device)
+            last_hidden = last_hidden[rows, last_index][:, None]
+        return ForwardOutput(self.lm_head(last_hidden), tuple(captured[i] for i in capture), last_hidden)
+
+    def _check_capture(self, capture_layers: tuple[int, ...] | None) -> tuple[int, ...]:
+        capture = tuple(capture_layers or ())
+        count = self.config.num_hidden_layers
+        if any(not 0 <= i < count for i in capture):
+            raise ValueError(f"capture_layers {capture} must be layer indices in [0, {count})")
+        return capture
 
 
-class CachedStep:
-    """Positions, attention mask and cache I/O of one cached forward pass."""
+def _local_mask(tree_mask: Tensor | None, b: int, t: int, device: torch.device) -> Tensor:
+    """bool [B, T, T]: who sees whom among the new tokens; causal when no tree is given."""
+    if tree_mask is None:
+        return torch.ones(t, t, dtype=torch.bool, device=device).tril().expand(b, t, t)
+    if tree_mask.shape != (b, t, t):
+        raise ValueError(f"tree_mask must be [{b}, {t}, {t}], got {tuple(tree_mask.shape)}")
+    diagonal = torch.eye(t, dtype=torch.bool, device=device)
+    return tree_mask.to(device=device, dtype=torch.bool) | diagonal
 
-    def __init__(self, cache: KVCache, slots: torch.Tensor, length: int, tree_mask: torch.Tensor | None) -> None:
-        cache.check_room(slots, length)
-        device = cache.k.device
-        self.cache, self.slots = cache, slots
-        starts = cache.lengths[slots]  # [B]
-        offsets = torch.arange(length, device=device)
-        if tree_mask is None:
-            tree_mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-            tree_mask = tree_mask.expand(slots.numel(), -1, -1)
-        depths = tree_mask.sum(-1) - 1  # a node sees itself and its ancestors
-        self.positions = starts[:, None] + depths
-        self.store_at = starts[:, None] + offsets  # [B, T] storage index of each new entry
-        self.keys = int(self.store_at.max()) + 1
-        self.mask = self._mask(starts, tree_mask, length)
 
-    def _mask(self, starts, tree_mask, length) -> torch.Tensor:
-        keys = torch.arange(self.keys, device=starts.device)
-        committed = keys[None, :] < starts[:, None]  # [B, K]
-        relative = keys[None, None, :] - starts[:, None, None]  # [B, 1, K]
-        in_block = (relative >= 0) & (relative < length)
-        block = torch.gather(tree_mask, 2, relative.clamp(0, length - 1).expand(-1, length, -1))
-        return (committed[:, None, :] | (in_block & block))[:, None]  # [B, 1, T, K]
-
-    def store_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        rows = self.slots[:, None]
-        self.cache.k[layer][rows, :, self.store_at] = k.transpose(1, 2).to(self.cache.k.dtype)
-        self.cache.v[layer][rows, :, self.store_at] = v.transpose(1, 2).to(self.cache.v.dtype)
-        return self.cache.k[layer][self.slots, :, : self.keys], self.cache.v[layer][self.slots, :, : self.keys]
+def _cached_mask(lengths: Tensor, local: Tensor, read_length: int) -> Tensor:
+    """bool [B, 1, T, S]: key j is visible to new token i when j is in the row's committed
+    prefix (j < length) or is new token s = j - length with local[i, s]."""
+    b, t, _ = local.shape
+    keys = torch.arange(read_length, device=lengths.device)
+    relative = keys[None, :] - lengths[:, None]  # [B, S]: index among the new tokens
+    committed = relative < 0
+    is_new = (relative >= 0) & (relative < t)
+    new_visible = local.gather(2, relative.clamp(0, t - 1)[:, None, :].expand(b, t, read_length))
+    return (committed[:, None, :] | (is_new[:, None, :] & new_visible))[:, None]

@@ -1,63 +1,83 @@
-"""From logits to the distribution a row samples from (temperature, top-k, top-p).
+"""From logits to the distribution a row samples from: temperature, top-k, top-p per row.
 
-The speculative acceptance rule and plain sampling use the same processed distribution,
-so SD samples exactly what plain decoding would. Greedy rows (temperature 0) get a one-hot
-distribution at the argmax. Behaviour log-probabilities for RL are log_softmax(logits / T)
-without top-k/top-p truncation (T = 1 for greedy rows): that is what the trainer
-recomputes from the same weights, so the two agree when nothing is stale.
+``target_probs`` is the one distribution both plain sampling and the speculative
+acceptance rule use, so speculative decoding samples exactly what plain decoding would.
+Parameters are per-row tensors [B] (rows of one batch may differ):
+
+- temperature: 0 = greedy, a one-hot distribution at the argmax;
+- top_k: keep the k most likely tokens, 0 = off;
+- top_p: keep the smallest most-likely set whose mass reaches p, 1.0 = off.
+
+They apply in that order (temperature, then top-k, then top-p), as in transformers.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 
-def validate(temperature: float, top_k: int, top_p: float) -> None:
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not (isinstance(top_k, int) and top_k >= 0):
-        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+def validate(temperature: Tensor | float, top_k: Tensor | int, top_p: Tensor | float) -> None:
+    """ValueError naming the first bad parameter and its value (scalars or per-row tensors)."""
+    temperature, top_k, top_p = (torch.as_tensor(x) for x in (temperature, top_k, top_p))
+    if top_k.is_floating_point() or top_k.dtype == torch.bool:
+        raise ValueError(f"top_k must be an integer (0 = off), got {top_k.tolist()}")
+    checks = (
+        ("temperature", temperature, ~(temperature >= 0), ">= 0 (0 = greedy)"),
+        ("top_k", top_k, top_k < 0, "an integer >= 0 (0 = off)"),
+        ("top_p", top_p, ~((top_p > 0) & (top_p <= 1)), "in (0, 1] (1 = off)"),
+    )
+    for name, values, bad, rule in checks:
+        if bool(bad.any()):
+            value = values.flatten()[bad.flatten().nonzero()[0, 0]].item()
+            raise ValueError(f"{name} must be {rule}, got {value}")
 
 
-def target_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                 top_p: torch.Tensor) -> torch.Tensor:
-    """logits [B, T, V]; per-row parameters [B] -> float32 probabilities [B, T, V]."""
+def target_probs(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """float32 probabilities, same shape as logits ([B, V] or [B, T, V]); parameters [B]."""
+    validate(temperature, top_k, top_p)
     logits = logits.float()
-    greedy = temperature == 0
-    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None, None]
-    scaled = _top_k(scaled, top_k)
-    scaled = _top_p(scaled, top_p)
+    shape = (-1,) + (1,) * (logits.dim() - 1)  # broadcast [B] over positions and vocab
+    greedy = (temperature == 0).reshape(shape)
+    scale = torch.where(temperature > 0, temperature, 1.0).float().reshape(shape)
+    scaled = _truncate(logits / scale, top_k.reshape(shape), top_p.float().reshape(shape))
     probs = torch.softmax(scaled, dim=-1)
     if bool(greedy.any()):
-        one_hot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-        probs = torch.where(greedy[:, None, None], one_hot, probs)
+        one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        probs = torch.where(greedy, one_hot, probs)
     return probs
 
 
-def _top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    if not bool((top_k > 0).any()):
-        return logits
-    vocab = logits.shape[-1]
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    kth = logits.sort(dim=-1, descending=True).values.gather(-1, (k - 1)[:, None, None].expand(-1, logits.shape[1], 1))
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    if not bool((top_p < 1).any()):
-        return logits
+def _truncate(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """Set logits outside each row's top-k / top-p set to -inf (one sort serves both)."""
+    if not bool((top_k > 0).any() or (top_p < 1).any()):
+        return logits  # sorting a large vocabulary is the expensive part: skip when off
     ordered, order = logits.sort(dim=-1, descending=True)
-    cumulative = ordered.softmax(-1).cumsum(-1)
-    # drop a token when the tokens before it already reach p (the top one always stays)
-    drop = (cumulative - ordered.softmax(-1)) >= top_p[:, None, None]
+    rank = torch.arange(logits.shape[-1], device=logits.device)
+    drop = (top_k > 0) & (rank >= top_k)
+    ordered = ordered.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(ordered, dim=-1)
+    mass_before = probs.cumsum(-1) - probs  # the top token always stays (mass_before = 0)
+    drop = (top_p < 1) & (mass_before >= top_p)
     ordered = ordered.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, ordered)
 
 
-def behaviour_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """logits [B, T, V], tokens [B, T] -> log_softmax(logits / T)[token], T = 1 where greedy."""
-    scale = torch.where(temperature == 0, torch.ones_like(temperature), temperature)
-    logp = torch.log_softmax(logits.float() / scale[:, None, None], dim=-1)
-    return logp.gather(-1, tokens.clamp(min=0)[..., None]).squeeze(-1)
+def sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """long [...]: one token drawn from each distribution of probs [..., V]."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    tokens = torch.multinomial(flat, 1, generator=generator)
+    return tokens.reshape(probs.shape[:-1])
+
+
+def behaviour_logprobs(logits: Tensor, tokens: Tensor, temperature: Tensor) -> Tensor:
+    """float32 log_softmax(logits / T)[token], T = 1 where the row is greedy (T = 0).
+
+    This is the log-probability the RL trainer recomputes from the same weights for its
+    importance ratio: untruncated (no top-k/top-p) and never a one-hot, whose 0 / -inf
+    would make every ratio degenerate. logits [B, V] or [B, T, V]; tokens [B] or [B, T].
+    """
+    shape = (-1,) + (1,) * (logits.dim() - 1)
+    scale = torch.where(temperature > 0, temperature, 1.0).float().reshape(shape)
+    logp = torch.log_softmax(logits.float() / scale, dim=-1)
+    return logp.gather(-1, tokens.long().clamp(min=0)[..., None]).squeeze(-1)
