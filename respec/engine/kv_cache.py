@@ -133,6 +133,7 @@ class KVCache:
 
     def advance(self, slots: Tensor, counts: Tensor | Sequence[int]) -> None:
         """Keep the first counts[b] tentative entries of each row (prefill, decode, chains)."""
+        slots = torch.as_tensor(slots, dtype=torch.long, device=self.device)
         counts = torch.as_tensor(counts, dtype=torch.long, device=self.device)
         for slot, count in zip(slots.tolist(), counts.tolist(), strict=True):
             if not 0 <= count <= self._pending[slot]:

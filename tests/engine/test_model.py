@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from respec.engine.checkpoint import load_model
+from respec.engine.errors import SequenceTooLongError
 from respec.engine.kv_cache import KVCache
 from respec.engine.tree import DraftTree
 
@@ -209,3 +210,15 @@ def test_a_rejected_draft_never_corrupts_the_committed_prefix(tiny_model):
         cache.commit(torch.tensor([slot]), [[0]])
     assert torch.equal(cache.k[:, slot, :, :6], before[0]) and torch.equal(cache.v[:, slot, :, :6], before[1])
     assert int(cache.lengths[slot]) == 7
+
+
+def test_a_prompt_longer_than_the_cache_is_refused_and_the_batch_is_untouched(tiny_model):
+    cache = KVCache(tiny_model.config, num_slots=2, max_len=8)
+    slots = torch.tensor([cache.allocate(), cache.allocate()])
+    with torch.no_grad():
+        prefill(tiny_model, cache, 0, torch.randint(0, VOCAB, (3,)))
+        before = cache.k.clone()
+        prompts = torch.randint(0, VOCAB, (2, 12))
+        with pytest.raises(SequenceTooLongError, match=r"slot 0: 3 cached \+ 12 new tokens = 15 positions"):
+            tiny_model.forward_cached(prompts, cache, slots, num_tokens=torch.tensor([12, 5]))
+    assert torch.equal(cache.k, before) and cache.lengths.tolist() == [3, 0]
