@@ -222,3 +222,46 @@ def test_a_prompt_longer_than_the_cache_is_refused_and_the_batch_is_untouched(ti
         with pytest.raises(SequenceTooLongError, match=r"slot 0: 3 cached \+ 12 new tokens = 15 positions"):
             tiny_model.forward_cached(prompts, cache, slots, num_tokens=torch.tensor([12, 5]))
     assert torch.equal(cache.k, before) and cache.lengths.tolist() == [3, 0]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_trees_verify_and_commit_like_their_paths(tiny_model, seed):
+    """Random prefixes, tree shapes, padding and accepted paths, three rows at a time."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randint(high: int, low: int = 0) -> int:
+        return int(torch.randint(low, high, (), generator=gen))
+
+    n, rows = 6, 3
+    prefixes = [torch.randint(0, VOCAB, (randint(9, 1),), generator=gen) for _ in range(rows)]
+    parents = torch.tensor([[randint(i + 1) - 1 for i in range(n)] for _ in range(rows)])
+    tree = DraftTree.from_parents(torch.randint(0, VOCAB, (rows, n), generator=gen), parents,
+                                  num_nodes=torch.tensor([randint(n + 1) for _ in range(rows)]))
+    inputs = tree.verify_tokens(torch.randint(0, VOCAB, (rows,), generator=gen))
+    ends = [randint(int(tree.num_nodes[r]) + 1) for r in range(rows)]  # accepted path: root .. this position
+    kept = [path_positions(tree, r, end) for r, end in enumerate(ends)]
+    cache = KVCache(tiny_model.config, num_slots=4, max_len=24)
+    slots = torch.tensor([cache.allocate() for _ in range(4)][::-1][:rows])  # slots 3, 2, 1
+    with torch.no_grad():
+        for slot, prefix in zip(slots.tolist(), prefixes, strict=True):
+            prefill(tiny_model, cache, slot, prefix)
+        verified = tiny_model.forward_cached(inputs, cache, slots, tree_mask=tree.attention_mask()).logits
+        cache.commit(slots, kept)
+        nxt = torch.randint(0, VOCAB, (rows, 1), generator=gen)
+        after = tiny_model.forward_cached(nxt, cache, slots).logits[:, 0]
+        for r, prefix in enumerate(prefixes):
+            for position in range(int(tree.num_nodes[r]) + 1):
+                path = torch.cat([prefix, inputs[r, path_positions(tree, r, position)]])
+                assert max_diff(verified[r, position], tiny_model(path[None]).logits[0, -1]) < TOLERANCE
+            accepted = torch.cat([prefix, inputs[r, kept[r]], nxt[r]])
+            assert max_diff(after[r], tiny_model(accepted[None]).logits[0, -1]) < TOLERANCE
+
+
+def test_a_bfloat16_cache_serves_a_float32_model(tiny_model):
+    sequence = torch.randint(0, VOCAB, (10,))
+    cache = KVCache(tiny_model.config, num_slots=1, max_len=16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        prefill(tiny_model, cache, cache.allocate(), sequence[:-1])
+        got = prefill(tiny_model, cache, 0, sequence[-1:])[-1]
+        want = tiny_model(sequence[None]).logits[0, -1]
+    assert got.dtype == torch.float32 and max_diff(got, want) < 0.1 * float(want.abs().max())
