@@ -7,7 +7,7 @@ import json
 import msgspec
 import numpy as np
 
-from respec.messages import Envelope, Prompt, Rollout, SamplingParams
+from respec.messages import Envelope, Prompt, Rollout, SamplingParams, ScoredRollout
 from respec.runtime import Actor, handles
 
 
@@ -57,3 +57,45 @@ async def _forever() -> None:
     import asyncio
 
     await asyncio.Event().wait()
+
+
+class RolloutsFromText(Actor):
+    """Sends one Rollout per response text (for RewardScorer tests)."""
+
+    class Params(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+        tokenizer_path: str
+        responses: list[str]
+        answer: str = "7"
+
+    sends = (Rollout,)
+
+    async def run(self) -> None:
+        from respec.engine.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(self.params.tokenizer_path)
+        for index, text in enumerate(self.params.responses):
+            tokens = np.array(tokenizer.encode(text), dtype=np.int32)
+            prompt = Prompt(prompt_id=f"r{index}", group_id="g", sample_index=index,
+                            tokens=np.array(tokenizer.encode("3+4="), dtype=np.int32), answer=self.params.answer,
+                            text="3+4=")
+            await self.send(Rollout(prompt=prompt, tokens=tokens, logprobs=np.zeros(len(tokens), np.float32),
+                                    token_versions=np.zeros(len(tokens), np.int32), finish_reason="stop"))
+        await _forever()
+
+
+class ScoreFile(Actor):
+    class Params(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+        out_file: str
+        expected: int
+
+    async def on_start(self) -> None:
+        self.scores: dict[str, dict] = {}
+
+    @handles(ScoredRollout)
+    async def on_scored(self, scored: ScoredRollout, envelope: Envelope) -> None:
+        self.scores[scored.rollout.prompt.prompt_id] = {"reward": scored.reward, "correct": scored.correct,
+                                                        "error": scored.error}
+        if len(self.scores) == self.params.expected:
+            with open(self.params.out_file, "w") as stream:
+                json.dump(self.scores, stream)
+            self.finish_run("scored")

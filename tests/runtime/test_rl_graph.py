@@ -47,3 +47,23 @@ def test_rl_loop_trains_and_swaps_policy_versions(run_graph, policy_dir, trainer
     log = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
     loaded = [e["version"] for e in log if e["event"] == "policy_weights_loaded"]
     assert loaded[:2] == [1, 2]  # the Verifier swapped in each new version
+
+
+def test_checker_that_raises_or_hangs_scores_zero_and_no_rollout_is_lost(run_graph, policy_dir, tmp_path):
+    out = tmp_path / "scores.json"
+    responses = ["3+4=7;A:7", "boom", "hang", "A:8"]
+    result = run_graph({
+        "rollouts": {"class": "tests.runtime.sd_actors.RolloutsFromText",
+                     "params": {"tokenizer_path": str(policy_dir), "responses": responses}},
+        "scorer": {"class": "respec.actors.reward_scorer.RewardScorer",
+                   "params": {"tokenizer_path": str(policy_dir), "reward_fn": "tests.tasks.rewards:moody_reward",
+                              "timeout_s": 0.5}},
+        "sink": {"class": "tests.runtime.sd_actors.ScoreFile", "params": {"out_file": str(out), "expected": 4}},
+    }, name="scorer")
+    assert result.ok, result.reason
+    scores = json.loads(out.read_text())
+    assert scores["r0"] == {"reward": 1.0, "correct": True, "error": ""}
+    assert scores["r1"]["reward"] == 0.0 and "checker raised RuntimeError: the checker broke" in scores["r1"]["error"]
+    assert scores["r2"]["reward"] == 0.0 and "timed out after 0.5s" in scores["r2"]["error"]
+    assert scores["r3"] == {"reward": 0.0, "correct": False, "error": ""}
+    assert result.stats["scorer/0"]["restarts"] == 0
