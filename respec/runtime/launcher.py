@@ -8,6 +8,7 @@ run, non-zero with the reason when an actor gave up, a group died or the run tim
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -107,10 +108,14 @@ class Launcher:
         launch = LaunchFile(self.config, external, str(self.run_dir.resolve()), endpoint)
         launch_file = Path(self.ipc_dir) / "launch.msgpack"
         launch_file.write_bytes(msgspec.msgpack.encode(launch))
+        environment = dict(os.environ)
+        if self.config.run.threads_per_group:
+            threads = str(self.config.run.threads_per_group)
+            environment.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         processes = {}
         for group in self.plan.groups():
             command = [sys.executable, "-m", "respec.runtime.group", str(launch_file), group]
-            processes[group] = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+            processes[group] = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=environment)
         self.log.info("run_started", run=self.config.run.name, groups=list(processes))
         return processes
 
