@@ -207,3 +207,11 @@ class OptionalSender(NumberedSender):
         for seq in range(self.params.count):
             await self.send(Worked(seq=seq, worker=self.name))  # nobody handles it here: skipped
             await self.send(Tick(seq=seq))
+
+
+class ThreadsReporter(Actor):
+    async def run(self) -> None:
+        import os
+
+        self.report(0, omp_threads=float(os.environ.get("OMP_NUM_THREADS", "0")))
+        self.finish_run("reported")

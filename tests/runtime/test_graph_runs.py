@@ -127,3 +127,10 @@ def test_optional_outputs_are_skipped_when_nobody_consumes_them(run_graph):
     }, name="optional")
     assert result.ok, result.reason
     assert result.stats["sender/0"]["sent"] == 10  # the Ticks; the optional Worked went nowhere
+
+
+def test_threads_per_group_reaches_every_group_process(run_graph):
+    result = run_graph({"reporter": {"class": f"{ACTORS}.ThreadsReporter", "group": "other"}},
+                       name="threads", threads_per_group=1)
+    assert result.ok, result.reason
+    assert metric(result, "omp_threads") == 1
