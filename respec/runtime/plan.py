@@ -51,6 +51,7 @@ class GraphPlan:
     actors: dict[str, ActorPlan]
     # bound endpoint of (instance, socket kind) for peers in other process groups
     external: dict[tuple[str, str], str] = field(default_factory=dict)
+    _handlers: dict[type[Message], list[str]] = field(default_factory=dict, repr=False)
 
     def group_of(self, instance: str) -> str:
         return self.actors[instance.split("/")[0]].spec.group
@@ -59,7 +60,11 @@ class GraphPlan:
         return sorted({plan.spec.group for plan in self.actors.values()})
 
     def handlers_of(self, kind: type[Message]) -> list[str]:
-        return [name for name, plan in self.actors.items() if kind in plan.handles]
+        """Actors handling a type (cached: `send` asks for every message)."""
+        cached = self._handlers.get(kind)
+        if cached is None:
+            cached = self._handlers[kind] = [name for name, plan in self.actors.items() if kind in plan.handles]
+        return cached
 
     def publishers_of(self, kind: type[Message]) -> list[str]:
         return [name for name, plan in self.actors.items() if kind in plan.sends]
