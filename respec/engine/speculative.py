@@ -32,6 +32,10 @@ class Row:
     logprobs: list[float] = field(default_factory=list)
     steps: int = 0  # verification steps this row took part in
     finish_reason: str = ""
+    # Target features of the last committed tokens, [W, F]: entry -1 belongs to the token
+    # before the root (the root itself has not been through the target yet). Only kept
+    # when the drafter needs features; W <= the drafter's feature_window.
+    features: torch.Tensor | None = None
 
     def history(self) -> torch.Tensor:
         return torch.cat([self.prompt, torch.tensor(self.tokens, dtype=torch.long)])
@@ -49,6 +53,10 @@ class RowBook:
 
     def __init__(self, drafter: Drafter | None) -> None:
         self.drafter = drafter
+        self.wants_features = drafter is not None and drafter.needs_features
+        # How many of each row's latest features the drafter reads (an EAGLE head attends
+        # over a short window of the row's context); older ones are dropped.
+        self.feature_window = int(getattr(drafter, "feature_window", 1))
         self.rows: dict[int, Row] = {}
         self.finished: list[Row] = []
         self._next_id = 0
@@ -62,9 +70,24 @@ class RowBook:
     def draft(self, rows: list[Row], shape: DraftShape | None) -> tuple[DraftTree, torch.Tensor | None]:
         if self.drafter is None or shape is None:
             return DraftTree.empty(len(rows)), None
-        request = DraftRequest([r.history() for r in rows], None, [r.row_id for r in rows], shape)
+        has_features = self.wants_features and all(row.features is not None for row in rows)
+        features = self._feature_window(rows) if has_features else None
+        request = DraftRequest([r.history() for r in rows], features, [r.row_id for r in rows], shape)
         proposal = self.drafter.propose(request)
         return proposal.tree, proposal.draft_probs
+
+    def _feature_window(self, rows: list[Row]) -> torch.Tensor:
+        """[B, W, F]: each row's latest features, left-padded with zeros to a common W. A row
+        has min(W, len(history) - 1) real entries, the last one at the token before its root."""
+        width = max(len(row.features) for row in rows)
+        window = rows[0].features.new_zeros(len(rows), width, rows[0].features.shape[-1])
+        for b, row in enumerate(rows):
+            window[b, width - len(row.features):] = row.features
+        return window
+
+    def _keep_features(self, row: Row, features: torch.Tensor) -> None:
+        joined = features if row.features is None else torch.cat([row.features, features])
+        row.features = joined[-self.feature_window:]
 
     def apply(self, rows: list[Row], verified: Verified, is_step: bool = True) -> list[Row]:
         """Append each row's tokens; returns the rows that finished (their slots are free to go).
@@ -72,6 +95,12 @@ class RowBook:
         done = []
         for b, row in enumerate(rows):
             count = int(verified.num_tokens[b])
+            if self.wants_features and verified.features is not None:
+                # prefill: every prompt token went through the target; a step: the root and the
+                # accepted nodes, one per emitted token. Either way one feature per new
+                # committed token, so features stay aligned with history[:-1].
+                kept = verified.features.shape[1] if not is_step else count
+                self._keep_features(row, verified.features[b, :kept])
             row.steps += int(is_step)
             if self._append(row, verified.tokens[b, :count].tolist(), verified.logprobs[b, :count].tolist()):
                 done.append(row)
@@ -86,6 +115,7 @@ class RowBook:
             elif len(row.tokens) >= row.sampling.max_new_tokens:
                 row.finish_reason = "length"
             if row.finish_reason:
+                row.features = None  # only the drafter reads them
                 self.rows.pop(row.row_id)
                 self.finished.append(row)
                 if self.drafter is not None:
@@ -97,7 +127,8 @@ class RowBook:
 class SpeculativeEngine:
     def __init__(self, model: CausalLM, drafter: Drafter | None = None, max_rows: int = 16,
                  max_len: int = 512, seed: int = 0) -> None:
-        self.target = TargetRunner(model, max_rows, max_len, seed)
+        capture = tuple(getattr(drafter, "capture_layers", ()) or ()) if drafter is not None else ()
+        self.target = TargetRunner(model, max_rows, max_len, seed, capture_layers=capture)
         self.book = RowBook(drafter)
 
     @property

@@ -36,12 +36,19 @@ class Verified:
     logprobs: torch.Tensor  # float [B, D + 1] behaviour log-probabilities of those tokens
     num_tokens: torch.Tensor  # long [B]
     num_accepted: torch.Tensor  # long [B]
+    # With TargetRunner.capture_layers: the captured hidden states, concatenated over the
+    # layers ([..., len(capture_layers) * hidden]), at the positions whose KV was kept.
+    # prefill: [B, T, F] for every prompt token; verify: [B, D + 1, F] for the root and the
+    # accepted nodes, valid for the first num_tokens[b] entries (zeros past them).
+    features: torch.Tensor | None = None
 
 
 class TargetRunner:
-    def __init__(self, model: CausalLM, max_rows: int, max_len: int, seed: int = 0) -> None:
+    def __init__(self, model: CausalLM, max_rows: int, max_len: int, seed: int = 0,
+                 capture_layers: tuple[int, ...] = ()) -> None:
         parameter = next(model.parameters())
         self.model = model
+        self.capture_layers = tuple(capture_layers)  # layers whose hidden states a drafter reads
         self.cache = KVCache(model.config, max_rows, max_len, parameter.dtype, parameter.device)
         self.device = parameter.device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -67,12 +74,13 @@ class TargetRunner:
         slots = torch.tensor([self.cache.allocate() for _ in prompts], device=self.device)
         tokens = torch.stack([p.long() for p in prompts]).to(self.device)
         with torch.no_grad():
-            logits = self.model.forward_cached(tokens, self.cache, slots).logits[:, -1:]
+            output = self.model.forward_cached(tokens, self.cache, slots, capture_layers=self.capture_layers)
+        logits = output.logits[:, -1:]
         self.cache.commit(slots, [torch.arange(tokens.shape[1])] * len(prompts))
         first = torch.multinomial(self._probs(sampling, logits)[:, 0], 1, generator=self.generator)
         logp = self._logprobs(sampling, logits, first)
         ones = torch.ones(len(prompts), dtype=torch.long, device=self.device)
-        return slots.tolist(), Verified(first, logp, ones, ones * 0)
+        return slots.tolist(), Verified(first, logp, ones, ones * 0, _concat_features(output.captured))
 
     def verify(self, slots: list[int], roots: torch.Tensor, tree: DraftTree,
                draft_probs: torch.Tensor | None, sampling: list[Sampling]) -> Verified:
@@ -80,7 +88,9 @@ class TargetRunner:
         slot_ids = torch.tensor(slots, device=self.device)
         inputs = tree.verify_tokens(roots.to(self.device))
         with torch.no_grad():
-            logits = self.model.forward_cached(inputs, self.cache, slot_ids, tree_mask=tree.attention_mask()).logits
+            output = self.model.forward_cached(inputs, self.cache, slot_ids, tree_mask=tree.attention_mask(),
+                                               capture_layers=self.capture_layers)
+        logits = output.logits
         greedy = torch.tensor([s.temperature == 0 for s in sampling], device=self.device)
         result = accept(tree, self._probs(sampling, logits), draft_probs, greedy=greedy, generator=self.generator)
         sources = result.source_positions()  # the root and the accepted nodes: their KV stays
@@ -88,7 +98,7 @@ class TargetRunner:
         self.cache.commit(slot_ids, [sources[b, : counts[b]] for b in range(len(slots))])
         at_sources = logits.gather(1, sources.clamp(min=0)[..., None].expand(-1, -1, logits.shape[-1]))
         return Verified(result.tokens, self._logprobs(sampling, at_sources, result.tokens), counts,
-                        result.num_accepted)
+                        result.num_accepted, _kept_features(output.captured, sources))
 
     def release(self, slot: int) -> None:
         self.cache.free(slot)
@@ -104,6 +114,21 @@ class TargetRunner:
 
     def _logprobs(self, sampling: list[Sampling], logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return behaviour_logprobs(logits, tokens, _columns(sampling, logits.device)[0])
+
+
+def _concat_features(captured: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """[B, T, layers * hidden], or None when nothing was captured."""
+    return torch.cat(captured, dim=-1) if captured else None
+
+
+def _kept_features(captured: tuple[torch.Tensor, ...], sources: torch.Tensor) -> torch.Tensor | None:
+    """The features at the kept verification positions (sources [B, D + 1], -1 = none): a
+    drafter continues from the accepted path, never from a rejected node."""
+    features = _concat_features(captured)
+    if features is None:
+        return None
+    index = sources.clamp(min=0)[..., None].expand(-1, -1, features.shape[-1])
+    return features.gather(1, index) * (sources >= 0)[..., None].to(features.dtype)
 
 
 def _columns(sampling: list[Sampling], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
