@@ -22,6 +22,6 @@ def test_bench_runtime_writes_every_key(tmp_path):
         assert all(value > 0 for value in results[key].values())
     for transport in ("inproc", "ipc", "tcp"):  # the ratio is of the two numbers in this run
         ratio = results["rtt_p50_us"][transport] / results["raw_rtt_p50_us"][transport]
-        assert abs(ratio - results["overhead_ratio"][transport]) < 0.01
+        assert abs(ratio - results["overhead_ratio"][transport]) <= 0.005 + 1e-9
     assert results["msgs_per_s"] > 0 and results["tensor_64mib_ms"] > 0 and results["memcpy_64mib_ms"] > 0
     assert "respec bench runtime" in done.stdout
