@@ -13,7 +13,11 @@ from respec.engine.checkpoint import load_model
 from respec.engine.drafters.base import DraftRequest, DraftShape
 from respec.engine.drafters.draft_model import DraftModelDrafter
 from respec.engine.drafters.eagle import EagleDrafter, EagleHead, distill_loss, layers_to_capture
+from respec.engine.sampling import target_probs
 from respec.engine.speculative import Sampling, SpeculativeEngine
+from tests.engine.stats import chi_square_pvalue, pair_counts
+from tests.engine.test_speculative import exact_pair_probs
+from tests.engine.test_speculative import tiny_model as tiny_speculative_model
 
 VOCAB = 40
 SHAPES = [DraftShape(4, 1, 4), DraftShape(3, 2, 6), DraftShape(3, 3, 8)]
@@ -168,7 +172,7 @@ def test_distill_loss_decreases_and_weights_change_it(target):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert all(p.grad is None for p in target.parameters())  # the target's shared parts stay frozen
 
@@ -230,3 +234,36 @@ def test_draft_model_chain_matches_its_own_greedy_continuation(target):
         assert proposal.tree.tokens[0].tolist() == expected
         assert proposal.tree.parents[0].tolist() == [-1, 0, 1, 2] and proposal.draft_probs is None
         history = torch.cat([history, torch.tensor(expected[:2])])
+
+
+# ---------------------------------------------------------------------- sampled SD
+
+
+def sampled_pairs(model, drafter, prompt, sampling, shape, rows=24_000, chunk=3_000):
+    """(context, x2, x3) over the rows whose first token x1 is the most frequent, and the
+    share of rows that got x2 and x3 from one step (a draft was accepted)."""
+    engine = SpeculativeEngine(model, drafter, max_rows=chunk, max_len=32, seed=7)
+    finished = [r for _ in range(rows // chunk) for r in engine.generate([prompt] * chunk, sampling, shape)]
+    triples = torch.tensor([r.tokens[:3] for r in finished])
+    first = int(torch.bincount(triples[:, 0]).argmax())
+    kept = triples[triples[:, 0] == first]
+    one_step = sum(r.steps == 1 for r in finished) / len(finished)
+    return torch.cat([prompt, torch.tensor([first])]), kept[:, 1], kept[:, 2], one_step
+
+
+@pytest.mark.parametrize("which", ["eagle", "draft_model"])
+def test_sampled_sd_with_model_drafts_has_the_target_distribution(tmp_path, which):
+    """Top-t drafts of a model are deterministic given the context, so the deterministic
+    rule keeps sampling exact: (x2, x3) pairs match the target's own P(x2, x3 | x1)."""
+    model = tiny_speculative_model(tmp_path, vocab=6, std=0.5, seed=1)
+    drafter = EagleDrafter(model) if which == "eagle" else DraftModelDrafter(model, 3_000, 32)
+    context, second, third, one_step = sampled_pairs(model, drafter, torch.tensor([1, 2, 3, 1, 2, 3, 1, 2, 3, 1]),
+                                           Sampling(temperature=1.0, max_new_tokens=3), DraftShape(2, 2, 3))
+
+    def processed(logits):
+        ones = torch.ones(logits.shape[0])
+        return target_probs(logits, ones, torch.zeros_like(ones).long(), ones)
+
+    _, pvalue = chi_square_pvalue(pair_counts(second, third, 6), exact_pair_probs(model, context, processed))
+    assert pvalue > 1e-3
+    assert one_step > 0.1  # drafts were accepted: not plain sampling in disguise
