@@ -35,6 +35,8 @@ class DraftModelDrafter(Drafter):
     needs_features = False
 
     def __init__(self, model: CausalLM, max_rows: int, max_len: int) -> None:
+        """max_rows: rows drafted for at once (one cache slot each). max_len: the longest
+        history it drafts for, plus 1 + t + (s - 2) t^2 positions for the root and the pool."""
         parameter = next(model.parameters())
         self.model = model
         self.cache = KVCache(model.config, max_rows, max_len, parameter.dtype, parameter.device)

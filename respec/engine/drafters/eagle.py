@@ -32,6 +32,7 @@ one-layer head over a window of ~16 that is cheap next to a target pass.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,7 +249,8 @@ class EagleDrafter(Drafter):
         self.feature_window = feature_window  # RowBook keeps this many features per row
         self.version = 0
 
-    def load_weights(self, state_dict, version: int) -> None:
+    def load_weights(self, state_dict: Mapping[str, Tensor], version: int) -> None:
+        """Distilled head weights (the head's own state_dict; the target's parts are shared)."""
         self.head.load_state_dict(state_dict)
         self.version = version
 
