@@ -7,6 +7,8 @@ from respec.engine.drafters.base import (
     DraftRequest,
     DraftShape,
 )
+from respec.engine.drafters.draft_model import DraftModelDrafter
+from respec.engine.drafters.eagle import EagleDrafter, EagleHead, distill_loss, layers_to_capture
 from respec.engine.drafters.ngram import NgramDrafter
 
 __all__ = [
@@ -14,6 +16,11 @@ __all__ = [
     "DraftProposal",
     "DraftRequest",
     "DraftShape",
+    "DraftModelDrafter",
     "Drafter",
+    "EagleDrafter",
+    "EagleHead",
     "NgramDrafter",
+    "distill_loss",
+    "layers_to_capture",
 ]
