@@ -20,6 +20,8 @@ import numpy as np
 SHM_DIR = "/dev/shm"
 MIN_BYTES = 1 << 20  # below this, a ZeroMQ frame is as fast
 _scope = "respec-"  # "respec-<run>-": set by the process group, used for clean-up
+MAX_KEPT_MAPS = 8
+_kept_maps: dict[str, mmap.mmap] = {}  # segment id -> a mapping no live array uses (this process)
 
 
 def available() -> bool:
@@ -64,18 +66,26 @@ def read(name: str) -> np.ndarray:
     if "/" in name or not name.startswith("respec-") or "-busy-" not in name:
         raise ValueError(f"bad shared-memory segment name {name!r}")
     path = os.path.join(SHM_DIR, name)
+    if not os.path.exists(path):
+        raise ValueError(f"shared-memory segment {name!r} is gone (received twice?)")
+    segment = _segment_id(name)
+    mapped = _kept_maps.pop(segment, None) or _map(path)
+    array = np.frombuffer(mapped, dtype=np.uint8)
+    weakref.finalize(array, _release, path, segment, mapped)
+    return array
+
+
+def _segment_id(name: str) -> str:
+    return name.rsplit("-", 1)[-1]  # the uuid: stable across busy/free renames
+
+
+def _map(path: str) -> mmap.mmap:
+    descriptor = os.open(path, os.O_RDWR)
     try:
-        descriptor = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        raise ValueError(f"shared-memory segment {name!r} is gone (received twice?)") from None
-    try:
-        mapped = mmap.mmap(descriptor, os.fstat(descriptor).st_size,
-                           flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        return mmap.mmap(descriptor, os.fstat(descriptor).st_size,
+                         flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
     finally:
         os.close(descriptor)
-    array = np.frombuffer(mapped, dtype=np.uint8)
-    weakref.finalize(array, _release, path)
-    return array
 
 
 def _create(size: int) -> str:
@@ -98,7 +108,11 @@ def _claim_free(size: int) -> str | None:
     return None
 
 
-def _release(path: str) -> None:
+def _release(path: str, segment: str, mapped: mmap.mmap) -> None:
+    """The last view of a received array died: keep its mapping, hand the segment back."""
+    _kept_maps[segment] = mapped
+    while len(_kept_maps) > MAX_KEPT_MAPS:  # no live array uses a kept map: safe to close
+        _kept_maps.pop(next(iter(_kept_maps))).close()
     try:
         os.rename(path, path.replace("-busy-", "-free-", 1))
     except FileNotFoundError:
