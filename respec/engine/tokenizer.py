@@ -38,6 +38,11 @@ CHAR_VOCABULARY: tuple[str, ...] = (
 _SPECIAL_KEYS = {"bos": "bos_token", "eos": "eos_token", "pad": "pad_token"}
 
 
+class TokenizerNotFoundError(CheckpointError, FileNotFoundError):
+    """No tokenizer.json in the directory: callers may catch either the engine's
+    CheckpointError or the standard FileNotFoundError."""
+
+
 @dataclass(frozen=True)
 class TextTokenizer:
     """A ``tokenizers.Tokenizer`` plus the ids of its special tokens (None when absent)."""
@@ -81,12 +86,15 @@ class TextTokenizer:
         return directory
 
 
+Tokenizer = TextTokenizer  # the name the rest of the design uses for it
+
+
 def load_tokenizer(directory: str | Path) -> TextTokenizer:
     """The tokenizer saved in `directory` (tokenizer.json + optional special-token files)."""
     directory = Path(directory)
     path = directory / "tokenizer.json"
     if not path.is_file():
-        raise CheckpointError(f"{path}: tokenizer.json not found (only fast tokenizers are read)")
+        raise TokenizerNotFoundError(f"{path}: tokenizer.json not found (only fast tokenizers are read)")
     try:
         backend = Backend.from_file(str(path))
     except Exception as error:  # tokenizers reports a parse failure as a bare Exception

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -38,6 +39,14 @@ def test_char_tokenizer_round_trips_the_builtin_tasks():
             ids = tokenizer.encode(text)
             assert len(ids) == len(text)  # one id per character
             assert tokenizer.decode(ids) == text
+
+
+def test_char_tokenizer_round_trips_500_mixed_task_texts():
+    tokenizer, task, rng = char_tokenizer(), make_task("arithmetic+countdown"), random.Random(1)
+    for _ in range(500):
+        problem = task.sample(rng)
+        for text in (problem.prompt, problem.solution, problem.prompt + problem.solution):
+            assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
 def test_char_tokenizer_special_tokens():
@@ -77,6 +86,8 @@ def test_a_hugging_face_style_directory(tmp_path):
 
 def test_tokenizer_directory_errors(tmp_path):
     with pytest.raises(CheckpointError, match="tokenizer.json: tokenizer.json not found"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(CheckpointError, match="not a readable tokenizer.json"):
