@@ -7,20 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-import transformers
+from tests.checkpoints import small_qwen2
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_sd_writes_rows_and_plot(tmp_path):
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
-    model = transformers.Qwen2ForCausalLM(config)
-    for parameter in model.parameters():
-        torch.nn.init.normal_(parameter, std=0.2)
-    model.save_pretrained(tmp_path / "model")
+    small_qwen2(tmp_path / "model", vocab=32)
     out = tmp_path / "sd.json"
     done = subprocess.run([sys.executable, "-m", "respec", "bench", "sd", "--model", str(tmp_path / "model"),
                            "--json", str(out), "--batches", "1,4", "--max-new-tokens", "12"],

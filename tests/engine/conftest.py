@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 from respec.engine.checkpoint import load_model
 from respec.engine.model import CausalLM
+from tests.checkpoints import random_checkpoint
 
 TINY = dict(
     vocab_size=97,
@@ -24,26 +24,13 @@ TINY = dict(
     num_key_value_heads=2,
     max_position_embeddings=256,
 )
-HF_CLASSES = {
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-}
 
 
 def build_hf_checkpoint(
     directory: Path, family: str = "qwen2", shard_size: str | None = None, seed: int = 0, **overrides
 ):
     """(transformers model in eval mode with eager attention, its save directory)."""
-    torch.manual_seed(seed)
-    config_class, model_class = HF_CLASSES[family]
-    config = config_class(**{**TINY, **overrides})
-    model = model_class(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.2)
-    model.config._attn_implementation = "eager"
-    model.save_pretrained(directory, **({"max_shard_size": shard_size} if shard_size else {}))
-    return model.eval(), directory
+    return random_checkpoint(directory, family, seed, 0.2, shard_size, **{**TINY, **overrides})
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 from respec.engine.checkpoint import load_model
 from respec.engine.drafters.base import DraftRequest, DraftShape
@@ -15,6 +14,7 @@ from respec.engine.drafters.draft_model import DraftModelDrafter
 from respec.engine.drafters.eagle import EagleDrafter, EagleHead, distill_loss, layers_to_capture
 from respec.engine.sampling import target_probs
 from respec.engine.speculative import Sampling, SpeculativeEngine
+from tests.checkpoints import small_qwen2
 from tests.engine.stats import chi_square_pvalue, pair_counts
 from tests.engine.test_speculative import exact_pair_probs
 from tests.engine.test_speculative import tiny_model as tiny_speculative_model
@@ -25,15 +25,7 @@ GREEDY = Sampling(temperature=0.0, max_new_tokens=20)
 
 
 def tiny_model(directory, layers=4, hidden=32, heads=4, kv_heads=2, seed=0, std=0.2):
-    torch.manual_seed(seed)
-    config = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                                      num_hidden_layers=layers, num_attention_heads=heads,
-                                      num_key_value_heads=kv_heads)
-    reference = transformers.Qwen2ForCausalLM(config)
-    for parameter in reference.parameters():
-        torch.nn.init.normal_(parameter, std=std)
-    reference.save_pretrained(directory)
-    return load_model(directory)
+    return load_model(small_qwen2(directory, VOCAB, hidden, layers, heads, kv_heads, seed, std))
 
 
 @pytest.fixture(scope="module")

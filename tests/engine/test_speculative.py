@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 from respec.engine import acceptance
 from respec.engine.checkpoint import load_model
@@ -14,18 +13,12 @@ from respec.engine.drafters.base import DraftShape
 from respec.engine.drafters.ngram import NgramDrafter
 from respec.engine.errors import CacheFullError
 from respec.engine.speculative import Sampling, SpeculativeEngine
+from tests.checkpoints import small_qwen2
 from tests.engine.stats import chi_square_pvalue, pair_counts
 
 
 def tiny_model(tmp_path, vocab=40, std=0.2, seed=0):
-    torch.manual_seed(seed)
-    config = transformers.Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    reference = transformers.Qwen2ForCausalLM(config)
-    for parameter in reference.parameters():
-        torch.nn.init.normal_(parameter, std=std)
-    reference.save_pretrained(tmp_path / f"m{vocab}")
-    return load_model(tmp_path / f"m{vocab}")
+    return load_model(small_qwen2(tmp_path / f"m{vocab}", vocab=vocab, std=std, seed=seed))
 
 
 @pytest.fixture(scope="module")

@@ -7,23 +7,15 @@ import json
 
 import pytest
 import torch
-import transformers
 
 from respec.engine.checkpoint import load_model
 from respec.engine.speculative import Sampling, SpeculativeEngine
+from tests.checkpoints import small_qwen2
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("ckpt") / "model"
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
-    model = transformers.Qwen2ForCausalLM(config)
-    for parameter in model.parameters():
-        torch.nn.init.normal_(parameter, std=0.2)
-    model.save_pretrained(directory)
-    return directory
+    return small_qwen2(tmp_path_factory.mktemp("ckpt") / "model")
 
 
 PROMPTS = [[1, 2, 3, 1, 2, 3, 1], [5, 6, 5, 6], [7, 8, 9, 10, 11, 7, 8, 9], [3, 3, 3], [4, 9, 4, 9, 4]]
