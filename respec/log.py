@@ -16,9 +16,11 @@ def configure(log_file: Path | None = None, console: bool = True, process: str =
     event per line). On a terminal, events also print in colour; elsewhere only warnings
     and errors reach stderr.
     """
+    close()
     sinks: list[tuple[TextIO, Any, int]] = []
     if log_file is not None:
-        stream = open(log_file, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+        stream = open(log_file, "a", buffering=1)  # noqa: SIM115 - closed by close() or the next configure
+        _open_files.append(stream)
         sinks.append((stream, structlog.processors.JSONRenderer(), 0))
     if console:
         tty = sys.stderr.isatty()
@@ -35,6 +37,15 @@ def configure(log_file: Path | None = None, console: bool = True, process: str =
     return structlog.get_logger().bind(process=process)
 
 
+_open_files: list[TextIO] = []
+
+
+def close() -> None:
+    """Close the log files this process opened (the launcher calls it when a run ends)."""
+    while _open_files:
+        _open_files.pop().close()
+
+
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 
@@ -47,6 +58,6 @@ class _Fanout:
     def __call__(self, logger: Any, method: str, event: dict) -> str:
         level = _LEVELS.get(event.get("level", "info"), 20)
         for stream, renderer, threshold in self.sinks:
-            if level >= threshold:
+            if level >= threshold and not stream.closed:
                 stream.write(renderer(logger, method, dict(event)) + "\n")
         raise structlog.DropEvent

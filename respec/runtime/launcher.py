@@ -228,6 +228,7 @@ class Launcher:
                    "actors": self.stats}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         (self.log.info if ok else self.log.error)("run_ended", ok=ok, reason=reason, wall_s=round(wall, 2))
+        logging_setup.close()
         return RunResult(self.run_dir, ok, reason, wall, self.stats, self.metrics,
                          interrupted=self.failure == INTERRUPTED)
 
