@@ -66,7 +66,7 @@ class GraphPlan:
             cached = self._handlers[kind] = [name for name, plan in self.actors.items() if kind in plan.handles]
         return cached
 
-    def publishers_of(self, kind: type[Message]) -> list[str]:
+    def senders_of(self, kind: type[Message]) -> list[str]:
         return [name for name, plan in self.actors.items() if kind in plan.sends]
 
     def inproc(self, instance: str, kind: str) -> str:

@@ -54,8 +54,8 @@ class ProgressView:
 
     def note(self, text: str) -> None:
         self.notes = [*self.notes[-4:], text]
-        if self._live is None:
-            self.console.print(Text.from_markup(text)) if sys.stderr.isatty() else None
+        if self._live is None and sys.stderr.isatty():  # no live table: print the note itself
+            self.console.print(Text.from_markup(text))
         self._refresh()
 
     def _refresh(self) -> None:

@@ -68,7 +68,7 @@ class ActorSupervisor:
     def _requester_groups(self) -> list[str]:
         requests = [t for t in self.plan.handles if t.channel is Channel.REQUEST]
         plan = self.group.plan
-        return [plan.actors[name].spec.group for t in requests for name in plan.publishers_of(t)]
+        return [plan.actors[name].spec.group for t in requests for name in plan.senders_of(t)]
 
     def connect(self, zmq_context) -> None:
         self.context.connect(zmq_context)
@@ -81,7 +81,7 @@ class ActorSupervisor:
         port = Port(zmq_context, zmq.SUB, self.group.plan.config.run.hwm, f"{self.instance}:sub")
         for topic in topics:
             port.socket.setsockopt(zmq.SUBSCRIBE, topic.__name__.encode())
-            for name in self.group.plan.publishers_of(topic):
+            for name in self.group.plan.senders_of(topic):
                 for peer in self.group.plan.actors[name].instances():
                     port.connect(self.group.plan.address(peer, PUB, self.group.name))
         self._inbound.append((port, self._on_broadcast))
