@@ -144,16 +144,18 @@ class SpeculativeEngine:
         `reserve`: cache positions a row needs for draft nodes in one step."""
         for prompt in prompts:
             self.target.check_admission(len(prompt), sampling, reserve)
-        by_length: dict[int, list[torch.Tensor]] = {}
-        for prompt in prompts:
-            by_length.setdefault(len(prompt), []).append(prompt)
-        ids = []
-        for group in by_length.values():
+        by_length: dict[int, list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            by_length.setdefault(len(prompt), []).append(index)
+        ids = [0] * len(prompts)
+        for indices in by_length.values():
+            group = [prompts[i] for i in indices]
             slots, first = self.target.prefill(group, [sampling] * len(group))
             rows = [self.book.open(slot, prompt, sampling) for slot, prompt in zip(slots, group, strict=True)]
             self._release(self.book.apply(rows, first, is_step=False))
-            ids += [row.row_id for row in rows]
-        return ids
+            for index, row in zip(indices, rows, strict=True):
+                ids[index] = row.row_id
+        return ids  # in the order of `prompts`, whatever order the prefill groups ran in
 
     def step(self, shape: DraftShape | None = None) -> StepStats:
         rows = list(self.book.rows.values())

@@ -47,6 +47,18 @@ def test_greedy_sd_equals_greedy_decoding(model, batch, shape):
     assert tokens > steps  # drafts were accepted: this is not plain decoding in disguise
 
 
+def test_generate_returns_rows_in_prompt_order_when_equal_lengths_are_not_adjacent(model):
+    # prefill groups equal-length prompts; the rows must still come back in prompt order
+    generator = torch.Generator().manual_seed(7)
+    lengths = [5, 3, 5, 4, 3, 6, 4, 5]
+    prompts = [torch.randint(0, 40, (n,), generator=generator) for n in lengths]
+    sampling = Sampling(temperature=0.0, max_new_tokens=8)
+    batched = SpeculativeEngine(model, None, max_rows=8, max_len=64).generate(prompts, sampling)
+    for prompt, row in zip(prompts, batched, strict=True):
+        alone = SpeculativeEngine(model, None, max_rows=1, max_len=64).generate([prompt], sampling)[0]
+        assert torch.equal(row.prompt, prompt) and row.tokens == alone.tokens
+
+
 def test_greedy_equality_also_holds_when_drafts_are_rejected(model):
     prompts = [torch.arange(10) % 7, torch.tensor([5, 1, 5, 1, 5, 2, 5])]
     sampling = Sampling(temperature=0.0, max_new_tokens=40)
