@@ -48,21 +48,41 @@ class VerifyRequest(Message, frozen=True):
     draft_probs: Array | None = None  # float32 [B, n, V] drafter's q at each node, if sampled
     new_rows: list[Prompt] = []  # rows to prefill into free slots before this step
     finished_slots: Array | None = None  # int32 slots whose rows ended and are freed
+    capture_layers: tuple[int, ...] = ()  # target layers whose hidden states to return (the drafter's)
+    feature_window: int = 0  # features returned per new row: its last W prompt tokens (0: all)
+
+
+class RejectedRow(msgspec.Struct, frozen=True):
+    """One new row the Verifier refused (bad input); the rest of the request goes on."""
+
+    index: int  # position in VerifyRequest.new_rows
+    prompt_id: str
+    error: str  # "<ErrorType>: what is wrong, with the value at fault"
 
 
 class VerifyResult(Message, frozen=True):
-    """Verifier -> Generator: what each row accepted, with what the drafter and RL need."""
+    """Verifier -> Generator: what each row accepted, with what the drafter and RL need.
+
+    Rows are the accepted new rows (request order, rejected ones left out) then the
+    verified rows (request order). A new row has no drafts: its one token is the first
+    sampled one.
+    """
 
     step: int
     slots: Array  # int32 [B] same order as the request
     num_accepted: Array  # int32 [B] accepted draft tokens per row (bonus not counted)
     tokens: Array  # int32 [B, n + 1] accepted tokens then the bonus token, padded with -1
     logprobs: Array  # float32 [B, n + 1] behaviour log-probabilities of those tokens
-    features: Array | None = None  # [B, n + 1, F] target features the drafter needs next
+    # [B, X, F] target features (capture_layers concatenated; model dtype), valid for the
+    # first feature_counts[b] entries, zeros after: a new row's last min(W, P) prompt tokens,
+    # a verified row's root and accepted nodes (one per emitted token). X = max(W, n + 1).
+    features: Array | None = None
+    feature_counts: Array | None = None  # int32 [B] valid feature entries per row
     target_probs_topk: Array | None = None  # float32 [B, n + 1, K] distillation targets
     target_ids_topk: Array | None = None  # int32 [B, n + 1, K] their token ids
     step_time_s: float = 0.0  # verifier forward + acceptance wall time
     policy_version: int = -1  # the policy weights that produced these tokens
+    rejected: list[RejectedRow] = []  # new rows refused for bad input; not among the B rows
 
 
 class Rollout(Message, frozen=True):
@@ -72,9 +92,10 @@ class Rollout(Message, frozen=True):
     tokens: Array  # int32 [T] response tokens
     logprobs: Array  # float32 [T] behaviour log-probability of each token
     token_versions: Array  # int32 [T] policy version that produced each token
-    finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens)
+    finish_reason: str  # "stop" (a stop token), "length" (max_new_tokens) or "error" (rejected)
     accept_len: float = 0.0  # tokens per verification step (the first token comes from prefill)
     gen_time_s: float = 0.0  # from admission to finish
+    error: str = ""  # finish_reason "error": why the prompt was refused (no tokens then)
 
 
 class GenerationStats(Message, frozen=True):

@@ -1,5 +1,9 @@
 """Generator and Verifier as actors: the same tokens as the in-process engine, in one
-process (inproc) and split over two processes (ipc), with and without SD."""
+process (inproc) and split over two processes (ipc), with and without SD, with the n-gram
+drafter and with an EAGLE head fed the Verifier's target features.
+
+Runs use one thread per group: on the 2-core machine two torch processes with default
+threads made each run about 4x slower (16 s against 4 s measured)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import pytest
 import torch
 
 from respec.engine.checkpoint import load_model
+from respec.engine.drafters.base import DraftShape
+from respec.engine.drafters.eagle import EagleDrafter, EagleHead, distill_loss
 from respec.engine.speculative import Sampling, SpeculativeEngine
 from tests.checkpoints import small_qwen2
 
@@ -33,7 +39,7 @@ def test_actor_graph_generates_what_the_engine_generates(run_graph, tmp_path, ch
                      "params": {"model_path": str(checkpoint), "max_rows": 3, "max_len": 64}},
         "sink": {"class": "tests.runtime.sd_actors.RolloutFile",
                  "params": {"out_file": str(out), "expected": len(PROMPTS)}},
-    }, name=f"gen_{verifier_group}_{shape}")
+    }, name=f"gen_{verifier_group}_{shape}", threads_per_group=1)
     assert result.ok, result.reason
     rollouts = json.loads(out.read_text())
     engine = SpeculativeEngine(load_model(checkpoint), None, max_rows=3, max_len=64)
@@ -45,3 +51,66 @@ def test_actor_graph_generates_what_the_engine_generates(run_graph, tmp_path, ch
         assert got["versions"] == [0] * len(row.tokens) and got["finish_reason"] == "length"
     mean_accept = sum(r["accept_len"] for r in rollouts.values()) / len(rollouts)
     assert (mean_accept > 1.0) == (shape != "nosd")  # SD really drafted (and plain did not)
+
+
+# ---------------------------------------------------------------------- EAGLE through the actors
+
+WINDOW = 6
+
+
+@pytest.fixture(scope="module")
+def eagle_head_dir(tmp_path_factory, checkpoint):
+    """A head briefly distilled on the target's greedy continuations of other prompts, saved."""
+    target = load_model(checkpoint)
+    generator = torch.Generator().manual_seed(99)
+    train = [torch.randint(0, 40, (4,), generator=generator) for _ in range(32)]
+    rows = SpeculativeEngine(target, None, max_rows=32, max_len=64).generate(
+        train, Sampling(temperature=0.0, max_new_tokens=24))
+    sequences = torch.stack([torch.cat([r.prompt, torch.tensor(r.tokens)]) for r in rows])
+    torch.manual_seed(0)
+    head = EagleHead.for_target(target)
+    with torch.no_grad():
+        output = target(sequences, capture_layers=head.capture_layers)
+    features = torch.cat(output.captured, dim=-1)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    for _ in range(120):
+        loss = distill_loss(head, features, sequences, output.logits)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return head.save(tmp_path_factory.mktemp("eagle") / "head")
+
+
+@pytest.mark.parametrize("verifier_group, shape", [("main", "s4_t1_n4"), ("target", "s3_t2_n6")])
+def test_eagle_drafter_through_the_actors_generates_what_the_engine_generates(
+        run_graph, tmp_path, checkpoint, eagle_head_dir, verifier_group, shape):
+    (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
+    out = tmp_path / "rollouts.json"
+    result = run_graph({
+        "source": {"class": "tests.runtime.sd_actors.FixedPrompts",
+                   "params": {"prompts_file": str(tmp_path / "prompts.json"), "max_new_tokens": 20}},
+        "generator": {"class": "respec.actors.generator.Generator",
+                      "params": {"max_rows": 3, "shape": shape, "drafter": "eagle", "model_path": str(checkpoint),
+                                 "draft_path": str(eagle_head_dir), "feature_window": WINDOW}},
+        "verifier": {"class": "respec.actors.verifier.Verifier", "group": verifier_group,
+                     "params": {"model_path": str(checkpoint), "max_rows": 3, "max_len": 64}},
+        "sink": {"class": "tests.runtime.sd_actors.RolloutFile",
+                 "params": {"out_file": str(out), "expected": len(PROMPTS)}},
+    }, name=f"eagle_{verifier_group}_{shape}", threads_per_group=1)
+    assert result.ok, result.reason
+    rollouts = json.loads(out.read_text())
+    model = load_model(checkpoint)
+    greedy = Sampling(temperature=0.0, max_new_tokens=20)
+    prompts = [torch.tensor(p) for p in PROMPTS]
+    drafter = EagleDrafter(model, EagleHead.load(eagle_head_dir, model), feature_window=WINDOW)
+    speculative = SpeculativeEngine(model, drafter, max_rows=3, max_len=64).generate(
+        prompts, greedy, DraftShape.parse(shape))
+    plain = SpeculativeEngine(model, None, max_rows=3, max_len=64).generate(prompts, greedy)
+    for index, (sd_row, plain_row) in enumerate(zip(speculative, plain, strict=True)):
+        got = rollouts[f"p{index}"]
+        assert got["tokens"] == sd_row.tokens == plain_row.tokens
+        assert got["logprobs"] == pytest.approx(sd_row.logprobs, abs=1e-4)
+    mean_accept = sum(r["accept_len"] for r in rollouts.values()) / len(rollouts)
+    engine_accept = sum((len(r.tokens) - 1) / max(r.steps, 1) for r in speculative) / len(speculative)
+    assert mean_accept > 1.5  # the trained head's drafts are accepted: features reach it aligned
+    assert mean_accept == pytest.approx(engine_accept, rel=0.15)
