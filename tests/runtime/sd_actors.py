@@ -30,6 +30,23 @@ class FixedPrompts(Actor):
         await _forever()
 
 
+class PromptsWithSampling(Actor):
+    """Sends the prompts listed in a JSON file as {"tokens": [...], "sampling": {...}}, each
+    with its own sampling parameters (valid or not: nothing is checked here)."""
+
+    class Params(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+        prompts_file: str
+
+    sends = (Prompt,)
+
+    async def run(self) -> None:
+        for index, entry in enumerate(json.loads(open(self.params.prompts_file).read())):
+            sampling = SamplingParams(**{"temperature": 0.0, "max_new_tokens": 16, **entry.get("sampling", {})})
+            await self.send(Prompt(prompt_id=f"p{index}", group_id=f"p{index}", sample_index=0,
+                                   tokens=np.array(entry["tokens"], dtype=np.int32), sampling=sampling))
+        await _forever()
+
+
 class RolloutFile(Actor):
     """Writes every rollout's tokens to a JSON file; ends the run when all have come."""
 
@@ -45,7 +62,7 @@ class RolloutFile(Actor):
         self.rollouts[rollout.prompt.prompt_id] = {
             "tokens": rollout.tokens.tolist(), "logprobs": rollout.logprobs.tolist(),
             "versions": rollout.token_versions.tolist(), "accept_len": rollout.accept_len,
-            "finish_reason": rollout.finish_reason,
+            "finish_reason": rollout.finish_reason, "error": rollout.error,
         }
         if len(self.rollouts) == self.params.expected:
             with open(self.params.out_file, "w") as stream:
