@@ -1,9 +1,11 @@
 """PolicyTrainer: GRPO updates from scored rollouts; publishes every new policy version.
 
-It waits for whole groups (all G samples of a prompt), trains on `groups_per_step` of
-them, and publishes `PolicyWeights(version)`: by reference when every Verifier shares its
-process, else as a safetensors file in the run directory. Each step's metrics go to the
-runtime (metrics.jsonl), with the staleness of the tokens trained on.
+It collects whole groups (all G samples of a prompt), trains on `groups_per_step` of them
+(in group order, so a synchronous run is reproducible), and publishes
+`PolicyWeights(version)`: by reference when every Verifier shares its process, else as a
+safetensors file. Per step it reports the RL metrics (metrics.jsonl); at the start and
+the end it measures accuracy on the task's fixed held-out set (summary.json); every
+`checkpoint_every` steps it writes a checkpoint that `respec run --resume` continues from.
 """
 
 from __future__ import annotations
@@ -18,11 +20,16 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from respec.engine.checkpoint import load_model
-from respec.messages import Envelope, PolicyWeights, ScoredRollout, WeightsHandle
+from respec.engine.checkpoint import load_model, weights_to_save
+from respec.engine.tokenizer import load_tokenizer
+from respec.messages import DraftWeights, Envelope, PolicyWeights, ScoredRollout, WeightsHandle
+from respec.rl import checkpoints
+from respec.rl.evaluate import evaluate
 from respec.rl.loss import PPOConfig
+from respec.rl.step_metrics import group_index, step_metrics
 from respec.rl.trainer import GRPOTrainer, TrainerConfig, TrainSample
 from respec.runtime import Actor, handles
+from respec.tasks import make_task
 
 
 class PolicyTrainer(Actor):
@@ -38,48 +45,132 @@ class PolicyTrainer(Actor):
         max_steps: int = 0  # end the run after this many updates (0: never)
         weights_dir: str = ""  # where file handles go (default: a temp dir)
         share_by_reference: bool = True  # in-process Verifiers get the tensors themselves
+        seed: int = 0
+        # held-out evaluation (0 problems: none)
+        task: str = "arithmetic"
+        task_params: dict = {}
+        eval_problems: int = 0
+        eval_samples: int = 4  # draws per problem at eval_temperature
+        eval_temperature: float = 1.0
+        eval_max_new_tokens: int = 48
+        eval_seed: int = 12345  # the held-out set (task.heldout); PromptSource skips it
+        checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
+        keep_checkpoints: int = 2
 
     sends = (PolicyWeights,)
 
     async def on_start(self) -> None:
+        torch.manual_seed(self.params.seed)
         model = load_model(Path(self.params.model_path))
         config = TrainerConfig(lr=self.params.lr, micro_batch=self.params.micro_batch,
                                max_grad_norm=self.params.max_grad_norm,
                                ppo=PPOConfig(clip_eps=self.params.clip_eps, kl_coef=self.params.kl_coef))
         reference = load_model(Path(self.params.model_path)) if self.params.kl_coef > 0 else None
         self.trainer = GRPOTrainer(model, config, reference)
-        self.groups: dict[str, list[ScoredRollout]] = defaultdict(list)
+        self.groups: dict[str, dict[int, ScoredRollout]] = defaultdict(dict)  # group -> sample index -> rollout
         self.ready: list[list[ScoredRollout]] = []
+        self.trained_groups: list[int] = []
+        self.draft_version, self.distill_s = 0, 0.0
+        self.done = False  # max_steps reached: what still arrives is not trained on
         self.weights_dir = Path(self.params.weights_dir or tempfile.mkdtemp(prefix="respec-weights-"))
+        self.task = make_task(self.params.task, **self.params.task_params)
+        self.tokenizer = load_tokenizer(self.params.model_path)
+        self.eval_start = self._restore() if self.resuming else {}
+        if not self.eval_start:
+            self.eval_start = self._evaluate(0)
+
+    def _restore(self) -> dict[str, float]:
+        """Continue from the latest checkpoint (if any); returns the step-0 evaluation."""
+        latest = checkpoints.latest_checkpoint(self.run_dir)
+        if latest is None:
+            return {}
+        meta = checkpoints.load_meta(latest)
+        self.trainer.model.load_state_dict(checkpoints.load_policy(latest), strict=False)
+        state = checkpoints.load_trainer_state(latest)
+        self.trainer.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        self.trainer.version = meta.policy_version
+        self.trained_groups = list(meta.trained_groups)
+        self.draft_version = meta.draft_version
+        self.log.info("resumed", checkpoint=latest.name, step=meta.step, version=meta.policy_version)
+        self._publish_soon = True
+        return meta.eval_start
+
+    async def run(self) -> None:
+        if getattr(self, "_publish_soon", False):  # a resumed run: Verifiers load the checkpoint's weights
+            version = self.trainer.version
+            await self.send(PolicyWeights(version=version, handle=self._handle(version)), policy_version=version)
+
+    @handles(DraftWeights, optional=True)
+    async def on_draft_weights(self, weights: DraftWeights, envelope: Envelope) -> None:
+        self.draft_version = weights.version
 
     @handles(ScoredRollout)
     async def on_scored(self, scored: ScoredRollout, envelope: Envelope) -> None:
-        group = self.groups[scored.rollout.prompt.group_id]
-        group.append(scored)
+        prompt = scored.rollout.prompt
+        if self.done or group_index(prompt.group_id) in self.trained_groups:
+            return  # a group posed again after a restart, already trained on
+        group = self.groups[prompt.group_id]
+        group[prompt.sample_index] = scored  # a re-posed sample replaces, never duplicates
         if len(group) == self.params.group_size:
-            self.ready.append(self.groups.pop(scored.rollout.prompt.group_id))
+            self.ready.append([group[i] for i in sorted(group)])
+            del self.groups[prompt.group_id]
         if len(self.ready) >= self.params.groups_per_step:
-            batch, self.ready = self.ready[: self.params.groups_per_step], self.ready[self.params.groups_per_step :]
-            await self._update([s for group in batch for s in group])
+            self.ready.sort(key=lambda g: group_index(g[0].rollout.prompt.group_id))
+            batch, self.ready = self.ready[: self.params.groups_per_step], self.ready[self.params.groups_per_step:]
+            await self._update(batch, envelope.sent_at)
 
-    async def _update(self, scored: list[ScoredRollout]) -> None:
+    async def _update(self, groups: list[list[ScoredRollout]], received_at: float) -> None:
+        scored = [s for group in groups for s in group]
         started = time.perf_counter()
-        versions = np.concatenate([np.asarray(s.rollout.token_versions) for s in scored])
         stats = self.trainer.step([_sample(s) for s in scored])
         version = self.trainer.version
         await self.send(PolicyWeights(version=version, handle=self._handle(version)), policy_version=version)
-        self.report(version, **stats, train_s=time.perf_counter() - started,
-                    staleness_mean=float((version - 1 - versions).mean()) if versions.size else 0.0,
-                    accuracy=float(np.mean([s.correct for s in scored])))
+        train_s = time.perf_counter() - started
+        self.trained_groups += [group_index(g[0].rollout.prompt.group_id) for g in groups]
+        self.report(version, policy_version=version, draft_version=self.draft_version,
+                    **step_metrics(scored, version), train_s=train_s, distill_s=self.distill_s,
+                    loss=stats["loss"], grad_norm=stats["grad_norm"])
+        if self.params.checkpoint_every and version % self.params.checkpoint_every == 0:
+            self._checkpoint()
         if self.params.max_steps and version >= self.params.max_steps:
-            self.finish_run(f"{version} policy updates")
+            await self._finish()
+
+    async def _finish(self) -> None:
+        self.done = True
+        self._checkpoint()
+        end = self._evaluate(self.trainer.version)
+        summary = {f"{key}_start": value for key, value in self.eval_start.items()}
+        summary.update({f"{key}_end": value for key, value in end.items()})
+        self.summarize(**summary, policy_version=self.trainer.version)
+        self.finish_run(f"{self.trainer.version} policy updates")
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        if not self.params.eval_problems:
+            return {}
+        started = time.perf_counter()
+        problems = self.task.heldout(self.params.eval_problems, self.params.eval_seed)
+        result = evaluate(self.trainer.model, self.tokenizer, self.task, problems, self.params.eval_temperature,
+                          self.params.eval_samples, self.params.eval_max_new_tokens, seed=self.params.seed)
+        self.report(step, heldout_accuracy=result["accuracy"], heldout_greedy_accuracy=result["greedy_accuracy"],
+                    eval_s=time.perf_counter() - started)
+        return result
+
+    def _checkpoint(self) -> None:
+        meta = checkpoints.CheckpointMeta(step=self.trainer.version, policy_version=self.trainer.version,
+                                          draft_version=self.draft_version,
+                                          trained_groups=sorted(self.trained_groups), eval_start=self.eval_start)
+        state = {"optimizer": self.trainer.optimizer.state_dict(), "rng": torch.get_rng_state()}
+        path = checkpoints.save_checkpoint(self.run_dir, meta, weights_to_save(self.trainer.model), state,
+                                           self.params.keep_checkpoints)
+        self.log.info("checkpoint_saved", path=str(path), step=meta.step)
 
     def _handle(self, version: int) -> WeightsHandle:
         state = {name: tensor.detach() for name, tensor in self.trainer.model.state_dict().items()}
         if self.params.share_by_reference and self._verifiers_share_my_process():
             return WeightsHandle(kind="local", tensors={k: v.clone() for k, v in state.items()})
         path = self.weights_dir / f"policy-v{version}.safetensors"
-        save_file({k: v.contiguous().cpu() for k, v in state.items()}, path)
+        save_file(weights_to_save(self.trainer.model), path)
         return WeightsHandle(kind="file", location=str(path))
 
     def _verifiers_share_my_process(self) -> bool:

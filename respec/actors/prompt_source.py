@@ -1,8 +1,13 @@
 """PromptSource: poses the task's problems as GRPO groups of G prompts.
 
-It keeps at most `max_groups_in_flight` groups outstanding (sent but not yet trained on),
-counting a group as trained when the policy version that follows it arrives; with
-`max_staleness` this bounds how old a rollout can be when it is trained on.
+Group k's problem is a pure function of (seed, k), so the data order is reproducible and
+a resumed run knows what to pose from the checkpoint's list of trained groups alone.
+Problems of the held-out evaluation set are never posed.
+
+It keeps at most (policy version + 1 + max_staleness) * groups_per_step groups posed,
+counting a group as trained when the policy version that follows it arrives; this bounds
+how many versions old a rollout can be when it is trained on. max_staleness = 0 is the
+synchronous loop: the next step's prompts wait for the weights of the last one.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import numpy as np
 
 from respec.engine.tokenizer import load_tokenizer
 from respec.messages import Envelope, PolicyWeights, Prompt, SamplingParams
+from respec.rl import checkpoints
 from respec.runtime import Actor, handles
-from respec.tasks import make_task
+from respec.tasks import Problem, make_task
 
 
 class PromptSource(Actor):
@@ -31,42 +37,77 @@ class PromptSource(Actor):
         max_new_tokens: int = 48
         seed: int = 0
         max_groups: int = 0  # stop posing after this many groups (0: never)
+        eval_problems: int = 0  # the trainer's held-out set, never posed for training
+        eval_seed: int = 12345
 
     sends = (Prompt,)
 
     async def on_start(self) -> None:
         self.tokenizer = load_tokenizer(self.params.tokenizer_path)
         self.task = make_task(self.params.task, **self.params.task_params)
-        self.rng = random.Random(self.params.seed)
-        self.sent_groups = 0
+        self.held_out = {p.prompt for p in self.task.heldout(self.params.eval_problems, self.params.eval_seed)}
+        self.next_group = 0
+        self.again: list[int] = []  # groups to pose before new ones (a resumed run's untrained groups)
         self.policy_version = 0
+        self.waiting_for_version = 0  # a resumed run waits for the checkpoint's weights first
         self.changed = asyncio.Event()
+        if self.resuming:
+            self._restore()
+
+    def _restore(self) -> None:
+        latest = checkpoints.latest_checkpoint(self.run_dir)
+        if latest is None:
+            return
+        meta = checkpoints.load_meta(latest)
+        trained = set(meta.trained_groups)
+        self.next_group = meta.next_group
+        self.again = [g for g in range(self.next_group) if g not in trained]
+        self.policy_version = -1  # not serving until the trainer republishes meta.policy_version
+        self.waiting_for_version = meta.policy_version
+        self.log.info("resumed", next_group=self.next_group, again=self.again)
 
     @handles(PolicyWeights, optional=True)
     async def on_weights(self, weights: PolicyWeights, envelope: Envelope) -> None:
-        self.policy_version = weights.version
-        self.changed.set()
+        if weights.version >= self.waiting_for_version:
+            self.policy_version = weights.version
+            self.changed.set()
+
+    def _posed(self) -> int:
+        return self.next_group - len(self.again)
 
     def _may_send(self) -> bool:
         """Groups for versions up to policy_version + max_staleness may be in flight."""
+        if self.policy_version < 0:
+            return False
         allowed = (self.policy_version + self.params.max_staleness + 1) * self.params.groups_per_step
-        return self.sent_groups < allowed
+        return self._posed() < allowed
 
     async def run(self) -> None:
         sampling = SamplingParams(temperature=self.params.temperature, max_new_tokens=self.params.max_new_tokens,
                                   stop_token_ids=(self.tokenizer.eos_id,))
-        while not self.params.max_groups or self.sent_groups < self.params.max_groups:
+        while self.again or not self.params.max_groups or self.next_group < self.params.max_groups:
             while not self._may_send():
                 self.changed.clear()
                 await self.changed.wait()
-            await self._send_group(sampling)
+            if self.again:
+                await self._send_group(self.again.pop(0), sampling)
+            else:
+                await self._send_group(self.next_group, sampling)
+                self.next_group += 1
 
-    async def _send_group(self, sampling: SamplingParams) -> None:
-        problem = self.task.sample(self.rng)
-        group_id = f"g{self.sent_groups}"
+    def problem(self, group: int) -> Problem:
+        """Group `group`'s problem: the same for every run with this seed."""
+        rng = random.Random(f"{self.params.seed}/{group}")
+        while True:
+            problem = self.task.sample(rng)
+            if problem.prompt not in self.held_out:
+                return problem
+
+    async def _send_group(self, group: int, sampling: SamplingParams) -> None:
+        problem = self.problem(group)
+        group_id = f"g{group}"
         tokens = np.array([self.tokenizer.bos_id, *self.tokenizer.encode(problem.prompt)], dtype=np.int32)
         for index in range(self.params.group_size):
             await self.send(Prompt(prompt_id=f"{group_id}/{index}", group_id=group_id, sample_index=index,
                                    tokens=tokens, sampling=sampling, task=self.task.name, answer=problem.answer,
                                    text=problem.prompt))
-        self.sent_groups += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 
 import msgspec
 import numpy as np
@@ -40,12 +41,14 @@ class RewardScorer(Actor):
 
     @handles(Rollout)
     async def on_rollout(self, rollout: Rollout, envelope: Envelope) -> None:
+        received_at, started = time.time(), time.perf_counter()
         response = self.tokenizer.decode([t for t in rollout.tokens.tolist() if t != self.tokenizer.eos_id])
         problem = Problem(prompt=rollout.prompt.text, answer=rollout.prompt.answer)
         result = self._check(response, problem)
         if result.error:
             self.log.warning("checker_failed", prompt_id=rollout.prompt.prompt_id, error=result.error)
-        await self.send(ScoredRollout(rollout=rollout, reward=result.reward, correct=result.correct, error=result.error),
+        await self.send(ScoredRollout(rollout=rollout, reward=result.reward, correct=result.correct, error=result.error,
+                                      received_at=received_at, score_s=time.perf_counter() - started),
                         correlation_id=envelope.correlation_id)
         prompt = np.asarray(rollout.prompt.tokens, np.int32)
         await self.send(DistillSample(

@@ -84,7 +84,7 @@ def save_model(model: CausalLM, directory: str | Path, max_shard_bytes: int | No
     for old in directory.iterdir():
         if old.name in (SINGLE_FILE, INDEX_FILE) or _SHARD_NAME.fullmatch(old.name):
             old.unlink()
-    state = _state_to_save(model)
+    state = weights_to_save(model)
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -169,7 +169,9 @@ def _check_tensor(path: Path, name: str, shape: tuple[int, ...], expected: dict[
         )
 
 
-def _state_to_save(model: CausalLM) -> dict[str, Tensor]:
+def weights_to_save(model: CausalLM) -> dict[str, Tensor]:
+    """CPU copies of the weights under their Hugging Face names, tied ones once (safetensors
+    refuses tensors that share memory)."""
     state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")  # the same tensor as the embeddings; stored once

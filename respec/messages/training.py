@@ -16,6 +16,8 @@ class ScoredRollout(Message, frozen=True):
     reward: float
     correct: bool  # the checker's verdict, for accuracy metrics
     error: str = ""  # a checker that raised or timed out: reward is 0 and this says why
+    received_at: float = 0.0  # wall clock when the RewardScorer got the rollout (generation ended)
+    score_s: float = 0.0  # time the checker took
 
 
 class DistillSample(Message, frozen=True):

@@ -10,6 +10,7 @@ on the same sockets, so queued messages are not lost.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
@@ -101,3 +102,18 @@ class Actor:
     def finish_run(self, reason: str = "done") -> None:
         """Ask the runtime to end the whole run normally."""
         self.context.finish_run(reason)
+
+    def summarize(self, **values: Any) -> None:
+        """Top-level entries for the run's summary.json (e.g. accuracy at start and end)."""
+        self.context.summarize(values)
+
+    # --- where the run lives ------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        """runs/<name>: checkpoints and other run files go here."""
+        return self.context.group.run_dir
+
+    @property
+    def resuming(self) -> bool:
+        """True under `respec run --resume`: restore the latest checkpoint, if any."""
+        return self.context.group.resume

@@ -167,6 +167,9 @@ class ActorContext:
     def finish_run(self, reason: str) -> None:
         self.group.actor_event("finish", self.instance, reason=reason)
 
+    def summarize(self, values: dict) -> None:
+        self.group.actor_event("summary", self.instance, values=values)
+
     def send_waits(self) -> int:
         """How many sends had to wait for room (back-pressure), over all our sockets."""
         return sum(port.waits for port in self._ports())

@@ -89,7 +89,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Gr
     return parse_config(raw, str(path))
 
 
+SHARED_KEY = "shared"  # a top-level block for YAML anchors (&name) the actors reuse; not part of the graph
+
+
 def parse_config(raw: dict[str, Any], source: str = "<config>") -> GraphConfig:
+    raw = {key: value for key, value in raw.items() if key != SHARED_KEY}
     actors = raw.get("actors")
     if isinstance(actors, dict):  # one by one, so that errors name the actor, not `[...]`
         for name, spec in actors.items():

@@ -31,10 +31,12 @@ CONTROL_POLL_S = 0.02
 
 
 class GroupRuntime:
-    def __init__(self, plan: GraphPlan, name: str, run_dir: Path, control_endpoint: str) -> None:
+    def __init__(self, plan: GraphPlan, name: str, run_dir: Path, control_endpoint: str,
+                 resume: bool = False) -> None:
         self.plan = plan
         self.name = name
         self.run_dir = run_dir
+        self.resume = resume  # `respec run --resume`: stateful actors restore their checkpoint
         self.control_endpoint = control_endpoint
         run = plan.config.run
         shared_memory.set_scope(run.name)
@@ -145,6 +147,7 @@ class LaunchFile(msgspec.Struct, frozen=True):
     external: list[tuple[str, str, str]]  # (instance, socket kind, endpoint)
     run_dir: str
     control: str  # the launcher's control endpoint
+    resume: bool = False
 
 
 def group_main(launch_file: str, name: str) -> None:
@@ -153,7 +156,7 @@ def group_main(launch_file: str, name: str) -> None:
     launch = msgspec.msgpack.decode(Path(launch_file).read_bytes(), type=LaunchFile)
     plan = build_plan(launch.config)
     plan.external = {(instance, kind): endpoint for instance, kind, endpoint in launch.external}
-    runtime = GroupRuntime(plan, name, Path(launch.run_dir), launch.control)
+    runtime = GroupRuntime(plan, name, Path(launch.run_dir), launch.control, launch.resume)
     runtime.log.info("group_started", pid=os.getpid(), actors=[s.instance for s in runtime.supervisors])
     started = time.time()
     profile_dir = os.environ.get("RESPEC_PROFILE_DIR")  # cProfile each group, for tuning

@@ -23,7 +23,7 @@ import zmq
 
 from respec import log as logging_setup
 from respec.messages import shared_memory
-from respec.runtime import protocol
+from respec.runtime import protocol, run_files
 from respec.runtime.graph import GraphConfig, config_to_yaml, load_config
 from respec.runtime.group import LaunchFile
 from respec.runtime.plan import build_plan
@@ -51,23 +51,26 @@ class RunResult:
 
 
 def run_file(path: str | Path, name: str | None = None, overrides: dict | None = None,
-             progress: bool = True) -> RunResult:
+             progress: bool = True, resume: bool = False) -> RunResult:
     overrides = dict(overrides or {})
     if name:
         overrides["run.name"] = name
     config = load_config(path, overrides)
-    return Launcher(config, str(path), progress).run()
+    return Launcher(config, str(path), progress, resume).run()
 
 
 class Launcher:
-    def __init__(self, config: GraphConfig, source: str = "<config>", progress: bool = True) -> None:
+    def __init__(self, config: GraphConfig, source: str = "<config>", progress: bool = True,
+                 resume: bool = False) -> None:
         self.config = config
+        self.resume = resume
         self.ipc_dir = tempfile.mkdtemp(prefix="respec-")
         self.plan = build_plan(config, source, self.ipc_dir)  # all validation happens here
         self.run_dir = Path(config.run.runs_dir) / config.run.name
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.run_dir.glob("trace.*.msgpack"):
-            stale.unlink()  # a fresh run replaces the last one's trace
+        self.resumed_from = run_files.prepare_run_dir(self.run_dir, resume)
+        # a resumed run's metrics continue the earlier attempt's clock
+        self.clock_offset = run_files.time_offset(self.run_dir) if self.resumed_from else 0.0
         (self.run_dir / "config.yaml").write_text(config_to_yaml(config))
         self.log = logging_setup.configure(self.run_dir / "log.jsonl", console=True, process="launcher")
         self.view = ProgressView(config.run.name, enabled=progress)
@@ -75,10 +78,12 @@ class Launcher:
         self.metrics: list[dict[str, Any]] = []
         self.failure = ""
         self.finish_reason = ""
+        self.summary: dict[str, Any] = {}  # what actors asked to put in summary.json
+        self.started = time.time()
 
     # --- the run --------------------------------------------------------------------------
     def run(self) -> RunResult:
-        started = time.time()
+        started = self.started = time.time()
         context = zmq.Context()
         control = context.socket(zmq.ROUTER)
         control.setsockopt(zmq.LINGER, 0)
@@ -105,7 +110,7 @@ class Launcher:
     def _spawn(self, endpoint: str) -> dict[str, subprocess.Popen]:
         """One fresh interpreter per group (no fork: unsafe with torch and threads)."""
         external = [(instance, kind, address) for (instance, kind), address in self.plan.external.items()]
-        launch = LaunchFile(self.config, external, str(self.run_dir.resolve()), endpoint)
+        launch = LaunchFile(self.config, external, str(self.run_dir.resolve()), endpoint, self.resume)
         launch_file = Path(self.ipc_dir) / "launch.msgpack"
         launch_file.write_bytes(msgspec.msgpack.encode(launch))
         environment = dict(os.environ)
@@ -201,6 +206,8 @@ class Launcher:
             self.failure = data["reason"]
         elif event.kind == "failed":
             self.failure = f"group {event.group!r} failed to start: {data.get('error')}"
+        elif event.kind == "summary":
+            self.summary.update(data.get("values", {}))
         elif event.kind == "finish" and not self.finish_reason:
             self.finish_reason = f"{event.actor}: {data.get('reason', 'done')}"
         elif event.kind == "rejected":
@@ -214,7 +221,7 @@ class Launcher:
             self.view.note(f"[red]{actor}[/]: {body.get('error')}")
 
     def _on_metrics(self, actor: str, step: int, values: dict[str, float]) -> None:
-        row = {"step": step, "source": actor, **values}
+        row = {"step": step, "source": actor, "time_s": round(time.time() - self.started + self.clock_offset, 3), **values}
         self.metrics.append(row)
         with open(self.run_dir / "metrics.jsonl", "a") as stream:
             stream.write(json.dumps(row) + "\n")
@@ -225,8 +232,11 @@ class Launcher:
         ok = not self.failure
         reason = self.failure or self.finish_reason or "stopped"
         summary = {"run": self.config.run.name, "ok": ok, "reason": reason, "wall_s": round(wall, 3),
-                   "actors": self.stats}
+                   **run_files.metrics_summary(self.run_dir), **self.summary, "actors": self.stats}
+        if self.resumed_from:
+            summary["resumed_from"] = self.resumed_from
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        run_files.write_report(self.run_dir, self.log)
         (self.log.info if ok else self.log.error)("run_ended", ok=ok, reason=reason, wall_s=round(wall, 2))
         logging_setup.close()
         return RunResult(self.run_dir, ok, reason, wall, self.stats, self.metrics,
