@@ -19,6 +19,16 @@ from respec.engine.speculative import Sampling, SpeculativeEngine
 from tests.checkpoints import small_qwen2
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The in-process reference engines (and head training) on one thread: on 2 shared cores
+    two threads of tiny matmuls wait on each other (37 s against 1 s seen for the head)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return small_qwen2(tmp_path_factory.mktemp("ckpt") / "model")
