@@ -124,3 +124,52 @@ def test_eagle_drafter_through_the_actors_generates_what_the_engine_generates(
     engine_accept = sum((len(r.tokens) - 1) / max(r.steps, 1) for r in speculative) / len(speculative)
     assert mean_accept > 1.5  # the trained head's drafts are accepted: features reach it aligned
     assert mean_accept == pytest.approx(engine_accept, rel=0.15)
+
+
+# ---------------------------------------------------------------------- the Generator's target parts
+
+
+def test_generator_loads_only_the_shared_target_parts_and_refreshes_them_from_policy_weights(
+        tmp_path, checkpoint, eagle_head_dir):
+    """The head's embeddings, norm and lm_head come from the checkpoint (decoder layers never
+    loaded) and follow each PolicyWeights, so drafts are those of a head on the new policy."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import structlog
+    from safetensors.torch import save_file
+
+    from respec.actors.generator import Generator, load_target_parts
+    from respec.engine.drafters.base import DraftRequest
+    from respec.messages import PolicyWeights, WeightsHandle
+
+    parts = load_target_parts(checkpoint)
+    full = load_model(checkpoint)
+    assert all(p.is_meta for p in parts.model.layers.parameters())
+    assert torch.equal(parts.embed_tokens.weight, full.embed_tokens.weight)
+    assert torch.equal(parts.lm_head.weight, full.lm_head.weight)
+
+    params = Generator.Params(drafter="eagle", model_path=str(checkpoint), draft_path=str(eagle_head_dir),
+                              feature_window=WINDOW)
+    actor = Generator(params, SimpleNamespace(instance="generator/0", log=structlog.get_logger()))
+    asyncio.run(actor.on_start())
+    assert actor.capture_layers == actor.book.drafter.capture_layers
+
+    torch.manual_seed(7)
+    new_policy = load_model(checkpoint)
+    with torch.no_grad():
+        for parameter in new_policy.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    save_file({k: v.contiguous() for k, v in new_policy.state_dict().items()}, tmp_path / "policy-v1.safetensors")
+    weights = PolicyWeights(version=1, handle=WeightsHandle(kind="file", location=str(tmp_path / "policy-v1.safetensors")))
+    asyncio.run(actor.on_policy_weights(weights, None))
+
+    reference = EagleDrafter(new_policy, EagleHead.load(eagle_head_dir, new_policy), feature_window=WINDOW)
+    history = torch.tensor([1, 2, 3, 1, 2, 3, 1])
+    with torch.no_grad():
+        features = torch.cat(new_policy(history[None, :-1], capture_layers=reference.capture_layers).captured, -1)
+    request = DraftRequest([history], features, [0], DraftShape.parse("s3_t2_n6"))
+    got, want = actor.book.drafter.propose(request).tree, reference.propose(request).tree
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.parents, want.parents)
+    before = EagleDrafter(full, EagleHead.load(eagle_head_dir, full), feature_window=WINDOW).propose(request).tree
+    assert not torch.equal(before.tokens, want.tokens)  # the refresh mattered
