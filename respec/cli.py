@@ -19,13 +19,14 @@ def run(
     name: Annotated[str | None, typer.Option(help="run name (default: run.name from the file)")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="override a key: --set run.seed=3")] = [],  # noqa: B006
     progress: Annotated[bool, typer.Option(help="live progress view on a terminal")] = True,
+    resume: Annotated[bool, typer.Option(help="continue runs/<name> from its latest checkpoint")] = False,
 ) -> None:
     """Run the graph in CONFIG until an actor ends it; exit non-zero with the reason if it fails."""
     from respec.runtime.graph import ConfigError
     from respec.runtime.launcher import run_file
 
     try:
-        result = run_file(config, name, _overrides(set_), progress)
+        result = run_file(config, name, _overrides(set_), progress, resume)
     except ConfigError as error:
         typer.secho(f"error: {error}", fg="red", err=True)
         raise typer.Exit(2) from None

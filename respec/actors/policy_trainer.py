@@ -58,6 +58,7 @@ class PolicyTrainer(Actor):
         keep_checkpoints: int = 2
 
     sends = (PolicyWeights,)
+    process_restartable = False  # the policy and optimizer live here; --resume continues a run
 
     async def on_start(self) -> None:
         torch.manual_seed(self.params.seed)
@@ -108,8 +109,8 @@ class PolicyTrainer(Actor):
     @handles(ScoredRollout)
     async def on_scored(self, scored: ScoredRollout, envelope: Envelope) -> None:
         prompt = scored.rollout.prompt
-        if self.done or group_index(prompt.group_id) in self.trained_groups:
-            return  # a group posed again after a restart, already trained on
+        if self.done or self._already_have(prompt.group_id):
+            return  # a group posed again after a restart, already trained on (or complete)
         group = self.groups[prompt.group_id]
         group[prompt.sample_index] = scored  # a re-posed sample replaces, never duplicates
         if len(group) == self.params.group_size:
@@ -120,17 +121,23 @@ class PolicyTrainer(Actor):
             batch, self.ready = self.ready[: self.params.groups_per_step], self.ready[self.params.groups_per_step:]
             await self._update(batch, envelope.sent_at)
 
+    def _already_have(self, group_id: str) -> bool:
+        return (group_index(group_id) in self.trained_groups
+                or any(group[0].rollout.prompt.group_id == group_id for group in self.ready))
+
     async def _update(self, groups: list[list[ScoredRollout]], received_at: float) -> None:
         scored = [s for group in groups for s in group]
         started = time.perf_counter()
         stats = self.trainer.step([_sample(s) for s in scored])
         version = self.trainer.version
-        await self.send(PolicyWeights(version=version, handle=self._handle(version)), policy_version=version)
+        trained = [group_index(g[0].rollout.prompt.group_id) for g in groups]
+        self.trained_groups += trained
+        await self.send(PolicyWeights(version=version, handle=self._handle(version), trained_groups=trained),
+                        policy_version=version)
         train_s = time.perf_counter() - started
-        self.trained_groups += [group_index(g[0].rollout.prompt.group_id) for g in groups]
         self.report(version, policy_version=version, draft_version=self.draft_version,
                     **step_metrics(scored, version), train_s=train_s, distill_s=self.distill_s,
-                    loss=stats["loss"], grad_norm=stats["grad_norm"])
+                    loss=stats["loss"], grad_norm=stats["grad_norm"], groups=trained)
         if self.params.checkpoint_every and version % self.params.checkpoint_every == 0:
             self._checkpoint()
         if self.params.max_steps and version >= self.params.max_steps:
@@ -164,6 +171,7 @@ class PolicyTrainer(Actor):
         path = checkpoints.save_checkpoint(self.run_dir, meta, weights_to_save(self.trainer.model), state,
                                            self.params.keep_checkpoints)
         self.log.info("checkpoint_saved", path=str(path), step=meta.step)
+        self.context.trace.flush()  # what the checkpoint covers is in the trace, even if we die now
 
     def _handle(self, version: int) -> WeightsHandle:
         state = {name: tensor.detach() for name, tensor in self.trainer.model.state_dict().items()}

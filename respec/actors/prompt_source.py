@@ -47,7 +47,8 @@ class PromptSource(Actor):
         self.task = make_task(self.params.task, **self.params.task_params)
         self.held_out = {p.prompt for p in self.task.heldout(self.params.eval_problems, self.params.eval_seed)}
         self.next_group = 0
-        self.again: list[int] = []  # groups to pose before new ones (a resumed run's untrained groups)
+        self.again: list[int] = []  # groups to pose before new ones (untrained after a resume or a crash)
+        self.trained: set[int] = set()  # groups the trainer has trained on (from PolicyWeights)
         self.policy_version = 0
         self.waiting_for_version = 0  # a resumed run waits for the checkpoint's weights first
         self.changed = asyncio.Event()
@@ -59,20 +60,30 @@ class PromptSource(Actor):
         if latest is None:
             return
         meta = checkpoints.load_meta(latest)
-        trained = set(meta.trained_groups)
+        self.trained = set(meta.trained_groups)
         self.next_group = meta.next_group
-        self.again = [g for g in range(self.next_group) if g not in trained]
+        self.again = [g for g in range(self.next_group) if g not in self.trained]
         self.policy_version = -1  # not serving until the trainer republishes meta.policy_version
         self.waiting_for_version = meta.policy_version
         self.log.info("resumed", next_group=self.next_group, again=self.again)
 
     @handles(PolicyWeights, optional=True)
     async def on_weights(self, weights: PolicyWeights, envelope: Envelope) -> None:
+        self.trained.update(weights.trained_groups)
         if weights.version >= self.waiting_for_version:
             self.policy_version = weights.version
             self.changed.set()
 
+    async def on_peer_restarted(self, group: str) -> None:
+        """A process died with rollouts in flight: pose every untrained group again (same
+        ids, same problems); the trainer keeps one rollout per sample and skips trained groups."""
+        again = [g for g in range(self.next_group) if g not in self.trained and g not in self.again]
+        self.again += again
+        self.log.warning("posing_again", groups=again, after=group)
+        self.changed.set()
+
     def _posed(self) -> int:
+        """Groups posed and not waiting to be posed again (what the staleness bound counts)."""
         return self.next_group - len(self.again)
 
     def _may_send(self) -> bool:

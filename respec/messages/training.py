@@ -52,6 +52,7 @@ class PolicyWeights(Message, frozen=True):
     channel = Channel.BROADCAST
     version: int
     handle: WeightsHandle
+    trained_groups: list[int] = []  # the prompt groups this update trained on (data position)
 
 
 class DraftWeights(Message, frozen=True):

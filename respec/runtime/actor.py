@@ -48,6 +48,9 @@ class Actor:
     sends: ClassVar[tuple[type[Message], ...]] = ()  # every type it may send or publish
     # sent only when some actor in the graph handles them (e.g. distillation samples)
     optional_sends: ClassVar[tuple[type[Message], ...]] = ()
+    # False: if this actor's process dies mid-run, restarting the process would lose state
+    # the run cannot rebuild (the policy being trained); the run stops instead (--resume).
+    process_restartable: ClassVar[bool] = True
 
     def __init__(self, params: Any, context: ActorContext) -> None:
         self.params = params
@@ -78,6 +81,10 @@ class Actor:
 
     async def run(self) -> None:
         """Optional long-running task (a source of work); it runs beside the handlers."""
+
+    async def on_peer_restarted(self, group: str) -> None:
+        """Process group `group` died and was restarted: messages it held are lost (requests
+        to it have already failed with RemoteError). Re-send what must not be lost here."""
 
     async def on_stop(self) -> None:
         """Called when the run ends; flush and release here."""

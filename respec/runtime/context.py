@@ -130,6 +130,7 @@ class ActorContext:
             raise TypeError(f"{self.actor_name} does not declare {kind.__name__} in `sends`")
         envelope = self.envelope(body, **fields)
         future = asyncio.get_running_loop().create_future()
+        future.respec_group = self.plan.actors[name].spec.group  # see fail_requests_to
         self.pending[envelope.id] = future
         frames = self.encode_for(port, envelope, body)
         try:
@@ -156,6 +157,12 @@ class ActorContext:
             future.set_exception(RemoteError(f"{body.actor} failed on the request: {body.error}"))
         else:
             future.set_result(body)
+
+    def fail_requests_to(self, group: str) -> None:
+        """Requests whose handler lived in `group`, which died: their replies will never come."""
+        for future in self.pending.values():
+            if getattr(future, "respec_group", None) == group and not future.done():
+                future.set_exception(RemoteError(f"process group {group!r} died with this request in flight"))
 
     # --- to the runtime -------------------------------------------------------------------
     def report(self, step: int, values: dict[str, float]) -> None:

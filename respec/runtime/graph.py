@@ -51,6 +51,7 @@ class RunSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     timeout_s: float = 0.0  # stop the run with an error after this long (0: never)
     stop_after_s: float = 0.0  # end the run normally after this long (0: when an actor ends it)
     startup_timeout_s: float = 60.0
+    group_restarts: int = 2  # times a process group that died (SIGKILL, OOM) is started again
     # threads for torch (OMP/MKL) in each group's process; 0 leaves the default. Several
     # groups on a small machine each taking every core slow each other down badly.
     threads_per_group: int = 0

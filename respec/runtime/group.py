@@ -40,7 +40,7 @@ class GroupRuntime:
         self.control_endpoint = control_endpoint
         run = plan.config.run
         shared_memory.set_scope(run.name)
-        self.trace = TraceWriter(run_dir / f"trace.{name}.msgpack", run.trace.payload, run.trace.enabled)
+        self.trace = TraceWriter(_fresh_trace_path(run_dir, name), run.trace.payload, run.trace.enabled)
         self.log = logging_setup.configure(run_dir / "log.jsonl", console=False, process=name)
         self.zmq = zmq.Context()
         self.control = self.zmq.socket(zmq.DEALER)
@@ -117,11 +117,26 @@ class GroupRuntime:
                 return protocol.LauncherCommand("stop", "launcher gone")
 
     async def _serve_until_stopped(self) -> None:
-        commands = asyncio.create_task(self._next_command())
-        while not commands.done():
-            await asyncio.wait([commands], timeout=STATS_PERIOD_S)
-            self.trace.flush()
-            self.emit("stats", data=self._stats())
+        while True:
+            commands = asyncio.create_task(self._next_command())
+            while not commands.done():
+                await asyncio.wait([commands], timeout=STATS_PERIOD_S)
+                self.trace.flush()
+                self.emit("stats", data=self._stats())
+            command = commands.result()
+            if command.kind != "peer_restarted":
+                return  # "stop"
+            await self._on_peer_restarted(command.reason)
+
+    async def _on_peer_restarted(self, group: str) -> None:
+        """Another process group died and was started again: whatever it held (queued
+        messages, a KV cache, rows in flight) is gone, and the actors here may need to act."""
+        self.log.warning("peer_restarted", group=group)
+        self.trace.event("peer_restarted", self.name, group)
+        for supervisor in self.supervisors:
+            supervisor.context.fail_requests_to(group)
+            if supervisor.actor is not None:
+                await supervisor.actor.on_peer_restarted(group)
 
     def _stats(self) -> dict[str, Any]:
         return {
@@ -138,6 +153,16 @@ class GroupRuntime:
         self.emit("stopped", data=self._stats())
         self.control.close(linger=1000)
         self.zmq.term()
+
+
+def _fresh_trace_path(run_dir: Path, group: str) -> Path:
+    """trace.<group>.msgpack, or trace.<group>.restart<k>.msgpack for a group started again
+    after its process died (the dead one's file may end in a half-written record)."""
+    path, restart = run_dir / f"trace.{group}.msgpack", 0
+    while path.exists():
+        restart += 1
+        path = run_dir / f"trace.{group}.restart{restart}.msgpack"
+    return path
 
 
 class LaunchFile(msgspec.Struct, frozen=True):

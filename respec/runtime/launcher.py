@@ -79,6 +79,9 @@ class Launcher:
         self.failure = ""
         self.finish_reason = ""
         self.summary: dict[str, Any] = {}  # what actors asked to put in summary.json
+        self.serving = False
+        self.group_restarts: dict[str, int] = dict.fromkeys(self.plan.groups(), 0)
+        self.restarting: set[str] = set()
         self.started = time.time()
 
     # --- the run --------------------------------------------------------------------------
@@ -91,14 +94,18 @@ class Launcher:
         endpoint = f"ipc://{self.ipc_dir}/control"
         control.bind(endpoint)
         processes = self._spawn(endpoint)
+        self.control, self.processes = control, processes
         try:
             with self.view:
                 self._start(control, processes)
                 if not self.failure:
+                    self.serving = True  # from here on a dead group is restarted
                     self._watch(control, processes, started)
+                self.serving = False
                 self._stop(control, processes)
         except KeyboardInterrupt:
             self.failure = INTERRUPTED
+            self.serving = False
             self._stop(control, processes)
         finally:
             control.close()
@@ -111,18 +118,19 @@ class Launcher:
         """One fresh interpreter per group (no fork: unsafe with torch and threads)."""
         external = [(instance, kind, address) for (instance, kind), address in self.plan.external.items()]
         launch = LaunchFile(self.config, external, str(self.run_dir.resolve()), endpoint, self.resume)
-        launch_file = Path(self.ipc_dir) / "launch.msgpack"
-        launch_file.write_bytes(msgspec.msgpack.encode(launch))
+        self.launch_file = Path(self.ipc_dir) / "launch.msgpack"
+        self.launch_file.write_bytes(msgspec.msgpack.encode(launch))
+        processes = {group: self._spawn_group(group) for group in self.plan.groups()}
+        self.log.info("run_started", run=self.config.run.name, groups=list(processes))
+        return processes
+
+    def _spawn_group(self, group: str) -> subprocess.Popen:
         environment = dict(os.environ)
         if self.config.run.threads_per_group:
             threads = str(self.config.run.threads_per_group)
             environment.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-        processes = {}
-        for group in self.plan.groups():
-            command = [sys.executable, "-m", "respec.runtime.group", str(launch_file), group]
-            processes[group] = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=environment)
-        self.log.info("run_started", run=self.config.run.name, groups=list(processes))
-        return processes
+        command = [sys.executable, "-m", "respec.runtime.group", str(self.launch_file), group]
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL, env=environment)
 
     def _start(self, control, processes) -> None:
         """Wait for every group's "ready" (the start-up barrier), then start them all."""
@@ -167,12 +175,8 @@ class Launcher:
 
     # --- control link ---------------------------------------------------------------------
     def _broadcast(self, control, processes, kind: str) -> None:
-        command = protocol.encoder.encode(protocol.LauncherCommand(kind))
         for group in processes:
-            try:
-                control.send_multipart([group.encode(), command], flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass  # a group that is gone cannot be told
+            self._send(group, protocol.LauncherCommand(kind))
 
     def _receive(self, control, processes, timeout_ms: int, watch_deaths: bool = True):
         if not control.poll(timeout_ms):
@@ -186,12 +190,45 @@ class Launcher:
 
     def _check_alive(self, processes) -> None:
         for group, process in processes.items():
-            if process.poll() is not None and not self.failure:
-                self.failure = f"process group {group!r} died (exit code {process.returncode})"
+            if process.poll() is None or self.failure:
+                continue
+            died = f"process group {group!r} died (exit code {process.returncode})"
+            if not self.serving or self.group_restarts[group] >= self.config.run.group_restarts:
+                self.failure = died if not self.serving else f"{died}; no restarts left"
+                continue
+            holders = [name for name, actor in self.plan.actors.items()
+                       if actor.spec.group == group and not actor.cls.process_restartable]
+            if holders:
+                self.failure = (f"{died}; it held {', '.join(holders)}, whose state lives in checkpoints: "
+                                f"continue with `respec run ... --resume`")
+                continue
+            self.group_restarts[group] += 1
+            self.restarting.add(group)
+            self.log.warning("group_died", group=group, exit_code=process.returncode,
+                             restart=self.group_restarts[group])
+            self.view.note(f"[red]{died}[/]: restarting it ({self.group_restarts[group]})")
+            processes[group] = self._spawn_group(group)
+
+    def _on_group_ready_again(self, group: str) -> None:
+        """A restarted group finished its set-up: start it, and tell every other group."""
+        self.restarting.discard(group)
+        self._send(group, protocol.LauncherCommand("start"))
+        for other in self.processes:
+            if other != group:
+                self._send(other, protocol.LauncherCommand("peer_restarted", group))
+        self.log.info("group_restarted", group=group)
+
+    def _send(self, group: str, command: protocol.LauncherCommand) -> None:
+        try:
+            self.control.send_multipart([group.encode(), protocol.encoder.encode(command)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # a group that is gone cannot be told
 
     def _on_event(self, event: protocol.GroupEvent) -> None:
         data = event.data
-        if event.kind == "stats" or event.kind == "stopped":
+        if event.kind == "ready" and event.group in self.restarting:
+            self._on_group_ready_again(event.group)
+        elif event.kind == "stats" or event.kind == "stopped":
             self.stats.update(data.get("data", {}))
             self.view.update_stats(data.get("data", {}))
         elif event.kind == "progress":

@@ -18,7 +18,8 @@ class GroupEvent(msgspec.Struct, frozen=True):
 
 
 class LauncherCommand(msgspec.Struct, frozen=True):
-    """Launcher -> group. kind: start, stop."""
+    """Launcher -> group. kind: start, stop, peer_restarted (reason: the group that died and
+    was started again)."""
 
     kind: str
     reason: str = ""
