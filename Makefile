@@ -5,9 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-RUN_CONFIG ?= configs/demo.yaml
+RUN_CONFIG ?= configs/tiny.yaml
+PREPARED ?= models/tiny
 
-.PHONY: run test lint bench-runtime clean
+.PHONY: run demo test lint bench-runtime clean
 
 $(VENV)/.installed: pyproject.toml
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -19,8 +20,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $@
 
-run: $(VENV)/.installed
+# The embedded default: train the tiny policy and its drafter if they are missing, then RL.
+run: $(VENV)/.installed $(PREPARED)/eagle/eagle_head.json
 	$(PY) -m respec run $(RUN_CONFIG)
+
+$(PREPARED)/eagle/eagle_head.json: | $(VENV)/.installed
+	$(PY) -m respec prepare --out $(PREPARED) --threads 1
+
+demo: $(VENV)/.installed
+	$(PY) -m respec run configs/demo.yaml
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
@@ -32,4 +40,4 @@ bench-runtime: $(VENV)/.installed
 	$(PY) -m respec bench runtime --json runs/bench_runtime.json
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs models .pytest_cache

@@ -86,6 +86,26 @@ def bench_sd(
     typer.echo(f"wrote {json_file} and {plot or json_file.with_suffix('.png')}")
 
 
+@app.command()
+def prepare(
+    out: Annotated[Path, typer.Option(help="where policy/ and eagle/ go")] = Path("models/tiny"),
+    sft_steps: Annotated[int, typer.Option(help="supervised steps of the policy")] = 600,
+    eagle_steps: Annotated[int, typer.Option(help="distillation steps of the EAGLE head")] = 300,
+    seed: Annotated[int, typer.Option()] = 0,
+    force: Annotated[bool, typer.Option(help="retrain what already exists")] = False,
+    threads: Annotated[int, typer.Option(help="torch threads (0: torch's default)")] = 0,
+) -> None:
+    """Train the built-in tiny policy (supervised) and its EAGLE head (distilled) from scratch."""
+    from respec.prepare import prepare as run_prepare
+
+    try:
+        report = run_prepare(out, sft_steps, eagle_steps, seed, force, threads)
+    except OSError as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(report, indent=2))
+
+
 def _overrides(pairs: list[str]) -> dict:
     import yaml
 

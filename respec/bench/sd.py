@@ -72,7 +72,7 @@ def run_benchmark(model_dir: str, draft: str = "ngram", batches: tuple[int, ...]
                     raise AssertionError(f"greedy SD ({name}, batch {batch}) changed the output")
                 rows.append(_row(batch, name, result, baseline))
                 progress.advance(task)
-    results = {"model": str(model_dir), "draft": draft, "device": device, "max_new_tokens": max_new_tokens,
+    results = {"model": str(model_dir), "draft": "ngram" if draft == "ngram" else "eagle", "draft_path": draft, "device": device, "max_new_tokens": max_new_tokens,
                "rows": rows}
     _print(results)
     if plot:
@@ -87,7 +87,12 @@ def _row(batch: int, config: str, result: dict, baseline: dict) -> dict:
 
 
 def _model_drafter(path: str, model):
-    raise ValueError(f"--draft {path!r}: model drafters are not wired into the benchmark yet; use --draft ngram")
+    """--draft DIR: an EAGLE-style head saved by `respec prepare` (EagleHead.save)."""
+    from respec.engine.drafters.eagle import EagleDrafter, EagleHead
+
+    if not (Path(path) / "eagle_head.json").is_file():
+        raise ValueError(f"--draft {path!r}: not 'ngram' and not a directory with an EAGLE head (eagle_head.json)")
+    return EagleDrafter(model, EagleHead.load(path, model))
 
 
 def _print(results: dict) -> None:

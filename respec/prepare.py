@@ -1,0 +1,142 @@
+"""`respec prepare`: the embedded default's starting point, trained from scratch on the CPU.
+
+1. policy: the tiny Qwen2-shaped model (respec/engine/default_model.py), supervised on
+   worked solutions of the built-in task until it sometimes succeeds, so RL has a signal;
+2. eagle: its EAGLE-style draft head, distilled from that policy on the policy's own
+   sampled completions (what it will draft during RL), KL(policy || head) per token.
+
+Writes Hugging Face format directories `<out>/policy/` (config, safetensors, tokenizer)
+and `<out>/eagle/` (the head), and `<out>/prepare.json` with what was measured. A phase
+whose output exists is skipped unless `force`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from respec.engine.checkpoint import load_model, save_model
+from respec.engine.default_model import create_default_checkpoint
+from respec.engine.drafters.eagle import EagleHead, distill_loss
+from respec.engine.model import CausalLM
+from respec.engine.speculative import Sampling, SpeculativeEngine
+from respec.engine.tokenizer import TextTokenizer, load_tokenizer
+from respec.rl.evaluate import evaluate
+from respec.rl.sft import train_sft
+from respec.tasks import make_task
+
+# The built-in task of the embedded default (configs/tiny.yaml poses the same one).
+TASK = "arithmetic"
+TASK_PARAMS = {"max_value": 9}
+EVAL_SEED = 12345  # the held-out set the RL runs evaluate on
+
+
+def prepare(out_dir: str | Path = "models/tiny", sft_steps: int = 600, eagle_steps: int = 300,
+            seed: int = 0, force: bool = False, threads: int = 0) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if threads:
+        torch.set_num_threads(threads)
+    report_path = out / "prepare.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() and not force else {}
+    task = make_task(TASK, **TASK_PARAMS)
+    policy_dir, eagle_dir = out / "policy", out / "eagle"
+    if force or not (policy_dir / "config.json").is_file():
+        report["policy"] = _train_policy(policy_dir, task, sft_steps, seed)
+        shutil.rmtree(eagle_dir, ignore_errors=True)  # a head belongs to one policy
+    if force or not (eagle_dir / "eagle_head.json").is_file():
+        report["eagle"] = _train_head(policy_dir, eagle_dir, task, eagle_steps, seed)
+    report_path.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=Console(stderr=True))
+
+
+def _train_policy(policy_dir: Path, task, steps: int, seed: int) -> dict:
+    started = time.perf_counter()
+    staging = policy_dir.with_name(policy_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    create_default_checkpoint(staging, seed=seed)
+    model, tokenizer = load_model(staging), load_tokenizer(staging)
+    with _progress() as progress:
+        bar = progress.add_task("policy: supervised warm-up", total=steps, note="")
+        losses = train_sft(model, tokenizer, task, steps, seed=seed,
+                           on_step=lambda step, loss: progress.update(bar, advance=1, note=f"loss {loss:.3f}"))
+    accuracy = evaluate(model, tokenizer, task, task.heldout(100, EVAL_SEED), samples=2, max_new_tokens=40)
+    save_model(model, staging)
+    shutil.rmtree(policy_dir, ignore_errors=True)
+    staging.rename(policy_dir)
+    return {"steps": steps, "loss_first": losses[0], "loss_last": losses[-1], **accuracy,
+            "wall_s": round(time.perf_counter() - started, 1)}
+
+
+def _train_head(policy_dir: Path, eagle_dir: Path, task, steps: int, seed: int, batch: int = 32) -> dict:
+    started = time.perf_counter()
+    model, tokenizer = load_model(policy_dir), load_tokenizer(policy_dir)
+    torch.manual_seed(seed)
+    head = EagleHead.for_target(model)
+    sequences = _policy_completions(model, tokenizer, task, count=max(batch * 8, 256), seed=seed)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.05, 1 - s / max(steps, 1)))
+    rng, losses = random.Random(seed), []
+    with _progress() as progress:
+        bar = progress.add_task("eagle head: distillation", total=steps, note="")
+        for _ in range(steps):
+            tokens, valid = _batch(rng.sample(sequences, min(batch, len(sequences))), tokenizer.pad_id or 0)
+            with torch.no_grad():
+                output = model(tokens, capture_layers=head.capture_layers)
+            loss = distill_loss(head, torch.cat(output.captured, dim=-1), tokens, output.logits, valid=valid)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            progress.update(bar, advance=1, note=f"KL {losses[-1]:.3f}")
+    head.save(eagle_dir)
+    return {"steps": steps, "sequences": len(sequences), "kl_first": losses[0], "kl_last": losses[-1],
+            "accept_len_s4": _acceptance(model, tokenizer, head, task), "wall_s": round(time.perf_counter() - started, 1)}
+
+
+def _policy_completions(model: CausalLM, tokenizer: TextTokenizer, task, count: int, seed: int) -> list[list[int]]:
+    """Prompt + the policy's own sampled completion, `count` of them (half greedy)."""
+    rng = random.Random(f"eagle/{seed}")
+    prompts = [torch.tensor([tokenizer.bos_id, *tokenizer.encode(task.sample(rng).prompt)]) for _ in range(count)]
+    sequences = []
+    for temperature, part in ((1.0, prompts[: count // 2]), (0.0, prompts[count // 2:])):
+        engine = SpeculativeEngine(model, None, max_rows=64, max_len=96, seed=seed)
+        rows = engine.generate(part, Sampling(temperature, max_new_tokens=48, stop_token_ids=(tokenizer.eos_id,)))
+        sequences += [row.prompt.tolist() + row.tokens for row in rows]
+    return sequences
+
+
+def _batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(s) for s in sequences)
+    tokens = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(sequences), length, dtype=torch.bool)
+    for row, sequence in enumerate(sequences):
+        tokens[row, : len(sequence)] = torch.tensor(sequence)
+        valid[row, : len(sequence)] = True
+    return tokens, valid
+
+
+def _acceptance(model: CausalLM, tokenizer: TextTokenizer, head: EagleHead, task, count: int = 32) -> float:
+    """Mean tokens per verification step, greedy, chain of 4, on held-out prompts."""
+    from respec.engine.drafters.base import DraftShape
+    from respec.engine.drafters.eagle import EagleDrafter
+
+    prompts = [torch.tensor([tokenizer.bos_id, *tokenizer.encode(p.prompt)]) for p in task.heldout(count, EVAL_SEED)]
+    engine = SpeculativeEngine(model, EagleDrafter(model, head), max_rows=count, max_len=96)
+    rows = engine.generate(prompts, Sampling(0.0, max_new_tokens=48, stop_token_ids=(tokenizer.eos_id,)),
+                           DraftShape.chain(4))
+    emitted, steps = sum(len(r.tokens) - 1 for r in rows), sum(r.steps for r in rows)
+    return round(emitted / max(steps, 1), 3)
