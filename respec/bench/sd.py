@@ -32,9 +32,10 @@ def bench_prompts(model_dir: Path, count: int, seed: int = 0) -> list[torch.Tens
         import random
 
         from respec.engine.tokenizer import load_tokenizer
+        from respec.prepare import TASK, TASK_PARAMS  # the task the built-in policy was trained on
         from respec.tasks import make_task
 
-        tokenizer, task, rng = load_tokenizer(model_dir), make_task("arithmetic+countdown"), random.Random(seed)
+        tokenizer, task, rng = load_tokenizer(model_dir), make_task(TASK, **TASK_PARAMS), random.Random(seed)
         return [torch.tensor(tokenizer.encode(task.sample(rng).prompt)) for _ in range(count)]
     generator = torch.Generator().manual_seed(seed)
     vocab = load_model(model_dir).config.vocab_size
