@@ -147,6 +147,7 @@ def test_an_actor_process_killed_mid_run_is_restarted_and_no_rollout_is_lost(tmp
 
 
 def test_the_trainer_process_dying_stops_the_run_and_says_to_resume(tmp_path, policy_dir):  # noqa: F811
+    from respec import log as logging
     from respec.runtime.graph import load_config
     from respec.runtime.launcher import Launcher
 
@@ -155,5 +156,6 @@ def test_the_trainer_process_dying_stops_the_run_and_says_to_resume(tmp_path, po
     dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(9)"])
     dead.wait()
     launcher._check_alive({"main": dead})
+    logging.close()  # the launcher's log file (a real run closes it when it ends)
     assert "died (exit code 9)" in launcher.failure
     assert "it held " in launcher.failure and "trainer" in launcher.failure and "--resume" in launcher.failure
