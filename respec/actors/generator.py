@@ -82,6 +82,17 @@ class Generator(Actor):
 
     sends = (VerifyRequest, Rollout, GenerationStats)
 
+    @classmethod
+    def check_plan(cls, name, params, plan) -> list[str]:
+        """Every row the Generator admits needs a cache slot in the Verifier."""
+        problems = []
+        for verifier in plan.handlers_of(VerifyRequest):
+            rows = getattr(plan.actors[verifier].params, "max_rows", None)
+            if rows is not None and params.max_rows > rows:
+                problems.append(f"params.max_rows {params.max_rows} is more than actors.{verifier}.params.max_rows "
+                                f"({rows}): rows beyond the Verifier's cache slots would be refused")
+        return problems
+
     async def on_start(self) -> None:
         self.book = RowBook(self._drafter())
         drafter = self.book.drafter

@@ -37,6 +37,7 @@ class PolicyTrainer(Actor):
         model_path: str
         group_size: int = 8  # G samples per prompt
         groups_per_step: int = 4
+        buffer_groups: int = 64  # groups held until trained; PromptSource's staleness bound must fit
         lr: float = 1e-5
         micro_batch: int = 8
         max_grad_norm: float = 1.0

@@ -19,7 +19,7 @@ import msgspec
 import numpy as np
 
 from respec.engine.tokenizer import load_tokenizer
-from respec.messages import Envelope, PolicyWeights, Prompt, SamplingParams
+from respec.messages import Envelope, PolicyWeights, Prompt, SamplingParams, ScoredRollout
 from respec.rl import checkpoints
 from respec.runtime import Actor, handles
 from respec.tasks import Problem, make_task
@@ -41,6 +41,26 @@ class PromptSource(Actor):
         eval_seed: int = 12345
 
     sends = (Prompt,)
+
+    @classmethod
+    def check_plan(cls, name, params, plan) -> list[str]:
+        """The trainer must agree on the group shape and hold every group the staleness
+        bound lets be in flight at once."""
+        problems = []
+        in_flight = (params.max_staleness + 1) * params.groups_per_step
+        for trainer in plan.handlers_of(ScoredRollout):
+            other = plan.actors[trainer].params
+            for key in ("group_size", "groups_per_step"):
+                if hasattr(other, key) and getattr(other, key) != getattr(params, key):
+                    problems.append(f"params.{key} is {getattr(params, key)} but actors.{trainer}.params.{key} "
+                                    f"is {getattr(other, key)}: the two must be equal")
+            buffer = getattr(other, "buffer_groups", None)
+            if buffer is not None and in_flight > buffer:
+                problems.append(
+                    f"params.max_staleness {params.max_staleness} lets (max_staleness + 1) * groups_per_step = "
+                    f"{in_flight} groups be in flight, more than actors.{trainer}.params.buffer_groups "
+                    f"({buffer}) holds: lower max_staleness or raise buffer_groups")
+        return problems
 
     async def on_start(self) -> None:
         self.tokenizer = load_tokenizer(self.params.tokenizer_path)

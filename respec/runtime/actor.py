@@ -75,6 +75,13 @@ class Actor:
         return {kind for kind, attr in cls.handled_types().items()
                 if getattr(getattr(cls, attr), "__respec_optional__", False)}
 
+    @classmethod
+    def check_plan(cls, name: str, params: Any, plan: Any) -> list[str]:
+        """Problems with this actor's parameters that only the whole graph reveals (a
+        batch bigger than a peer's buffer, sizes two actors must agree on); each a message
+        naming the keys. Run by `build_plan` before anything starts."""
+        return []
+
     # --- lifecycle hooks ----------------------------------------------------------------
     async def on_start(self) -> None:
         """Called once the whole graph is connected (and after every restart)."""

@@ -92,6 +92,7 @@ def build_plan(config: GraphConfig, source: str = "<config>", ipc_dir: str = "")
     actors = {name: _plan_actor(name, spec, source) for name, spec in config.actors.items()}
     plan = GraphPlan(config, actors)
     _check_routes(plan, source)
+    _check_actors(plan, source)
     if ipc_dir or config.run.transport == "tcp":
         _assign_external(plan, ipc_dir)
     return plan
@@ -146,6 +147,13 @@ def _check_routes(plan: GraphPlan, source: str) -> None:
                     f"{source}: actors.{name}: request {kind.__name__} is handled by "
                     f"{', '.join(handlers)}; a request needs exactly one handling actor"
                 )
+
+
+def _check_actors(plan: GraphPlan, source: str) -> None:
+    problems = [f"{source}: actors.{name}: {problem}" for name, actor in plan.actors.items()
+                for problem in actor.cls.check_plan(name, actor.params, plan)]
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def _assign_external(plan: GraphPlan, ipc_dir: str) -> None:

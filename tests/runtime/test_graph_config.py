@@ -120,3 +120,39 @@ def test_overrides_are_checked_too(tmp_path):
 def test_shipped_configs_are_valid(name):
     path = Path(__file__).resolve().parents[2] / "configs" / name
     build_plan(load_config(path), str(path))
+
+
+def rl_graph(prompts: dict | None = None, trainer: dict | None = None, generator_rows: int = 8) -> dict:
+    """The RL loop's actors (their classes load nothing until they start)."""
+    return {"run": {"name": "rl"}, "actors": {
+        "prompts": {"class": "respec.actors.prompt_source.PromptSource",
+                    "params": {"tokenizer_path": "p", "group_size": 4, "groups_per_step": 2, **(prompts or {})}},
+        "generator": {"class": "respec.actors.generator.Generator", "params": {"max_rows": generator_rows}},
+        "verifier": {"class": "respec.actors.verifier.Verifier", "params": {"model_path": "p", "max_rows": 8}},
+        "scorer": {"class": "respec.actors.reward_scorer.RewardScorer", "params": {"tokenizer_path": "p"}},
+        "trainer": {"class": "respec.actors.policy_trainer.PolicyTrainer",
+                    "params": {"model_path": "p", "group_size": 4, "groups_per_step": 2, **(trainer or {})}},
+    }}
+
+
+def test_the_rl_graph_plans(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(rl_graph()))
+    assert set(build_plan(load_config(path), str(path)).actors) == {"prompts", "generator", "verifier", "scorer",
+                                                                    "trainer"}
+
+
+def test_more_staleness_than_the_trainer_buffers_is_refused(tmp_path):
+    message = check(tmp_path, rl_graph(prompts={"max_staleness": 5}, trainer={"buffer_groups": 8}))
+    assert "actors.prompts: params.max_staleness 5" in message
+    assert "12 groups" in message and "actors.trainer.params.buffer_groups (8)" in message
+
+
+def test_prompt_source_and_trainer_must_agree_on_the_group_shape(tmp_path):
+    message = check(tmp_path, rl_graph(prompts={"group_size": 8}))
+    assert "params.group_size is 8 but actors.trainer.params.group_size is 4" in message
+
+
+def test_generator_rows_must_fit_the_verifier_cache(tmp_path):
+    message = check(tmp_path, rl_graph(generator_rows=16))
+    assert "actors.generator: params.max_rows 16 is more than actors.verifier.params.max_rows (8)" in message
