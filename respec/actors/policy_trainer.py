@@ -129,7 +129,9 @@ class PolicyTrainer(Actor):
     async def _update(self, groups: list[list[ScoredRollout]], received_at: float) -> None:
         scored = [s for group in groups for s in group]
         started = time.perf_counter()
-        stats = self.trainer.step([_sample(s) for s in scored])
+        # A prompt the Generator refused has no tokens: it says nothing about the policy, and
+        # its reward 0 would skew its group's advantages, so it is left out of the update.
+        stats = self.trainer.step([_sample(s) for s in scored if s.rollout.finish_reason != "error"])
         version = self.trainer.version
         trained = [group_index(g[0].rollout.prompt.group_id) for g in groups]
         self.trained_groups += trained

@@ -37,6 +37,7 @@ def step_metrics(scored: list[ScoredRollout], version: int) -> dict[str, float]:
         "staleness_mean": float((version - 1 - versions).mean()) if versions.size else 0.0,
         "staleness_max": int((version - 1 - versions).max()) if versions.size else 0,
         "checker_errors": sum(bool(s.error) for s in scored),
+        "generation_errors": sum(s.rollout.finish_reason == "error" for s in scored),
     }
 
 

@@ -47,6 +47,9 @@ class GRPOTrainer:
         self.version = 0
 
     def step(self, samples: list[TrainSample]) -> dict[str, float]:
+        if not samples:  # nothing to learn from (every rollout failed): a new version, same weights
+            self.version += 1
+            return {"loss": 0.0, "grad_norm": 0.0, "reward_mean": 0.0, "advantage_abs_mean": 0.0}
         rewards = torch.tensor([s.reward for s in samples])
         advantages = group_advantages(rewards, [s.group_id for s in samples], self.config.scale_by_std)
         batch = _pad(samples)

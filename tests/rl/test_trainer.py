@@ -57,3 +57,12 @@ def test_first_step_is_on_policy_and_micro_batching_does_not_change_the_update(t
         assert abs(stats["ratio_mean"] - 1.0) < 1e-5 and abs(stats["behaviour_weight_mean"] - 1.0) < 1e-5
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.allclose(results[0], results[1], atol=1e-6)
+
+
+def test_a_step_with_no_samples_publishes_a_version_and_leaves_the_weights(tmp_path):
+    model = tiny(tmp_path)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = GRPOTrainer(model, TrainerConfig(lr=1e-3))
+    stats = trainer.step([])  # every rollout of the step was refused by the Generator
+    assert trainer.version == 1 and stats["grad_norm"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
