@@ -26,8 +26,10 @@ from respec.engine.speculative import Sampling, SpeculativeEngine
 DEFAULT_SHAPES = ("s2_t1_n2", "s4_t1_n4", "s6_t1_n6", "s3_t2_n6", "s4_t2_n8")
 
 
-def bench_prompts(model_dir: Path, count: int, seed: int = 0) -> list[torch.Tensor]:
-    """Prompts of the built-in tasks when the checkpoint has a tokenizer, else token patterns."""
+def bench_prompts(model_dir: Path, count: int, seed: int = 0) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+    """(prompts, stop token ids). With a tokenizer: the built-in task posed as the RL
+    rollouts pose it (BOS + prompt, stop at EOS), so the drafter sees what it drafts in
+    RL and not the noise a policy emits past its EOS. Else token patterns, no stop."""
     if (model_dir / "tokenizer.json").is_file():
         import random
 
@@ -36,17 +38,20 @@ def bench_prompts(model_dir: Path, count: int, seed: int = 0) -> list[torch.Tens
         from respec.tasks import make_task
 
         tokenizer, task, rng = load_tokenizer(model_dir), make_task(TASK, **TASK_PARAMS), random.Random(seed)
-        return [torch.tensor(tokenizer.encode(task.sample(rng).prompt)) for _ in range(count)]
+        prompts = [torch.tensor(tokenizer.encode(task.sample(rng).prompt, add_bos=True)) for _ in range(count)]
+        return prompts, () if tokenizer.eos_id is None else (tokenizer.eos_id,)
     generator = torch.Generator().manual_seed(seed)
     vocab = load_model(model_dir).config.vocab_size
-    return [torch.randint(0, vocab, (4,), generator=generator).repeat(3) for _ in range(count)]
+    return [torch.randint(0, vocab, (4,), generator=generator).repeat(3) for _ in range(count)], ()
 
 
-def measure(model, drafter, prompts, shape: DraftShape | None, max_new_tokens: int) -> dict:
+def measure(model, drafter, prompts, shape: DraftShape | None, max_new_tokens: int,
+            stop_token_ids: tuple[int, ...] = ()) -> dict:
     engine = SpeculativeEngine(model, drafter, max_rows=len(prompts), max_len=max(len(p) for p in prompts)
                                + max_new_tokens + 32)
+    sampling = Sampling(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids)
     started = time.perf_counter()
-    rows = engine.generate(prompts, Sampling(temperature=0.0, max_new_tokens=max_new_tokens), shape)
+    rows = engine.generate(prompts, sampling, shape)
     seconds = time.perf_counter() - started
     tokens = sum(len(r.tokens) for r in rows)
     steps = sum(r.steps for r in rows)
@@ -63,12 +68,12 @@ def run_benchmark(model_dir: str, draft: str = "ngram", batches: tuple[int, ...]
     with Progress(console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("bench sd", total=len(batches) * (len(shapes) + 1))
         for batch in batches:
-            prompts = bench_prompts(Path(model_dir), batch)
-            baseline = measure(model, None, prompts, None, max_new_tokens)
+            prompts, stop = bench_prompts(Path(model_dir), batch)
+            baseline = measure(model, None, prompts, None, max_new_tokens, stop)
             rows.append(_row(batch, "nosd", baseline, baseline))
             progress.advance(task)
             for name in shapes:
-                result = measure(model, drafter, prompts, DraftShape.parse(name), max_new_tokens)
+                result = measure(model, drafter, prompts, DraftShape.parse(name), max_new_tokens, stop)
                 if result["outputs"] != baseline["outputs"]:
                     raise AssertionError(f"greedy SD ({name}, batch {batch}) changed the output")
                 rows.append(_row(batch, name, result, baseline))
