@@ -140,8 +140,47 @@ SAMPLED = Rule(_sampled_accept, _subtract_draft, _sample_bonus)
 
 
 def accept_greedy(tree: DraftTree, target_probs: Tensor) -> Acceptance:
-    """Temperature 0: keep the longest path that matches the target's argmax."""
-    return walk_tree(tree, target_probs, GREEDY)
+    """Temperature 0: keep the longest path that matches the target's argmax.
+
+    The same result as ``walk_tree(tree, target_probs, GREEDY)``, without its loop over
+    levels and children: greedy acceptance needs no residual, so every node can be
+    judged at once (``_greedy_path``), which matters at small batch where each step's
+    cost is mostly the number of small tensor ops.
+    """
+    best = target_probs.argmax(-1)  # [B, n + 1]: the target's token at every position
+    b, n = tree.batch_size, tree.width
+    if n == 0:
+        none = best.new_full((b,), -1)
+        return Acceptance(none + 1, best.new_empty(b, 0), best[:, :1], none)
+    on_path, depth = _greedy_path(tree, best)
+    num_accepted = on_path.sum(1)
+    path_width = int(depth.max())
+    index = torch.arange(n, device=tree.device)
+    path = torch.where(on_path, index, n).sort(dim=1).values[:, :path_width]  # parents come first
+    path = torch.where(path < n, path, -1)
+    last = path.gather(1, (num_accepted - 1).clamp(min=0)[:, None])[:, 0] if path_width else num_accepted * 0
+    bonus_node = torch.where(num_accepted > 0, last, -1)
+    tokens = torch.where(path >= 0, tree.tokens.gather(1, path.clamp(min=0)), -1)
+    tokens = torch.cat([tokens, tokens.new_full((b, 1), -1)], dim=1)
+    tokens.scatter_(1, num_accepted[:, None], best.gather(1, bonus_node[:, None] + 1))
+    return Acceptance(num_accepted, path, tokens, bonus_node)
+
+
+def _greedy_path(tree: DraftTree, best: Tensor) -> tuple[Tensor, Tensor]:
+    """(bool [B, n] nodes the greedy walk accepts, long [B, n] node depths, 0 = padding).
+
+    The walk takes, at each accepted node, its first child (in node order) whose token is
+    the target's argmax there; so a node is on the path iff it and each of its ancestors
+    match and no earlier sibling of theirs matched first.
+    """
+    parents, valid = tree.effective_parents(), tree.valid_mask()
+    match = valid & (tree.tokens == best.gather(1, parents + 1))
+    earlier = torch.ones(tree.width, tree.width, dtype=torch.bool, device=tree.device).tril(-1)
+    sibling = (parents[:, :, None] == parents[:, None, :]) & earlier  # [b, i, j]: j is an earlier sibling
+    chosen = match & ~(sibling & match[:, None, :]).any(-1)
+    ancestors = tree.ancestors()  # includes the node itself
+    on_path = ~(ancestors & ~chosen[:, None, :]).any(-1) & valid
+    return on_path, ancestors.sum(-1) * valid
 
 
 def accept_deterministic(
@@ -170,8 +209,8 @@ def accept(
 ) -> Acceptance:
     """Pick the rule: greedy rows (bool or bool [B]) take argmax; the others take the
     sampled rule when draft_probs is given, the deterministic rule otherwise."""
-    if isinstance(greedy, bool) and greedy:
-        return accept_greedy(tree, target_probs)
+    if isinstance(greedy, bool) and greedy or isinstance(greedy, Tensor) and bool(greedy.all()):
+        return accept_greedy(tree, target_probs)  # no random draws: none are needed
     if draft_probs is None:
         result = accept_deterministic(tree, target_probs, generator)
     else:

@@ -130,7 +130,17 @@ class DraftTree:
         return torch.cat([root, self.depths()], dim=1)
 
     def ancestors(self) -> Tensor:
-        """bool [B, n, n]: [b, i, j] is True when node j is node i or one of its ancestors."""
+        """bool [B, n, n]: [b, i, j] is True when node j is node i or one of its ancestors.
+
+        Computed once per tree (the verifier's mask and the greedy acceptance both read
+        it); treat the result as read-only."""
+        cached = self.__dict__.get("_ancestors")
+        if cached is None:
+            cached = self._compute_ancestors()
+            object.__setattr__(self, "_ancestors", cached)  # a cache, not state: frozen otherwise
+        return cached
+
+    def _compute_ancestors(self) -> Tensor:
         b, n = self.batch_size, self.width
         parents = self.effective_parents()
         rows = torch.arange(b, device=self.device)
@@ -221,7 +231,11 @@ class TopNTreeBuilder:
 
     def frontier_tokens(self) -> Tensor:
         """long [B, t]: tokens of the nodes the next ``expand`` call needs distributions for."""
-        return self.pool_tree().tokens.gather(1, self.frontier)
+        return torch.cat(self._tokens, 1).gather(1, self.frontier)
+
+    def frontier_parents(self) -> Tensor:
+        """long [B, t]: pool index of each frontier node's parent, -1 = the root."""
+        return torch.cat(self._parents, 1).gather(1, self.frontier)
 
     def pool_tree(self) -> DraftTree:
         """Every candidate so far as a DraftTree (pool index = node index), for drafter masks."""

@@ -225,6 +225,24 @@ def test_greedy_random_trees():
         check_greedy(tree, torch.randn(batch, n + 1, vocab, generator=gen))
 
 
+def test_greedy_fast_path_equals_the_walk():
+    """accept_greedy judges all nodes at once; it must return the walk's tensors exactly
+    (shapes included), also for duplicate siblings, padding and empty trees."""
+    gen = torch.Generator().manual_seed(4)
+    for n in (0, 1, 4, 7):
+        for _ in range(20):
+            batch, vocab = 6, 3
+            index = torch.arange(n).float()
+            parents = (torch.rand(batch, n, generator=gen) * (index + 1)).long() - 1
+            tokens = torch.randint(0, vocab, (batch, n), generator=gen)
+            num_nodes = torch.randint(0, n + 1, (batch,), generator=gen)
+            tree = DraftTree.from_parents(tokens, parents, num_nodes)
+            scores = torch.randn(batch, n + 1, vocab, generator=gen)
+            fast, walked = accept_greedy(tree, scores), acceptance.walk_tree(tree, scores, acceptance.GREEDY)
+            for field in dataclasses.fields(Acceptance):
+                assert torch.equal(getattr(fast, field.name), getattr(walked, field.name)), field.name
+
+
 def test_greedy_speculation_reproduces_greedy_decoding():
     """Many greedy steps with a top-t tree emit exactly the target's greedy sequence."""
     for seed in range(5):
