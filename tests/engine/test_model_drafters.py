@@ -11,7 +11,13 @@ import torch
 from respec.engine.checkpoint import load_model
 from respec.engine.drafters.base import DraftRequest, DraftShape
 from respec.engine.drafters.draft_model import DraftModelDrafter
-from respec.engine.drafters.eagle import EagleDrafter, EagleHead, distill_loss, layers_to_capture
+from respec.engine.drafters.eagle import (
+    EagleDrafter,
+    EagleHead,
+    _DraftKV,
+    distill_loss,
+    layers_to_capture,
+)
 from respec.engine.sampling import target_probs
 from respec.engine.speculative import Sampling, SpeculativeEngine
 from tests.checkpoints import small_qwen2
@@ -167,6 +173,53 @@ def test_distill_loss_decreases_and_weights_change_it(target):
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert all(p.grad is None for p in target.parameters())  # the target's shared parts stay frozen
+
+
+def test_unrolled_steps_are_what_a_chain_draft_computes(target):
+    """Step s of the unrolled training pass at position p equals the head's output at the
+    (s - 1)-th drafted node of a chain rooted at p - s + 1 whose drafts are the true tokens."""
+    torch.manual_seed(2)
+    head = EagleHead.for_target(target)
+    tokens = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        features = torch.cat(target(tokens, capture_layers=head.capture_layers).captured, dim=-1)
+        unrolled = head.unrolled(features, tokens, 3)
+        for steps in (1, 2, 3):
+            for root in range(0, 9):
+                kv = _DraftKV()
+                count = root + 1
+                causal = torch.ones(count, count, dtype=torch.bool).tril()[None, None]
+                hidden = head(head.fuse(features[:, :count]), tokens[:, 1 : count + 1], torch.arange(count)[None],
+                              causal, kv)[:, -1:]
+                for node in range(1, steps):
+                    position = root + node
+                    hidden = head(hidden, tokens[:, position + 1 : position + 2], torch.tensor([[position]]),
+                                  torch.ones(1, 1, 1, count + node, dtype=torch.bool), kv)
+                torch.testing.assert_close(head.logits(hidden)[:, 0], unrolled[steps - 1][:, root + steps - 1],
+                                           atol=1e-5, rtol=1e-5)
+
+
+def test_multi_step_distill_loss_trains_every_step(target, trained_head):
+    """A head trained on step 1 only is worse at step 2 than at step 1; steps=2 is a
+    different loss and it goes down."""
+    sequences = torch.stack(prompts_for(4, seed=5)[:1] * 4)
+    with torch.no_grad():
+        output = target(sequences, capture_layers=trained_head.capture_layers)
+    features = torch.cat(output.captured, dim=-1)
+    one = distill_loss(trained_head, features, sequences, output.logits).item()
+    two = distill_loss(trained_head, features, sequences, output.logits, steps=2).item()
+    assert two != pytest.approx(one, rel=1e-3)
+    torch.manual_seed(0)
+    head = EagleHead.for_target(target)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(10):
+        loss = distill_loss(head, features, sequences, output.logits, steps=3)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
 
 
 def test_head_save_load_round_trip(target, trained_head, tmp_path):

@@ -103,13 +103,15 @@ class EagleHead(nn.Module):
         """[..., layers * hidden] target features -> [..., hidden]."""
         return self.fc(features)
 
-    def forward(self, inputs: Tensor, tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, inputs: Tensor, tokens: Tensor, positions: Tensor, mask: Tensor, kv=None) -> Tensor:
         """inputs [B, T, H] (fused features or a parent's h), tokens long [B, T], positions
-        long [B, T], mask bool [B, 1, T, T] (True = may attend) -> h [B, T, H]."""
+        long [B, T], mask bool [B, 1, T, S] (True = may attend) -> h [B, T, H]. Without `kv`
+        S = T; with it (an object with the target cache's ``store_and_read``) the T new
+        keys/values are stored there and the S it returns are attended to."""
         embedded = F.embedding(tokens, self.target.embed.weight.detach())
         x = self.input_proj(torch.cat([embedded.to(inputs.dtype), inputs], dim=-1))
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        return self.layer(x, cos, sin, mask, None)
+        return self.layer(x, cos, sin, mask, kv)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """The target's final norm and lm_head over h, without gradients into the target."""
@@ -123,11 +125,29 @@ class EagleHead(nn.Module):
     def teacher_forced(self, features: Tensor, tokens: Tensor) -> Tensor:
         """Logits [B, T - 1, V] at positions 1..T-1 of a sequence: position j's input is
         (features[j - 1], tokens[j]), so they line up with the target's logits[:, 1:]."""
-        inputs = self.fuse(features[:, :-1])
-        t = inputs.shape[1]
+        return self.unrolled(features, tokens, 1)[0]
+
+    def unrolled(self, features: Tensor, tokens: Tensor, steps: int) -> list[Tensor]:
+        """Logits [B, T - 1, V] of drafting steps 1..steps, teacher-forced on the tokens
+        (EAGLE-3's training-time test): what the head predicts at each position when it is
+        the k-th drafted node, i.e. its input is its parent's h from step k - 1, and the
+        k - 1 positions before it were drafted too. Step 1 is ``teacher_forced``.
+
+        Step s at position p sees positions <= p - s + 1 as the target computed them (step
+        1 keys/values) and position p - s + j as drafted at step j, for j = 2..s: exactly
+        the keys a chain drafted from root p - s + 1 attends to. Positions p < s - 1 have
+        no such root; their logits are computed but mean nothing (``distill_loss`` skips them).
+        """
+        t = tokens.shape[1] - 1
         positions = torch.arange(t, device=tokens.device).expand(tokens.shape[0], t)
-        causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
-        return self.logits(self(inputs, tokens[:, 1:], positions, causal.expand(tokens.shape[0], 1, t, t)))
+        kv = _StackedKV()
+        inputs, outputs = self.fuse(features[:, :-1]), []
+        for step in range(1, steps + 1):
+            mask = _unrolled_mask(t, step, tokens.device).expand(tokens.shape[0], 1, t, step * t)
+            hidden = self(inputs, tokens[:, 1:], positions, mask, kv)
+            outputs.append(self.logits(hidden))
+            inputs = F.pad(hidden[:, :-1], (0, 0, 1, 0))  # position p reads its parent p - 1
+        return outputs
 
     # ------------------------------------------------------------------ save / load
 
@@ -166,6 +186,29 @@ class EagleHead(nn.Module):
 # ---------------------------------------------------------------------- training
 
 
+class _StackedKV:
+    """Keys/values of every unrolled step, stacked along the key axis (step-major)."""
+
+    def __init__(self) -> None:
+        self.k: list[Tensor] = []
+        self.v: list[Tensor] = []
+
+    def store_and_read(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k.append(k)
+        self.v.append(v)
+        return torch.cat(self.k, dim=2), torch.cat(self.v, dim=2)
+
+
+def _unrolled_mask(t: int, step: int, device: torch.device) -> Tensor:
+    """bool [t, step * t]: what position p of unrolled step `step` sees (``EagleHead.unrolled``):
+    step 1's keys q <= p - step + 1, and step j's key p - step + j for j = 2..step."""
+    query = torch.arange(t, device=device)[:, None]
+    key = torch.arange(t, device=device)[None, :]
+    blocks = [key <= query - step + 1]
+    blocks += [key == query - step + j for j in range(2, step + 1)]
+    return torch.cat(blocks, dim=1)
+
+
 def distill_loss(
     head: EagleHead,
     target_features: Tensor,
@@ -173,6 +216,7 @@ def distill_loss(
     target_logits: Tensor,
     weights: Tensor | None = None,
     valid: Tensor | None = None,
+    steps: int = 1,
 ) -> Tensor:
     """Mean over samples of weight_b * KL(target || draft), teacher-forced.
 
@@ -180,59 +224,92 @@ def distill_loss(
     target_features [B, T, layers * H] (``forward(..., capture_layers=head.capture_layers)``,
     concatenated), target_logits [B, T, V]. weights [B] (e.g. rewards) scale each sample's
     mean KL, so scaling them scales the loss; valid [B, T] (1 = real token) drops padding.
+    steps > 1 also trains drafting steps 2..steps (``EagleHead.unrolled``), the mean KL
+    of each step weighing the same: without it a drafted node's input (its parent's h)
+    is one the head never saw in training, and acceptance falls off after the first token.
     """
-    draft = head.teacher_forced(target_features, tokens).float()
     target_logp = F.log_softmax(target_logits[:, 1:].float(), dim=-1)
-    kl = (target_logp.exp() * (target_logp - F.log_softmax(draft, dim=-1))).sum(-1)  # [B, T - 1]
-    real = torch.ones_like(kl) if valid is None else valid[:, 1:].to(kl.dtype)
-    per_sample = (kl * real).sum(1) / real.sum(1).clamp(min=1)
-    if weights is not None:
-        per_sample = per_sample * weights.to(per_sample.dtype)
-    return per_sample.mean()
+    real = torch.ones(target_logp.shape[:2], device=tokens.device) if valid is None else valid[:, 1:].float()
+    total = 0.0
+    for step, draft in enumerate(head.unrolled(target_features, tokens, steps), start=1):
+        kl = (target_logp.exp() * (target_logp - F.log_softmax(draft.float(), dim=-1))).sum(-1)  # [B, T - 1]
+        counted = real.clone()
+        counted[:, : step - 1] = 0  # no root for the first step - 1 positions
+        per_sample = (kl * counted).sum(1) / counted.sum(1).clamp(min=1)
+        if weights is not None:
+            per_sample = per_sample * weights.to(per_sample.dtype)
+        total = total + per_sample.mean()
+    return total / steps
 
 
 # ---------------------------------------------------------------------- drafting
 
 
+class _DraftKV:
+    """The head's keys and values during one proposal: the window's, then each drafted
+    level's appended. The decoder layer calls ``store_and_read`` exactly as it does on the
+    target's cache, so a new level runs over its own nodes only and reads the rest here."""
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def store_and_read(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
 class _DraftSequence:
     """One proposal's positions for all rows: the feature window, then drafted nodes.
 
-    The head is re-run over every position after each append (no draft KV cache), so
-    the sequence keeps only each position's inputs, visibility and latest output h.
+    The window runs through the head once; each drafted level then runs over its new
+    nodes only, attending to the cached keys/values (``_DraftKV``) of what it may see.
+    Buffers are sized for the whole proposal up front, so a level writes in place.
     """
 
-    def __init__(self, head: EagleHead, inputs: Tensor, tokens: Tensor, positions: Tensor, visible: Tensor):
-        self.head = head
-        self.inputs, self.tokens, self.positions, self.visible = inputs, tokens, positions, visible
-        self.root = tokens.shape[1] - 1  # the window's last position: its token is the root
-        self.hidden = self._run()
-
-    @property
-    def length(self) -> int:
-        return self.tokens.shape[1]
-
-    def _run(self) -> Tensor:
-        return self.head(self.inputs, self.tokens, self.positions, self.visible[:, None])
+    def __init__(self, head: EagleHead, window: _Window, extra: int):
+        b, width = window.tokens.shape
+        size = width + extra
+        device = window.tokens.device
+        self.head, self.kv, self.length = head, _DraftKV(), width
+        self.root = width - 1  # the window's last position: its token is the root
+        self.visible = torch.zeros(b, size, size, dtype=torch.bool, device=device)
+        self.visible[:, :width, :width] = window.visible
+        self.positions = torch.zeros(b, size, dtype=torch.long, device=device)
+        self.positions[:, :width] = window.positions
+        hidden = head(window.inputs, window.tokens, window.positions, window.visible[:, None], self.kv)
+        self.hidden = hidden.new_zeros(b, size, hidden.shape[-1])
+        self.hidden[:, :width] = hidden
 
     def append(self, parents: Tensor, tokens: Tensor) -> Tensor:
         """Add one node per (row, column) under sequence positions parents [B, k]; returns
         the new nodes' h [B, k, H]. A node sees its parent's context, its parent and itself."""
-        b, k = parents.shape
-        size = self.tokens.shape[1]
-        gather = parents[..., None]
-        parent_h = self.hidden.gather(1, gather.expand(-1, -1, self.hidden.shape[-1]))
-        seen = self.visible.gather(1, gather.expand(-1, -1, size))  # the parent's row
-        seen = seen.scatter(2, parents[..., None], True)
-        grown = torch.zeros(b, size + k, size + k, dtype=torch.bool, device=self.visible.device)
-        grown[:, :size, :size] = self.visible
-        grown[:, size:, :size] = seen
-        grown[:, size:, size:] = torch.eye(k, dtype=torch.bool, device=grown.device)
-        self.visible = grown
-        self.inputs = torch.cat([self.inputs, parent_h], dim=1)
-        self.tokens = torch.cat([self.tokens, tokens], dim=1)
-        self.positions = torch.cat([self.positions, self.positions.gather(1, parents) + 1], dim=1)
-        self.hidden = self._run()
-        return self.hidden[:, size:]
+        k, start = parents.shape[1], self.length
+        new = slice(start, start + k)
+        parent_h = self.hidden.gather(1, parents[..., None].expand(-1, -1, self.hidden.shape[-1]))
+        seen = self.visible.gather(1, parents[..., None].expand(-1, -1, self.visible.shape[-1]))
+        seen.scatter_(2, parents[..., None], True)
+        seen[:, :, new] = torch.eye(k, dtype=torch.bool, device=seen.device)
+        self.visible[:, new] = seen
+        self.positions[:, new] = self.positions.gather(1, parents) + 1
+        self.length += k
+        hidden = self.head(parent_h, tokens, self.positions[:, new], seen[:, None, :, : self.length], self.kv)
+        self.hidden[:, new] = hidden
+        return hidden
+
+
+@dataclass(frozen=True)
+class _Window:
+    """The head's inputs over the last W committed positions of every row, left-padded."""
+
+    inputs: Tensor  # [B, W, H] fused target features
+    tokens: Tensor  # long [B, W]
+    positions: Tensor  # long [B, W]
+    visible: Tensor  # bool [B, W, W]: causal over the row's real positions (padding sees itself)
+    is_real: Tensor  # bool [B, W]
 
 
 class EagleDrafter(Drafter):
@@ -261,52 +338,76 @@ class EagleDrafter(Drafter):
             )
         shape = request.shape
         with torch.no_grad():
-            sequence = self._window(request)
-            root_probs = self._probs(sequence.hidden[:, -1])
-            ran: list[tuple[Tensor, Tensor]] = []
+            window = self._window(request)
+            if shape.is_chain:
+                return DraftProposal(self._chain(window, min(shape.steps, shape.num_draft)))
+            sequence = _DraftSequence(self.head, window, (shape.steps - 1) * shape.branch)
+            root_probs = self._probs(sequence.hidden[:, sequence.root])
+            seq_of_pool = torch.full((window.tokens.shape[0], shape.max_nodes), -1, dtype=torch.long,
+                                     device=window.tokens.device)
 
             def next_probs(builder: TopNTreeBuilder) -> Tensor:
-                return self._expand(sequence, builder, ran)
+                return self._expand(sequence, builder, seq_of_pool)
 
             tree = build_topn_tree(root_probs, next_probs, shape.steps, shape.branch, shape.num_draft)
         return DraftProposal(pad_tree(tree, shape.num_draft))
 
-    def _window(self, request: DraftRequest) -> _DraftSequence:
+    def _window(self, request: DraftRequest) -> _Window:
         """The last W committed positions of every row, left-padded: position i holds
         (feature of token L-1-W+i, token L-W+i); the last one's token is the root."""
         features = request.features[:, -self.feature_window:].to(next(self.head.parameters()).dtype)
         b, width = features.shape[:2]
         device = features.device
-        real = torch.tensor([min(width, len(h) - 1) for h in request.histories], device=device)
+        counts = [min(width, len(h) - 1) for h in request.histories]
         tokens = torch.zeros(b, width, dtype=torch.long, device=device)
-        for row, history in enumerate(request.histories):
-            count = int(real[row])
+        for row, (history, count) in enumerate(zip(request.histories, counts, strict=True)):
             tokens[row, width - count:] = history[len(history) - count:].to(device)
         index = torch.arange(width, device=device)
-        is_real = index >= (width - real)[:, None]  # [B, W]
-        positions = (index - (width - real)[:, None]).clamp(min=0)
+        first_real = width - torch.tensor(counts, device=device)[:, None]
+        is_real = index >= first_real  # [B, W]
+        positions = (index - first_real).clamp(min=0)
         causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
         visible = (causal & is_real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)
-        return _DraftSequence(self.head, self.head.fuse(features), tokens, positions, visible)
+        return _Window(self.head.fuse(features), tokens, positions, visible, is_real)
 
-    def _expand(self, sequence: _DraftSequence, builder: TopNTreeBuilder, ran: list[tuple[Tensor, Tensor]]) -> Tensor:
+    def _chain(self, window: _Window, length: int) -> DraftTree:
+        """The head's argmax, `length` times: what top-1 trees are, without their bookkeeping.
+        Each node sees the row's real window positions and every earlier node."""
+        b, width = window.tokens.shape
+        kv = _DraftKV()
+        hidden = self.head(window.inputs, window.tokens, window.positions, window.visible[:, None], kv)[:, -1:]
+        seen = torch.ones(b, 1, 1, width + length, dtype=torch.bool, device=hidden.device)
+        seen[:, 0, 0, :width] = window.is_real
+        position = window.positions[:, -1:]
+        token = self._argmax(hidden)
+        drafted = [token]
+        for level in range(1, length):
+            position = position + 1
+            hidden = self.head(hidden, token, position, seen[..., : width + level], kv)
+            token = self._argmax(hidden)
+            drafted.append(token)
+        tokens = torch.cat(drafted, dim=1)
+        parents = torch.arange(-1, length - 1, device=tokens.device).expand(b, length)
+        return DraftTree(tokens, parents, torch.full((b,), length, dtype=torch.long, device=tokens.device))
+
+    def _expand(self, sequence: _DraftSequence, builder: TopNTreeBuilder, seq_of_pool: Tensor) -> Tensor:
         """q [B, t, V] at the builder's frontier, after adding the frontier to the sequence.
-        ran: (pool indices [B, t], sequence positions [B, t]) of every frontier run so far."""
-        b, t = builder.frontier.shape
-        seq_of_pool = torch.full((b, builder.pool_size), -1, dtype=torch.long, device=builder.frontier.device)
-        for pool_index, positions in ran:
-            seq_of_pool.scatter_(1, pool_index, positions)
-        pool_parents = builder.pool_tree().parents.gather(1, builder.frontier)
+        seq_of_pool [B, pool]: the sequence position of every pool node run so far (-1: none)."""
+        frontier = builder.frontier
+        pool_parents = builder.frontier_parents()
         # Children of the root hang under the window's last position, which read the root token.
         parents = torch.where(pool_parents < 0, sequence.root, seq_of_pool.gather(1, pool_parents.clamp(min=0)))
         first_new = sequence.length
         hidden = sequence.append(parents, builder.frontier_tokens())
-        new_positions = first_new + torch.arange(t, device=parents.device)
-        ran.append((builder.frontier.clone(), new_positions.expand(b, t)))
+        seq_of_pool.scatter_(1, frontier, first_new + torch.arange(frontier.shape[1], device=frontier.device)
+                             .expand_as(frontier))
         return self._probs(hidden)
 
     def _probs(self, hidden: Tensor) -> Tensor:
         return torch.softmax(self.head.logits(hidden).float(), dim=-1)
+
+    def _argmax(self, hidden: Tensor) -> Tensor:
+        return self.head.logits(hidden).argmax(-1)
 
 
 def pad_tree(tree: DraftTree, width: int) -> DraftTree:
