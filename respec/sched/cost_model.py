@@ -1,0 +1,229 @@
+"""Step cost and acceptance models: predicted accepted tokens per second per config.
+
+    tokens/s (config, B, L) = B * E[accepted + 1 | config] / step_time(config, B, L)
+
+Step time. From a profile: per config, piecewise-linear interpolation over the measured
+grid, in log(step time) against log2(batch) at each profiled context, then linear in
+context between the two nearest profiled contexts. Beyond the largest profiled batch it
+extrapolates linearly in batch (the compute-bound regime is linear), below the smallest
+it holds the smallest's value. Why not one least-squares formula: step time against
+batch is flat while the device is memory-bound and linear once it is compute-bound, and
+a low-order polynomial misses that knee by tens of percent, which is exactly where SD
+stops paying; the grid is cheap to measure densely, so the data is the model.
+Without a profile a rough prior (`PriorCost`) stands in: target cost 1 + (T/T0)^p for T
+tokens verified per step, fitted to the verify-8 / decode-1 cost ratios measured for this
+project (1.4x at batch 1, 3.7x at batch 64), plus drafting at a fixed fraction of a
+target step per drafting level.
+
+Online refresh (`OnlineCorrection`): every live step timing updates an EMA of
+log(observed / predicted), kept per (config, batch octave), per config and over all
+configs; a prediction is multiplied by the most specific one seen. A foreign or stale
+profile therefore converges to the live timings of what runs, and a uniform error (a
+slower device) carries over to configs not running right now.
+
+Acceptance (`AcceptanceEstimate`): E[accepted + 1] per config, an EMA of the live values
+while that config runs; for a config not seen lately, its prior (profile-measured or a
+geometric model) scaled by the live drift, the EMA of (observed - 1) / (prior - 1) over
+what did run. A drafter that goes stale lowers every SD config's estimate at once.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable
+
+import numpy as np
+
+from respec.engine.drafters.base import DraftShape
+from respec.sched.profile import NOSD, Profile, ProfilePoint
+
+# PriorCost's target curve (fit described above) and drafting cost per level
+PRIOR_T0, PRIOR_POWER, PRIOR_DRAFT_FRACTION = 19.9, 0.72, 0.15
+PRIOR_ALPHA = 0.5  # per-token acceptance assumed before anything is measured
+
+
+def verified_tokens(config: str) -> int:
+    """Tokens the target runs per row per step: the root plus the draft nodes."""
+    return 1 if config == NOSD else DraftShape.parse(config).num_draft + 1
+
+
+class ProfileCost:
+    """Step time per (config, batch, context), interpolated over a profile's grid."""
+
+    def __init__(self, points: Iterable[ProfilePoint]) -> None:
+        self.table: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+        grouped: dict[str, dict[int, list[tuple[int, float]]]] = {}
+        for p in points:
+            grouped.setdefault(p.config, {}).setdefault(p.context, []).append((p.batch, p.step_s))
+        for config, by_context in grouped.items():
+            self.table[config] = {}
+            for context, pairs in by_context.items():
+                pairs.sort()
+                self.table[config][context] = (np.array([b for b, _ in pairs], float), np.array([t for _, t in pairs]))
+
+    @classmethod
+    def from_profile(cls, profile: Profile) -> ProfileCost:
+        return cls(profile.points)
+
+    @property
+    def configs(self) -> list[str]:
+        return sorted(self.table)
+
+    def predict(self, config: str, batch: float, context: float) -> float:
+        if config not in self.table:
+            raise KeyError(f"config {config!r} is not in the profile (it has {', '.join(self.configs)})")
+        by_context = self.table[config]
+        contexts = sorted(by_context)
+        if len(contexts) == 1 or context <= contexts[0]:
+            return _in_batch(*by_context[contexts[0]], batch)
+        i = min(bisect.bisect_left(contexts, context), len(contexts) - 1)  # the bracket's upper end
+        lo, hi = contexts[i - 1], contexts[i]
+        t_lo, t_hi = _in_batch(*by_context[lo], batch), _in_batch(*by_context[hi], batch)
+        slope = max((t_hi - t_lo) / (hi - lo), 0.0)  # a longer context never makes a step cheaper
+        return t_lo + slope * (context - lo)
+
+
+def _in_batch(batches: np.ndarray, times: np.ndarray, batch: float) -> float:
+    if batch <= batches[0]:
+        return float(times[0])
+    if len(batches) == 1:  # one measured batch: assume compute-bound above it
+        return float(times[0]) * batch / batches[0]
+    if batch >= batches[-1]:
+        slope = max((times[-1] - times[-2]) / (batches[-1] - batches[-2]), 0.0)
+        return float(times[-1] + slope * (batch - batches[-1]))
+    log_t = np.interp(math.log2(batch), np.log2(batches), np.log(times))
+    return float(math.exp(log_t))
+
+
+class PriorCost:
+    """A rough device-independent shape (relative units), for runs without a profile."""
+
+    def __init__(self, draft_fraction: float = PRIOR_DRAFT_FRACTION) -> None:
+        self.draft_fraction = draft_fraction
+
+    def predict(self, config: str, batch: float, context: float) -> float:
+        batch = max(batch, 1.0)
+        target = self._target(batch * verified_tokens(config)) * (1.0 + context / 4096)
+        if config == NOSD:
+            return target
+        shape = DraftShape.parse(config)
+        return target + shape.steps * self.draft_fraction * self._target(batch * shape.branch)
+
+    @staticmethod
+    def _target(tokens: float) -> float:
+        return 1e-3 * (1.0 + (tokens / PRIOR_T0) ** PRIOR_POWER)
+
+
+class Ema:
+    """Exponential moving average; the first value is taken as is."""
+
+    def __init__(self, weight: float) -> None:
+        self.weight, self.value, self.count = weight, 0.0, 0
+
+    def add(self, value: float) -> None:
+        self.value = value if self.count == 0 else (1 - self.weight) * self.value + self.weight * value
+        self.count += 1
+
+
+class OnlineCorrection:
+    """log(observed / predicted) step time, per (config, batch octave), per config, overall."""
+
+    def __init__(self, weight: float = 0.2) -> None:
+        self.weight = weight
+        self.emas: dict[tuple, Ema] = {}
+
+    def observe(self, config: str, batch: float, observed_s: float, predicted_s: float) -> None:
+        if observed_s <= 0 or predicted_s <= 0:
+            return
+        ratio = math.log(observed_s / predicted_s)
+        for key in self._keys(config, batch):
+            self.emas.setdefault(key, Ema(self.weight)).add(ratio)
+
+    def factor(self, config: str, batch: float) -> float:
+        for key in self._keys(config, batch):
+            if key in self.emas:
+                return math.exp(self.emas[key].value)
+        return 1.0
+
+    @staticmethod
+    def _keys(config: str, batch: float) -> tuple[tuple, ...]:
+        return (config, round(math.log2(max(batch, 1)))), (config,), ()
+
+
+def geometric_accept_len(config: str, alpha: float) -> float:
+    """E[accepted + 1] if each level is accepted with probability alpha for one candidate,
+    1 - (1 - alpha)^t for t siblings, and the tree reaches depth min(s, n // t)."""
+    if config == NOSD:
+        return 1.0
+    shape = DraftShape.parse(config)
+    level = 1 - (1 - alpha) ** shape.branch
+    depth = min(shape.steps, max(shape.num_draft // shape.branch, 1))
+    return sum(level**i for i in range(depth + 1))
+
+
+class AcceptanceEstimate:
+    """E[accepted + 1 | config], live where measured, prior x drift elsewhere."""
+
+    def __init__(self, prior: dict[str, float], weight: float = 0.2, stale_after: int = 50) -> None:
+        self.prior = dict(prior)
+        self.weight, self.stale_after = weight, stale_after
+        self.own: dict[str, Ema] = {}
+        self.last_seen: dict[str, int] = {}
+        self.drift = Ema(weight)
+        self.observations = 0
+
+    def observe(self, config: str, accept_len: float) -> None:
+        if config == NOSD or not math.isfinite(accept_len) or accept_len < 1.0:
+            return
+        self.observations += 1
+        self.own.setdefault(config, Ema(self.weight)).add(accept_len)
+        self.last_seen[config] = self.observations
+        prior = self.prior.get(config, 1.0)
+        if prior > 1.01:
+            self.drift.add((accept_len - 1) / (prior - 1))
+
+    def estimate(self, config: str) -> float:
+        if config == NOSD:
+            return 1.0
+        if config in self.own and self.observations - self.last_seen[config] < self.stale_after:
+            return self.own[config].value
+        drift = self.drift.value if self.drift.count else 1.0
+        return 1.0 + (self.prior.get(config, 1.0) - 1.0) * drift
+
+
+class CostModel:
+    """Predicted step time and accepted tokens/s per config, refreshed from live steps."""
+
+    def __init__(self, base: ProfileCost | PriorCost, acceptance: AcceptanceEstimate,
+                 correction: OnlineCorrection | None = None) -> None:
+        self.base, self.acceptance = base, acceptance
+        self.correction = correction or OnlineCorrection()
+
+    @classmethod
+    def build(cls, configs: Iterable[str], profile: Profile | None = None, ema: float = 0.2,
+              stale_after: int = 50) -> CostModel:
+        """From a profile when given (its measured acceptance as the prior), else the prior."""
+        configs = list(configs)
+        prior = {c: geometric_accept_len(c, PRIOR_ALPHA) for c in configs}
+        if profile is None:
+            return cls(PriorCost(), AcceptanceEstimate(prior, ema, stale_after), OnlineCorrection(ema))
+        base = ProfileCost.from_profile(profile)
+        missing = [c for c in [NOSD, *configs] if c not in base.configs]
+        if missing:
+            raise ValueError(f"the profile has no timings for {', '.join(missing)} (it has {', '.join(base.configs)})")
+        prior.update({c: v for c, v in profile.accept_len.items() if c in prior})
+        return cls(base, AcceptanceEstimate(prior, ema, stale_after), OnlineCorrection(ema))
+
+    def step_time(self, config: str, batch: float, context: float) -> float:
+        return self.base.predict(config, batch, context) * self.correction.factor(config, batch)
+
+    def tokens_per_s(self, config: str, batch: float, context: float) -> float:
+        return batch * self.acceptance.estimate(config) / self.step_time(config, batch, context)
+
+    def observe(self, config: str, batch: float, context: float, step_s: float, accept_len: float) -> None:
+        """A live step: its wall time (drafting + verification) and tokens per row."""
+        if batch < 1:
+            return
+        self.correction.observe(config, batch, step_s, self.base.predict(config, batch, context))
+        self.acceptance.observe(config, accept_len)

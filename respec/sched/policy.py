@@ -1,0 +1,87 @@
+"""The Scheduler's decision rule, free of any runtime: the actor and `respec bench adaptive`
+run this same code.
+
+Each decision predicts accepted tokens/s of plain decoding and of every candidate shape
+for the live batch and context, and picks the fastest, with hysteresis: it leaves the
+current config only when the best one is predicted faster by more than `margin`
+(relative), and only after `patience` consecutive decisions agree on that same best.
+Noise in the live timings then moves the predictions a few percent without flapping,
+while a real change (the batch halves as rows finish) switches within `patience` steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from respec.engine.drafters.base import DraftShape
+from respec.sched.cost_model import CostModel
+from respec.sched.profile import NOSD
+
+
+@dataclass(frozen=True)
+class Decision:
+    config: str  # "nosd" or "s{s}_t{t}_n{n}"
+    switched: bool  # differs from the previous decision's config
+    batch: int
+    predicted: dict[str, float] = field(default_factory=dict)  # config -> tokens/s
+    reason: str = ""
+
+    @property
+    def shape(self) -> DraftShape | None:
+        return None if self.config == NOSD else DraftShape.parse(self.config)
+
+
+def check_candidates(candidates: list[str] | tuple[str, ...]) -> list[str]:
+    """Parsed and de-duplicated; a bad name raises ValueError naming it."""
+    seen = []
+    for name in candidates:
+        if name != NOSD:
+            DraftShape.parse(name)
+        if name not in seen:
+            seen.append(name)
+    return seen
+
+
+class SchedulerPolicy:
+    def __init__(self, model: CostModel, candidates: list[str] | tuple[str, ...], margin: float = 0.05,
+                 patience: int = 2, initial: str | None = None) -> None:
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0 (a relative gain), got {margin}")
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1 decision, got {patience}")
+        self.model = model
+        self.configs = check_candidates([NOSD, *candidates])
+        self.margin, self.patience = margin, patience
+        self.current = initial
+        self.pending, self.streak = None, 0
+
+    def observe(self, config: str, batch: float, context: float, step_s: float, accept_len: float) -> None:
+        self.model.observe(config, batch, context, step_s, accept_len)
+
+    def decide(self, batch: int, context: float) -> Decision:
+        predicted = {c: self.model.tokens_per_s(c, max(batch, 1), context) for c in self.configs}
+        best = max(predicted, key=predicted.get)
+        previous = self.current
+        if previous is None or previous not in predicted:
+            self.current, self.pending, self.streak = best, None, 0
+            reason = f"start: {best} fastest at batch {batch}"
+        else:
+            reason = self._hysteresis(best, predicted, batch)
+        return Decision(self.current, self.current != previous, batch,
+                        {c: round(v, 2) for c, v in predicted.items()}, reason)
+
+    def _hysteresis(self, best: str, predicted: dict[str, float], batch: int) -> str:
+        """Count consecutive decisions whose best beats the current config by the margin."""
+        current = self.current
+        gain = predicted[best] / max(predicted[current], 1e-12) - 1
+        if best == current or gain <= self.margin:
+            self.pending, self.streak = None, 0
+            if best == current:
+                return f"keep {current}: fastest at batch {batch}"
+            return f"keep {current}: {best} only {gain:+.1%} at batch {batch} (margin {self.margin:.0%})"
+        self.streak = self.streak + 1 if self.pending == best else 1
+        self.pending = best
+        if self.streak < self.patience:
+            return f"keep {current}: {best} {gain:+.1%} at batch {batch}, {self.streak}/{self.patience} decisions"
+        self.current, self.pending, streak, self.streak = best, None, self.streak, 0
+        return f"switch {current} -> {best}: {gain:+.1%} at batch {batch}, {streak} decisions agree"
