@@ -1,0 +1,107 @@
+"""Scheduler: listens to the Generator's GenerationStats and tells it, with a
+SchedulerDecision, whether to speculate and with which (s, t, n) draft shape.
+
+Every stats message refreshes the cost model (the live step time of the config that ran,
+its live acceptance) and asks the decision rule (`respec.sched.policy`) for the config
+with the most accepted tokens/s at the live batch and context; a decision is sent only
+when the config changes, with the reason and every candidate's predicted speed, so the
+trace shows why. With `profile` it starts from a profile measured by `respec profile`;
+without one, from a rough built-in prior that the live timings correct.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+from respec.messages import Envelope, GenerationStats, SchedulerDecision
+from respec.runtime import Actor, handles
+from respec.sched.cost_model import CostModel
+from respec.sched.policy import SchedulerPolicy, check_candidates
+from respec.sched.profile import DEFAULT_CONFIGS, NOSD, Profile, device_name
+
+
+class Scheduler(Actor):
+    class Params(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+        profile: str = ""  # a `respec profile` JSON; "" = built-in prior, learned online
+        candidates: tuple[str, ...] = DEFAULT_CONFIGS  # draft shapes to choose from (plain decoding always is one)
+        margin: float = 0.05  # switch only for a predicted gain above this (relative)
+        patience: int = 2  # ... seen by this many consecutive decisions
+        ema: float = 0.2  # weight of a new live observation (step time, acceptance)
+        stale_after: int = 50  # SD steps after which a config's own acceptance gives way to prior x drift
+
+    sends = (SchedulerDecision,)
+
+    @classmethod
+    def check_plan(cls, name, params, plan) -> list[str]:
+        problems = [f"params.{p}" for p in param_problems(params)]
+        for generator in plan.senders_of(GenerationStats):
+            gen = plan.actors[generator].params
+            if getattr(gen, "stats_every", 1) == 0:
+                problems.append(f"actors.{generator}.params.stats_every is 0: the Generator never sends the "
+                                f"GenerationStats this Scheduler decides from; set it to 1 or more")
+            if getattr(gen, "drafter", "") == "none" and params.candidates:
+                problems.append(f"params.candidates: actors.{generator} has drafter 'none' and "
+                                f"cannot speculate; use candidates: []")
+        return problems
+
+    async def on_start(self) -> None:
+        problems = param_problems(self.params)
+        if problems:
+            raise ValueError("Scheduler params: " + "; ".join(problems))
+        profile = Profile.load(self.params.profile) if self.params.profile else None
+        if profile is not None and profile.key.get("device") != device_name("cpu"):
+            self.log.warning("scheduler_foreign_profile", profiled_on=profile.key.get("device"),
+                             note="live step timings will correct it")
+        model = CostModel.build(self.params.candidates, profile, self.params.ema, self.params.stale_after)
+        self.policy = SchedulerPolicy(model, self.params.candidates, self.params.margin, self.params.patience)
+        self.decisions = 0
+
+    @handles(GenerationStats)
+    async def on_stats(self, stats: GenerationStats, envelope: Envelope) -> None:
+        if stats.active_rows < 1:
+            return  # nothing ran and nothing will: no decision to make
+        batch, context = stats.active_rows, stats.context_len_mean
+        if stats.step_time_s > 0 and (stats.config == NOSD or stats.config in self.policy.configs):
+            self.policy.observe(stats.config, batch, context, stats.step_time_s, stats.mean_accept_len)
+        decision = self.policy.decide(batch, context)
+        if not decision.switched:
+            return
+        self.decisions += 1
+        shape = decision.shape
+        self.log.info("scheduler_decision", config=decision.config, batch=batch, reason=decision.reason)
+        await self.send(SchedulerDecision(
+            decision_id=self.decisions, speculate=shape is not None, steps=shape.steps if shape else 0,
+            branch=shape.branch if shape else 1, num_draft=shape.num_draft if shape else 0, batch_size=batch,
+            predicted_tokens_per_s=decision.predicted, reason=decision.reason))
+
+
+def param_problems(params: Scheduler.Params) -> list[str]:
+    """Each bad parameter, named with its value and what it should be."""
+    problems = []
+    if params.profile and not Path(params.profile).is_file():
+        problems.append(f"profile: {params.profile!r} does not exist (make it with `respec profile CONFIG --out FILE`)")
+    elif params.profile:
+        try:
+            profiled = set(Profile.load(params.profile).configs)
+        except (ValueError, KeyError, TypeError) as error:
+            problems.append(f"profile: {params.profile!r} cannot be read: {error}")
+        else:
+            missing = [c for c in [NOSD, *params.candidates] if c not in profiled]
+            if missing:
+                problems.append(f"candidates: {', '.join(missing)} not profiled in {params.profile!r} "
+                                f"(it has {', '.join(sorted(profiled))})")
+    try:
+        check_candidates(params.candidates)
+    except ValueError as error:
+        problems.append(f"candidates: {error}")
+    if params.margin < 0:
+        problems.append(f"margin: {params.margin} is negative; a relative gain such as 0.05")
+    if params.patience < 1:
+        problems.append(f"patience: {params.patience}; at least 1 decision")
+    if not 0 < params.ema <= 1:
+        problems.append(f"ema: {params.ema}; a weight in (0, 1]")
+    if params.stale_after < 1:
+        problems.append(f"stale_after: {params.stale_after}; at least 1 step")
+    return problems
