@@ -87,6 +87,82 @@ def bench_sd(
 
 
 @app.command()
+def profile(
+    config: Annotated[Path, typer.Argument(help="a run YAML: its Verifier's model_path, its Generator's drafter")],
+    out: Annotated[Path, typer.Option(help="write the profile JSON here")] = Path("runs/profile.json"),
+    configs: Annotated[str, typer.Option(help="comma-separated draft shapes s<steps>_t<branch>_n<nodes>")]
+        = "s1_t1_n1,s2_t1_n2,s4_t1_n4,s6_t1_n6,s3_t2_n6",
+    batches: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,2,4,8,16,32,64",
+    contexts: Annotated[str, typer.Option(help="comma-separated context lengths (tokens)")] = "16,64,144",
+    repeats: Annotated[int, typer.Option(help="timed steps per grid point (median kept)")] = 5,
+    threads: Annotated[int, typer.Option(help="torch threads (0: torch's default)")] = 1,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Measure step time of plain decoding and each draft shape over batch x context, for the Scheduler."""
+    from respec.runtime.graph import ConfigError
+    from respec.sched.run_profile import profile_run_config
+
+    try:
+        measured = profile_run_config(config, out, _names(configs), _ints(batches), _ints(contexts), repeats,
+                                      threads, device)
+    except (ConfigError, ValueError, OSError) as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {out}: {len(measured.points)} points in {measured.wall_s:.1f}s on {measured.key['device']}")
+
+
+@bench_app.command("adaptive")
+def bench_adaptive(
+    json_file: Annotated[Path, typer.Option("--json", help="write results here")] = Path("runs/bench_adaptive.json"),
+    model: Annotated[Path, typer.Option(help="the policy checkpoint")] = Path("models/tiny/policy"),
+    draft: Annotated[str, typer.Option(help="an EAGLE head directory, or ngram")] = "models/tiny/eagle",
+    batches: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,2,4,8,16,32,64",
+    configs: Annotated[str, typer.Option(help="comma-separated static draft shapes")]
+        = "s1_t1_n1,s2_t1_n2,s4_t1_n4,s6_t1_n6,s3_t2_n6",
+    profile_file: Annotated[Path | None, typer.Option("--profile", help="use this profile instead of measuring")]
+        = None,
+    repeats: Annotated[int, typer.Option(help="runs per measurement (median kept)")] = 5,
+    plot: Annotated[Path | None, typer.Option(help="PNG (default: beside the JSON)")] = None,
+) -> None:
+    """Throughput of the Scheduler's choice against no-SD and every static draft shape, per batch size
+    and over a long-tail rollout phase."""
+    from respec.bench.adaptive import plot as plot_results
+    from respec.bench.adaptive import print_tables, run_benchmark, write_json
+
+    plot = plot or json_file.with_suffix(".png")
+    try:
+        results = run_benchmark(str(model), draft, tuple(_ints(batches)), tuple(_names(configs)),
+                                str(profile_file) if profile_file else None,
+                                str(json_file.with_name(json_file.stem + "_profile.json")), repeats)
+    except (ValueError, OSError) as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    print_tables(results)
+    write_json(results, str(json_file))
+    plot_results(results, str(plot))
+    typer.echo(f"wrote {json_file} and {plot}")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    from respec.engine.drafters.base import DraftShape
+
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    for name in names:
+        try:
+            DraftShape.parse(name)
+        except ValueError as error:
+            raise typer.BadParameter(str(error)) from None
+    return names
+
+
+@app.command()
 def prepare(
     out: Annotated[Path, typer.Option(help="where policy/ and eagle/ go")] = Path("models/tiny"),
     sft_steps: Annotated[int, typer.Option(help="supervised steps of the policy")] = 600,

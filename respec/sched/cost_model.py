@@ -53,6 +53,9 @@ class ProfileCost:
 
     def __init__(self, points: Iterable[ProfilePoint]) -> None:
         self.table: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+        # (config, batch, context rounded to a token) -> seconds: the Scheduler asks the same
+        # few questions every step, and at batch 1 a step is a few ms on the CPU
+        self.memo: dict[tuple[str, float, int], float] = {}
         grouped: dict[str, dict[int, list[tuple[int, float]]]] = {}
         for p in points:
             grouped.setdefault(p.config, {}).setdefault(p.context, []).append((p.batch, p.step_s))
@@ -71,6 +74,12 @@ class ProfileCost:
         return sorted(self.table)
 
     def predict(self, config: str, batch: float, context: float) -> float:
+        key = (config, batch, round(context))
+        if key not in self.memo:
+            self.memo[key] = self._interpolate(config, batch, key[2])
+        return self.memo[key]
+
+    def _interpolate(self, config: str, batch: float, context: float) -> float:
         if config not in self.table:
             raise KeyError(f"config {config!r} is not in the profile (it has {', '.join(self.configs)})")
         by_context = self.table[config]

@@ -111,7 +111,7 @@ def time_point(model, drafter: Drafter | None, shape: DraftShape | None, batch: 
     prompts = [torch.randint(3, vocab, (context,), generator=generator) for _ in range(batch)]
     per_step = shape.num_draft + 1 if shape else 1
     budget = (warmup + repeats + 1) * per_step + 1
-    engine = SpeculativeEngine(model, drafter if shape else None, max_rows=batch, max_len=context + budget + per_step)
+    engine = SpeculativeEngine(model, drafter if shape else None, max_rows=batch, max_len=context + budget + per_step + 1)
     engine.add(prompts, Sampling(temperature=0.0, max_new_tokens=budget), reserve=per_step)
     samples = []
     for index in range(warmup + repeats):

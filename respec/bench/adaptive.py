@@ -1,0 +1,277 @@
+"""`respec bench adaptive`: the Scheduler's choice against plain decoding and every static
+draft shape, in one run, on the prepared tiny policy (ReSpec Fig. 7 and its long tail).
+
+1. A profile of this machine (or `--profile FILE`), the Scheduler's starting point.
+2. Batch sweep: for each batch size B, a pool of 4B task prompts (greedy, stop at EOS,
+   as RL poses them) runs with B rows in flight, a finished row's slot refilled at once
+   (the Generator's continuous batching), so the batch stays at B until the pool drains.
+   Every config, then the adaptive one: the Scheduler's decision rule (`SchedulerPolicy`,
+   the actor's code) asked before every step, refreshed after it with the step's wall
+   time and acceptance; a fresh cost model per run, so nothing learned carries over.
+3. Long tail: 64 prompts start together with lengths drawn from a log-normal (median 16
+   tokens, clipped to [4, 128]: most rows short, a few long, as RL rollouts are), no
+   stop token, so the batch shrinks from 64 to 1 as rows reach their length. Tokens past
+   a row's answer are the policy's own greedy continuation.
+Each measurement is repeated (configs interleaved) and the median kept; greedy, and every
+run is checked to emit exactly the tokens plain decoding emits. Throughput is emitted
+(accepted + bonus) tokens over the wall time of the whole rollout, prefill included.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import Counter, deque
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from respec.engine.checkpoint import load_model
+from respec.engine.drafters.base import DraftShape
+from respec.engine.speculative import Sampling, SpeculativeEngine
+from respec.sched.cost_model import CostModel
+from respec.sched.policy import SchedulerPolicy
+from respec.sched.profile import DEFAULT_CONFIGS, NOSD, Profile, grid_size, profile, profile_key
+from respec.sched.setup import ModelSetup, build_drafter, task_prompts
+
+ADAPTIVE = "adaptive"
+PROFILE_CONTEXTS = (16, 64, 144)
+
+
+class Static:
+    def __init__(self, config: str) -> None:
+        self.name, self.shape = config, None if config == NOSD else DraftShape.parse(config)
+
+    def choose(self, batch: int, context: float) -> DraftShape | None:
+        return self.shape
+
+    def observe(self, batch: int, context: float, step_s: float, accept_len: float) -> None:
+        pass
+
+
+class Adaptive:
+    """The Scheduler's rule in-process: decide before each step, learn from its timing."""
+
+    def __init__(self, policy: SchedulerPolicy) -> None:
+        self.name, self.policy, self.config = ADAPTIVE, policy, NOSD
+
+    def choose(self, batch: int, context: float) -> DraftShape | None:
+        decision = self.policy.decide(batch, context)
+        self.config = decision.config
+        return decision.shape
+
+    def observe(self, batch: int, context: float, step_s: float, accept_len: float) -> None:
+        self.policy.observe(self.config, batch, context, step_s, accept_len)
+
+
+def rollout(model, drafter, prompts: list[torch.Tensor], budgets: list[int], max_rows: int,
+            stop: tuple[int, ...], chooser) -> dict:
+    """Generate every prompt with at most max_rows in flight; the chooser picks each step's shape."""
+    reserve = max(DraftShape.parse(c).num_draft for c in DEFAULT_CONFIGS) + 1
+    engine = SpeculativeEngine(model, drafter, max_rows, max(len(p) for p in prompts) + max(budgets) + reserve + 1)
+    waiting = deque(zip(range(len(prompts)), prompts, budgets, strict=True))
+    order, used, tokens = {}, Counter(), 0
+    started = time.perf_counter()
+    while waiting or engine.rows:
+        _admit(engine, waiting, order, stop, reserve)
+        rows = list(engine.rows.values())
+        context = sum(len(r.prompt) + len(r.tokens) for r in rows) / len(rows)
+        shape = chooser.choose(len(rows), context)
+        step_started = time.perf_counter()
+        stats = engine.step(shape)
+        chooser.observe(len(rows), context, time.perf_counter() - step_started, stats.tokens / stats.rows)
+        used[shape.name if shape else NOSD] += 1
+        tokens += stats.tokens
+    wall = time.perf_counter() - started
+    finished = sorted(engine.finished, key=lambda row: order[row.row_id])
+    emitted = sum(len(row.tokens) for row in finished)
+    return {"tokens_per_s": emitted / wall, "wall_s": wall, "tokens": emitted, "steps": sum(used.values()),
+            "accept_len": tokens / max(sum(r.steps for r in finished), 1), "configs_used": dict(used),
+            "outputs": [row.tokens for row in finished]}
+
+
+def _admit(engine: SpeculativeEngine, waiting: deque, order: dict, stop: tuple[int, ...], reserve: int) -> None:
+    """Fill free slots; each row gets its own length budget (prefill shares a pass by length)."""
+    admitted = [waiting.popleft() for _ in range(min(engine.target.free_slots, len(waiting)))]
+    if not admitted:
+        return
+    sampling = Sampling(temperature=0.0, max_new_tokens=max(b for _, _, b in admitted), stop_token_ids=stop)
+    ids = engine.add([p for _, p, _ in admitted], sampling, reserve)
+    for row_id, (index, _, budget) in zip(ids, admitted, strict=True):
+        order[row_id] = index
+        row = engine.rows.get(row_id)
+        if row is not None:
+            row.sampling = replace(sampling, max_new_tokens=budget)
+
+
+def long_tail_budgets(count: int, seed: int = 0, median: int = 16, sigma: float = 0.9,
+                      low: int = 4, high: int = 128) -> list[int]:
+    lengths = np.exp(np.random.default_rng(seed).normal(np.log(median), sigma, count))
+    return [int(v) for v in np.clip(np.round(lengths), low, high)]
+
+
+def compare(model, drafter, prompts, budgets, max_rows, stop, configs, cost_model_factory, repeats: int,
+            advance) -> dict[str, dict]:
+    """Median tokens/s of every config and the adaptive rule, runs interleaved; outputs checked."""
+    names = [NOSD, *configs, ADAPTIVE]
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for name in (NOSD, configs[0]) if configs else (NOSD,):  # warm-up, not timed: first calls pay allocation
+        rollout(model, drafter if name != NOSD else None, prompts[:max_rows], budgets[:max_rows], max_rows, stop,
+                Static(name))
+    for _ in range(repeats):
+        for name in names:
+            chooser = Adaptive(cost_model_factory()) if name == ADAPTIVE else Static(name)
+            result = rollout(model, drafter if name != NOSD else None, prompts, budgets, max_rows, stop, chooser)
+            if runs[NOSD] and result["outputs"] != runs[NOSD][0]["outputs"]:
+                raise AssertionError(f"greedy {name} changed the output (batch {max_rows})")
+            runs[name].append(result)
+            advance()
+    return {name: _median_run(results) for name, results in runs.items()}
+
+
+def _median_run(results: list[dict]) -> dict:
+    speeds = [r["tokens_per_s"] for r in results]
+    middle = results[speeds.index(statistics.median_low(speeds))]
+    return {"tokens_per_s": round(statistics.median(speeds), 2), "runs_tokens_per_s": [round(s, 2) for s in speeds],
+            "accept_len": round(middle["accept_len"], 3), "steps": middle["steps"], "tokens": middle["tokens"],
+            "configs_used": middle["configs_used"]}
+
+
+def run_benchmark(model_dir: str = "models/tiny/policy", draft: str = "models/tiny/eagle",
+                  batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), configs: tuple[str, ...] = DEFAULT_CONFIGS,
+                  profile_path: str | None = None, profile_out: str | None = None, repeats: int = 5,
+                  long_tail_rows: int = 64, margin: float = 0.05, patience: int = 2, threads: int = 1,
+                  seed: int = 0) -> dict:
+    torch.set_num_threads(threads)  # one thread: the 2-core machine is shared; ratios are what count
+    setup = ModelSetup(model_dir, "ngram" if draft == "ngram" else "eagle", "" if draft == "ngram" else draft)
+    model = load_model(Path(model_dir))
+    drafter = build_drafter(setup, model)
+    key = profile_key(model_dir, setup.drafter, setup.draft_path, "cpu")
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        measured = _profile(model, drafter, key, configs, batches, profile_path, profile_out, progress, seed)
+        factory = lambda: SchedulerPolicy(CostModel.build(configs, measured), configs, margin, patience)  # noqa: E731
+        names = len(configs) + 2
+        task = progress.add_task("bench adaptive", total=(len(batches) + 1) * names * repeats)
+        sweep = []
+        for batch in batches:
+            prompts, stop = task_prompts(model_dir, 4 * batch if batch > 2 else 8 * batch, seed + batch)
+            results = compare(model, drafter, prompts, [64] * len(prompts), batch, stop, configs, factory, repeats,
+                              lambda: progress.advance(task))
+            sweep.append({"batch": batch, "results": results})
+        prompts, _ = task_prompts(model_dir, long_tail_rows, seed + 7)
+        budgets = long_tail_budgets(long_tail_rows, seed)
+        tail = compare(model, drafter, prompts, budgets, long_tail_rows, (), configs, factory, repeats,
+                       lambda: progress.advance(task))
+    results = {"model": model_dir, "draft": draft, "profile": key, "profile_source": profile_path or "measured",
+               "profile_wall_s": measured.wall_s, "profile_accept_len": measured.accept_len, "configs": list(configs),
+               "margin": margin, "patience": patience, "repeats": repeats, "threads": threads,
+               "sweep": [_summarise_batch(entry) for entry in sweep],
+               "long_tail": _summarise_tail(tail, budgets)}
+    return results
+
+
+def _profile(model, drafter, key, configs, batches, path, out, progress, seed) -> Profile:
+    if path:
+        loaded = Profile.load(path)
+        for difference in loaded.matches(key):
+            Console(stderr=True).print(f"[yellow]profile {path} is foreign ({difference}); corrected online[/]")
+        return loaded
+    task = progress.add_task("profile", total=grid_size(configs, batches, PROFILE_CONTEXTS, True))
+    measured = profile(model, drafter, key, configs, batches, PROFILE_CONTEXTS,
+                       accept_prompts=task_prompts(key["model_path"], 16, seed + 99),
+                       advance=lambda label: progress.advance(task))
+    if out:
+        measured.save(out)
+    return measured
+
+
+def _summarise_batch(entry: dict) -> dict:
+    results = entry["results"]
+    statics = {name: r["tokens_per_s"] for name, r in results.items() if name != ADAPTIVE}
+    best = max(statics, key=statics.get)
+    adaptive = results[ADAPTIVE]["tokens_per_s"]
+    return {"batch": entry["batch"], "results": results, "best_static": best,
+            "adaptive_vs_best": round(adaptive / statics[best], 3)}
+
+
+def _summarise_tail(results: dict, budgets: list[int]) -> dict:
+    statics = {name: r["tokens_per_s"] for name, r in results.items() if name != ADAPTIVE}
+    best = max(statics, key=statics.get)
+    return {"rows": len(budgets), "lengths": {"median": int(np.median(budgets)), "p90": int(np.percentile(budgets, 90)),
+                                              "max": max(budgets), "total": sum(budgets)},
+            "results": results, "best_static": best,
+            "adaptive_vs_best": round(results[ADAPTIVE]["tokens_per_s"] / statics[best], 3),
+            "adaptive_beats_every_static": all(results[ADAPTIVE]["tokens_per_s"] > v for v in statics.values())}
+
+
+def print_tables(results: dict) -> None:
+    console = Console()
+    names = [NOSD, *results["configs"], ADAPTIVE]
+    table = Table(title=f"respec bench adaptive: tokens/s by batch size ({results['draft']}; median of "
+                        f"{results['repeats']})")
+    for column in ("batch", *names, "best static", "adaptive / best", "adaptive ran"):
+        table.add_column(column, justify="right")
+    for entry in results["sweep"]:
+        speeds = [f"{entry['results'][n]['tokens_per_s']:.0f}" for n in names]
+        table.add_row(str(entry["batch"]), *speeds, entry["best_static"], f"{entry['adaptive_vs_best']:.2f}x",
+                      _used(entry["results"][ADAPTIVE]["configs_used"]))
+    console.print(table)
+    tail = results["long_tail"]
+    lengths = tail["lengths"]
+    table = Table(title=f"long tail: {tail['rows']} rows, lengths median {lengths['median']}, p90 {lengths['p90']}, "
+                        f"max {lengths['max']}")
+    for column in ("config", "tokens/s", "vs adaptive", "accept len", "steps", "ran"):
+        table.add_column(column, justify="right")
+    adaptive = tail["results"][ADAPTIVE]["tokens_per_s"]
+    for name in names:
+        row = tail["results"][name]
+        table.add_row(name, f"{row['tokens_per_s']:.0f}", f"{row['tokens_per_s'] / adaptive:.2f}x",
+                      f"{row['accept_len']:.2f}", str(row["steps"]), _used(row["configs_used"]))
+    console.print(table)
+
+
+def _used(counts: dict[str, int]) -> str:
+    total = sum(counts.values()) or 1
+    return " ".join(f"{name} {count / total:.0%}" for name, count in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (sweep_axis, tail_axis) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    batches = [entry["batch"] for entry in results["sweep"]]
+    for name in [NOSD, *results["configs"], ADAPTIVE]:
+        speeds = [entry["results"][name]["tokens_per_s"] for entry in results["sweep"]]
+        style = {"color": "black", "linewidth": 2.5} if name == ADAPTIVE else {}
+        sweep_axis.plot(batches, speeds, marker="o", label=name, **style)
+    sweep_axis.set_xscale("log", base=2)
+    sweep_axis.set_yscale("log")
+    sweep_axis.set_xticks(batches, [str(b) for b in batches])
+    sweep_axis.set_xlabel("batch size (rows in flight)")
+    sweep_axis.set_ylabel("accepted tokens/s")
+    sweep_axis.set_title("throughput against batch size")
+    sweep_axis.legend(fontsize=8)
+    tail = results["long_tail"]["results"]
+    names = [NOSD, *results["configs"], ADAPTIVE]
+    tail_axis.bar(names, [tail[n]["tokens_per_s"] for n in names],
+                  color=["black" if n == ADAPTIVE else "tab:blue" for n in names])
+    tail_axis.set_ylabel("accepted tokens/s")
+    tail_axis.set_title("long-tail rollout phase (batch shrinks 64 -> 1)")
+    tail_axis.tick_params(axis="x", rotation=45)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_json(results: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=2))
