@@ -244,15 +244,16 @@ def distill_loss(
 
 # ---------------------------------------------------------------------- drafting
 
+_OPENING = 8  # tokens of a history that identify its sequence in the head's cache
+
 
 class _DraftKV:
-    """The head's keys and values during one proposal: the window's, then each drafted
-    level's appended. The decoder layer calls ``store_and_read`` exactly as it does on the
-    target's cache, so a new level runs over its own nodes only and reads the rest here."""
+    """Keys/values one head pass attends to: a fixed prefix (the rows' cached committed
+    positions), then whatever the passes store (drafted nodes, level by level). The decoder
+    layer calls ``store_and_read`` as it does on the target's cache."""
 
-    def __init__(self) -> None:
-        self.k: Tensor | None = None
-        self.v: Tensor | None = None
+    def __init__(self, k: Tensor | None = None, v: Tensor | None = None) -> None:
+        self.k, self.v = k, v
 
     def store_and_read(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if self.k is None:
@@ -262,59 +263,133 @@ class _DraftKV:
         return self.k, self.v
 
 
-class _DraftSequence:
-    """One proposal's positions for all rows: the feature window, then drafted nodes.
+class _HeadCache:
+    """The head's keys/values at every row's committed positions, kept across proposals.
 
-    The window runs through the head once; each drafted level then runs over its new
-    nodes only, attending to the cached keys/values (``_DraftKV``) of what it may see.
-    Buffers are sized for the whole proposal up front, so a level writes in place.
+    A committed position's key/value depends only on the target's feature and token there
+    and on the positions before it, so it never changes once computed: a proposal runs
+    the head over the row's new committed positions only (the root and the tokens accepted
+    since the last proposal) instead of over a whole window. Store index i of a slot holds
+    head position ``starts[slot] + i``; a row first seen late (or after ``clear``) starts
+    at the oldest position whose feature it was given.
     """
 
-    def __init__(self, head: EagleHead, window: _Window, extra: int):
-        b, width = window.tokens.shape
-        size = width + extra
-        device = window.tokens.device
-        self.head, self.kv, self.length = head, _DraftKV(), width
-        self.root = width - 1  # the window's last position: its token is the root
-        self.visible = torch.zeros(b, size, size, dtype=torch.bool, device=device)
-        self.visible[:, :width, :width] = window.visible
-        self.positions = torch.zeros(b, size, dtype=torch.long, device=device)
-        self.positions[:, :width] = window.positions
-        hidden = head(window.inputs, window.tokens, window.positions, window.visible[:, None], self.kv)
-        self.hidden = hidden.new_zeros(b, size, hidden.shape[-1])
-        self.hidden[:, :width] = hidden
+    def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.k = torch.zeros(0, kv_heads, 1, head_dim, dtype=dtype, device=device)
+        self.v = self.k.clone()
+        self.lengths: list[int] = []
+        self.starts: list[int] = []
+        self.slot_of: dict[int, int] = {}
+        self.free: list[int] = []
+        self.openings: dict[int, tuple[int, ...]] = {}  # slot -> its sequence's first tokens
+
+    def clear(self) -> None:
+        """Forget every row (new head weights make every cached key stale)."""
+        self.free += list(self.slot_of.values())
+        self.slot_of.clear()
+
+    def forget(self, row_id: int) -> None:
+        slot = self.slot_of.pop(row_id, None)
+        if slot is not None:
+            self.free.append(slot)
+
+    def slot(self, row_id: int) -> int:
+        """The row's slot, a fresh empty one for a row not seen since ``forget``/``clear``."""
+        if row_id not in self.slot_of:
+            if not self.free:
+                self._grow(slots=max(4, 2 * len(self.lengths)), capacity=self.capacity)
+            self.slot_of[row_id] = slot = self.free.pop()
+            self.lengths[slot], self.starts[slot] = 0, 0
+        return self.slot_of[row_id]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2] - 1  # the last column absorbs padding writes
+
+    def reserve(self, length: int) -> None:
+        if length > self.capacity:
+            self._grow(slots=len(self.lengths), capacity=max(2 * self.capacity, length, 64))
+
+    def _grow(self, slots: int, capacity: int) -> None:
+        old_slots, old_capacity = self.k.shape[0], self.capacity
+        k = self.k.new_zeros(slots, self.k.shape[1], capacity + 1, self.k.shape[3])
+        v = k.clone()
+        k[:old_slots, :, :old_capacity] = self.k[:, :, :old_capacity]
+        v[:old_slots, :, :old_capacity] = self.v[:, :, :old_capacity]
+        self.k, self.v = k, v
+        self.free += list(range(slots - 1, old_slots - 1, -1))
+        self.lengths += [0] * (slots - old_slots)
+        self.starts += [0] * (slots - old_slots)
+
+
+class _StoreNew:
+    """``store_and_read`` for the pass over new committed positions: writes their keys/values
+    after each row's cached ones (padding columns to the spare one), reads the rows back."""
+
+    def __init__(self, cache: _HeadCache, slots: Tensor, write_at: Tensor, read_length: int) -> None:
+        self.cache, self.slots, self.write_at, self.read_length = cache, slots, write_at, read_length
+
+    def store_and_read(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        rows = self.slots[:, None]
+        self.cache.k[rows, :, self.write_at] = k.transpose(1, 2)
+        self.cache.v[rows, :, self.write_at] = v.transpose(1, 2)
+        return self.cache.k[self.slots, :, : self.read_length], self.cache.v[self.slots, :, : self.read_length]
+
+
+@dataclass(frozen=True)
+class _Root:
+    """Where drafting starts, per row: the root's h and head position, and the keys/values
+    of the row's committed positions every drafted node may see."""
+
+    hidden: Tensor  # [B, 1, H]
+    position: Tensor  # long [B, 1]
+    kv: _DraftKV  # prefix [B, Hkv, R, D]; drafted levels append to it
+    prefix_visible: Tensor  # bool [B, R]: the row's committed positions (rows differ in length)
+
+
+class _DraftSequence:
+    """The drafted nodes of one tree proposal, level by level: each level runs over its new
+    nodes only, attending to the rows' committed positions and to its ancestors."""
+
+    def __init__(self, head: EagleHead, root: _Root, capacity: int):
+        b = root.hidden.shape[0]
+        device = root.hidden.device
+        self.head, self.root, self.length = head, root, 0
+        self.visible = torch.zeros(b, capacity, capacity, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(b, capacity, dtype=torch.long, device=device)
+        self.hidden = root.hidden.new_zeros(b, capacity, root.hidden.shape[-1])
 
     def append(self, parents: Tensor, tokens: Tensor) -> Tensor:
-        """Add one node per (row, column) under sequence positions parents [B, k]; returns
-        the new nodes' h [B, k, H]. A node sees its parent's context, its parent and itself."""
-        k, start = parents.shape[1], self.length
+        """Add one node per (row, column) under nodes parents [B, k] (-1 = the root); returns
+        the new nodes' h [B, k, H]. A node sees the committed positions, its ancestors, itself."""
+        b, k = parents.shape
+        start, under_root = self.length, (parents < 0)[..., None]
         new = slice(start, start + k)
-        parent_h = self.hidden.gather(1, parents[..., None].expand(-1, -1, self.hidden.shape[-1]))
-        seen = self.visible.gather(1, parents[..., None].expand(-1, -1, self.visible.shape[-1]))
-        seen.scatter_(2, parents[..., None], True)
+        index = parents.clamp(min=0)[..., None]
+        parent_h = self.hidden.gather(1, index.expand(-1, -1, self.hidden.shape[-1]))
+        parent_h = torch.where(under_root, self.root.hidden, parent_h)
+        seen = self.visible.gather(1, index.expand(-1, -1, self.visible.shape[-1])) & ~under_root
+        seen.scatter_(2, index, ~under_root)
         seen[:, :, new] = torch.eye(k, dtype=torch.bool, device=seen.device)
         self.visible[:, new] = seen
-        self.positions[:, new] = self.positions.gather(1, parents) + 1
+        positions = torch.where(parents < 0, self.root.position, self.positions.gather(1, index[..., 0])) + 1
+        self.positions[:, new] = positions
         self.length += k
-        hidden = self.head(parent_h, tokens, self.positions[:, new], seen[:, None, :, : self.length], self.kv)
+        prefix = self.root.prefix_visible[:, None, None, :].expand(b, 1, k, -1)
+        mask = torch.cat([prefix, seen[:, None, :, : self.length]], dim=-1)
+        hidden = self.head(parent_h, tokens, positions, mask, self.root.kv)
         self.hidden[:, new] = hidden
         return hidden
 
 
-@dataclass(frozen=True)
-class _Window:
-    """The head's inputs over the last W committed positions of every row, left-padded."""
-
-    inputs: Tensor  # [B, W, H] fused target features
-    tokens: Tensor  # long [B, W]
-    positions: Tensor  # long [B, W]
-    visible: Tensor  # bool [B, W, W]: causal over the row's real positions (padding sees itself)
-    is_real: Tensor  # bool [B, W]
-
-
 class EagleDrafter(Drafter):
     """Top-t trees from an ``EagleHead`` over the target's features (deterministic drafts,
-    so ``draft_probs`` is None and the deterministic acceptance rule is exact)."""
+    so ``draft_probs`` is None and the deterministic acceptance rule is exact).
+
+    Keeps the head's keys/values of each row's committed positions between proposals
+    (``_HeadCache``), so a row's drafts see its whole context; ``feature_window`` only
+    bounds how far back a row's first proposal can start (RowBook keeps that many features).
+    """
 
     needs_features = True
 
@@ -325,11 +400,21 @@ class EagleDrafter(Drafter):
         self.capture_layers = self.head.capture_layers  # SpeculativeEngine wires these into the target
         self.feature_window = feature_window  # RowBook keeps this many features per row
         self.version = 0
+        parameter = next(self.head.parameters())
+        attention = self.head.layer.self_attn
+        self.cache = _HeadCache(attention.num_kv_heads, attention.head_dim, parameter.dtype, parameter.device)
 
     def load_weights(self, state_dict: Mapping[str, Tensor], version: int) -> None:
         """Distilled head weights (the head's own state_dict; the target's parts are shared)."""
         self.head.load_state_dict(state_dict)
+        self.cache.clear()
         self.version = version
+
+    def reset_row(self, row_id: int) -> None:
+        self.cache.forget(row_id)
+
+    def release_row(self, row_id: int) -> None:
+        self.cache.forget(row_id)
 
     def propose(self, request: DraftRequest) -> DraftProposal:
         if request.features is None:
@@ -338,69 +423,105 @@ class EagleDrafter(Drafter):
             )
         shape = request.shape
         with torch.no_grad():
-            window = self._window(request)
+            root = self._catch_up(request)
             if shape.is_chain:
-                return DraftProposal(self._chain(window, min(shape.steps, shape.num_draft)))
-            sequence = _DraftSequence(self.head, window, (shape.steps - 1) * shape.branch)
-            root_probs = self._probs(sequence.hidden[:, sequence.root])
-            seq_of_pool = torch.full((window.tokens.shape[0], shape.max_nodes), -1, dtype=torch.long,
-                                     device=window.tokens.device)
+                return DraftProposal(self._chain(root, min(shape.steps, shape.num_draft)))
+            sequence = _DraftSequence(self.head, root, (shape.steps - 1) * shape.branch)
+            node_of_pool = torch.full((request.batch_size, shape.max_nodes), -1, dtype=torch.long,
+                                      device=root.hidden.device)
 
             def next_probs(builder: TopNTreeBuilder) -> Tensor:
-                return self._expand(sequence, builder, seq_of_pool)
+                return self._expand(sequence, builder, node_of_pool)
 
-            tree = build_topn_tree(root_probs, next_probs, shape.steps, shape.branch, shape.num_draft)
+            tree = build_topn_tree(self._probs(root.hidden[:, 0]), next_probs, shape.steps, shape.branch,
+                                   shape.num_draft)
         return DraftProposal(pad_tree(tree, shape.num_draft))
 
-    def _window(self, request: DraftRequest) -> _Window:
-        """The last W committed positions of every row, left-padded: position i holds
-        (feature of token L-1-W+i, token L-W+i); the last one's token is the root."""
-        features = request.features[:, -self.feature_window:].to(next(self.head.parameters()).dtype)
-        b, width = features.shape[:2]
-        device = features.device
-        counts = [min(width, len(h) - 1) for h in request.histories]
-        tokens = torch.zeros(b, width, dtype=torch.long, device=device)
-        for row, (history, count) in enumerate(zip(request.histories, counts, strict=True)):
-            tokens[row, width - count:] = history[len(history) - count:].to(device)
-        index = torch.arange(width, device=device)
-        first_real = width - torch.tensor(counts, device=device)[:, None]
-        is_real = index >= first_real  # [B, W]
-        positions = (index - first_real).clamp(min=0)
-        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-        visible = (causal & is_real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)
-        return _Window(self.head.fuse(features), tokens, positions, visible, is_real)
+    def _catch_up(self, request: DraftRequest) -> _Root:
+        """Run the head over each row's committed positions it has not seen yet (at least
+        the root's), store their keys/values, and return where drafting starts.
 
-    def _chain(self, window: _Window, length: int) -> DraftTree:
+        Head position i reads (feature of token i, token i + 1), so a history of L tokens
+        has positions 0..L-2 and the last one, whose token is the root, gives the root's h.
+        """
+        features = request.features[:, -self.feature_window:].to(next(self.head.parameters()).dtype)
+        width, device = features.shape[1], features.device
+        starts = [self._first_new(row_id, history, width) for row_id, history in
+                  zip(request.rows, request.histories, strict=True)]
+        slots = [self.cache.slot_of[row_id] for row_id in request.rows]
+        counts = [len(history) - 1 - start for history, start in zip(request.histories, starts, strict=True)]
+        new, b = max(counts), len(slots)
+        lengths = torch.tensor([self.cache.lengths[slot] for slot in slots], device=device)
+        self.cache.reserve(int(lengths.max()) + new)
+        tokens = torch.zeros(b, new, dtype=torch.long, device=device)
+        for row, (history, start, count) in enumerate(zip(request.histories, starts, counts, strict=True)):
+            tokens[row, :count] = history[start + 1: start + 1 + count].to(device)
+        count_of = torch.tensor(counts, device=device)[:, None]
+        column = torch.arange(new, device=device)
+        # The newest `count` features of a row are the last entries of its (left-padded) window.
+        picked = (width - count_of + column).clamp(max=width - 1)
+        inputs = self.head.fuse(features.gather(1, picked[..., None].expand(-1, -1, features.shape[-1])))
+        positions = torch.tensor(starts, device=device)[:, None] + column
+        write_at = torch.where(column < count_of, lengths[:, None] + column, self.cache.capacity)
+        read_length = int((lengths + count_of[:, 0]).max())
+        keys = torch.arange(read_length, device=device)
+        mask = keys[None, None, :] <= (lengths[:, None] + column)[..., None]  # [B, new, R]: causal, prefix
+        slot_ids = torch.tensor(slots, device=device)
+        hidden = self.head(inputs, tokens, positions, mask[:, None], _StoreNew(self.cache, slot_ids, write_at,
+                                                                                read_length))
+        for slot, count in zip(slots, counts, strict=True):
+            self.cache.lengths[slot] += count
+        last = (count_of - 1)[..., None].expand(-1, -1, hidden.shape[-1])
+        ends = lengths + count_of[:, 0]
+        kv = _DraftKV(self.cache.k[slot_ids, :, :read_length], self.cache.v[slot_ids, :, :read_length])
+        return _Root(hidden.gather(1, last), positions.gather(1, count_of - 1), kv, keys[None, :] < ends[:, None])
+
+    def _first_new(self, row_id: int, history: Tensor, width: int) -> int:
+        """The first head position to run for this row (allocating its slot): right after
+        the cached ones, but never past the root's, nor before the window's oldest feature."""
+        slot = self.cache.slot(row_id)
+        root = len(history) - 2
+        available = min(width, len(history) - 1)
+        cached_end = self.cache.starts[slot] + self.cache.lengths[slot]
+        # Row ids are stable per sequence, but a drafter may outlive an engine that reused
+        # them without release_row: a different prompt start means a different sequence.
+        opening = tuple(history[:_OPENING].tolist())
+        stale = self.cache.openings.get(slot) != opening
+        self.cache.openings[slot] = opening
+        if stale or cached_end < root + 1 - available or self.cache.starts[slot] > root:
+            self.cache.starts[slot], self.cache.lengths[slot] = root + 1 - available, 0  # a gap: start over
+        first = min(self.cache.starts[slot] + self.cache.lengths[slot], root)  # a repeated proposal redoes the root
+        self.cache.lengths[slot] = first - self.cache.starts[slot]
+        return first
+
+    def _chain(self, root: _Root, length: int) -> DraftTree:
         """The head's argmax, `length` times: what top-1 trees are, without their bookkeeping.
-        Each node sees the row's real window positions and every earlier node."""
-        b, width = window.tokens.shape
-        kv = _DraftKV()
-        hidden = self.head(window.inputs, window.tokens, window.positions, window.visible[:, None], kv)[:, -1:]
-        seen = torch.ones(b, 1, 1, width + length, dtype=torch.bool, device=hidden.device)
-        seen[:, 0, 0, :width] = window.is_real
-        position = window.positions[:, -1:]
+        Each node sees the row's committed positions and every earlier node."""
+        b, prefix = root.prefix_visible.shape
+        seen = torch.ones(b, 1, 1, prefix + length, dtype=torch.bool, device=root.hidden.device)
+        seen[:, 0, 0, :prefix] = root.prefix_visible
+        hidden, position = root.hidden, root.position
         token = self._argmax(hidden)
         drafted = [token]
         for level in range(1, length):
             position = position + 1
-            hidden = self.head(hidden, token, position, seen[..., : width + level], kv)
+            hidden = self.head(hidden, token, position, seen[..., : prefix + level], root.kv)
             token = self._argmax(hidden)
             drafted.append(token)
         tokens = torch.cat(drafted, dim=1)
         parents = torch.arange(-1, length - 1, device=tokens.device).expand(b, length)
         return DraftTree(tokens, parents, torch.full((b,), length, dtype=torch.long, device=tokens.device))
 
-    def _expand(self, sequence: _DraftSequence, builder: TopNTreeBuilder, seq_of_pool: Tensor) -> Tensor:
+    def _expand(self, sequence: _DraftSequence, builder: TopNTreeBuilder, node_of_pool: Tensor) -> Tensor:
         """q [B, t, V] at the builder's frontier, after adding the frontier to the sequence.
-        seq_of_pool [B, pool]: the sequence position of every pool node run so far (-1: none)."""
+        node_of_pool [B, pool]: the sequence node of every pool entry run so far (-1: none)."""
         frontier = builder.frontier
         pool_parents = builder.frontier_parents()
-        # Children of the root hang under the window's last position, which read the root token.
-        parents = torch.where(pool_parents < 0, sequence.root, seq_of_pool.gather(1, pool_parents.clamp(min=0)))
+        parents = torch.where(pool_parents < 0, -1, node_of_pool.gather(1, pool_parents.clamp(min=0)))
         first_new = sequence.length
         hidden = sequence.append(parents, builder.frontier_tokens())
-        seq_of_pool.scatter_(1, frontier, first_new + torch.arange(frontier.shape[1], device=frontier.device)
-                             .expand_as(frontier))
+        node_of_pool.scatter_(1, frontier, first_new + torch.arange(frontier.shape[1], device=frontier.device)
+                              .expand_as(frontier))
         return self._probs(hidden)
 
     def _probs(self, hidden: Tensor) -> Tensor:
