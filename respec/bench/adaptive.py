@@ -185,7 +185,7 @@ def _profile(model, drafter, key, configs, batches, path, out, progress, seed) -
     task = progress.add_task("profile", total=grid_size(configs, batches, PROFILE_CONTEXTS, True))
     measured = profile(model, drafter, key, configs, batches, PROFILE_CONTEXTS,
                        accept_prompts=task_prompts(key["model_path"], 16, seed + 99),
-                       advance=lambda label: progress.advance(task))
+                       advance=lambda label, points: progress.advance(task, points))
     if out:
         measured.save(out)
     return measured

@@ -103,24 +103,35 @@ def profile_key(model_dir: str | Path, drafter: str, draft_path: str | None, dev
             "draft_path": draft_path or ""}
 
 
-def time_point(model, drafter: Drafter | None, shape: DraftShape | None, batch: int, context: int,
-               warmup: int = 2, repeats: int = 5, seed: int = 0) -> ProfilePoint:
-    """Median step time of `batch` rows at `context` tokens with this shape (None: plain)."""
+def time_points(model, drafter: Drafter | None, shapes: list[DraftShape | None], batch: int, context: int,
+                warmup: int = 2, repeats: int = 5, seed: int = 0) -> list[ProfilePoint]:
+    """Median step time of `batch` rows at `context` tokens for each shape (None: plain).
+
+    The shapes take turns step by step (one engine each): a burst of load from another
+    process then slows all of them alike, and their ratios, which decide, stay right."""
     generator = torch.Generator().manual_seed(seed + batch * 1000 + context)
     vocab = model.config.vocab_size
     prompts = [torch.randint(3, vocab, (context,), generator=generator) for _ in range(batch)]
-    per_step = shape.num_draft + 1 if shape else 1
-    budget = (warmup + repeats + 1) * per_step + 1
-    engine = SpeculativeEngine(model, drafter if shape else None, max_rows=batch, max_len=context + budget + per_step + 1)
-    engine.add(prompts, Sampling(temperature=0.0, max_new_tokens=budget), reserve=per_step)
-    samples = []
+    engines = [_engine(model, drafter, shape, prompts, warmup + repeats) for shape in shapes]
+    samples: list[list[float]] = [[] for _ in shapes]
     for index in range(warmup + repeats):
-        started = time.perf_counter()
-        engine.step(shape)
-        if index >= warmup:
-            samples.append(time.perf_counter() - started)
-    name = shape.name if shape else NOSD
-    return ProfilePoint(name, batch, context, statistics.median(samples), tuple(round(s, 6) for s in samples))
+        for shape, engine, times in zip(shapes, engines, samples, strict=True):
+            started = time.perf_counter()
+            engine.step(shape)
+            if index >= warmup:
+                times.append(time.perf_counter() - started)
+    return [ProfilePoint(shape.name if shape else NOSD, batch, context, statistics.median(times),
+                         tuple(round(t, 6) for t in times)) for shape, times in zip(shapes, samples, strict=True)]
+
+
+def _engine(model, drafter, shape: DraftShape | None, prompts: list[torch.Tensor], steps: int) -> SpeculativeEngine:
+    """An engine with the prompts prefilled and room for `steps` steps of this shape."""
+    per_step = shape.num_draft + 1 if shape else 1
+    budget = (steps + 1) * per_step + 1
+    engine = SpeculativeEngine(model, drafter if shape else None, max_rows=len(prompts),
+                               max_len=len(prompts[0]) + budget + per_step + 1)
+    engine.add(prompts, Sampling(temperature=0.0, max_new_tokens=budget), reserve=per_step)
+    return engine
 
 
 def measure_accept_len(model, drafter: Drafter, shape: DraftShape, prompts: list[torch.Tensor],
@@ -135,17 +146,16 @@ def measure_accept_len(model, drafter: Drafter, shape: DraftShape, prompts: list
 
 def profile(model, drafter: Drafter | None, key: dict, configs=DEFAULT_CONFIGS, batches=DEFAULT_BATCHES,
             contexts=DEFAULT_CONTEXTS, accept_prompts: tuple[list[torch.Tensor], tuple[int, ...]] | None = None,
-            repeats: int = 5, warmup: int = 2, advance: Callable[[str], None] | None = None) -> Profile:
-    """Time plain decoding and every config over the grid; `advance(label)` after each point."""
+            repeats: int = 5, warmup: int = 2, advance: Callable[[str, int], None] | None = None) -> Profile:
+    """Time plain decoding and every config over the grid; `advance(label, points)` as it goes."""
     shapes = [None] + ([DraftShape.parse(c) for c in configs] if drafter is not None else [])
     started = time.perf_counter()
     points = []
     for context in contexts:
         for batch in batches:
-            for shape in shapes:
-                points.append(time_point(model, drafter, shape, batch, context, warmup, repeats))
-                if advance:
-                    advance(f"{shape.name if shape else NOSD} B={batch} L={context}")
+            points += time_points(model, drafter, shapes, batch, context, warmup, repeats)
+            if advance:
+                advance(f"B={batch} L={context}", len(shapes))
     accept = {}
     if drafter is not None and accept_prompts is not None:
         for shape in shapes[1:]:

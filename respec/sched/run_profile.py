@@ -27,6 +27,6 @@ def profile_run_config(config: str | Path, out: str | Path, configs, batches, co
         task = progress.add_task("profile", total=grid_size(configs, batches, contexts, drafter is not None))
         measured = profile(model, drafter, key, configs, batches, contexts,
                            accept_prompts=task_prompts(setup.model_path, 16) if has_tokenizer else None,
-                           repeats=repeats, advance=lambda label: progress.update(task, advance=1, description=label))
+                           repeats=repeats, advance=lambda label, points: progress.update(task, advance=points, description=label))
     measured.save(out)
     return measured
