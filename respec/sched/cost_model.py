@@ -33,14 +33,13 @@ import bisect
 import math
 from collections.abc import Iterable
 
-import numpy as np
-
 from respec.engine.drafters.base import DraftShape
 from respec.sched.profile import NOSD, Profile, ProfilePoint
 
 # PriorCost's target curve (fit described above) and drafting cost per level
 PRIOR_T0, PRIOR_POWER, PRIOR_DRAFT_FRACTION = 19.9, 0.72, 0.15
 PRIOR_ALPHA = 0.5  # per-token acceptance assumed before anything is measured
+CONTEXT_STEP = 4  # contexts closer than this share a memoised step time
 
 
 def verified_tokens(config: str) -> int:
@@ -52,9 +51,11 @@ class ProfileCost:
     """Step time per (config, batch, context), interpolated over a profile's grid."""
 
     def __init__(self, points: Iterable[ProfilePoint]) -> None:
-        self.table: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
-        # (config, batch, context rounded to a token) -> seconds: the Scheduler asks the same
-        # few questions every step, and at batch 1 a step is a few ms on the CPU
+        # config -> context -> (log2 batches, log step times), ascending in batch; plain lists:
+        # numpy's per-call overhead on 7 numbers costs more than the arithmetic
+        self.table: dict[str, dict[int, tuple[list[float], list[float]]]] = {}
+        # (config, batch, context to CONTEXT_STEP tokens) -> seconds: the Scheduler asks the
+        # same few questions every step, and a step at batch 1 is a few ms on the CPU
         self.memo: dict[tuple[str, float, int], float] = {}
         grouped: dict[str, dict[int, list[tuple[int, float]]]] = {}
         for p in points:
@@ -63,7 +64,7 @@ class ProfileCost:
             self.table[config] = {}
             for context, pairs in by_context.items():
                 pairs.sort()
-                self.table[config][context] = (np.array([b for b, _ in pairs], float), np.array([t for _, t in pairs]))
+                self.table[config][context] = ([math.log2(b) for b, _ in pairs], [math.log(t) for _, t in pairs])
 
     @classmethod
     def from_profile(cls, profile: Profile) -> ProfileCost:
@@ -74,7 +75,7 @@ class ProfileCost:
         return sorted(self.table)
 
     def predict(self, config: str, batch: float, context: float) -> float:
-        key = (config, batch, round(context))
+        key = (config, batch, CONTEXT_STEP * round(context / CONTEXT_STEP))
         if key not in self.memo:
             self.memo[key] = self._interpolate(config, batch, key[2])
         return self.memo[key]
@@ -93,16 +94,18 @@ class ProfileCost:
         return t_lo + slope * (context - lo)
 
 
-def _in_batch(batches: np.ndarray, times: np.ndarray, batch: float) -> float:
-    if batch <= batches[0]:
-        return float(times[0])
-    if len(batches) == 1:  # one measured batch: assume compute-bound above it
-        return float(times[0]) * batch / batches[0]
-    if batch >= batches[-1]:
-        slope = max((times[-1] - times[-2]) / (batches[-1] - batches[-2]), 0.0)
-        return float(times[-1] + slope * (batch - batches[-1]))
-    log_t = np.interp(math.log2(batch), np.log2(batches), np.log(times))
-    return float(math.exp(log_t))
+def _in_batch(log_batches: list[float], log_times: list[float], batch: float) -> float:
+    x = math.log2(batch) if batch > 0 else -math.inf
+    if x <= log_batches[0]:
+        return math.exp(log_times[0])
+    if len(log_batches) == 1:  # one measured batch: assume compute-bound above it
+        return math.exp(log_times[0]) * batch / 2 ** log_batches[0]
+    if x >= log_batches[-1]:  # linear in batch past the grid
+        (b0, b1), (t0, t1) = (2 ** v for v in log_batches[-2:]), (math.exp(v) for v in log_times[-2:])
+        return t1 + max((t1 - t0) / (b1 - b0), 0.0) * (batch - b1)
+    i = bisect.bisect_right(log_batches, x)
+    share = (x - log_batches[i - 1]) / (log_batches[i] - log_batches[i - 1])
+    return math.exp(log_times[i - 1] + share * (log_times[i] - log_times[i - 1]))
 
 
 class PriorCost:
