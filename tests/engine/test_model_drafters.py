@@ -133,6 +133,28 @@ def test_target_features_reach_the_drafter_aligned_with_history(target, trained_
         torch.testing.assert_close(row.features, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_cached_drafts_equal_drafts_recomputed_from_the_whole_history(target, trained_head):
+    """The head's keys/values kept across steps give the same trees as a fresh drafter that
+    runs the head over every committed position of the row at once."""
+    drafter = EagleDrafter(target, trained_head, feature_window=5)
+    engine = SpeculativeEngine(target, drafter, max_rows=4, max_len=96)
+    engine.add(prompts_for(3), Sampling(temperature=0.0, max_new_tokens=50), reserve=6)
+    for shape in (DraftShape(3, 2, 6), DraftShape(4, 1, 4), DraftShape(3, 2, 6)):
+        engine.step(shape)
+        rows = list(engine.rows.values())
+        histories = [row.history() for row in rows]
+        width = max(len(h) for h in histories) - 1
+        features = torch.zeros(len(rows), width, 3 * target.config.hidden_size)
+        with torch.no_grad():
+            for b, history in enumerate(histories):
+                captured = target(history[None], capture_layers=drafter.capture_layers).captured
+                features[b, width - len(history) + 1:] = torch.cat(captured, dim=-1)[0, :-1]
+        request = DraftRequest(histories, features, [row.row_id for row in rows], shape)
+        fresh = EagleDrafter(target, trained_head, feature_window=width)
+        got, want = drafter.propose(request).tree, fresh.propose(request).tree
+        assert torch.equal(got.tokens, want.tokens) and torch.equal(got.parents, want.parents)
+
+
 def test_eagle_drafter_refuses_a_request_without_features(target):
     request = DraftRequest([torch.tensor([1, 2, 3])], None, [0], DraftShape(2, 1, 2))
     with pytest.raises(ValueError, match="needs target features"):

@@ -485,9 +485,9 @@ class EagleDrafter(Drafter):
         cached_end = self.cache.starts[slot] + self.cache.lengths[slot]
         # Row ids are stable per sequence, but a drafter may outlive an engine that reused
         # them without release_row: a different prompt start means a different sequence.
-        opening = tuple(history[:_OPENING].tolist())
-        stale = self.cache.openings.get(slot) != opening
-        self.cache.openings[slot] = opening
+        known = self.cache.openings.get(slot)
+        stale = known is None or tuple(history[: len(known)].tolist()) != known
+        self.cache.openings[slot] = tuple(history[:_OPENING].tolist())
         if stale or cached_end < root + 1 - available or self.cache.starts[slot] > root:
             self.cache.starts[slot], self.cache.lengths[slot] = root + 1 - available, 0  # a gap: start over
         first = min(self.cache.starts[slot] + self.cache.lengths[slot], root)  # a repeated proposal redoes the root
