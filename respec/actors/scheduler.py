@@ -30,6 +30,8 @@ class Scheduler(Actor):
         patience: int = 2  # ... seen by this many consecutive decisions
         ema: float = 0.2  # weight of a new live observation (step time, acceptance)
         stale_after: int = 50  # SD steps after which a config's own acceptance gives way to prior x drift
+        probe_every: int = 20  # every N decisions, run a config not seen lately for one step (0: never)
+        probe_within: float = 0.3  # ... if predicted at most this much slower than the current one
 
     sends = (SchedulerDecision,)
 
@@ -55,7 +57,8 @@ class Scheduler(Actor):
             self.log.warning("scheduler_foreign_profile", profiled_on=profile.key.get("device"),
                              note="live step timings will correct it")
         model = CostModel.build(self.params.candidates, profile, self.params.ema, self.params.stale_after)
-        self.policy = SchedulerPolicy(model, self.params.candidates, self.params.margin, self.params.patience)
+        self.policy = SchedulerPolicy(model, self.params.candidates, self.params.margin, self.params.patience,
+                                      probe_every=self.params.probe_every, probe_within=self.params.probe_within)
         self.decisions = 0
 
     @handles(GenerationStats)
@@ -102,6 +105,10 @@ def param_problems(params: Scheduler.Params) -> list[str]:
         problems.append(f"patience: {params.patience}; at least 1 decision")
     if not 0 < params.ema <= 1:
         problems.append(f"ema: {params.ema}; a weight in (0, 1]")
+    if params.probe_every < 0:
+        problems.append(f"probe_every: {params.probe_every}; 0 (never) or more decisions")
+    if not 0 <= params.probe_within < 1:
+        problems.append(f"probe_within: {params.probe_within}; a relative slowdown in [0, 1)")
     if params.stale_after < 1:
         problems.append(f"stale_after: {params.stale_after}; at least 1 step")
     return problems

@@ -81,7 +81,7 @@ def rollout(model, drafter, prompts: list[torch.Tensor], budgets: list[int], max
     while waiting or engine.rows:
         _admit(engine, waiting, order, stop, reserve)
         rows = list(engine.rows.values())
-        context = sum(len(r.prompt) + len(r.tokens) for r in rows) / len(rows)
+        context = max(len(r.prompt) + len(r.tokens) for r in rows)  # attention reads up to the longest row
         shape = chooser.choose(len(rows), context)
         step_started = time.perf_counter()
         stats = engine.step(shape)
@@ -146,8 +146,8 @@ def _median_run(results: list[dict]) -> dict:
 def run_benchmark(model_dir: str = "models/tiny/policy", draft: str = "models/tiny/eagle",
                   batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), configs: tuple[str, ...] = DEFAULT_CONFIGS,
                   profile_path: str | None = None, profile_out: str | None = None, repeats: int = 5,
-                  long_tail_rows: int = 64, margin: float = 0.05, patience: int = 2, threads: int = 1,
-                  seed: int = 0) -> dict:
+                  long_tail_rows: int = 64, margin: float = 0.05, patience: int = 2, probe_every: int = 20,
+                  threads: int = 1, seed: int = 0) -> dict:
     torch.set_num_threads(threads)  # one thread: the 2-core machine is shared; ratios are what count
     setup = ModelSetup(model_dir, "ngram" if draft == "ngram" else "eagle", "" if draft == "ngram" else draft)
     model = load_model(Path(model_dir))
@@ -155,7 +155,8 @@ def run_benchmark(model_dir: str = "models/tiny/policy", draft: str = "models/ti
     key = profile_key(model_dir, setup.drafter, setup.draft_path, "cpu")
     with Progress(console=Console(stderr=True), transient=True) as progress:
         measured = _profile(model, drafter, key, configs, batches, profile_path, profile_out, progress, seed)
-        factory = lambda: SchedulerPolicy(CostModel.build(configs, measured), configs, margin, patience)  # noqa: E731
+        factory = lambda: SchedulerPolicy(CostModel.build(configs, measured), configs, margin, patience,  # noqa: E731
+                                          probe_every=probe_every)
         names = len(configs) + 2
         task = progress.add_task("bench adaptive", total=(len(batches) + 1) * names * repeats)
         sweep = []
@@ -170,7 +171,7 @@ def run_benchmark(model_dir: str = "models/tiny/policy", draft: str = "models/ti
                        lambda: progress.advance(task))
     results = {"model": model_dir, "draft": draft, "profile": key, "profile_source": profile_path or "measured",
                "profile_wall_s": measured.wall_s, "profile_accept_len": measured.accept_len, "configs": list(configs),
-               "margin": margin, "patience": patience, "repeats": repeats, "threads": threads,
+               "margin": margin, "patience": patience, "probe_every": probe_every, "repeats": repeats, "threads": threads,
                "sweep": [_summarise_batch(entry) for entry in sweep],
                "long_tail": _summarise_tail(tail, budgets)}
     return results

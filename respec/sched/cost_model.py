@@ -16,10 +16,10 @@ project (1.4x at batch 1, 3.7x at batch 64), plus drafting at a fixed fraction o
 target step per drafting level.
 
 Online refresh (`OnlineCorrection`): every live step timing updates an EMA of
-log(observed / predicted), kept per (config, batch octave), per config and over all
-configs; a prediction is multiplied by the most specific one seen. A foreign or stale
-profile therefore converges to the live timings of what runs, and a uniform error (a
-slower device) carries over to configs not running right now.
+log(observed / predicted), kept per (config, batch octave) and per config; a prediction
+is multiplied by the most specific one seen. A foreign or stale profile therefore
+converges to the live timings of what runs; configs not running are refreshed by the
+decision rule's occasional probes.
 
 Acceptance (`AcceptanceEstimate`): E[accepted + 1] per config, an EMA of the live values
 while that config runs; for a config not seen lately, its prior (profile-measured or a
@@ -128,10 +128,11 @@ class PriorCost:
 
 
 class Ema:
-    """Exponential moving average; the first value is taken as is."""
+    """Exponential moving average; the first value is taken as is, unless seeded: a seed
+    counts as one observation, so one noisy step cannot overwrite what was known."""
 
-    def __init__(self, weight: float) -> None:
-        self.weight, self.value, self.count = weight, 0.0, 0
+    def __init__(self, weight: float, seed: float | None = None) -> None:
+        self.weight, self.value, self.count = weight, seed or 0.0, int(seed is not None)
 
     def add(self, value: float) -> None:
         self.value = value if self.count == 0 else (1 - self.weight) * self.value + self.weight * value
@@ -139,7 +140,11 @@ class Ema:
 
 
 class OnlineCorrection:
-    """log(observed / predicted) step time, per (config, batch octave), per config, overall."""
+    """log(observed / predicted) step time, per (config, batch octave) and per config, each
+    seeded at 0 (trust the profile until steps say otherwise). No correction crosses
+    configs: the running config's error is often its own (drafting in a continuous batch
+    costs more than in a profile), and carrying it to plain decoding would hide exactly the
+    difference that decides; configs not running are corrected by probes (policy.py)."""
 
     def __init__(self, weight: float = 0.2) -> None:
         self.weight = weight
@@ -150,7 +155,7 @@ class OnlineCorrection:
             return
         ratio = math.log(observed_s / predicted_s)
         for key in self._keys(config, batch):
-            self.emas.setdefault(key, Ema(self.weight)).add(ratio)
+            self.emas.setdefault(key, Ema(self.weight, seed=0.0)).add(ratio)
 
     def factor(self, config: str, batch: float) -> float:
         for key in self._keys(config, batch):
@@ -160,7 +165,7 @@ class OnlineCorrection:
 
     @staticmethod
     def _keys(config: str, batch: float) -> tuple[tuple, ...]:
-        return (config, round(math.log2(max(batch, 1)))), (config,), ()
+        return (config, round(math.log2(max(batch, 1)))), (config,)
 
 
 def geometric_accept_len(config: str, alpha: float) -> float:
@@ -182,14 +187,16 @@ class AcceptanceEstimate:
         self.weight, self.stale_after = weight, stale_after
         self.own: dict[str, Ema] = {}
         self.last_seen: dict[str, int] = {}
-        self.drift = Ema(weight)
+        self.drift = Ema(weight, seed=1.0)
         self.observations = 0
 
     def observe(self, config: str, accept_len: float) -> None:
         if config == NOSD or not math.isfinite(accept_len) or accept_len < 1.0:
             return
+        if config not in self.own:  # seeded with what was believed: one step is a noisy sample
+            self.own[config] = Ema(self.weight, seed=self.estimate(config))
         self.observations += 1
-        self.own.setdefault(config, Ema(self.weight)).add(accept_len)
+        self.own[config].add(accept_len)
         self.last_seen[config] = self.observations
         prior = self.prior.get(config, 1.0)
         if prior > 1.01:

@@ -150,6 +150,7 @@ def profile(model, drafter: Drafter | None, key: dict, configs=DEFAULT_CONFIGS, 
     """Time plain decoding and every config over the grid; `advance(label, points)` as it goes."""
     shapes = [None] + ([DraftShape.parse(c) for c in configs] if drafter is not None else [])
     started = time.perf_counter()
+    time_points(model, drafter, shapes, batches[0], contexts[0], warmup, 2)  # first calls allocate: untimed
     points = []
     for context in contexts:
         for batch in batches:

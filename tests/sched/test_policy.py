@@ -47,7 +47,7 @@ def test_an_interrupted_streak_starts_again():
 def test_noisy_timings_near_a_tie_do_not_flap():
     """Two configs within the margin of each other: +-10% noise on every live step moves
     the predictions around, and the decision stays put."""
-    rule = policy(margin=0.15, patience=2)
+    rule = policy(margin=0.15, patience=2, probe_every=0)
     model = rule.model
     batch = next(b for b in range(1, 65)
                  if abs(model.tokens_per_s("s2_t1_n2", b, 16) / model.tokens_per_s("nosd", b, 16) - 1) < 0.05)
@@ -64,16 +64,41 @@ def test_noisy_timings_near_a_tie_do_not_flap():
 
 
 def test_a_shrinking_batch_moves_from_plain_decoding_to_sd():
-    rule = policy(margin=0.05, patience=2)
+    rule = policy(margin=0.05, patience=2, probe_every=0)
     chosen = [rule.decide(batch, 16).config for batch in range(64, 0, -1) for _ in range(2)]
     assert chosen[0] == "nosd" and chosen[-1] == "s4_t1_n4"
     switches = sum(a != b for a, b in zip(chosen, chosen[1:], strict=False))
     assert switches <= 3  # nosd -> (s2 ->) s4, no back and forth
 
 
+def test_a_config_the_profile_got_wrong_is_probed_and_then_chosen():
+    """The profile says s4 costs 3x what it does, so it is never chosen at batch 8; a
+    probe runs it once every probe_every decisions, its live timing corrects it, and the
+    rule moves to it. Without probes it is never tried."""
+    truth = {"nosd": 1.0, "s2_t1_n2": 1.0, "s4_t1_n4": 1 / 3}
+
+    def run(probe_every: int) -> list[str]:
+        rule = policy(probe_every=probe_every, probe_within=0.5, margin=0.05, patience=2)
+        for point in rule.model.base.table["s4_t1_n4"].values():
+            point[1][:] = [t + 1.0986 for t in point[1]]  # log(3): s4 profiled 3x too slow
+        rule.model.base.memo.clear()
+        chosen = []
+        for _ in range(60):
+            config = rule.decide(8, 16).config
+            step = synthetic_time(config, 8, 16) * 3 * truth[config]
+            rule.observe(config, 8, 16, step, {"nosd": 1.0, "s2_t1_n2": 2.5, "s4_t1_n4": 3.5}[config])
+            chosen.append(config)
+        return chosen
+
+    assert "s4_t1_n4" not in run(probe_every=0)
+    probed = run(probe_every=10)
+    assert probed[-1] == "s4_t1_n4" and probed[-10:].count("s4_t1_n4") == 10
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"margin": -0.1}, "margin must be >= 0"),
     ({"patience": 0}, "patience must be >= 1"),
+    ({"probe_within": 1.0}, "probe_within in"),
 ])
 def test_bad_rule_parameters_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
