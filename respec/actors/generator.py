@@ -140,6 +140,7 @@ class Generator(Actor):
             return
         try:
             self.book.drafter.load_weights(handle_tensors(weights.handle), weights.version)
+            self.log.info("draft_weights_loaded", version=weights.version)
         except (ValueError, OSError, RuntimeError) as error:  # a bad update must not cost the rows in flight
             self.log.warning("draft_weights_not_loaded", version=weights.version, error=f"{type(error).__name__}: {error}")
 

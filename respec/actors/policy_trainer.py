@@ -106,6 +106,7 @@ class PolicyTrainer(Actor):
     @handles(DraftWeights, optional=True)
     async def on_draft_weights(self, weights: DraftWeights, envelope: Envelope) -> None:
         self.draft_version = weights.version
+        self.distill_s += weights.distill_s  # reported with the next update, then reset
 
     @handles(ScoredRollout)
     async def on_scored(self, scored: ScoredRollout, envelope: Envelope) -> None:
@@ -141,6 +142,7 @@ class PolicyTrainer(Actor):
         self.report(version, policy_version=version, draft_version=self.draft_version,
                     **step_metrics(scored, version), train_s=train_s, distill_s=self.distill_s,
                     loss=stats["loss"], grad_norm=stats["grad_norm"], groups=trained)
+        self.distill_s = 0.0
         if self.params.checkpoint_every and version % self.params.checkpoint_every == 0:
             self._checkpoint()
         if self.params.max_steps and version >= self.params.max_steps:

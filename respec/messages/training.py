@@ -63,3 +63,4 @@ class DraftWeights(Message, frozen=True):
     handle: WeightsHandle
     heldout_accept_before: float = 0.0  # held-out acceptance length before the update
     heldout_accept_after: float = 0.0  # and after it
+    distill_s: float = 0.0  # seconds the update took (measurements included)

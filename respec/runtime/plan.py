@@ -108,7 +108,8 @@ def _plan_actor(name: str, spec: ActorSpec, source: str) -> ActorPlan:
     except msgspec.ValidationError as error:
         detail = readable_error(str(error))
         raise ConfigError(f"{where}.params.{detail}" if ": " in detail else f"{where}.params: {detail}") from None
-    return ActorPlan(name, spec, cls, params, cls.handled_types(), tuple(cls.sends))
+    return ActorPlan(name, spec, cls, params, cls.handled_types(),
+                      (*cls.sends, *cls.optional_sends))  # an optional output still gets its sockets
 
 
 def _import_class(path: str, where: str) -> Any:

@@ -67,3 +67,29 @@ def test_checker_that_raises_or_hangs_scores_zero_and_no_rollout_is_lost(run_gra
     assert scores["r2"]["reward"] == 0.0 and "timed out after 0.5s" in scores["r2"]["error"]
     assert scores["r3"] == {"reward": 0.0, "correct": False, "error": ""}
     assert result.stats["scorer/0"]["restarts"] == 0
+
+
+def test_draft_distiller_follows_the_policy_and_the_generator_swaps_its_head(run_graph, policy_dir):
+    path = str(policy_dir)
+    result = run_graph({
+        "prompts": {"class": "respec.actors.prompt_source.PromptSource",
+                    "params": {"tokenizer_path": path, "group_size": 4, "groups_per_step": 2, "max_staleness": 1,
+                               "max_new_tokens": 12}},
+        "generator": {"class": "respec.actors.generator.Generator",
+                      "params": {"max_rows": 8, "drafter": "eagle", "model_path": path, "shape": "s2_t1_n2"}},
+        "verifier": {"class": "respec.actors.verifier.Verifier",
+                     "params": {"model_path": path, "max_rows": 8, "max_len": 64}},
+        "scorer": {"class": "respec.actors.reward_scorer.RewardScorer", "params": {"tokenizer_path": path}},
+        "distiller": {"class": "respec.actors.draft_distiller.DraftDistiller", "group": "distiller",
+                      "params": {"model_path": path, "heldout_prompts": 2, "steps_per_update": 2, "batch_size": 4,
+                                 "eval_max_new_tokens": 8}},
+        "trainer": {"class": "respec.actors.policy_trainer.PolicyTrainer", "group": "trainer",
+                    "params": {"model_path": path, "group_size": 4, "groups_per_step": 2, "lr": 1e-3,
+                               "max_steps": 4}},
+    }, name="rl_distill", threads_per_group=1)
+    assert result.ok, result.reason
+    updates = [row for row in result.metrics if row["source"] == "distiller/0"]
+    assert updates and [row["draft_version"] for row in updates] == list(range(1, len(updates) + 1))
+    assert all(row["heldout_accept_before"] >= 1.0 and row["distill_s"] > 0 for row in updates)
+    log = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
+    assert [e["version"] for e in log if e["event"] == "draft_weights_loaded"][:1] == [1]

@@ -1,0 +1,133 @@
+"""DraftDistiller: keeps the EAGLE head aligned with a policy that changes every step.
+
+It buffers the RewardScorer's `DistillSample`s (tokens and reward of finished rollouts),
+follows the policy through `PolicyWeights` (its own copy: the target distribution is
+recomputed from tokens, never shipped), and every `update_interval` policy versions runs
+`steps_per_update` steps of reward-weighted KL(target || draft) on the buffer. Before and
+after each update it measures greedy acceptance on held-out prompts, then publishes
+`DraftWeights(version)`, which the Generator swaps in between steps. The math lives in
+respec/rl/distill.py.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from respec.actors.generator import handle_tensors
+from respec.engine.checkpoint import load_model
+from respec.engine.drafters.base import DraftShape
+from respec.engine.drafters.eagle import EagleHead
+from respec.engine.tokenizer import load_tokenizer
+from respec.messages import DistillSample, DraftWeights, Envelope, PolicyWeights, WeightsHandle
+from respec.rl.distill import (
+    WEIGHTINGS,
+    DistillBuffer,
+    Sequence,
+    distill_step,
+    heldout_acceptance,
+    sample_weights,
+)
+from respec.runtime import Actor, handles
+
+
+class DraftDistiller(Actor):
+    class Params(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+        model_path: str  # the policy at the start (its copy here follows PolicyWeights)
+        draft_path: str = ""  # the head to start from ("": a fresh one)
+        update_interval: int = 1  # I: update after every I new policy versions
+        reward_weighting: str = "reward"  # none | reward | advantage
+        buffer_size: int = 512  # rollouts kept (the oldest go first)
+        heldout_prompts: int = 16  # the first distinct prompts, kept apart to measure acceptance
+        steps_per_update: int = 8
+        batch_size: int = 32
+        lr: float = 1e-3
+        unroll: int = 2  # drafting steps trained per position (EAGLE-3's training-time test)
+        eval_shape: str = "s4_t1_n4"
+        eval_max_new_tokens: int = 48
+        weights_dir: str = ""
+        seed: int = 0
+
+    sends = (DraftWeights,)
+
+    @classmethod
+    def check_plan(cls, name, params, plan) -> list[str]:
+        problems = []
+        if params.reward_weighting not in WEIGHTINGS:
+            problems.append(f"params.reward_weighting must be one of {', '.join(WEIGHTINGS)}, "
+                            f"got {params.reward_weighting!r}")
+        for key in ("update_interval", "buffer_size", "steps_per_update", "batch_size"):
+            if getattr(params, key) < 1:
+                problems.append(f"params.{key} must be >= 1, got {getattr(params, key)}")
+        try:
+            DraftShape.parse(params.eval_shape)
+        except ValueError as error:
+            problems.append(f"params.eval_shape: {error}")
+        return problems
+
+    async def on_start(self) -> None:
+        torch.manual_seed(self.params.seed)
+        self.policy = load_model(Path(self.params.model_path))
+        self.tokenizer = load_tokenizer(self.params.model_path)
+        self.head = (EagleHead.load(self.params.draft_path, self.policy) if self.params.draft_path
+                     else EagleHead.for_target(self.policy)).eval()
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.params.lr)
+        self.buffer = DistillBuffer(self.params.buffer_size, self.params.heldout_prompts)
+        self.rng = random.Random(self.params.seed)
+        self.policy_version = self.updated_at = 0
+        self.version = 0  # of the head
+        self.weights_dir = Path(self.params.weights_dir or tempfile.mkdtemp(prefix="respec-draft-"))
+
+    @handles(DistillSample)
+    async def on_sample(self, sample: DistillSample, envelope: Envelope) -> None:
+        tokens = np.asarray(sample.tokens).tolist()
+        if len(tokens) <= sample.response_start:
+            return  # a refused prompt: nothing was generated
+        self.buffer.add(Sequence(tokens, sample.response_start, sample.reward,
+                                 sample.prompt_id.split("/")[0], sample.policy_version))
+
+    @handles(PolicyWeights, optional=True)
+    async def on_policy(self, weights: PolicyWeights, envelope: Envelope) -> None:
+        self.policy.load_state_dict(handle_tensors(weights.handle), strict=False)
+        self.policy_version = weights.version
+        if weights.version - self.updated_at >= self.params.update_interval and self.buffer.samples:
+            await self._update()
+
+    async def _update(self) -> None:
+        started = time.perf_counter()
+        before = self._acceptance()
+        pool = list(self.buffer.samples)
+        losses = []
+        for _ in range(self.params.steps_per_update):
+            batch = self.buffer.draw(self.params.batch_size, self.rng)
+            weights = sample_weights(batch, pool, self.params.reward_weighting)
+            losses.append(distill_step(self.head, self.policy, self.optimizer, batch, weights,
+                                       self.tokenizer.pad_id or 0, self.params.unroll))
+        after = self._acceptance()
+        self.version += 1
+        self.updated_at = self.policy_version
+        seconds = time.perf_counter() - started
+        await self.send(DraftWeights(version=self.version, handle=self._handle(), heldout_accept_before=before,
+                                     heldout_accept_after=after, distill_s=seconds), draft_version=self.version)
+        self.report(self.policy_version, draft_version=self.version, distill_kl=float(np.mean(losses)),
+                    heldout_accept_before=before, heldout_accept_after=after, distill_s=seconds,
+                    distill_buffer=len(pool))
+
+    def _acceptance(self) -> float:
+        return heldout_acceptance(self.policy, self.head, self.buffer.heldout, DraftShape.parse(self.params.eval_shape),
+                                  self.params.eval_max_new_tokens, (self.tokenizer.eos_id,))
+
+    def _handle(self) -> WeightsHandle:
+        """The head's own tensors (not the policy's parts it shares), as a file: the
+        Generator sits in another process in every graph where distillation overlaps."""
+        path = self.weights_dir / f"draft-v{self.version}.safetensors"
+        save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()}, path)
+        (self.weights_dir / f"draft-v{self.version - 2}.safetensors").unlink(missing_ok=True)  # read by now
+        return WeightsHandle(kind="file", location=str(path))
