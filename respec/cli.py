@@ -200,3 +200,31 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _rl_bench(which: str):
+    def command(
+        json_file: Annotated[Path, typer.Option("--json", help="write results here (and a PNG beside it)")]
+            = Path(f"runs/bench_{which}.json"),
+        steps: Annotated[int, typer.Option(help="RL steps per variant")] = 100,
+        lr: Annotated[float, typer.Option(help="the trainer's learning rate (0: the run file's)")] = 0.0,
+        config: Annotated[Path, typer.Option(help="the asynchronous SD run file the variants change")]
+            = Path("configs/tiny.yaml"),
+    ) -> None:
+        from respec.bench import rl_runs
+
+        extra = {"actors.trainer.params.lr": lr} if lr else {}
+        getattr(rl_runs, f"bench_{which}")(json_file, steps, extra, config)
+        typer.echo(f"wrote {json_file} and {json_file.with_suffix('.png')}")
+
+    command.__doc__ = {
+        "staleness": "Acceptance over RL steps: frozen drafter, online KD, reward-weighted KD (ReSpec Fig. 4).",
+        "quality": "Reward curves of no-SD and SD with each distillation mode, same seed (ReSpec Fig. 10).",
+        "interval": "Reward-weighted distillation every I in {1, 3, 5} policy versions (ReSpec Fig. 15).",
+        "e2e": "Wall-clock to N RL steps: sync no-SD baseline, async no-SD, async SD, full respec.",
+    }[which]
+    return command
+
+
+for _which in ("staleness", "quality", "interval", "e2e"):
+    bench_app.command(_which)(_rl_bench(_which))

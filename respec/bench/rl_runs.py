@@ -1,0 +1,223 @@
+"""The ReSpec experiments that are whole RL runs: the same graph with one thing changed.
+
+Each bench runs variants of a run file one after the other (same seed, same data order,
+same steps), reads their metrics.jsonl and summary.json, and writes one JSON, one PNG and
+a table:
+
+- staleness: acceptance length over RL steps for a frozen drafter, online distillation
+  without weighting and reward-weighted (ReSpec Fig. 4);
+- quality: reward curves of no-SD and SD with each distillation mode (Fig. 10);
+- interval: reward-weighted distillation every I in {1, 3, 5} policy versions (Fig. 15);
+- e2e: wall-clock to the same number of RL steps for the synchronous no-SD baseline,
+  asynchronous no-SD, asynchronous static SD and full respec (async + Scheduler +
+  reward-weighted distillation), with each one's speedup over the baseline.
+
+A variant is (run file, overrides in dotted form, as `respec run` applies them).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from respec.runtime.launcher import run_file
+
+ASYNC_CONFIG = Path("configs/tiny.yaml")
+SYNC_BASELINE = Path("configs/tiny_baseline.yaml")
+WINDOW = 10  # steps averaged for "start" and "end" figures and the smoothed curves
+
+
+@dataclass
+class VariantResult:
+    name: str
+    trainer: list[dict[str, Any]]
+    distiller: list[dict[str, Any]]
+    summary: dict[str, Any]
+    wall_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def edge(self, key: str, end: bool) -> float:
+        rows = [r[key] for r in self.trainer if r.get(key) is not None]
+        part = rows[-WINDOW:] if end else rows[:WINDOW]
+        return round(sum(part) / len(part), 4) if part else 0.0
+
+
+# ---------------------------------------------------------------------- variants
+
+
+def distiller(config: Path, weighting: str, interval: int = 1) -> dict[str, Any]:
+    """Overrides that add a DraftDistiller to `config`, starting from its Generator's head."""
+    actors = yaml.safe_load(config.read_text())["actors"]
+    return {"actors.distiller": {
+        "class": "respec.actors.draft_distiller.DraftDistiller", "group": "distiller",
+        "params": {"model_path": actors["verifier"]["params"]["model_path"],
+                   "draft_path": actors["generator"]["params"].get("draft_path", ""),
+                   "reward_weighting": weighting, "update_interval": interval}}}
+
+
+def scheduler() -> dict[str, Any]:
+    return {"actors.scheduler": {"class": "respec.actors.scheduler.Scheduler", "params": {}},
+            "actors.generator.params.stats_every": 1}
+
+
+NO_SD = {"actors.generator.params.drafter": "none", "actors.generator.params.shape": "nosd"}
+
+
+def staleness_variants(config: Path) -> dict[str, tuple[Path, dict]]:
+    return {"frozen": (config, {}), "kd_none": (config, distiller(config, "none")),
+            "kd_reward": (config, distiller(config, "reward"))}
+
+
+def quality_variants(config: Path) -> dict[str, tuple[Path, dict]]:
+    return {"nosd": (config, dict(NO_SD)), **{f"sd_{k}": v for k, v in staleness_variants(config).items()},
+            "sd_kd_advantage": (config, distiller(config, "advantage"))}
+
+
+def interval_variants(config: Path) -> dict[str, tuple[Path, dict]]:
+    return {f"interval_{i}": (config, distiller(config, "reward", i)) for i in (1, 3, 5)}
+
+
+def e2e_variants(config: Path, baseline: Path) -> dict[str, tuple[Path, dict]]:
+    return {"sync_nosd": (baseline, {}), "async_nosd": (config, dict(NO_SD)), "async_sd": (config, {}),
+            "respec": (config, {**scheduler(), **distiller(config, "reward")})}
+
+
+# ---------------------------------------------------------------------- running
+
+
+def run_variants(bench: str, variants: dict[str, tuple[Path, dict]], steps: int, extra: dict[str, Any],
+                 console: Console) -> list[VariantResult]:
+    results = []
+    for name, (config, overrides) in variants.items():
+        console.print(f"[bold]{bench}[/]: {name} ({steps} RL steps, {config})")
+        overrides = {**overrides, **extra, "actors.trainer.params.max_steps": steps,
+                     "actors.trainer.params.checkpoint_every": 0}
+        started = time.perf_counter()
+        result = run_file(config, name=f"bench_{bench}_{name}", overrides=overrides, progress=False)
+        if not result.ok:
+            raise RuntimeError(f"{bench}/{name}: the run failed: {result.reason} (see {result.run_dir}/log.jsonl)")
+        summary_path = result.run_dir / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        rows = result.metrics
+        results.append(VariantResult(
+            name, [r for r in rows if r["source"].startswith("trainer") and "reward_mean" in r],
+            [r for r in rows if r["source"].startswith("distiller")], summary, time.perf_counter() - started))
+    return results
+
+
+def report(bench: str, results: list[VariantResult], columns: list[tuple[str, Any]], json_file: Path,
+           curves: list[tuple[str, str]], console: Console, notes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Print the table, write the JSON and a PNG with one panel per (metric, label)."""
+    table = Table(title=f"respec bench {bench}")
+    for title, _ in columns:
+        table.add_column(title)
+    for result in results:
+        table.add_row(*[str(get(result)) for _, get in columns])
+    console.print(table)
+    payload = {"bench": bench, **(notes or {}),
+               "variants": {r.name: {**{title: get(r) for title, get in columns}, "summary": r.summary,
+                                     "trainer": r.trainer, "distiller": r.distiller} for r in results}}
+    json_file.parent.mkdir(parents=True, exist_ok=True)
+    json_file.write_text(json.dumps(payload, indent=2, default=float))
+    _plot(results, curves, json_file.with_suffix(".png"), bench)
+    return payload
+
+
+def _plot(results: list[VariantResult], curves: list[tuple[str, str]], path: Path, bench: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
+    for axis, (key, label) in zip(axes[0], curves, strict=True):
+        for result in results:
+            points = [(r["step"], r[key]) for r in result.trainer if r.get(key) is not None]
+            if points:
+                steps, values = zip(*points, strict=True)
+                axis.plot(steps, smooth(list(values)), label=result.name)
+        axis.set_xlabel("RL step")
+        axis.set_ylabel(f"{label} (mean of {WINDOW} steps)")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(f"respec bench {bench}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def smooth(values: list[float]) -> list[float]:
+    """Trailing mean over up to WINDOW points."""
+    return [sum(values[max(0, i - WINDOW + 1): i + 1]) / (i + 1 - max(0, i - WINDOW + 1)) for i in range(len(values))]
+
+
+# ---------------------------------------------------------------------- the benches
+
+
+def bench_staleness(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG) -> dict:
+    console = Console()
+    results = run_variants("staleness", staleness_variants(config), steps, extra, console)
+    columns = [("variant", lambda r: r.name), ("accept_len start", lambda r: r.edge("accept_len", False)),
+               ("accept_len end", lambda r: r.edge("accept_len", True)),
+               ("end / start", lambda r: _ratio(r.edge("accept_len", True), r.edge("accept_len", False))),
+               ("draft updates", lambda r: len(r.distiller)),
+               ("held-out accuracy start -> end", _accuracy)]
+    return report("staleness", results, columns, json_file, [("accept_len", "acceptance length"),
+                                                             ("reward_mean", "reward")], console, {"steps": steps})
+
+
+def bench_quality(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG) -> dict:
+    console = Console()
+    results = run_variants("quality", quality_variants(config), steps, extra, console)
+    columns = [("variant", lambda r: r.name), ("reward start", lambda r: r.edge("reward_mean", False)),
+               ("reward end", lambda r: r.edge("reward_mean", True)), ("held-out accuracy start -> end", _accuracy),
+               ("accept_len mean", lambda r: r.summary.get("accept_len_mean"))]
+    return report("quality", results, columns, json_file, [("reward_mean", "reward"),
+                                                           ("accept_len", "acceptance length")], console,
+                  {"steps": steps})
+
+
+def bench_interval(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG) -> dict:
+    console = Console()
+    results = run_variants("interval", interval_variants(config), steps, extra, console)
+    columns = [("variant", lambda r: r.name), ("accept_len start", lambda r: r.edge("accept_len", False)),
+               ("accept_len end", lambda r: r.edge("accept_len", True)), ("draft updates", lambda r: len(r.distiller)),
+               ("distill s", lambda r: round(sum(d.get("distill_s", 0.0) for d in r.distiller), 1)),
+               ("wall s", lambda r: round(r.wall_s, 1))]
+    return report("interval", results, columns, json_file, [("accept_len", "acceptance length"),
+                                                            ("reward_mean", "reward")], console, {"steps": steps})
+
+
+def bench_e2e(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG,
+              baseline: Path = SYNC_BASELINE) -> dict:
+    console = Console()
+    results = run_variants("e2e", e2e_variants(config, baseline), steps, extra, console)
+    base = _run_time(results[0])
+    columns = [("variant", lambda r: r.name), ("time to last step s", lambda r: round(_run_time(r), 1)),
+               ("speedup vs sync_nosd", lambda r: _ratio(base, _run_time(r))),
+               ("reward start -> end", lambda r: f"{r.edge('reward_mean', False)} -> {r.edge('reward_mean', True)}"),
+               ("held-out accuracy start -> end", _accuracy),
+               ("accept_len mean", lambda r: r.summary.get("accept_len_mean"))]
+    return report("e2e", results, columns, json_file, [("reward_mean", "reward"), ("accept_len", "acceptance length")],
+                  console, {"steps": steps})
+
+
+def _run_time(result: VariantResult) -> float:
+    """Wall-clock from the launch to the last RL step (set-up and the step-0 evaluation
+    included, the same for every variant; the final evaluation excluded)."""
+    return result.trainer[-1]["time_s"] if result.trainer else 0.0
+
+
+def _accuracy(result: VariantResult) -> str:
+    return f"{result.summary.get('accuracy_start', '?')} -> {result.summary.get('accuracy_end', '?')}"
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else 0.0
