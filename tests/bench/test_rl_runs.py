@@ -1,0 +1,55 @@
+"""The RL-run benches: variants built from the run file, the report they write."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+
+from respec.bench import rl_runs
+from respec.bench.rl_runs import VariantResult, e2e_variants, report, smooth, staleness_variants
+from respec.runtime.graph import load_config
+from respec.runtime.plan import build_plan
+
+RUN = """
+run: {name: t}
+actors:
+  prompts: {class: respec.actors.prompt_source.PromptSource, params: {tokenizer_path: pol}}
+  generator: {class: respec.actors.generator.Generator,
+              params: {max_rows: 8, drafter: eagle, model_path: pol, draft_path: head}}
+  verifier: {class: respec.actors.verifier.Verifier, params: {model_path: pol, max_rows: 8}}
+  scorer: {class: respec.actors.reward_scorer.RewardScorer, params: {tokenizer_path: pol}}
+  trainer: {class: respec.actors.policy_trainer.PolicyTrainer, params: {model_path: pol}}
+"""
+
+
+def test_variants_add_a_distiller_and_a_scheduler_that_plan(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(RUN)
+    variants = staleness_variants(path)
+    assert list(variants) == ["frozen", "kd_none", "kd_reward"]
+    assert variants["frozen"][1] == {}
+    params = variants["kd_reward"][1]["actors.distiller"]["params"]
+    assert (params["model_path"], params["draft_path"], params["reward_weighting"]) == ("pol", "head", "reward")
+    for config, overrides in e2e_variants(path, path).values():  # every variant is a valid graph
+        plan = build_plan(load_config(config, overrides), str(config))
+        assert {"prompts", "trainer"} <= set(plan.actors)
+    respec_plan = build_plan(load_config(path, e2e_variants(path, path)["respec"][1]), str(path))
+    assert {"scheduler", "distiller"} <= set(respec_plan.actors)
+
+
+def test_smooth_is_a_trailing_mean(monkeypatch):
+    monkeypatch.setattr(rl_runs, "WINDOW", 2)
+    assert smooth([1.0, 3.0, 5.0]) == [1.0, 2.0, 4.0]
+
+
+def test_report_writes_json_and_png(tmp_path):
+    rows = [{"step": s, "time_s": float(s), "accept_len": 2.0 - s / 100, "reward_mean": s / 100} for s in range(1, 31)]
+    results = [VariantResult("a", rows, [], {"accuracy_start": 0.4, "accuracy_end": 0.5}, 30.0),
+               VariantResult("b", rows[:20], [{"distill_s": 1.0}], {}, 20.0)]
+    columns = [("variant", lambda r: r.name), ("accept end", lambda r: r.edge("accept_len", True))]
+    out = tmp_path / "bench.json"
+    payload = report("x", results, columns, out, [("accept_len", "acceptance")], Console(file=open("/dev/null", "w")))
+    assert payload["variants"]["a"]["accept end"] == round(sum(2.0 - s / 100 for s in range(21, 31)) / 10, 4)
+    assert json.loads(out.read_text())["variants"]["b"]["distiller"] == [{"distill_s": 1.0}]
+    assert out.with_suffix(".png").stat().st_size > 1000
