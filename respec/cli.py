@@ -94,7 +94,7 @@ def profile(
         = "s1_t1_n1,s2_t1_n2,s4_t1_n4,s6_t1_n6,s3_t2_n6",
     batches: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,2,4,8,16,32,64",
     contexts: Annotated[str, typer.Option(help="comma-separated context lengths (tokens)")] = "16,64,144",
-    repeats: Annotated[int, typer.Option(help="timed steps per grid point (median kept)")] = 5,
+    repeats: Annotated[int, typer.Option(help="timed steps per grid point (their mean is kept)")] = 8,
     threads: Annotated[int, typer.Option(help="torch threads (0: torch's default)")] = 1,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
 ) -> None:

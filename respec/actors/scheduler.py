@@ -31,7 +31,7 @@ class Scheduler(Actor):
         ema: float = 0.2  # weight of a new live observation (step time, acceptance)
         stale_after: int = 50  # SD steps after which a config's own acceptance gives way to prior x drift
         probe_every: int = 20  # every N decisions, run a config not seen lately for one step (0: never)
-        probe_within: float = 0.3  # ... if predicted at most this much slower than the current one
+        probe_within: float = 0.2  # ... if predicted at most this much slower than the current one
 
     sends = (SchedulerDecision,)
 

@@ -7,7 +7,10 @@ draft shape, in one run, on the prepared tiny policy (ReSpec Fig. 7 and its long
    (the Generator's continuous batching), so the batch stays at B until the pool drains.
    Every config, then the adaptive one: the Scheduler's decision rule (`SchedulerPolicy`,
    the actor's code) asked before every step, refreshed after it with the step's wall
-   time and acceptance; a fresh cost model per run, so nothing learned carries over.
+   time and acceptance. One Scheduler lives through the whole bench, as one lives
+   through an RL run: what it learns in one rollout (how far this machine's rollouts
+   are from the profile) it keeps; its learning steps are in the measured runs (every
+   run's tokens/s is in the JSON, the first one included).
 3. Long tail: 64 prompts start together with lengths drawn from a log-normal (median 16
    tokens, clipped to [4, 128]: most rows short, a few long, as RL rollouts are), no
    stop token, so the batch shrinks from 64 to 1 as rows reach their length. Tokens past
@@ -116,7 +119,7 @@ def long_tail_budgets(count: int, seed: int = 0, median: int = 16, sigma: float 
     return [int(v) for v in np.clip(np.round(lengths), low, high)]
 
 
-def compare(model, drafter, prompts, budgets, max_rows, stop, configs, cost_model_factory, repeats: int,
+def compare(model, drafter, prompts, budgets, max_rows, stop, configs, adaptive: Adaptive, repeats: int,
             advance) -> dict[str, dict]:
     """Median tokens/s of every config and the adaptive rule, runs interleaved; outputs checked."""
     names = [NOSD, *configs, ADAPTIVE]
@@ -126,7 +129,7 @@ def compare(model, drafter, prompts, budgets, max_rows, stop, configs, cost_mode
                 Static(name))
     for _ in range(repeats):
         for name in names:
-            chooser = Adaptive(cost_model_factory()) if name == ADAPTIVE else Static(name)
+            chooser = adaptive if name == ADAPTIVE else Static(name)
             result = rollout(model, drafter if name != NOSD else None, prompts, budgets, max_rows, stop, chooser)
             if runs[NOSD] and result["outputs"] != runs[NOSD][0]["outputs"]:
                 raise AssertionError(f"greedy {name} changed the output (batch {max_rows})")
@@ -147,6 +150,7 @@ def run_benchmark(model_dir: str = "models/tiny/policy", draft: str = "models/ti
                   batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), configs: tuple[str, ...] = DEFAULT_CONFIGS,
                   profile_path: str | None = None, profile_out: str | None = None, repeats: int = 5,
                   long_tail_rows: int = 64, margin: float = 0.05, patience: int = 2, probe_every: int = 20,
+                  probe_within: float = 0.2,
                   threads: int = 1, seed: int = 0) -> dict:
     torch.set_num_threads(threads)  # one thread: the 2-core machine is shared; ratios are what count
     setup = ModelSetup(model_dir, "ngram" if draft == "ngram" else "eagle", "" if draft == "ngram" else draft)
@@ -155,23 +159,24 @@ def run_benchmark(model_dir: str = "models/tiny/policy", draft: str = "models/ti
     key = profile_key(model_dir, setup.drafter, setup.draft_path, "cpu")
     with Progress(console=Console(stderr=True), transient=True) as progress:
         measured = _profile(model, drafter, key, configs, batches, profile_path, profile_out, progress, seed)
-        factory = lambda: SchedulerPolicy(CostModel.build(configs, measured), configs, margin, patience,  # noqa: E731
-                                          probe_every=probe_every)
+        adaptive = Adaptive(SchedulerPolicy(CostModel.build(configs, measured), configs, margin, patience,
+                                            probe_every=probe_every, probe_within=probe_within))
         names = len(configs) + 2
         task = progress.add_task("bench adaptive", total=(len(batches) + 1) * names * repeats)
         sweep = []
         for batch in batches:
             prompts, stop = task_prompts(model_dir, 4 * batch if batch > 2 else 8 * batch, seed + batch)
-            results = compare(model, drafter, prompts, [64] * len(prompts), batch, stop, configs, factory, repeats,
+            results = compare(model, drafter, prompts, [64] * len(prompts), batch, stop, configs, adaptive, repeats,
                               lambda: progress.advance(task))
             sweep.append({"batch": batch, "results": results})
         prompts, _ = task_prompts(model_dir, long_tail_rows, seed + 7)
         budgets = long_tail_budgets(long_tail_rows, seed)
-        tail = compare(model, drafter, prompts, budgets, long_tail_rows, (), configs, factory, repeats,
+        tail = compare(model, drafter, prompts, budgets, long_tail_rows, (), configs, adaptive, repeats,
                        lambda: progress.advance(task))
     results = {"model": model_dir, "draft": draft, "profile": key, "profile_source": profile_path or "measured",
                "profile_wall_s": measured.wall_s, "profile_accept_len": measured.accept_len, "configs": list(configs),
-               "margin": margin, "patience": patience, "probe_every": probe_every, "repeats": repeats, "threads": threads,
+               "margin": margin, "patience": patience, "probe_every": probe_every, "probe_within": probe_within,
+               "repeats": repeats, "threads": threads,
                "sweep": [_summarise_batch(entry) for entry in sweep],
                "long_tail": _summarise_tail(tail, budgets)}
     return results

@@ -16,10 +16,11 @@ project (1.4x at batch 1, 3.7x at batch 64), plus drafting at a fixed fraction o
 target step per drafting level.
 
 Online refresh (`OnlineCorrection`): every live step timing updates an EMA of
-log(observed / predicted), kept per (config, batch octave) and per config; a prediction
-is multiplied by the most specific one seen. A foreign or stale profile therefore
-converges to the live timings of what runs; configs not running are refreshed by the
-decision rule's occasional probes.
+log(observed / predicted), kept per (config, batch octave), per config and overall; a
+prediction is multiplied by the most specific one seen. A foreign or stale profile
+therefore converges to the live timings of what runs, a uniform error carries over to
+configs not running, and an error of one config alone is found by the decision rule's
+occasional probes.
 
 Acceptance (`AcceptanceEstimate`): E[accepted + 1] per config, an EMA of the live values
 while that config runs; for a config not seen lately, its prior (profile-measured or a
@@ -140,11 +141,12 @@ class Ema:
 
 
 class OnlineCorrection:
-    """log(observed / predicted) step time, per (config, batch octave) and per config, each
-    seeded at 0 (trust the profile until steps say otherwise). No correction crosses
-    configs: the running config's error is often its own (drafting in a continuous batch
-    costs more than in a profile), and carrying it to plain decoding would hide exactly the
-    difference that decides; configs not running are corrected by probes (policy.py)."""
+    """log(observed / predicted) step time, per (config, batch octave), per config and over
+    all configs, each seeded at 0 (trust the profile until steps say otherwise). A config
+    that has run uses its own; one that has not, the overall one: what a live rollout adds
+    to a profile's clean steps (admissions, prefill, scattered cache slots) is much alike
+    across configs, and without it every config not yet run looks optimistic and is tried
+    in turn. An error that is the running config's own is found by probes (policy.py)."""
 
     def __init__(self, weight: float = 0.2) -> None:
         self.weight = weight
@@ -165,7 +167,7 @@ class OnlineCorrection:
 
     @staticmethod
     def _keys(config: str, batch: float) -> tuple[tuple, ...]:
-        return (config, round(math.log2(max(batch, 1)))), (config,)
+        return (config, round(math.log2(max(batch, 1)))), (config,), ()
 
 
 def geometric_accept_len(config: str, alpha: float) -> float:

@@ -52,7 +52,7 @@ def check_candidates(candidates: list[str] | tuple[str, ...]) -> list[str]:
 class SchedulerPolicy:
     def __init__(self, model: CostModel, candidates: list[str] | tuple[str, ...], margin: float = 0.05,
                  patience: int = 2, initial: str | None = None, probe_every: int = 20,
-                 probe_within: float = 0.3) -> None:
+                 probe_within: float = 0.2) -> None:
         if probe_every < 0 or not 0 <= probe_within < 1:
             raise ValueError(f"probe_every must be >= 0 (0: never) and probe_within in [0, 1), got "
                              f"{probe_every} and {probe_within}")

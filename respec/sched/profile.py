@@ -3,7 +3,10 @@ shape, over a grid of batch sizes and context lengths, with the real engine.
 
 One grid point: B rows whose prompts are L tokens long are prefilled into a
 `SpeculativeEngine`, a few warm-up steps run, then `repeats` timed steps; the point's
-step time is their median (a step drafts, verifies and appends, as the Generator does).
+step time is their mean (a step drafts, verifies and appends, as the Generator does).
+The mean, not the median: an EAGLE step's cost is bimodal on the CPU (about 3 ms or 7
+ms at batch 1, seen in the samples), and throughput pays the mean; a burst of load from
+another process is kept out of the ratios by interleaving the configs instead.
 Prompt contents are random tokens: cost depends on shapes, not on what is said. The
 acceptance each shape reaches is measured separately, on the task prompts of the
 model's directory when it has a tokenizer (the prior the Scheduler starts from).
@@ -41,7 +44,7 @@ class ProfilePoint:
     config: str  # "nosd" or "s{s}_t{t}_n{n}"
     batch: int
     context: int  # tokens in each row's context when the timed steps start
-    step_s: float  # median over the timed steps
+    step_s: float  # mean over the timed steps
     samples_s: tuple[float, ...] = ()  # every timed step, for judging noise
 
 
@@ -105,7 +108,7 @@ def profile_key(model_dir: str | Path, drafter: str, draft_path: str | None, dev
 
 def time_points(model, drafter: Drafter | None, shapes: list[DraftShape | None], batch: int, context: int,
                 warmup: int = 2, repeats: int = 5, seed: int = 0) -> list[ProfilePoint]:
-    """Median step time of `batch` rows at `context` tokens for each shape (None: plain).
+    """Mean step time of `batch` rows at `context` tokens for each shape (None: plain).
 
     The shapes take turns step by step (one engine each): a burst of load from another
     process then slows all of them alike, and their ratios, which decide, stay right."""
@@ -120,7 +123,7 @@ def time_points(model, drafter: Drafter | None, shapes: list[DraftShape | None],
             engine.step(shape)
             if index >= warmup:
                 times.append(time.perf_counter() - started)
-    return [ProfilePoint(shape.name if shape else NOSD, batch, context, statistics.median(times),
+    return [ProfilePoint(shape.name if shape else NOSD, batch, context, statistics.fmean(times),
                          tuple(round(t, 6) for t in times)) for shape, times in zip(shapes, samples, strict=True)]
 
 
@@ -146,7 +149,7 @@ def measure_accept_len(model, drafter: Drafter, shape: DraftShape, prompts: list
 
 def profile(model, drafter: Drafter | None, key: dict, configs=DEFAULT_CONFIGS, batches=DEFAULT_BATCHES,
             contexts=DEFAULT_CONTEXTS, accept_prompts: tuple[list[torch.Tensor], tuple[int, ...]] | None = None,
-            repeats: int = 5, warmup: int = 2, advance: Callable[[str, int], None] | None = None) -> Profile:
+            repeats: int = 8, warmup: int = 2, advance: Callable[[str, int], None] | None = None) -> Profile:
     """Time plain decoding and every config over the grid; `advance(label, points)` as it goes."""
     shapes = [None] + ([DraftShape.parse(c) for c in configs] if drafter is not None else [])
     started = time.perf_counter()

@@ -13,7 +13,7 @@ from respec.sched.profile import Profile, grid_size, profile, profile_key
 from respec.sched.setup import build_drafter, setup_from_run_config, task_prompts
 
 
-def profile_run_config(config: str | Path, out: str | Path, configs, batches, contexts, repeats: int = 5,
+def profile_run_config(config: str | Path, out: str | Path, configs, batches, contexts, repeats: int = 8,
                        threads: int = 1, device: str = "cpu") -> Profile:
     if threads:
         torch.set_num_threads(threads)

@@ -61,18 +61,14 @@ def test_profile_without_a_candidate_is_refused_by_name():
 
 
 def test_a_foreign_profile_converges_to_the_live_timings():
-    """A profile from a 3x faster device: each config's prediction converges to its live
-    timings once it runs; a config that has not run keeps its profiled time (a probe runs
-    it, see the policy tests) instead of inheriting another config's error."""
+    """A profile from a 3x faster device: live steps pull every config's prediction to the
+    truth, including configs not running (a uniform error carries over)."""
     model = CostModel.build(["s2_t1_n2", "s4_t1_n4"], synthetic_profile(scale=1 / 3))
     for _ in range(30):
         for batch in (4, 8):
             model.observe("nosd", batch, 16, synthetic_time("nosd", batch, 16), 1.0)
     assert model.step_time("nosd", 8, 16) == pytest.approx(synthetic_time("nosd", 8, 16), rel=0.02)
-    assert model.step_time("s4_t1_n4", 8, 16) == pytest.approx(synthetic_time("s4_t1_n4", 8, 16) / 3)
-    for _ in range(30):
-        model.observe("s4_t1_n4", 8, 16, synthetic_time("s4_t1_n4", 8, 16), 3.5)
-    assert model.step_time("s4_t1_n4", 8, 16) == pytest.approx(synthetic_time("s4_t1_n4", 8, 16), rel=0.02)
+    assert model.step_time("s4_t1_n4", 8, 16) == pytest.approx(synthetic_time("s4_t1_n4", 8, 16), rel=0.05)
 
 
 def test_online_correction_is_specific_to_the_batch_octave_when_seen():
@@ -83,9 +79,9 @@ def test_online_correction_is_specific_to_the_batch_octave_when_seen():
     assert correction.factor("nosd", 64) == pytest.approx(2.0)
     assert correction.factor("nosd", 1) == pytest.approx(1.0)
     assert 1.0 < correction.factor("nosd", 16) < 2.0  # an octave not seen: the config's own EMA
-    assert correction.factor("s2_t1_n2", 64) == 1.0  # another config's error does not carry over
+    assert correction.factor("s2_t1_n2", 64) == pytest.approx(correction.factor("nosd", 16))  # not run: overall
     correction.observe("s2_t1_n2", 8, observed_s=10.0, predicted_s=1.0)
-    assert correction.factor("s2_t1_n2", 8) == pytest.approx(10**0.5)  # seeded at 0: one step moves it halfway
+    assert correction.factor("s2_t1_n2", 8) == pytest.approx(10**0.5)  # its own now, seeded at 0: halfway
 
 
 def test_acceptance_live_where_measured_and_drifted_prior_elsewhere():

@@ -63,6 +63,7 @@ def test_scheduler_without_a_profile_learns_that_sd_does_not_pay(run_graph, tmp_
     ({"ema": 0.0}, "params.ema: 0.0; a weight in (0, 1]"),
     ({"candidates": ["s4_t1"]}, "params.candidates: DraftShape: 's4_t1' is not of the form"),
     ({"profile": "/nonexistent/profile.json"}, "params.profile: '/nonexistent/profile.json' does not exist"),
+    ({"probe_within": 1.5}, "params.probe_within: 1.5; a relative slowdown in [0, 1)"),
     ({"margin": "big"}, "margin"),
 ])
 def test_bad_params_stop_the_run_before_it_starts_with_the_key_named(run_graph, tmp_path, params, message):
