@@ -16,11 +16,11 @@ project (1.4x at batch 1, 3.7x at batch 64), plus drafting at a fixed fraction o
 target step per drafting level.
 
 Online refresh (`OnlineCorrection`): every live step timing updates an EMA of
-log(observed / predicted), kept per (config, batch octave), per config and overall; a
-prediction is multiplied by the most specific one seen. A foreign or stale profile
-therefore converges to the live timings of what runs, a uniform error carries over to
-configs not running, and an error of one config alone is found by the decision rule's
-occasional probes.
+log(observed / predicted), kept per (config, batch octave), per batch octave, per config
+and overall; a prediction is multiplied by the most specific one seen. A foreign or
+stale profile therefore converges to the live timings of what runs, an error common to
+all configs carries over to those not running, and an error of one config alone is found
+by the decision rule's occasional probes.
 
 Acceptance (`AcceptanceEstimate`): E[accepted + 1] per config, an EMA of the live values
 while that config runs; for a config not seen lately, its prior (profile-measured or a
@@ -141,12 +141,17 @@ class Ema:
 
 
 class OnlineCorrection:
-    """log(observed / predicted) step time, per (config, batch octave), per config and over
-    all configs, each seeded at 0 (trust the profile until steps say otherwise). A config
-    that has run uses its own; one that has not, the overall one: what a live rollout adds
-    to a profile's clean steps (admissions, prefill, scattered cache slots) is much alike
-    across configs, and without it every config not yet run looks optimistic and is tried
-    in turn. An error that is the running config's own is found by probes (policy.py)."""
+    """log(observed / predicted) step time, seeded at 0 (trust the profile until steps say
+    otherwise), kept per (config, batch octave), per batch octave, per config and overall;
+    a prediction takes the most specific one seen. A config not run at this batch size
+    takes what the configs that did run here learned: what a live rollout adds to a
+    profile's clean steps (rows admitted and prefilled, scattered cache slots) depends
+    much more on the batch than on the config, and a config's error learned at batch 2
+    says little about batch 8. An error of one config alone is found by probes
+    (policy.py). Each observation is clipped to +-CLIP around the current value: a step
+    that another process stalled 3x must not swing a decision."""
+
+    CLIP = 0.4  # log units: one step moves an estimate by at most a factor 1.5 x weight
 
     def __init__(self, weight: float = 0.2) -> None:
         self.weight = weight
@@ -157,7 +162,8 @@ class OnlineCorrection:
             return
         ratio = math.log(observed_s / predicted_s)
         for key in self._keys(config, batch):
-            self.emas.setdefault(key, Ema(self.weight, seed=0.0)).add(ratio)
+            ema = self.emas.setdefault(key, Ema(self.weight, seed=0.0))
+            ema.add(min(max(ratio, ema.value - self.CLIP), ema.value + self.CLIP))
 
     def factor(self, config: str, batch: float) -> float:
         for key in self._keys(config, batch):
@@ -167,7 +173,8 @@ class OnlineCorrection:
 
     @staticmethod
     def _keys(config: str, batch: float) -> tuple[tuple, ...]:
-        return (config, round(math.log2(max(batch, 1)))), (config,), ()
+        octave = round(math.log2(max(batch, 1)))
+        return (config, octave), (octave,), (config,), ()
 
 
 def geometric_accept_len(config: str, alpha: float) -> float:
