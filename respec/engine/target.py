@@ -91,14 +91,24 @@ class TargetRunner:
             output = self.model.forward_cached(inputs, self.cache, slot_ids, tree_mask=tree.attention_mask(),
                                                capture_layers=self.capture_layers)
         logits = output.logits
-        greedy = torch.tensor([s.temperature == 0 for s in sampling], device=self.device)
-        result = accept(tree, self._probs(sampling, logits), draft_probs, greedy=greedy, generator=self.generator)
+        result = self._accept(tree, logits, draft_probs, sampling)
         sources = result.source_positions()  # the root and the accepted nodes: their KV stays
         counts = result.num_tokens
         self.cache.commit(slot_ids, [sources[b, : counts[b]] for b in range(len(slots))])
         at_sources = logits.gather(1, sources.clamp(min=0)[..., None].expand(-1, -1, logits.shape[-1]))
         return Verified(result.tokens, self._logprobs(sampling, at_sources, result.tokens), counts,
                         result.num_accepted, _kept_features(output.captured, sources))
+
+    def _accept(self, tree: DraftTree, logits: torch.Tensor, draft_probs: torch.Tensor | None,
+                sampling: list[Sampling]):
+        greedy = [s.temperature == 0 for s in sampling]
+        if all(greedy):
+            # Greedy acceptance reads only the argmax of the target's distribution, which is
+            # the logits' argmax (acceptance takes "anything whose argmax is the greedy
+            # token" for greedy rows): skip building the one-hot probabilities.
+            return accept(tree, logits, draft_probs, greedy=True)
+        greedy_rows = torch.tensor(greedy, device=self.device)
+        return accept(tree, self._probs(sampling, logits), draft_probs, greedy=greedy_rows, generator=self.generator)
 
     def release(self, slot: int) -> None:
         self.cache.free(slot)

@@ -528,7 +528,12 @@ class EagleDrafter(Drafter):
         return torch.softmax(self.head.logits(hidden).float(), dim=-1)
 
     def _argmax(self, hidden: Tensor) -> Tensor:
-        return self.head.logits(hidden).argmax(-1)
+        target = self.head.target
+        if target.lm_head.bias is not None:
+            return self.head.logits(hidden).argmax(-1)
+        # RMSNorm divides each row by a positive scalar, which leaves its argmax alone:
+        # skip the normalisation (a handful of small ops per drafted token).
+        return F.linear(hidden * target.norm.weight, target.lm_head.weight).argmax(-1)
 
 
 def pad_tree(tree: DraftTree, width: int) -> DraftTree:
