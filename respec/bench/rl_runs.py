@@ -86,7 +86,8 @@ def interval_variants(config: Path) -> dict[str, tuple[Path, dict]]:
 
 def e2e_variants(config: Path, baseline: Path) -> dict[str, tuple[Path, dict]]:
     return {"sync_nosd": (baseline, {}), "async_nosd": (config, dict(NO_SD)), "async_sd": (config, {}),
-            "respec": (config, {**scheduler(), **distiller(config, "reward")})}
+            # every 3 versions: on a 2-core CPU the distiller shares the cores with generation
+            "respec": (config, {**scheduler(), **distiller(config, "reward", 3)})}
 
 
 # ---------------------------------------------------------------------- running
