@@ -21,12 +21,13 @@ head's optimiser never touches them, and no gradient lands on the policy).
 
 Drafting deeper than one step has no target feature for the drafted tokens, so (as in
 EAGLE-3) a drafted node's input is its parent's output ``h`` in place of ``fused``.
-``distill_loss`` trains teacher-forced on target features only; deeper drafts are
-therefore less accurate than the first one, which costs acceptance, never exactness.
 
-Cost: no draft KV cache. Each proposal re-runs the head over the row's last
-``feature_window`` positions plus the tree so far, once per drafting step; for a
-one-layer head over a window of ~16 that is cheap next to a target pass.
+``distill_loss(steps=k)`` also trains drafting steps 2..k that way (EAGLE-3's training-time
+test, ``EagleHead.unrolled``), which is what makes the deeper drafts acceptable.
+
+Cost: the drafter keeps the head's keys/values of every row's committed positions
+(``_HeadCache``), so a proposal runs the head over the row's new positions (root and
+the tokens accepted since the last one), then once per tree level over that level's nodes.
 """
 
 from __future__ import annotations
