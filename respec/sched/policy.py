@@ -12,8 +12,9 @@ Probes: the live refresh only sees the config that runs, so a config the profile
 wrong (too slow) would never be tried again. Every `probe_every` decisions, one config
 predicted within `probe_within` of the current one and not run for `probe_every`
 decisions runs for a single step (reason "probe"); its timing then corrects its own
-estimate. The price is bounded: at most one step in `probe_every` at most `probe_within`
-slower.
+estimate. Plain decoding is always eligible, whatever its prediction: it is the
+baseline SD must beat, and the one config whose mistake costs most to keep. The price
+is bounded: one step in `probe_every`.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class SchedulerPolicy:
         if not self.probe_every or self.decisions % self.probe_every:
             return self.current
         floor = (1 - self.probe_within) * predicted[self.current]
-        unseen = [c for c in predicted if c != self.current and predicted[c] >= floor
+        unseen = [c for c in predicted if c != self.current and (predicted[c] >= floor or c == NOSD)
                   and self.decisions - self.last_run.get(c, -self.probe_every) >= self.probe_every]
         return max(unseen, key=predicted.get, default=self.current)
 

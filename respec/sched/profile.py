@@ -3,10 +3,11 @@ shape, over a grid of batch sizes and context lengths, with the real engine.
 
 One grid point: B rows whose prompts are L tokens long are prefilled into a
 `SpeculativeEngine`, a few warm-up steps run, then `repeats` timed steps; the point's
-step time is their mean (a step drafts, verifies and appends, as the Generator does).
-The mean, not the median: an EAGLE step's cost is bimodal on the CPU (about 3 ms or 7
-ms at batch 1, seen in the samples), and throughput pays the mean; a burst of load from
-another process is kept out of the ratios by interleaving the configs instead.
+step time is their median (a step drafts, verifies and appends, as the Generator does).
+The configs of one grid point take turns step by step, so load from another process
+that lasts longer than a step slows them alike; the median drops the steps that a
+shorter burst stalled (2-4x spikes are common on the shared CPU; a mean over 8 steps
+turned plain decoding's 2.0 ms at batch 1 into 3.4 ms and the Scheduler's choice with it).
 Prompt contents are random tokens: cost depends on shapes, not on what is said. The
 acceptance each shape reaches is measured separately, on the task prompts of the
 model's directory when it has a tokenizer (the prior the Scheduler starts from).
@@ -44,7 +45,7 @@ class ProfilePoint:
     config: str  # "nosd" or "s{s}_t{t}_n{n}"
     batch: int
     context: int  # tokens in each row's context when the timed steps start
-    step_s: float  # mean over the timed steps
+    step_s: float  # median over the timed steps
     samples_s: tuple[float, ...] = ()  # every timed step, for judging noise
 
 
@@ -108,7 +109,7 @@ def profile_key(model_dir: str | Path, drafter: str, draft_path: str | None, dev
 
 def time_points(model, drafter: Drafter | None, shapes: list[DraftShape | None], batch: int, context: int,
                 warmup: int = 2, repeats: int = 5, seed: int = 0) -> list[ProfilePoint]:
-    """Mean step time of `batch` rows at `context` tokens for each shape (None: plain).
+    """Median step time of `batch` rows at `context` tokens for each shape (None: plain).
 
     The shapes take turns step by step (one engine each): a burst of load from another
     process then slows all of them alike, and their ratios, which decide, stay right."""
@@ -123,7 +124,7 @@ def time_points(model, drafter: Drafter | None, shapes: list[DraftShape | None],
             engine.step(shape)
             if index >= warmup:
                 times.append(time.perf_counter() - started)
-    return [ProfilePoint(shape.name if shape else NOSD, batch, context, statistics.fmean(times),
+    return [ProfilePoint(shape.name if shape else NOSD, batch, context, statistics.median(times),
                          tuple(round(t, 6) for t in times)) for shape, times in zip(shapes, samples, strict=True)]
 
 
