@@ -334,7 +334,8 @@ class _StoreNew:
         rows = self.slots[:, None]
         self.cache.k[rows, :, self.write_at] = k.transpose(1, 2)
         self.cache.v[rows, :, self.write_at] = v.transpose(1, 2)
-        return self.cache.k[self.slots, :, : self.read_length], self.cache.v[self.slots, :, : self.read_length]
+        self.read = self.cache.k[self.slots, :, : self.read_length], self.cache.v[self.slots, :, : self.read_length]
+        return self.read  # drafting attends to these same rows: kept, not read twice
 
 
 @dataclass(frozen=True)
@@ -467,15 +468,14 @@ class EagleDrafter(Drafter):
         read_length = int((lengths + count_of[:, 0]).max())
         keys = torch.arange(read_length, device=device)
         mask = keys[None, None, :] <= (lengths[:, None] + column)[..., None]  # [B, new, R]: causal, prefix
-        slot_ids = torch.tensor(slots, device=device)
-        hidden = self.head(inputs, tokens, positions, mask[:, None], _StoreNew(self.cache, slot_ids, write_at,
-                                                                                read_length))
+        store = _StoreNew(self.cache, torch.tensor(slots, device=device), write_at, read_length)
+        hidden = self.head(inputs, tokens, positions, mask[:, None], store)
         for slot, count in zip(slots, counts, strict=True):
             self.cache.lengths[slot] += count
         last = (count_of - 1)[..., None].expand(-1, -1, hidden.shape[-1])
         ends = lengths + count_of[:, 0]
-        kv = _DraftKV(self.cache.k[slot_ids, :, :read_length], self.cache.v[slot_ids, :, :read_length])
-        return _Root(hidden.gather(1, last), positions.gather(1, count_of - 1), kv, keys[None, :] < ends[:, None])
+        return _Root(hidden.gather(1, last), positions.gather(1, count_of - 1), _DraftKV(*store.read),
+                     keys[None, :] < ends[:, None])
 
     def _first_new(self, row_id: int, history: Tensor, width: int) -> int:
         """The first head position to run for this row (allocating its slot): right after
