@@ -166,7 +166,7 @@ def _names(text: str) -> list[str]:
 def prepare(
     out: Annotated[Path, typer.Option(help="where policy/ and eagle/ go")] = Path("models/tiny"),
     sft_steps: Annotated[int, typer.Option(help="supervised steps of the policy")] = 600,
-    eagle_steps: Annotated[int, typer.Option(help="distillation steps of the EAGLE head")] = 300,
+    eagle_steps: Annotated[int, typer.Option(help="distillation steps of the EAGLE head")] = 600,
     seed: Annotated[int, typer.Option()] = 0,
     force: Annotated[bool, typer.Option(help="retrain what already exists")] = False,
     threads: Annotated[int, typer.Option(help="torch threads (0: torch's default)")] = 0,
