@@ -129,14 +129,16 @@ class PriorCost:
 
 
 class Ema:
-    """Exponential moving average; the first value is taken as is, unless seeded: a seed
-    counts as one observation, so one noisy step cannot overwrite what was known."""
+    """A running mean over the first 1/weight values, an exponential moving average after:
+    the first few observations (a probe's) count fully, later ones with `weight`. A seed
+    counts as one observation, so one noisy step cannot overwrite what was believed."""
 
     def __init__(self, weight: float, seed: float | None = None) -> None:
         self.weight, self.value, self.count = weight, seed or 0.0, int(seed is not None)
 
     def add(self, value: float) -> None:
-        self.value = value if self.count == 0 else (1 - self.weight) * self.value + self.weight * value
+        share = max(self.weight, 1 / (self.count + 1))
+        self.value = (1 - share) * self.value + share * value
         self.count += 1
 
 
@@ -147,11 +149,12 @@ class OnlineCorrection:
     takes what the configs that did run here learned: what a live rollout adds to a
     profile's clean steps (rows admitted and prefilled, scattered cache slots) depends
     much more on the batch than on the config, and a config's error learned at batch 2
-    says little about batch 8. An error of one config alone is found by probes
-    (policy.py). Each observation is clipped to +-CLIP around the current value: a step
-    that another process stalled 3x must not swing a decision."""
+    says little about batch 8. A level seen for the first time starts from that belief.
+    An error of one config alone is found by probes (policy.py). Each observation is
+    clipped to +-CLIP around the current value: a step that another process stalled 3x
+    must not swing a decision."""
 
-    CLIP = 0.4  # log units: one step moves an estimate by at most a factor 1.5 x weight
+    CLIP = 0.7  # log units: an observation counts as at most 2x off the current estimate
 
     def __init__(self, weight: float = 0.2) -> None:
         self.weight = weight
@@ -161,8 +164,9 @@ class OnlineCorrection:
         if observed_s <= 0 or predicted_s <= 0:
             return
         ratio = math.log(observed_s / predicted_s)
+        believed = math.log(self.factor(config, batch))  # a new level starts from the current belief
         for key in self._keys(config, batch):
-            ema = self.emas.setdefault(key, Ema(self.weight, seed=0.0))
+            ema = self.emas.setdefault(key, Ema(self.weight, seed=believed))
             ema.add(min(max(ratio, ema.value - self.CLIP), ema.value + self.CLIP))
 
     def factor(self, config: str, batch: float) -> float:

@@ -83,9 +83,10 @@ def test_online_correction_is_specific_to_the_batch_octave_when_seen():
     assert 1.0 < correction.factor("nosd", 16) < 2.0  # an octave not seen: the config's own EMA
     assert correction.factor("s2_t1_n2", 64) == pytest.approx(2.0, rel=1e-3)  # not run: what ran at this octave
     assert correction.factor("s2_t1_n2", 16) == pytest.approx(correction.factor("nosd", 16))  # ... else overall
+    before = correction.factor("s2_t1_n2", 8)
     correction.observe("s2_t1_n2", 8, observed_s=10.0, predicted_s=1.0)
-    # its own now: seeded at 0, the 10x outlier clipped to 1.5x (log 0.4), weight 0.5
-    assert correction.factor("s2_t1_n2", 8) == pytest.approx(math.exp(0.2))
+    # its own now: seeded with what was believed, the 10x outlier clipped to 2x (log 0.7), half weight
+    assert correction.factor("s2_t1_n2", 8) == pytest.approx(before * math.exp(0.35))
 
 
 def test_acceptance_live_where_measured_and_drifted_prior_elsewhere():
