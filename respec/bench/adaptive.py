@@ -44,6 +44,10 @@ from respec.sched.profile import DEFAULT_CONFIGS, NOSD, Profile, grid_size, prof
 from respec.sched.setup import ModelSetup, build_drafter, task_prompts
 
 ADAPTIVE = "adaptive"
+# Plain decoding in the engine the adaptive rule runs in: drafter attached, so the target
+# captures and the rows keep the drafter's features on every step, ready for a switch to
+# SD. Not a choice anyone would make; it shows what being able to switch costs.
+NOSD_READY = "nosd+features"
 PROFILE_CONTEXTS = (16, 64, 144)
 
 
@@ -126,7 +130,7 @@ def compare(model, drafter, prompts, budgets, max_rows, stop, configs, adaptive:
     Each repeat runs every config once, in an order rotated from repeat to repeat, so a
     slow drift of the machine's load (other processes) lands on all of them alike; the
     ratios between configs are taken within a repeat (paired), then their median."""
-    names = [NOSD, *configs, ADAPTIVE]
+    names = [NOSD, NOSD_READY, *configs, ADAPTIVE]
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for name in (NOSD, configs[0]) if configs else (NOSD,):  # warm-up, not timed: first calls pay allocation
         rollout(model, drafter if name != NOSD else None, prompts[:max_rows], budgets[:max_rows], max_rows, stop,
@@ -134,7 +138,7 @@ def compare(model, drafter, prompts, budgets, max_rows, stop, configs, adaptive:
     reference = None
     for repeat in range(repeats):
         for name in names[repeat % len(names):] + names[: repeat % len(names)]:
-            chooser = adaptive if name == ADAPTIVE else Static(name)
+            chooser = adaptive if name == ADAPTIVE else Static(NOSD if name == NOSD_READY else name)
             result = rollout(model, drafter if name != NOSD else None, prompts, budgets, max_rows, stop, chooser)
             reference = reference or result["outputs"]
             if result["outputs"] != reference:
@@ -176,7 +180,7 @@ def run_benchmark(model_dir: str = "models/tiny/policy", draft: str = "models/ti
         measured = _profile(model, drafter, key, configs, batches, profile_path, profile_out, progress, seed)
         adaptive = Adaptive(SchedulerPolicy(CostModel.build(configs, measured), configs, margin, patience,
                                             probe_every=probe_every, probe_within=probe_within))
-        names = len(configs) + 2
+        names = len(configs) + 3
         task = progress.add_task("bench adaptive", total=(len(batches) + 1) * names * repeats)
         sweep = []
         for batch in batches:
@@ -215,7 +219,7 @@ def _profile(model, drafter, key, configs, batches, path, out, progress, seed) -
 def _versus_best(results: dict) -> tuple[str, float]:
     """The best static config (highest median ratio to no-SD, paired within repeats) and
     the adaptive rule's ratio to it."""
-    statics = {name: r["vs_nosd"] for name, r in results.items() if name != ADAPTIVE}
+    statics = {name: r["vs_nosd"] for name, r in results.items() if name not in (ADAPTIVE, NOSD_READY)}
     best = max(statics, key=statics.get)
     return best, round(results[ADAPTIVE]["vs_nosd"] / statics[best], 3)
 
@@ -235,7 +239,7 @@ def _summarise_tail(results: dict, budgets: list[int]) -> dict:
 
 def print_tables(results: dict) -> None:
     console = Console()
-    names = [NOSD, *results["configs"], ADAPTIVE]
+    names = [NOSD, NOSD_READY, *results["configs"], ADAPTIVE]
     table = Table(title=f"respec bench adaptive: tokens/s (x no-SD, paired) by batch size ({results['draft']}; "
                         f"median of {results['repeats']})")
     for column in ("batch", *names, "best static", "adaptive / best", "adaptive ran"):
@@ -271,9 +275,10 @@ def plot(results: dict, path: str) -> None:
 
     figure, (sweep_axis, tail_axis) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     batches = [entry["batch"] for entry in results["sweep"]]
-    for name in [NOSD, *results["configs"], ADAPTIVE]:
+    for name in [NOSD, NOSD_READY, *results["configs"], ADAPTIVE]:
         speeds = [entry["results"][name]["tokens_per_s"] for entry in results["sweep"]]
         style = {"color": "black", "linewidth": 2.5} if name == ADAPTIVE else {}
+        style = {"color": "grey", "linestyle": "--"} if name == NOSD_READY else style
         sweep_axis.plot(batches, speeds, marker="o", label=name, **style)
     sweep_axis.set_xscale("log", base=2)
     sweep_axis.set_yscale("log")
@@ -283,7 +288,7 @@ def plot(results: dict, path: str) -> None:
     sweep_axis.set_title("throughput against batch size")
     sweep_axis.legend(fontsize=8)
     tail = results["long_tail"]["results"]
-    names = [NOSD, *results["configs"], ADAPTIVE]
+    names = [NOSD, NOSD_READY, *results["configs"], ADAPTIVE]
     tail_axis.bar(names, [tail[n]["tokens_per_s"] for n in names],
                   color=["black" if n == ADAPTIVE else "tab:blue" for n in names])
     tail_axis.set_ylabel("accepted tokens/s")
