@@ -173,8 +173,8 @@ class Generator(Actor):
     async def _step(self) -> None:
         rows = list(self.book.rows.values())
         admitted = [self.waiting.popleft() for _ in range(min(len(self.waiting), self._free_rows()))]
+        started = time.perf_counter()  # drafting included: the Scheduler weighs the whole SD step
         request = self._request(rows, admitted)
-        started = time.perf_counter()
         result: VerifyResult = await self.request(request)
         version = result.policy_version
         for rejected in result.rejected:
@@ -193,8 +193,8 @@ class Generator(Actor):
         for row in done:
             await self._finish(row)
         self.step_count += 1
-        if self.params.stats_every and self.step_count % self.params.stats_every == 0:
-            await self._stats(rows, verified, time.perf_counter() - started)
+        if rows and self.params.stats_every and self.step_count % self.params.stats_every == 0:
+            await self._stats(rows, _select(verified, slice(len(admitted), None)), time.perf_counter() - started)
 
     def _free_rows(self) -> int:
         return self.params.max_rows - len(self.book.rows)
@@ -239,8 +239,11 @@ class Generator(Actor):
                                 finish_reason="error", error=rejected.error), correlation_id=prompt.prompt_id)
 
     async def _stats(self, rows: list[Row], verified: Verified, seconds: float) -> None:
+        """The step just timed: `rows` are the rows that were drafted for and verified (not
+        the ones admitted this step, which emit one prefill token, nor the batch after
+        finished rows left)."""
         await self.send(GenerationStats(
-            active_rows=len(self.book.rows), waiting_prompts=len(self.waiting),
+            active_rows=len(rows), waiting_prompts=len(self.waiting),
             config=self.shape.name if self.shape else "nosd", step_time_s=seconds,
             tokens_emitted=int(verified.num_tokens.sum()),
             mean_accept_len=float(verified.num_tokens.float().mean()) if len(verified.num_tokens) else 0.0,
