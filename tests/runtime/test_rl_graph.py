@@ -81,7 +81,7 @@ def test_draft_distiller_follows_the_policy_and_the_generator_swaps_its_head(run
                      "params": {"model_path": path, "max_rows": 8, "max_len": 64}},
         "scorer": {"class": "respec.actors.reward_scorer.RewardScorer", "params": {"tokenizer_path": path}},
         "distiller": {"class": "respec.actors.draft_distiller.DraftDistiller", "group": "distiller",
-                      "params": {"model_path": path, "heldout_prompts": 2, "steps_per_update": 2, "batch_size": 4,
+                      "params": {"model_path": path, "heldout_prompts": 2, "min_buffer": 4, "steps_per_update": 2, "batch_size": 4,
                                  "eval_max_new_tokens": 8}},
         "trainer": {"class": "respec.actors.policy_trainer.PolicyTrainer", "group": "trainer",
                     "params": {"model_path": path, "group_size": 4, "groups_per_step": 2, "lr": 1e-3,
