@@ -127,7 +127,8 @@ def bench_adaptive(
     """Throughput of the Scheduler's choice against no-SD and every static draft shape, per batch size
     and over a long-tail rollout phase."""
     from respec.bench.adaptive import plot as plot_results
-    from respec.bench.adaptive import print_tables, run_benchmark, write_json
+    from respec.bench.adaptive import print_tables, run_benchmark
+    from respec.bench.sd import write_json
 
     plot = plot or json_file.with_suffix(".png")
     try:

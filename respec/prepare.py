@@ -24,10 +24,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from respec.engine.checkpoint import load_model, save_model
 from respec.engine.default_model import create_default_checkpoint
+from respec.engine.drafters.base import DraftShape
 from respec.engine.drafters.eagle import EagleHead, distill_loss
 from respec.engine.model import CausalLM
 from respec.engine.speculative import Sampling, SpeculativeEngine
 from respec.engine.tokenizer import TextTokenizer, load_tokenizer
+from respec.rl.distill import heldout_acceptance, pad_right
 from respec.rl.evaluate import evaluate
 from respec.rl.sft import train_sft
 from respec.tasks import make_task
@@ -100,7 +102,7 @@ def _train_head(policy_dir: Path, eagle_dir: Path, task, steps: int, seed: int, 
     with _progress() as progress:
         bar = progress.add_task("eagle head: distillation", total=steps, note="")
         for _ in range(steps):
-            tokens, valid = _batch(rng.sample(completions, min(batch, len(completions))), tokenizer.pad_id or 0)
+            tokens, valid = pad_right(rng.sample(completions, min(batch, len(completions))), tokenizer.pad_id or 0)
             with torch.no_grad():
                 output = model(tokens, capture_layers=head.capture_layers)
             loss = distill_loss(head, torch.cat(output.captured, dim=-1), tokens, output.logits, valid=valid,
@@ -128,24 +130,7 @@ def _policy_completions(model: CausalLM, tokenizer: TextTokenizer, task, count: 
     return sequences
 
 
-def _batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(s) for s in sequences)
-    tokens = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(sequences), length, dtype=torch.bool)
-    for row, sequence in enumerate(sequences):
-        tokens[row, : len(sequence)] = torch.tensor(sequence)
-        valid[row, : len(sequence)] = True
-    return tokens, valid
-
-
 def _acceptance(model: CausalLM, tokenizer: TextTokenizer, head: EagleHead, task, count: int = 32) -> float:
     """Mean tokens per verification step, greedy, chain of 4, on held-out prompts."""
-    from respec.engine.drafters.base import DraftShape
-    from respec.engine.drafters.eagle import EagleDrafter
-
-    prompts = [torch.tensor([tokenizer.bos_id, *tokenizer.encode(p.prompt)]) for p in task.heldout(count, EVAL_SEED)]
-    engine = SpeculativeEngine(model, EagleDrafter(model, head), max_rows=count, max_len=96)
-    rows = engine.generate(prompts, Sampling(0.0, max_new_tokens=48, stop_token_ids=(tokenizer.eos_id,)),
-                           DraftShape.chain(4))
-    emitted, steps = sum(len(r.tokens) - 1 for r in rows), sum(r.steps for r in rows)
-    return round(emitted / max(steps, 1), 3)
+    prompts = [[tokenizer.bos_id, *tokenizer.encode(p.prompt)] for p in task.heldout(count, EVAL_SEED)]
+    return round(heldout_acceptance(model, head, prompts, DraftShape.chain(4), 48, (tokenizer.eos_id,)), 3)

@@ -22,7 +22,6 @@ run is checked to emit exactly the tokens plain decoding emits. Throughput is em
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections import Counter, deque
@@ -297,8 +296,3 @@ def plot(results: dict, path: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
-
-def write_json(results: dict, path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(results, indent=2))

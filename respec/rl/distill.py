@@ -92,7 +92,7 @@ def sample_weights(batch: list[Sequence], pool: list[Sequence], weighting: str) 
 
 def distill_step(head: EagleHead, policy: CausalLM, optimizer: torch.optim.Optimizer, batch: list[Sequence],
                  weights: torch.Tensor, pad_id: int, unroll: int = 1) -> float:
-    tokens, valid = _pad([s.tokens for s in batch], pad_id)
+    tokens, valid = pad_right([s.tokens for s in batch], pad_id)
     with torch.no_grad():
         output = policy(tokens, capture_layers=head.capture_layers)
     head.train()
@@ -121,7 +121,8 @@ def heldout_acceptance(policy: CausalLM, head: EagleHead, prompts: list[list[int
     return emitted / max(steps, 1)
 
 
-def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, L], right-padded with pad_id, and a mask [B, L] of the real tokens."""
     length = max(len(s) for s in sequences)
     tokens = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     valid = torch.zeros(len(sequences), length, dtype=torch.bool)
