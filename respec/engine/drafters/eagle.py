@@ -114,6 +114,15 @@ class EagleHead(nn.Module):
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         return self.layer(x, cos, sin, mask, kv)
 
+    def argmax_tokens(self, hidden: Tensor) -> Tensor:
+        """The greedy draft token of each h (what ``logits(hidden).argmax(-1)`` gives)."""
+        target = self.target
+        if target.lm_head.bias is not None:
+            return self.logits(hidden).argmax(-1)
+        # RMSNorm divides each row by a positive scalar, which leaves its argmax alone:
+        # skip the normalisation (a handful of small ops per drafted token).
+        return F.linear(hidden * target.norm.weight, target.lm_head.weight).argmax(-1)
+
     def logits(self, hidden: Tensor) -> Tensor:
         """The target's final norm and lm_head over h, without gradients into the target."""
         norm = self.target.norm
@@ -169,8 +178,14 @@ class EagleHead(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, target: CausalLM) -> EagleHead:
-        """A head saved by ``save``, attached to `target` (which must have the same sizes)."""
+        """A head saved by ``save``, attached to `target` (which must have the same sizes),
+        or one in the public EAGLE-3 layout (config.json + weights; ``respec.interop``)."""
         directory = Path(directory)
+        if not (directory / CONFIG_FILE).exists():
+            from respec.interop.eagle3_checkpoint import is_eagle3_checkpoint, load_eagle3_head
+
+            if is_eagle3_checkpoint(directory):
+                return load_eagle3_head(directory, target)
         config = json.loads((directory / CONFIG_FILE).read_text())
         if config.get("format") != HEAD_FORMAT:
             raise ValueError(f"{directory / CONFIG_FILE}: not a {HEAD_FORMAT} config")
@@ -529,12 +544,7 @@ class EagleDrafter(Drafter):
         return torch.softmax(self.head.logits(hidden).float(), dim=-1)
 
     def _argmax(self, hidden: Tensor) -> Tensor:
-        target = self.head.target
-        if target.lm_head.bias is not None:
-            return self.head.logits(hidden).argmax(-1)
-        # RMSNorm divides each row by a positive scalar, which leaves its argmax alone:
-        # skip the normalisation (a handful of small ops per drafted token).
-        return F.linear(hidden * target.norm.weight, target.lm_head.weight).argmax(-1)
+        return self.head.argmax_tokens(hidden)  # a head in another layout maps its own vocabulary
 
 
 def pad_tree(tree: DraftTree, width: int) -> DraftTree:
