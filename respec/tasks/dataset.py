@@ -1,4 +1,6 @@
-"""A user's dataset: a local JSONL or Parquet file with `prompt` and `answer` fields.
+"""A user's dataset: a local JSONL or Parquet file with `prompt` and `answer` fields, or
+in verl's layout (`prompt` as chat messages, `reward_model.ground_truth`, `data_source`;
+see ``respec.interop.verl_parquet``), told apart row by row.
 
 Every row is checked when the file is loaded, so a bad row stops the run before any
 compute is spent, with the file, the row and the problem in the message (or, with
@@ -12,6 +14,13 @@ import random
 import warnings
 from pathlib import Path
 
+from respec.interop.verl_parquet import (
+    VerlRowError,
+    is_verl_row,
+    plain_render,
+    template_render,
+    verl_problem,
+)
 from respec.tasks.base import CheckResult, Problem, Task
 from respec.tasks.math_answer import answers_match, extract_answer
 
@@ -51,9 +60,15 @@ def _read_parquet(path: Path) -> list[dict]:
     return parquet.read_table(path).to_pylist()
 
 
-def to_problem(row: object, where: str) -> Problem:
+def to_problem(row: object, where: str, render=plain_render) -> Problem:
+    """A row of respec's own layout, or of verl's (chat messages rendered by `render`)."""
     if not isinstance(row, dict):
         raise DatasetError(f"{where}: a row must be an object with 'prompt' and 'answer'")
+    if is_verl_row(row):
+        try:
+            return verl_problem(row, render)
+        except VerlRowError as error:
+            raise DatasetError(f"{where}: verl layout: {error}") from None
     for key in ("prompt", "answer"):
         if row.get(key) is None or str(row[key]).strip() == "":
             raise DatasetError(f"{where}: row has no {key!r}")
@@ -66,12 +81,16 @@ class Dataset(Task):
 
     name = "dataset"
 
-    def __init__(self, path: str, skip_invalid: bool = False, heldout_fraction: float = 0.1) -> None:
+    def __init__(self, path: str, skip_invalid: bool = False, heldout_fraction: float = 0.1,
+                 chat_template: str = "") -> None:
+        """chat_template: a local tokenizer directory whose chat template renders verl rows'
+        messages ("" = their contents joined by blank lines)."""
         self.path = Path(path)
+        render = template_render(chat_template) if chat_template else plain_render
         problems, skipped = [], []
         for number, row in enumerate(read_rows(self.path), 1):
             try:
-                problems.append(to_problem(row, f"{self.path}:{number}"))
+                problems.append(to_problem(row, f"{self.path}:{number}", render))
             except DatasetError as error:
                 if not skip_invalid:
                     raise
