@@ -1,0 +1,141 @@
+"""The fast path (respec.engine.fast), run eagerly on the CPU: the same tokens, log-probs
+and acceptance as the reference engine, exactly the target's distribution when sampling
+(and the test fails when the rule is broken), compaction that changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from respec.engine.checkpoint import load_model
+from respec.engine.drafters.base import DraftShape
+from respec.engine.drafters.eagle import EagleDrafter, EagleHead
+from respec.engine.fast import FastGenerator, buckets_up_to
+from respec.engine.fast import chain_step as chain_step_module
+from respec.engine.sampling import target_probs
+from respec.engine.speculative import Sampling, SpeculativeEngine
+from tests.checkpoints import small_qwen2
+from tests.engine.stats import chi_square_pvalue, pair_counts
+from tests.engine.test_speculative import exact_pair_probs
+
+
+@pytest.fixture(scope="module")
+def model_and_head(tmp_path_factory):
+    # A small vocabulary, so that even a random head's drafts are often accepted.
+    model = load_model(small_qwen2(tmp_path_factory.mktemp("fast") / "m", vocab=8, layers=3, std=0.5, seed=2))
+    torch.manual_seed(0)
+    return model, EagleHead.for_target(model, capture_layers=(0, 1, 2))
+
+
+def prompts_of(batch: int, vocab: int = 8) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(batch)
+    return [torch.randint(0, vocab, (2 + 3 * n,), generator=generator).tolist() for n in range(batch)]
+
+
+def reference(model, head, prompts, k, max_new, eos=()):
+    drafter = EagleDrafter(model, head, feature_window=64) if k else None
+    engine = SpeculativeEngine(model, drafter, max_rows=len(prompts), max_len=128)
+    sampling = Sampling(temperature=0.0, max_new_tokens=max_new, stop_token_ids=eos)
+    return engine.generate([torch.tensor(p) for p in prompts], sampling, DraftShape(k, 1, k) if k else None)
+
+
+def test_buckets_are_powers_of_two_up_to_the_row_count():
+    assert buckets_up_to(1) == [1]
+    assert buckets_up_to(8) == [1, 2, 4, 8]
+    assert buckets_up_to(12) == [1, 2, 4, 8, 12]
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7])
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_greedy_fast_path_equals_the_reference_engine(model_and_head, batch, k):
+    model, head = model_and_head
+    prompts, eos = prompts_of(batch), (7,)
+    expected = reference(model, head, prompts, k, max_new=20, eos=eos)
+    fast = FastGenerator(model, head, max_rows=8, max_len=96, max_new=20, max_k=3, eos_ids=eos)
+    for ours, theirs in zip(fast.generate(prompts, k, check_every=1), expected, strict=True):
+        assert ours.tokens == theirs.tokens
+        assert ours.logprobs == pytest.approx(theirs.logprobs, abs=1e-4)
+        assert ours.steps == theirs.steps  # the same drafts were accepted at every step
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_fast_head_drafts_what_the_reference_drafter_drafts(model_and_head, k):
+    """Equal acceptance per row is only possible if the drafts agree at every step."""
+    model, head = model_and_head
+    prompts = prompts_of(5)
+    expected = reference(model, head, prompts, k, max_new=24)
+    fast = FastGenerator(model, head, max_rows=8, max_len=96, max_new=24, max_k=3)
+    results = fast.generate(prompts, k, check_every=1)
+    accepted = sum(r.accepted for r in results)
+    assert accepted > 0  # the test means something only if drafts get accepted
+    for ours, theirs in zip(results, expected, strict=True):
+        assert ours.steps == theirs.steps
+        assert ours.tokens == theirs.tokens
+
+
+def test_compacting_the_batch_and_switching_draft_length_change_nothing(model_and_head):
+    model, head = model_and_head
+    prompts = prompts_of(7)
+    fast = FastGenerator(model, head, max_rows=8, max_len=96, max_new=20, max_k=3, eos_ids=(7,))
+    plain = fast.generate(prompts, 0, compact=False)
+    scheduled = fast.generate(prompts, {8: 0, 4: 1, 2: 3, 1: 2}, check_every=1)
+    assert [r.tokens for r in scheduled] == [r.tokens for r in plain]
+
+
+def test_bad_input_is_refused(model_and_head):
+    model, head = model_and_head
+    with pytest.raises(ValueError, match="needs a draft head"):
+        FastGenerator(model, None, max_rows=2, max_len=64, max_new=8).generate([[1, 2]], 2)
+    fast = FastGenerator(model, head, max_rows=2, max_len=32, max_new=8, max_k=3)
+    with pytest.raises(ValueError, match="does not fit max_len"):
+        fast.generate([[1] * 30], 1)
+    with pytest.raises(ValueError, match="1..2 prompts"):
+        fast.generate([[1]] * 3, 1)
+    with pytest.raises(ValueError, match="at least one token"):
+        fast.generate([[]], 1)
+
+
+def sampled_pairs(model, head, prompt, rows=24_000, chunk=4_000):
+    """Rows of 3 tokens at temperature 1 with chains of 2 drafts; (context, x2, x3) for the
+    rows whose first token is the most frequent (as tests/engine/test_speculative.py does)."""
+    torch.manual_seed(0)
+    fast = FastGenerator(model, head, max_rows=chunk, max_len=24, max_new=3, max_k=2, temperature=1.0)
+    triples = torch.cat([torch.tensor([r.tokens for r in fast.generate([prompt] * chunk, 2, compact=False)])
+                         for _ in range(rows // chunk)])
+    first = int(torch.bincount(triples[:, 0]).argmax())
+    kept = triples[triples[:, 0] == first]
+    return torch.cat([torch.tensor(prompt), torch.tensor([first])]), kept[:, 1], kept[:, 2]
+
+
+def plain_probs(logits):
+    ones = torch.ones(logits.shape[0])
+    return target_probs(logits, ones, torch.zeros_like(ones).long(), ones)
+
+
+@pytest.fixture(scope="module")
+def six_token_model_and_head(tmp_path_factory):
+    """test_speculative.py's distribution-test model: every (x2, x3) cell is likely enough."""
+    model = load_model(small_qwen2(tmp_path_factory.mktemp("fast6") / "m", vocab=6, std=0.5, seed=1))
+    torch.manual_seed(0)
+    return model, EagleHead.for_target(model, capture_layers=(0, 1, 1))
+
+
+def test_sampled_fast_sd_has_exactly_the_target_distribution(six_token_model_and_head):
+    model, head = six_token_model_and_head
+    context, second, third = sampled_pairs(model, head, [1, 2, 3, 1, 2, 3, 1, 2, 3, 1])
+    _, pvalue = chi_square_pvalue(pair_counts(second, third, 6), exact_pair_probs(model, context, plain_probs))
+    assert pvalue > 1e-3
+
+
+def test_the_statistical_test_fails_when_the_fast_rule_is_broken(six_token_model_and_head, monkeypatch):
+    model, head = six_token_model_and_head
+    original = chain_step_module._accept
+
+    def keep_every_draft(logits, drafts, temperature):
+        _, bonus = original(logits, drafts, temperature)
+        return torch.full_like(bonus, drafts.shape[1]), bonus
+
+    monkeypatch.setattr(chain_step_module, "_accept", keep_every_draft)
+    context, second, third = sampled_pairs(model, head, [1, 2, 3, 1, 2, 3, 1, 2, 3, 1], rows=8_000)
+    _, pvalue = chi_square_pvalue(pair_counts(second, third, 6), exact_pair_probs(model, context, plain_probs))
+    assert pvalue < 1e-6
