@@ -3,10 +3,12 @@ SchedulerDecision, whether to speculate and with which (s, t, n) draft shape.
 
 Every stats message refreshes the cost model (the live step time of the config that ran,
 its live acceptance) and asks the decision rule (`respec.sched.policy`) for the config
-with the most accepted tokens/s at the live batch and context; a decision is sent only
-when the config changes, with the reason and every candidate's predicted speed, so the
-trace shows why. With `profile` it starts from a profile measured by `respec profile`;
-without one, from a rough built-in prior that the live timings correct.
+with the most accepted tokens/s at the live batch bucket, measured there; a decision is
+sent only when the config changes, with the reason and every candidate's predicted
+speed, so the trace shows why. With `profile` it starts from a profile measured by
+`respec profile`; without one, from a rough built-in prior that only orders what is
+explored first: every choice is made between configs measured live in that bucket.
+Every `report_every` decisions it reports how many of each kind it made (metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -28,10 +30,14 @@ class Scheduler(Actor):
         candidates: tuple[str, ...] = DEFAULT_CONFIGS  # draft shapes to choose from (plain decoding always is one)
         margin: float = 0.05  # switch only for a predicted gain above this (relative)
         patience: int = 2  # ... seen by this many consecutive decisions
+        min_dwell: int = 8  # ... at least this many decisions after the last switch
+        explore_steps: int = 3  # live steps of a config in a batch bucket before its estimate there is trusted
+        switch_cost_s: float = 0.0  # what a switch costs before one is measured (it is, online)
         ema: float = 0.2  # weight of a new live observation (step time, acceptance)
         stale_after: int = 50  # SD steps after which a config's own acceptance gives way to prior x drift
-        probe_every: int = 20  # every N decisions, run a config not seen lately for one step (0: never)
-        probe_within: float = 0.2  # ... if predicted at most this much slower than the current one
+        probe_every: int = 50  # every N decisions, run a config not seen lately for one step (0: never)
+        probe_within: float = 0.2  # ... if predicted at most this much slower; also what is explored per bucket
+        report_every: int = 200  # decisions between metrics rows (0: never)
 
     sends = (SchedulerDecision,)
 
@@ -57,8 +63,11 @@ class Scheduler(Actor):
             self.log.warning("scheduler_foreign_profile", profiled_on=profile.key.get("device"),
                              note="live step timings will correct it")
         model = CostModel.build(self.params.candidates, profile, self.params.ema, self.params.stale_after)
-        self.policy = SchedulerPolicy(model, self.params.candidates, self.params.margin, self.params.patience,
-                                      probe_every=self.params.probe_every, probe_within=self.params.probe_within)
+        params = self.params
+        self.policy = SchedulerPolicy(model, params.candidates, params.margin, params.patience,
+                                      probe_every=params.probe_every, probe_within=params.probe_within,
+                                      min_dwell=params.min_dwell, explore_steps=params.explore_steps,
+                                      switch_cost_s=params.switch_cost_s)
         self.decisions = 0
 
     @handles(GenerationStats)
@@ -69,15 +78,26 @@ class Scheduler(Actor):
         if stats.step_time_s > 0 and (stats.config == NOSD or stats.config in self.policy.configs):
             self.policy.observe(stats.config, batch, context, stats.step_time_s, stats.mean_accept_len)
         decision = self.policy.decide(batch, context)
+        self._report()
         if not decision.switched:
             return
         self.decisions += 1
         shape = decision.shape
-        self.log.info("scheduler_decision", config=decision.config, batch=batch, reason=decision.reason)
+        self.log.info("scheduler_decision", config=decision.config, batch=batch, kind=decision.kind,
+                      reason=decision.reason)
         await self.send(SchedulerDecision(
             decision_id=self.decisions, speculate=shape is not None, steps=shape.steps if shape else 0,
             branch=shape.branch if shape else 1, num_draft=shape.num_draft if shape else 0, batch_size=batch,
             predicted_tokens_per_s=decision.predicted, reason=decision.reason))
+
+
+    def _report(self) -> None:
+        """Decisions so far by kind, and the decisions sent (config changes): flapping shows here."""
+        every, made = self.params.report_every, self.policy.decisions
+        if every and made % every == 0:
+            self.report(made, scheduler_sent=self.decisions,
+                        **{f"scheduler_{kind}": count for kind, count in self.policy.kinds.items()},
+                        **{f"scheduler_switch_cost_{k}_ms": 1e3 * e.value for k, e in self.policy.switch_cost.items()})
 
 
 def param_problems(params: Scheduler.Params) -> list[str]:
@@ -109,6 +129,10 @@ def param_problems(params: Scheduler.Params) -> list[str]:
         problems.append(f"probe_every: {params.probe_every}; 0 (never) or more decisions")
     if not 0 <= params.probe_within < 1:
         problems.append(f"probe_within: {params.probe_within}; a relative slowdown in [0, 1)")
+    if params.min_dwell < 0:
+        problems.append(f"min_dwell: {params.min_dwell}; 0 or more decisions")
+    if params.explore_steps < 1:
+        problems.append(f"explore_steps: {params.explore_steps}; at least 1 step")
     if params.stale_after < 1:
         problems.append(f"stale_after: {params.stale_after}; at least 1 step")
     return problems

@@ -167,8 +167,8 @@ def _median_run(results: list[dict]) -> dict:
 def run_benchmark(model_dir: str = "models/tiny/policy", draft: str = "models/tiny/eagle",
                   batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), configs: tuple[str, ...] = DEFAULT_CONFIGS,
                   profile_path: str | None = None, profile_out: str | None = None, repeats: int = 5,
-                  long_tail_rows: int = 64, margin: float = 0.05, patience: int = 2, probe_every: int = 20,
-                  probe_within: float = 0.2,
+                  long_tail_rows: int = 64, margin: float = 0.05, patience: int = 2, probe_every: int = 50,
+                  probe_within: float = 0.2, min_dwell: int = 8, explore_steps: int = 3,
                   threads: int = 1, seed: int = 0) -> dict:
     torch.set_num_threads(threads)  # one thread: the 2-core machine is shared; ratios are what count
     setup = ModelSetup(model_dir, "ngram" if draft == "ngram" else "eagle", "" if draft == "ngram" else draft)
@@ -178,7 +178,8 @@ def run_benchmark(model_dir: str = "models/tiny/policy", draft: str = "models/ti
     with Progress(console=Console(stderr=True), transient=True) as progress:
         measured = _profile(model, drafter, key, configs, batches, profile_path, profile_out, progress, seed)
         adaptive = Adaptive(SchedulerPolicy(CostModel.build(configs, measured), configs, margin, patience,
-                                            probe_every=probe_every, probe_within=probe_within))
+                                            probe_every=probe_every, probe_within=probe_within,
+                                            min_dwell=min_dwell, explore_steps=explore_steps))
         names = len(configs) + 3
         task = progress.add_task("bench adaptive", total=(len(batches) + 1) * names * repeats)
         sweep = []
@@ -194,6 +195,9 @@ def run_benchmark(model_dir: str = "models/tiny/policy", draft: str = "models/ti
     results = {"model": model_dir, "draft": draft, "profile": key, "profile_source": profile_path or "measured",
                "profile_wall_s": measured.wall_s, "profile_accept_len": measured.accept_len, "configs": list(configs),
                "margin": margin, "patience": patience, "probe_every": probe_every, "probe_within": probe_within,
+               "min_dwell": min_dwell, "explore_steps": explore_steps,
+               "decisions_by_kind": dict(adaptive.policy.kinds),
+               "switch_cost_ms": {k: round(1e3 * e.value, 3) for k, e in adaptive.policy.switch_cost.items()},
                "repeats": repeats, "threads": threads,
                "sweep": [_summarise_batch(entry) for entry in sweep],
                "long_tail": _summarise_tail(tail, budgets)}

@@ -131,10 +131,12 @@ class PriorCost:
 class Ema:
     """A running mean over the first 1/weight values, an exponential moving average after:
     the first few observations (a probe's) count fully, later ones with `weight`. A seed
-    counts as one observation, so one noisy step cannot overwrite what was believed."""
+    counts as one observation (so one noisy step cannot overwrite what was believed)
+    unless `seed_counts` is False: then it is only the value before the first observation."""
 
-    def __init__(self, weight: float, seed: float | None = None) -> None:
-        self.weight, self.value, self.count = weight, seed or 0.0, int(seed is not None)
+    def __init__(self, weight: float, seed: float | None = None, seed_counts: bool = True) -> None:
+        self.weight, self.value = weight, seed or 0.0
+        self.count = int(seed is not None and seed_counts)
 
     def add(self, value: float) -> None:
         share = max(self.weight, 1 / (self.count + 1))
@@ -149,10 +151,13 @@ class OnlineCorrection:
     takes what the configs that did run here learned: what a live rollout adds to a
     profile's clean steps (rows admitted and prefilled, scattered cache slots) depends
     much more on the batch than on the config, and a config's error learned at batch 2
-    says little about batch 8. A level seen for the first time starts from that belief.
-    An error of one config alone is found by probes (policy.py). Each observation is
-    clipped to +-CLIP around the current value: a step that another process stalled 3x
-    must not swing a decision."""
+    says little about batch 8. A level seen for the first time starts from that belief;
+    the (config, octave) level, though, does not count that seed as an observation: it is
+    what the Scheduler compares configs on once each has run a few steps at this octave
+    (`count`), and an inherited seed would bias it toward the configs that ran before (a
+    plain-decoding step inherited SD's larger live overhead and looked slower than it was).
+    Each observation is clipped to +-CLIP around the current value: a step that another
+    process stalled 3x must not swing a decision."""
 
     CLIP = 0.7  # log units: an observation counts as at most 2x off the current estimate
 
@@ -165,9 +170,14 @@ class OnlineCorrection:
             return
         ratio = math.log(observed_s / predicted_s)
         believed = math.log(self.factor(config, batch))  # a new level starts from the current belief
-        for key in self._keys(config, batch):
-            ema = self.emas.setdefault(key, Ema(self.weight, seed=believed))
+        for level, key in enumerate(self._keys(config, batch)):
+            ema = self.emas.setdefault(key, Ema(self.weight, seed=believed, seed_counts=level > 0))
             ema.add(min(max(ratio, ema.value - self.CLIP), ema.value + self.CLIP))
+
+    def count(self, config: str, batch: float) -> int:
+        """Live steps of `config` seen at this batch octave: how much its estimate there is its own."""
+        ema = self.emas.get(self._keys(config, batch)[0])
+        return ema.count if ema else 0
 
     def factor(self, config: str, batch: float) -> float:
         for key in self._keys(config, batch):
@@ -177,8 +187,14 @@ class OnlineCorrection:
 
     @staticmethod
     def _keys(config: str, batch: float) -> tuple[tuple, ...]:
-        octave = round(math.log2(max(batch, 1)))
-        return (config, octave), (octave,), (config,), ()
+        bucket = octave(batch)
+        return (config, bucket), (bucket,), (config,), ()
+
+
+def octave(batch: float) -> int:
+    """The batch bucket the Scheduler decides and learns per: round(log2 batch), so 6-11
+    rows are bucket 3, 12-22 bucket 4, 23-45 bucket 5."""
+    return round(math.log2(max(batch, 1)))
 
 
 def geometric_accept_len(config: str, alpha: float) -> float:

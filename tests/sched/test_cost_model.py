@@ -85,8 +85,12 @@ def test_online_correction_is_specific_to_the_batch_octave_when_seen():
     assert correction.factor("s2_t1_n2", 16) == pytest.approx(correction.factor("nosd", 16))  # ... else overall
     before = correction.factor("s2_t1_n2", 8)
     correction.observe("s2_t1_n2", 8, observed_s=10.0, predicted_s=1.0)
-    # its own now: seeded with what was believed, the 10x outlier clipped to 2x (log 0.7), half weight
-    assert correction.factor("s2_t1_n2", 8) == pytest.approx(before * math.exp(0.35))
+    # its own now: starts from what was believed, the 10x outlier clipped to 2x (log 0.7); the
+    # seed is not an observation at this level, so the first step counts fully
+    assert correction.factor("s2_t1_n2", 8) == pytest.approx(before * math.exp(0.7))
+    assert correction.count("s2_t1_n2", 8) == 1 and correction.count("s2_t1_n2", 16) == 0
+    correction.observe("s2_t1_n2", 8, observed_s=before, predicted_s=1.0)
+    assert correction.factor("s2_t1_n2", 8) == pytest.approx(before * math.exp(0.35))  # a mean of the two
 
 
 def test_acceptance_live_where_measured_and_drifted_prior_elsewhere():
