@@ -7,10 +7,19 @@ recomputed from tokens, never shipped), and every `update_interval` policy versi
 after each update it measures greedy acceptance on held-out prompts, then publishes
 `DraftWeights(version)`, which the Generator swaps in between steps. The math lives in
 respec/rl/distill.py.
+
+CPU: distillation is background work. Where generation and training share the cores
+with it (the 2-core CPU VM), each update's ~2 s of work was taken from them, and a full
+respec run was slower than SD without it (docs/EXPERIMENTS.md). `nice` lowers the
+priority of the distiller's process (it must be alone in its group; the plan check says
+so), so the OS runs it on cycles generation and training leave idle; an update then
+takes longer in wall time but does not slow the rollouts. On a GPU it would run on its
+own stream or device instead.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import tempfile
 import time
@@ -55,6 +64,7 @@ class DraftDistiller(Actor):
         eval_max_new_tokens: int = 48
         weights_dir: str = ""
         seed: int = 0
+        nice: int = 0  # added to its process's niceness at start (0-19): 19 runs it on idle cycles only
 
     sends = (DraftWeights,)
 
@@ -71,9 +81,19 @@ class DraftDistiller(Actor):
             DraftShape.parse(params.eval_shape)
         except ValueError as error:
             problems.append(f"params.eval_shape: {error}")
+        if not 0 <= params.nice <= 19:
+            problems.append(f"params.nice must be in [0, 19], got {params.nice}")
+        group = plan.actors[name].spec.group
+        shared = sorted(a for a, actor in plan.actors.items() if a != name and actor.spec.group == group)
+        if params.nice and shared:
+            problems.append(f"params.nice {params.nice} would lower the priority of {', '.join(shared)} too "
+                            f"(group {group!r}); give the distiller its own group")
         return problems
 
     async def on_start(self) -> None:
+        if self.params.nice and not getattr(DraftDistiller, "_niced", False):  # once per process (restarts)
+            os.nice(self.params.nice)
+            DraftDistiller._niced = True
         torch.manual_seed(self.params.seed)
         self.policy = load_model(Path(self.params.model_path))
         self.tokenizer = load_tokenizer(self.params.model_path)
@@ -120,7 +140,7 @@ class DraftDistiller(Actor):
                                      heldout_accept_after=after, distill_s=seconds), draft_version=self.version)
         self.report(self.policy_version, draft_version=self.version, distill_kl=float(np.mean(losses)),
                     heldout_accept_before=before, heldout_accept_after=after, distill_s=seconds,
-                    distill_buffer=len(pool))
+                    distill_buffer=len(pool), distill_nice=os.nice(0))
 
     def _acceptance(self) -> float:
         return heldout_acceptance(self.policy, self.head, self.buffer.heldout, DraftShape.parse(self.params.eval_shape),

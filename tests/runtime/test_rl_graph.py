@@ -69,9 +69,8 @@ def test_checker_that_raises_or_hangs_scores_zero_and_no_rollout_is_lost(run_gra
     assert result.stats["scorer/0"]["restarts"] == 0
 
 
-def test_draft_distiller_follows_the_policy_and_the_generator_swaps_its_head(run_graph, policy_dir):
-    path = str(policy_dir)
-    result = run_graph({
+def distill_graph(path: str, distiller_group: str = "distiller", **distiller) -> dict:
+    return {
         "prompts": {"class": "respec.actors.prompt_source.PromptSource",
                     "params": {"tokenizer_path": path, "group_size": 4, "groups_per_step": 2, "max_staleness": 1,
                                "max_new_tokens": 12}},
@@ -80,16 +79,27 @@ def test_draft_distiller_follows_the_policy_and_the_generator_swaps_its_head(run
         "verifier": {"class": "respec.actors.verifier.Verifier",
                      "params": {"model_path": path, "max_rows": 8, "max_len": 64}},
         "scorer": {"class": "respec.actors.reward_scorer.RewardScorer", "params": {"tokenizer_path": path}},
-        "distiller": {"class": "respec.actors.draft_distiller.DraftDistiller", "group": "distiller",
-                      "params": {"model_path": path, "heldout_prompts": 2, "min_buffer": 4, "steps_per_update": 2, "batch_size": 4,
-                                 "eval_max_new_tokens": 8}},
+        "distiller": {"class": "respec.actors.draft_distiller.DraftDistiller", "group": distiller_group,
+                      "params": {"model_path": path, "heldout_prompts": 2, "min_buffer": 4, "steps_per_update": 2,
+                                 "batch_size": 4, "eval_max_new_tokens": 8, **distiller}},
         "trainer": {"class": "respec.actors.policy_trainer.PolicyTrainer", "group": "trainer",
                     "params": {"model_path": path, "group_size": 4, "groups_per_step": 2, "lr": 1e-3,
                                "max_steps": 4}},
-    }, name="rl_distill", threads_per_group=1)
+    }
+
+
+def test_draft_distiller_follows_the_policy_and_the_generator_swaps_its_head(run_graph, policy_dir):
+    result = run_graph(distill_graph(str(policy_dir)), name="rl_distill", threads_per_group=1)
     assert result.ok, result.reason
     updates = [row for row in result.metrics if row["source"] == "distiller/0"]
     assert updates and [row["draft_version"] for row in updates] == list(range(1, len(updates) + 1))
     assert all(row["heldout_accept_before"] >= 1.0 and row["distill_s"] > 0 for row in updates)
     log = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
     assert [e["version"] for e in log if e["event"] == "draft_weights_loaded"][:1] == [1]
+
+
+def test_a_niced_distiller_sharing_a_process_is_refused(run_graph, policy_dir):
+    from respec.runtime.graph import ConfigError
+
+    with pytest.raises(ConfigError, match="params.nice 10 would lower the priority of generator, prompts, scorer"):
+        run_graph(distill_graph(str(policy_dir), distiller_group="main", nice=10), name="rl_distill_nice")
