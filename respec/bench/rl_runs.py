@@ -52,21 +52,20 @@ class VariantResult:
 # ---------------------------------------------------------------------- variants
 
 
-def distiller(config: Path, weighting: str, interval: int = 1) -> dict[str, Any]:
+def distiller(config: Path, weighting: str, interval: int = 1, nice: int = 0) -> dict[str, Any]:
     """Overrides that add a DraftDistiller to `config`, starting from its Generator's head."""
     actors = yaml.safe_load(config.read_text())["actors"]
     return {"actors.distiller": {
         "class": "respec.actors.draft_distiller.DraftDistiller", "group": "distiller",
         "params": {"model_path": actors["verifier"]["params"]["model_path"],
                    "draft_path": actors["generator"]["params"].get("draft_path", ""),
-                   "reward_weighting": weighting, "update_interval": interval}}}
+                   "reward_weighting": weighting, "update_interval": interval, "nice": nice}}}
 
 
 def scheduler() -> dict[str, Any]:
-    # A decision every step of a live run, where the batch changes every step and step times
-    # are noisy: with the defaults (margin 5%, patience 2) it switched 328 times in 100 steps.
-    return {"actors.scheduler": {"class": "respec.actors.scheduler.Scheduler",
-                                 "params": {"margin": 0.1, "patience": 8}},
+    """The Scheduler at its defaults (per-bucket measured decisions, dwell, switch cost) and no
+    profile: the prior only orders what each bucket explores first."""
+    return {"actors.scheduler": {"class": "respec.actors.scheduler.Scheduler", "params": {}},
             "actors.generator.params.stats_every": 1}
 
 
@@ -88,9 +87,15 @@ def interval_variants(config: Path) -> dict[str, tuple[Path, dict]]:
 
 
 def e2e_variants(config: Path, baseline: Path) -> dict[str, tuple[Path, dict]]:
-    return {"sync_nosd": (baseline, {}), "async_nosd": (config, dict(NO_SD)), "async_sd": (config, {}),
-            # every 3 versions: on a 2-core CPU the distiller shares the cores with generation
-            "respec": (config, {**scheduler(), **distiller(config, "reward", 3)})}
+    """The run file may already name a Scheduler or a DraftDistiller (tiny.yaml does once
+    they pay): the static variants remove them, so each variant is what its name says."""
+    static = {"actors.scheduler": None, "actors.distiller": None}
+    return {"sync_nosd": (baseline, {}), "async_nosd": (config, {**static, **NO_SD}),
+            "async_sd": (config, dict(static)),
+            "async_sd_sched": (config, {**static, **scheduler()}),
+            # every 3 versions, at the lowest priority: on a 2-core CPU the distiller shares the
+            # cores with generation and training, and must only use what they leave idle
+            "respec": (config, {**static, **scheduler(), **distiller(config, "reward", 3, nice=19)})}
 
 
 # ---------------------------------------------------------------------- running
@@ -103,6 +108,7 @@ def run_variants(bench: str, variants: dict[str, tuple[Path, dict]], steps: int,
         console.print(f"[bold]{bench}[/]: {name} ({steps} RL steps, {config})")
         overrides = {**overrides, **extra, "actors.trainer.params.max_steps": steps,
                      "actors.trainer.params.checkpoint_every": 0}
+        config, overrides = _removing(config, overrides, f"bench_{bench}_{name}")
         started = time.perf_counter()
         result = run_file(config, name=f"bench_{bench}_{name}", overrides=overrides, progress=False)
         if not result.ok:
@@ -112,8 +118,41 @@ def run_variants(bench: str, variants: dict[str, tuple[Path, dict]], steps: int,
         rows = result.metrics
         results.append(VariantResult(
             name, [r for r in rows if r["source"].startswith("trainer") and "reward_mean" in r],
-            [r for r in rows if r["source"].startswith("distiller")], summary, time.perf_counter() - started))
+            [r for r in rows if r["source"].startswith("distiller")], summary, time.perf_counter() - started,
+            {"scheduler_decisions": scheduler_decisions(result.run_dir)}))
     return results
+
+
+def _removing(config: Path, overrides: dict[str, Any], name: str,
+              directory: Path = Path("runs")) -> tuple[Path, dict[str, Any]]:
+    """Overrides whose value is None remove that key: the run file is rewritten without it
+    (under runs/, beside the run) when one is there, and the override dropped."""
+    remove = [key for key, value in overrides.items() if value is None]
+    if not remove:
+        return config, overrides
+    raw = yaml.safe_load(config.read_text())
+    for dotted in remove:
+        *parents, last = dotted.split(".")
+        node = raw
+        for key in parents:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    path = directory / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path, {k: v for k, v in overrides.items() if v is not None}
+
+
+def scheduler_decisions(run_dir: Path) -> dict[str, int]:
+    """SchedulerDecisions the run's Scheduler sent (config changes), by kind."""
+    log = run_dir / "log.jsonl"
+    kinds: dict[str, int] = {}
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        if '"scheduler_decision"' in line:
+            kind = json.loads(line).get("kind", "?")
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
 
 
 def report(bench: str, results: list[VariantResult], columns: list[tuple[str, Any]], json_file: Path,
@@ -208,7 +247,10 @@ def bench_e2e(json_file: Path, steps: int, extra: dict[str, Any], config: Path =
                ("speedup vs sync_nosd", lambda r: _ratio(base, _run_time(r))),
                ("reward start -> end", lambda r: f"{r.edge('reward_mean', False)} -> {r.edge('reward_mean', True)}"),
                ("held-out accuracy start -> end", _accuracy),
-               ("accept_len mean", lambda r: r.summary.get("accept_len_mean"))]
+               ("accept_len mean", lambda r: r.summary.get("accept_len_mean")),
+               ("scheduler decisions sent", lambda r: sum(r.extra["scheduler_decisions"].values())),
+               ("decisions by kind", lambda r: r.extra["scheduler_decisions"]),
+               ("draft updates", lambda r: len(r.distiller))]
     return report("e2e", results, columns, json_file, [("reward_mean", "reward"), ("accept_len", "acceptance length")],
                   console, {"steps": steps})
 

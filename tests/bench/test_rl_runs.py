@@ -31,11 +31,22 @@ def test_variants_add_a_distiller_and_a_scheduler_that_plan(tmp_path):
     assert variants["frozen"][1] == {}
     params = variants["kd_reward"][1]["actors.distiller"]["params"]
     assert (params["model_path"], params["draft_path"], params["reward_weighting"]) == ("pol", "head", "reward")
-    for config, overrides in e2e_variants(path, path).values():  # every variant is a valid graph
-        plan = build_plan(load_config(config, overrides), str(config))
-        assert {"prompts", "trainer"} <= set(plan.actors)
-    respec_plan = build_plan(load_config(path, e2e_variants(path, path)["respec"][1]), str(path))
-    assert {"scheduler", "distiller"} <= set(respec_plan.actors)
+    plans = {}
+    for name, (config, overrides) in e2e_variants(path, path).items():  # every variant is a valid graph
+        config, overrides = rl_runs._removing(config, overrides, name, tmp_path)
+        plans[name] = build_plan(load_config(config, overrides), str(config))
+        assert {"prompts", "trainer"} <= set(plans[name].actors)
+    assert {"scheduler", "distiller"} <= set(plans["respec"].actors)
+    assert plans["respec"].actors["distiller"].spec.params["nice"] == 19
+    assert "scheduler" in plans["async_sd_sched"].actors and "distiller" not in plans["async_sd_sched"].actors
+
+
+def test_static_variants_drop_a_scheduler_the_run_file_names(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(RUN + "  scheduler: {class: respec.actors.scheduler.Scheduler}\n")
+    for name in ("async_nosd", "async_sd"):
+        config, overrides = rl_runs._removing(*e2e_variants(path, path)[name], name, tmp_path)
+        assert "scheduler" not in build_plan(load_config(config, overrides), str(config)).actors
 
 
 def test_smooth_is_a_trailing_mean(monkeypatch):
