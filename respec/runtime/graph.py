@@ -45,6 +45,7 @@ class RunSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     seed: int = 0
     runs_dir: str = "runs"
+    placement: Literal["local", "ray"] = "local"  # processes here, or Ray actors (see `ray:`)
     transport: Literal["ipc", "tcp"] = "ipc"  # between process groups
     host: str = "127.0.0.1"  # tcp bind address
     hwm: int = 1000  # high-water mark of every socket, in messages
@@ -65,10 +66,27 @@ class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     device: str = "cpu"
 
 
+class GroupResources(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What Ray reserves for one process group (one bundle of the run's placement group)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+class RaySpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`placement: ray` (respec/runtime/ray_placement.py)."""
+
+    address: str = ""  # an existing cluster ("auto", "HOST:6379"); "" starts a local instance
+    num_cpus: int = 0  # CPUs of a local instance (0: Ray's default, every core)
+    groups: dict[str, GroupResources] = {}  # per process group; a group not named gets 1 CPU
+    namespace: str = "respec"  # where the run's address book is a named actor
+
+
 class GraphConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     run: RunSpec
     actors: dict[str, ActorSpec]
     model: ModelSpec = ModelSpec()
+    ray: RaySpec = RaySpec()
 
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -129,6 +147,20 @@ def _check_names(config: GraphConfig, source: str) -> None:
             raise ConfigError(f"{source}: actors.{name}.group: {spec.group!r} is not a plain name")
         if spec.restart.max_restarts < 0 or spec.restart.backoff_s < 0:
             raise ConfigError(f"{source}: actors.{name}.restart: values must be >= 0")
+    _check_placement(config, source)
+
+
+def _check_placement(config: GraphConfig, source: str) -> None:
+    if config.run.placement != "ray":
+        return
+    if config.run.transport != "tcp":  # groups may sit on different hosts
+        raise ConfigError(f"{source}: run.transport: placement: ray needs transport: tcp")
+    groups = {spec.group for spec in config.actors.values()}
+    for group, resources in config.ray.groups.items():
+        if group not in groups:
+            raise ConfigError(f"{source}: ray.groups.{group}: no actor is in process group {group!r}")
+        if resources.num_cpus < 0 or resources.num_gpus < 0 or resources.num_cpus + resources.num_gpus == 0:
+            raise ConfigError(f"{source}: ray.groups.{group}: num_cpus/num_gpus must be >= 0, not both 0")
 
 
 def readable_error(message: str) -> str:

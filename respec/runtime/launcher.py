@@ -56,6 +56,10 @@ def run_file(path: str | Path, name: str | None = None, overrides: dict | None =
     if name:
         overrides["run.name"] = name
     config = load_config(path, overrides)
+    if config.run.placement == "ray":
+        from respec.runtime.ray_placement import RayLauncher  # ray is an optional extra
+
+        return RayLauncher(config, str(path), progress, resume).run()
     return Launcher(config, str(path), progress, resume).run()
 
 
@@ -91,8 +95,7 @@ class Launcher:
         control = context.socket(zmq.ROUTER)
         control.setsockopt(zmq.LINGER, 0)
         control.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a command to a missing group errors, never vanishes
-        endpoint = f"ipc://{self.ipc_dir}/control"
-        control.bind(endpoint)
+        endpoint = self._bind_control(control)
         processes = self._spawn(endpoint)
         self.control, self.processes = control, processes
         try:
@@ -113,6 +116,11 @@ class Launcher:
             shutil.rmtree(self.ipc_dir, ignore_errors=True)
             shared_memory.remove_scope(self.config.run.name)
         return self._finish(started)
+
+    def _bind_control(self, control) -> str:
+        endpoint = f"ipc://{self.ipc_dir}/control"
+        control.bind(endpoint)
+        return endpoint
 
     def _spawn(self, endpoint: str) -> dict[str, subprocess.Popen]:
         """One fresh interpreter per group (no fork: unsafe with torch and threads)."""
