@@ -126,3 +126,14 @@ def test_bad_ray_settings_are_refused_by_key(tmp_path, policy_dir, change, messa
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_a_cluster_too_small_for_the_groups_is_refused_before_anything_starts(tmp_path, policy_dir):  # noqa: F811
+    config = yaml.safe_load(ray_config(tmp_path, policy_dir, "small", steps=1).read_text())
+    config["ray"]["groups"]["main"] = {"num_cpus": 16}
+    config["run"]["startup_timeout_s"] = 3
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=r"ray: the process groups need .*'CPU': 16"):
+        run_file(path, progress=False)
+    assert not ray.is_initialized()  # the instance it started is stopped again
