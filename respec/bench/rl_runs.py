@@ -149,9 +149,9 @@ def scheduler_decisions(run_dir: Path) -> dict[str, int]:
     log = run_dir / "log.jsonl"
     kinds: dict[str, int] = {}
     for line in log.read_text().splitlines() if log.is_file() else []:
-        if '"scheduler_decision"' in line:
-            kind = json.loads(line).get("kind", "?")
-            kinds[kind] = kinds.get(kind, 0) + 1
+        event = json.loads(line) if '"scheduler_decision"' in line else {}
+        if "kind" in event:  # log.jsonl is appended to: lines of an older rule (no kind) are another run's
+            kinds[event["kind"]] = kinds.get(event["kind"], 0) + 1
     return kinds
 
 
