@@ -183,6 +183,68 @@ def prepare(
     typer.echo(json.dumps(report, indent=2))
 
 
+@app.command()
+def serve(
+    model_dir: Annotated[Path, typer.Argument(help="the policy checkpoint (config.json, safetensors, tokenizer.json)")],
+    draft: Annotated[Path | None, typer.Option(help="an EAGLE head directory: speculative decoding with it")] = None,
+    shape: Annotated[str, typer.Option(help="auto (the Scheduler's rule), nosd, or a fixed shape like s4_t1_n4")]
+        = "auto",
+    profile: Annotated[Path | None, typer.Option(help="auto: start from this `respec profile` JSON")] = None,
+    host: Annotated[str, typer.Option(help="HTTP address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    max_rows: Annotated[int, typer.Option(help="requests decoded together per replica (KV slots)")] = 16,
+    max_len: Annotated[int, typer.Option(help="cache positions per row (0: the model's, at most 2048)")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    threads: Annotated[int, typer.Option(help="torch threads per replica (0: torch's default)")] = 1,
+    replicas: Annotated[int, typer.Option(help="model copies (each its own engine)")] = 1,
+    num_cpus: Annotated[float, typer.Option(help="CPUs per replica")] = 1.0,
+    num_gpus: Annotated[float, typer.Option(help="GPUs per replica")] = 0.0,
+    model_name: Annotated[str, typer.Option(help="the model name responses carry (default: MODEL_DIR's name)")] = "",
+    ray_address: Annotated[str, typer.Option(help='a Ray cluster to join ("auto", HOST:6379); "" starts one')] = "",
+) -> None:
+    """Serve MODEL_DIR (with --draft: speculative decoding) on Ray Serve behind OpenAI's
+    /v1/completions and /v1/chat/completions, until interrupted."""
+    from respec.serve.build import ServeOptions, check_options
+
+    options = ServeOptions(str(model_dir), str(draft or ""), shape, str(profile or ""), max_rows, max_len, device,
+                           dtype, threads, model_name=model_name, num_cpus=num_cpus, num_gpus=num_gpus)
+    try:
+        check_options(options)
+    except (ValueError, OSError) as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    _serve_until_interrupted(options, host, port, replicas, ray_address)
+
+
+def _serve_until_interrupted(options, host: str, port: int, replicas: int, ray_address: str) -> None:
+    import signal
+    import time
+
+    try:
+        import ray
+
+        from respec.serve.deployment import start
+    except ImportError as error:
+        typer.secho(f"error: {error}; install the serve extra: pip install 'respec[serve]'", fg="red", err=True)
+        raise typer.Exit(2) from None
+    ray.init(address=ray_address or None, include_dashboard=False)
+    # SIGTERM (a service manager, `kill`) stops it as Ctrl-C does: the deployment is taken down
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        start(options, host, port, num_replicas=replicas)
+        typer.echo(f"serving {options.name} at http://{host}:{port}/v1 (Ctrl-C stops)")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        from ray import serve as ray_serve
+
+        ray_serve.shutdown()
+        ray.shutdown()
+
+
 def _overrides(pairs: list[str]) -> dict:
     import yaml
 

@@ -57,6 +57,8 @@ def check_options(options: ServeOptions) -> None:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
     if options.max_rows < 1 or options.max_len < 0 or options.threads < 0:
         raise ValueError("--max-rows must be >= 1, --max-len >= 0 (0: the model's), --threads >= 0")
+    if options.device.startswith("cuda") and options.num_gpus <= 0:
+        raise ValueError("--device cuda needs --num-gpus > 0: Ray hides GPUs from a replica that asks for none")
     if options.max_len > config.max_position_embeddings:
         raise ValueError(f"--max-len {options.max_len} exceeds the model's max_position_embeddings "
                          f"{config.max_position_embeddings}")
