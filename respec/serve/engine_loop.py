@@ -36,6 +36,7 @@ class Progress:
     config: str = ""  # the draft shape that step ran ("nosd": plain decoding)
     finish_reason: str = ""  # "stop" (a stop id), "length", "error"; "" = still running
     error: str = ""
+    fault: bool = False  # the engine failed (a server error), rather than refused this request
 
 
 @dataclass(eq=False)
@@ -120,7 +121,7 @@ class ServingEngine:
         for submission in list(self.active.values()):
             self._abort(submission)
         message = f"{type(error).__name__}: {error}"
-        return [(s, Progress(finish_reason="error", error=message)) for s in failed]
+        return [(s, Progress(finish_reason="error", error=message, fault=True)) for s in failed]
 
     def _abort(self, submission: Submission) -> None:
         """Drop a running row: its KV slot and the drafter's state for it go back."""

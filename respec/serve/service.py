@@ -127,7 +127,8 @@ class CompletionService:
             self.engine.cancel(submission)
             raise
         if first.error:
-            raise OpenAIError(first.error, code="rejected_by_engine")
+            raise (OpenAIError(first.error, status=500, kind="server_error") if first.fault
+                   else OpenAIError(first.error, code="rejected_by_engine"))
         return Run(job, submission, first, TextStream(self.tokenizer, job.stop))
 
     async def pieces(self, run: Run) -> AsyncIterator[tuple[str, str | None]]:

@@ -59,6 +59,7 @@ def make_chooser(spec: str, has_drafter: bool, profile: str | Path | None = None
     """`auto`, `nosd` or a shape name; ValueError on a name that does not parse, or a
     draft shape (or a profile) without a drafter."""
     spec = spec.strip()
+    shape = None if spec in (AUTO, NOSD) else DraftShape.parse(spec)  # a bad name first
     if not has_drafter:
         if spec not in (AUTO, NOSD):
             raise ValueError(f"--shape {spec} needs a drafter (--draft); without one only 'auto' or 'nosd'")
@@ -69,4 +70,4 @@ def make_chooser(spec: str, has_drafter: bool, profile: str | Path | None = None
         return ScheduledShape(profile=Profile.load(profile) if profile else None)
     if profile:
         raise ValueError(f"--profile is read by --shape auto only, not by a fixed --shape {spec}")
-    return FixedShape(None if spec == NOSD else DraftShape.parse(spec))
+    return FixedShape(shape)
