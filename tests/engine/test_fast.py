@@ -82,6 +82,22 @@ def test_compacting_the_batch_and_switching_draft_length_change_nothing(model_an
     assert [r.tokens for r in scheduled] == [r.tokens for r in plain]
 
 
+def test_refreshed_weights_are_the_ones_generating(model_and_head, tmp_path):
+    """The fused copies follow the policy after ``refresh_weights`` (an RL update in place)."""
+    model = load_model(small_qwen2(tmp_path / "m", vocab=8, layers=3, std=0.5, seed=2))
+    head = EagleHead.for_target(model, capture_layers=(0, 1, 2))
+    fast = FastGenerator(model, head, max_rows=4, max_len=96, max_new=16, max_k=3)
+    prompts = prompts_of(4)
+    before = [r.tokens for r in fast.generate(prompts, 2)]
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    fast.refresh_weights()
+    after = [r.tokens for r in fast.generate(prompts, 2)]
+    assert after == [r.tokens for r in reference(model, head, prompts, 2, max_new=16)]
+    assert after != before
+
+
 def test_bad_input_is_refused(model_and_head):
     model, head = model_and_head
     with pytest.raises(ValueError, match="needs a draft head"):
@@ -136,6 +152,6 @@ def test_the_statistical_test_fails_when_the_fast_rule_is_broken(six_token_model
         return torch.full_like(bonus, drafts.shape[1]), bonus
 
     monkeypatch.setattr(chain_step_module, "_accept", keep_every_draft)
-    context, second, third = sampled_pairs(model, head, [1, 2, 3, 1, 2, 3, 1, 2, 3, 1], rows=8_000)
+    context, second, third = sampled_pairs(model, head, [1, 2, 3, 1, 2, 3, 1, 2, 3, 1], rows=16_000)
     _, pvalue = chi_square_pvalue(pair_counts(second, third, 6), exact_pair_probs(model, context, plain_probs))
     assert pvalue < 1e-6

@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from respec.engine.drafters.eagle import EagleHead
+from respec.engine.fast.fused import FusedHead, FusedModel
 from respec.engine.fast.state import FastState, StaticKV, visible_up_to
-from respec.engine.model import CausalLM
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ class StepConfig:
     eos_ids: tuple[int, ...]
 
 
-def chain_step(model: CausalLM, head: EagleHead | None, state: FastState, b: int, step: StepConfig) -> None:
+def chain_step(model: FusedModel, head: FusedHead | None, state: FastState, b: int, step: StepConfig) -> None:
     """Advance rows 0..b-1 of `state` by one verification step (see the module docstring)."""
     k = step.k
     drafts = _draft_chain(head, state, b, k) if k else state.root.new_zeros(b, 0)
@@ -43,9 +42,9 @@ def chain_step(model: CausalLM, head: EagleHead | None, state: FastState, b: int
     positions = lengths[:, None] + torch.arange(k + 1, device=tokens.device)
     kv = StaticKV(state.k, state.v, positions.clamp(max=state.max_len))
     # With a head, plain steps keep its cache current too, so a later step may draft again.
-    capture = head.capture_layers if head is not None else ()
-    output = model._run(tokens, positions, visible_up_to(positions, state.max_len + 1), kv, capture, None)
-    logits = output.logits.float()
+    capture = head.head.capture_layers if head is not None else ()
+    logits, features = model.run(tokens, positions, visible_up_to(positions, state.max_len + 1), kv, capture)
+    logits = logits.float()
     accepted, bonus = _accept(logits, drafts, step.temperature)
     emitted = torch.cat([drafts, drafts.new_zeros(b, 1)], dim=1).scatter(1, accepted[:, None], bonus[:, None])
     live = ~state.done[:b]
@@ -56,8 +55,8 @@ def chain_step(model: CausalLM, head: EagleHead | None, state: FastState, b: int
     state.root[:b] = torch.where(live, bonus, state.root[:b])
     state.accepted[:b] += torch.where(live, accepted, 0)
     state.steps[:b] += live.long()
-    if capture:
-        _catch_up(head, state, b, torch.cat(output.captured, dim=-1), emitted, accepted, grow)
+    if head is not None:
+        _catch_up(head, state, b, features, emitted, accepted, grow)
 
 
 def _accept(logits: Tensor, drafts: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -104,15 +103,15 @@ def _record(state: FastState, b: int, emitted: Tensor, logp: Tensor, valid: Tens
     state.done[:b] |= stopped.any(1) | (state.out_count[:b] >= state.max_new[:b])
 
 
-def _head_argmax(head: EagleHead, hidden: Tensor) -> Tensor:
-    lm_head = head.target.lm_head
-    if lm_head.bias is not None:
-        return head.logits(hidden).argmax(-1)
+def _head_argmax(head: FusedHead, hidden: Tensor) -> Tensor:
+    target = head.head.target
+    if target.lm_head.bias is not None:
+        return head.head.logits(hidden).argmax(-1)
     # RMSNorm divides by a positive scalar per row, which leaves the argmax alone.
-    return F.linear(hidden * head.target.norm.weight, lm_head.weight).argmax(-1)
+    return F.linear(hidden * target.norm.weight, target.lm_head.weight).argmax(-1)
 
 
-def _draft_chain(head: EagleHead, state: FastState, b: int, k: int) -> Tensor:
+def _draft_chain(head: FusedHead, state: FastState, b: int, k: int) -> Tensor:
     """k tokens per row [b, k]: the head's argmax from the root's h, then k - 1 head passes,
     each writing its keys/values tentatively after the row's committed head positions."""
     hidden = state.root_h[:b, None]
@@ -127,14 +126,14 @@ def _draft_chain(head: EagleHead, state: FastState, b: int, k: int) -> Tensor:
     return torch.cat(drafted, dim=1)
 
 
-def _catch_up(head: EagleHead, state: FastState, b: int, features: Tensor, emitted: Tensor, accepted: Tensor,
+def _catch_up(head: FusedHead, state: FastState, b: int, features: Tensor, emitted: Tensor, accepted: Tensor,
               grow: Tensor) -> None:
     """Run the head over the newly committed positions with the target's features (head
     position i reads feature i and token i + 1), overwriting the drafted entries, and keep
     the h of the last one as the next root's."""
     positions = state.head_lengths[:b, None] + torch.arange(emitted.shape[1], device=emitted.device)
     kv = StaticKV(state.head_k, state.head_v, positions.clamp(max=state.max_len))
-    inputs = head.fuse(features.to(state.root_h.dtype))
+    inputs = head.head.fuse(features.to(state.root_h.dtype))
     hidden = head(inputs, emitted, positions, visible_up_to(positions, state.max_len + 1), kv)
     last = hidden.gather(1, accepted[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
     state.root_h[:b] = torch.where((grow > 0)[:, None], last, state.root_h[:b])

@@ -17,19 +17,20 @@ from respec.engine.config import ModelConfig
 
 
 class StaticKV:
-    """``store_and_read`` over a static store [layers, rows, kv_heads, max_len + 1, dim]:
-    writes the new keys/values at `write_at` [B, T] (the spare last column absorbs writes
-    that must land nowhere) and returns the whole store of rows 0..B-1. The attention mask
-    decides what is visible, so no length is read on the host."""
+    """Keys/values in a static store [layers, rows, kv_heads, max_len + 1, dim]: a pass
+    writes its new entries at `write_at` [b, T] (the spare last column absorbs writes that
+    must land nowhere) and attends over the whole store of rows 0..b-1; the attention mask
+    decides what is visible, so no length is ever read on the host."""
 
     def __init__(self, k_store: Tensor, v_store: Tensor, write_at: Tensor) -> None:
         self.k_store, self.v_store, self.write_at = k_store, v_store, write_at
+        self.rows = torch.arange(write_at.shape[0], device=write_at.device)[:, None]
 
-    def store_and_read(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+    def write_and_read(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v [b, T, kv_heads, dim] -> the rows' keys and values [b, kv_heads, S, dim]."""
         k_layer, v_layer = self.k_store[layer], self.v_store[layer]
-        k_layer[rows, :, self.write_at] = k.transpose(1, 2).to(k_layer.dtype)
-        v_layer[rows, :, self.write_at] = v.transpose(1, 2).to(v_layer.dtype)
+        k_layer[self.rows, :, self.write_at] = k.to(k_layer.dtype)
+        v_layer[self.rows, :, self.write_at] = v.to(v_layer.dtype)
         return k_layer[: k.shape[0]], v_layer[: k.shape[0]]
 
 
@@ -63,6 +64,22 @@ class FastState:
         self.done = torch.ones(rows, dtype=torch.bool, device=device)
         self.accepted = torch.zeros(rows, **long)  # draft tokens accepted, per row
         self.steps = torch.zeros(rows, **long)  # verification steps a live row took part in
+        self.prompt = torch.zeros(rows, max_len, **long)  # prefill's input, right-padded
+        self.prompt_length = torch.ones(rows, **long)
+        self.prompt_live = torch.zeros(rows, dtype=torch.bool, device=device)  # False: a padding row
+
+    def load_prompts(self, prompts, b: int) -> None:
+        """Prompts into the prompt buffer (one copy to the device); rows len(prompts)..b-1
+        become one-token padding rows that start done."""
+        n = len(prompts)
+        host = torch.zeros(b, self.prompt.shape[1], dtype=torch.long)
+        lengths = torch.ones(b, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            prompt = torch.as_tensor(prompt, dtype=torch.long).flatten()
+            host[row, : len(prompt)], lengths[row] = prompt, len(prompt)
+        self.prompt[:b] = host.to(self.prompt.device, non_blocking=True)
+        self.prompt_length[:b] = lengths.to(self.prompt.device, non_blocking=True)
+        self.prompt_live[:b] = torch.arange(b) < n
 
     def tensors(self) -> dict[str, Tensor]:
         return {name: value for name, value in vars(self).items() if isinstance(value, Tensor)}
@@ -70,7 +87,7 @@ class FastState:
     def reset(self) -> None:
         """Every row empty and done (a graph warm-up leaves garbage behind)."""
         for name, tensor in self.tensors().items():
-            tensor.fill_(1 if name in ("done", "max_new") else 0)
+            tensor.fill_(1 if name in ("done", "max_new", "prompt_length") else 0)
 
     def keep(self, order: Tensor) -> None:
         """Reorder rows in place: row i becomes old row order[i] (compaction: the live rows

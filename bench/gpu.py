@@ -1,0 +1,222 @@
+"""The GPU benchmark (issue 6): one run of at most 10 minutes on one H100.
+
+    python3 bench/gpu.py --json gpu.json              # trained 0.5B shape: everything below
+    python3 bench/gpu.py --shapes 3b,7b --json f.json # random weights: step-cost curve only
+    python3 bench/gpu.py --smoke --json f.json        # a tiny shape on the CPU: checks the script
+
+Full mode: (a) trains a policy of the Qwen2.5-0.5B shape on the built-in task (built-in
+character vocabulary) and distils its EAGLE head; (b) decode step time at batch 1 against
+the HBM floor (weight bytes over the device-to-device copy bandwidth measured here) and
+against transformers' eager `generate` on the same weights; (c) generated tokens per
+second at batch 1-256 for no SD, each static chain length and the scheduler's per-bucket
+choice (from a profile on other prompts); (d) greedy SD against greedy plain decoding,
+token for token. Prints tables and writes JSON; docs/PERFORMANCE.md records the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpu_timing import (  # noqa: E402
+    choose_draft_lengths,
+    copy_bandwidth,
+    hf_decode_seconds,
+    step_seconds,
+    throughput,
+    weight_bytes,
+)
+from gpu_train import accuracy, log, random_model, shape_config, train_head, train_policy  # noqa: E402
+
+from respec.engine.checkpoint import save_model  # noqa: E402
+from respec.engine.drafters.eagle import EagleHead  # noqa: E402
+from respec.engine.fast import FastGenerator  # noqa: E402
+from respec.engine.tokenizer import char_tokenizer  # noqa: E402
+from respec.tasks import make_task  # noqa: E402
+
+# The built-in task in its longer setting: the embedded default's (max_value 9, 2-3
+# operands) completions are ~14 tokens, too short for drafting to show; these are ~70.
+TASK = ("arithmetic", {"max_value": 50, "min_operands": 5, "max_operands": 8})
+DRAFT_LENGTHS = (1, 2, 3, 4, 5, 6)
+
+
+def main() -> None:
+    args = parse_args()
+    device = "cpu" if args.smoke else "cuda"
+    report = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:]}
+    started = time.perf_counter()
+    if args.shapes:
+        report["step_cost"] = step_cost_curves(args.shapes.split(","), device, args.batches)
+    else:
+        report.update(full_run(args, device))
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    log(f"wrote {args.json} ({report['wall_s']} s)")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--smoke", action="store_true", help="tiny shape, CPU, few steps: check the script")
+    parser.add_argument("--shapes", default="", help="comma-separated shapes (3b,7b) for the step-cost mode")
+    parser.add_argument("--sft-steps", type=int, default=1500)
+    parser.add_argument("--head-steps", type=int, default=1500)
+    parser.add_argument("--batches", default="1,2,4,8,16,32,64,128,256")
+    parser.add_argument("--max-new", type=int, default=128)
+    args = parser.parse_args()
+    if args.smoke:
+        args.sft_steps, args.head_steps, args.batches, args.max_new = 30, 20, "1,4", 24
+    args.batches = [int(b) for b in args.batches.split(",")]
+    return args
+
+
+# ---------------------------------------------------------------------- full mode
+
+
+def full_run(args, device: str) -> dict:
+    shape = "smoke" if args.smoke else "0.5b"
+    task = make_task(TASK[0], **TASK[1])
+    tokenizer = char_tokenizer()
+    heldout = task.heldout(256 if not args.smoke else 16, seed=12345)
+    policy, policy_report = train_policy(task, shape, device, args.sft_steps, batch=128 if not args.smoke else 8)
+    model = policy.to(torch.bfloat16) if device == "cuda" else policy
+    policy_report["accuracy_sampled"] = accuracy(model, task, heldout, 1.0, args.max_new)
+    policy_report["accuracy_greedy"] = accuracy(model, task, heldout, 0.0, args.max_new)
+    log(f"policy: {policy_report}")
+    head, head_report = train_head(model, task, device, args.head_steps, max_new=args.max_new,
+                                   sequences=4096 if not args.smoke else 64, batch=64 if not args.smoke else 8)
+    head = head if device == "cuda" else head.float()
+    log(f"head: {head_report}")
+    prompts = [[tokenizer.bos_id, *tokenizer.encode(p.prompt)] for p in heldout]
+    calibration = [[tokenizer.bos_id, *tokenizer.encode(task.sample(random.Random(f"calib{i}")).prompt)]
+                   for i in range(64)]
+    out = {"shape": shape, "policy": policy_report, "head": head_report,
+           "decode": decode_section(model, prompts[0], device, args)}
+    out["sweep"] = sweep_section(model, head, prompts, calibration, device, args)
+    out["greedy_equality"] = greedy_section(model, head, prompts[:64], device, args)
+    return out
+
+
+def generator_for(model, head, device: str, args, rows: int, temperature: float) -> FastGenerator:
+    return FastGenerator(model, head, max_rows=rows, max_len=48 + args.max_new + max(DRAFT_LENGTHS) + 2,
+                         max_new=args.max_new, max_k=max(DRAFT_LENGTHS) if head is not None else 0,
+                         temperature=temperature, eos_ids=(char_tokenizer().eos_id,))
+
+
+def decode_section(model, prompt: list[int], device: str, args) -> dict:
+    """(b): one decode step at batch 1: graphs, eager, the HBM floor, transformers."""
+    bandwidth = copy_bandwidth(device, gib=1.0 if device == "cuda" else 0.05)
+    plain = generator_for(model, None, device, args, 1, 0.0)
+    graphed = step_seconds(plain, 1, 0, device, steps=200 if device == "cuda" else 5)
+    eager = FastGenerator(model, None, max_rows=1, max_len=plain.state.max_len, max_new=args.max_new, graphs=False)
+    eager_s = step_seconds(eager, 1, 0, device, steps=20 if device == "cuda" else 3)
+    weights = weight_bytes(model)
+    floor = weights / bandwidth["read_write_bytes_per_s"]
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(model, tmp)
+        hf = hf_decode_seconds(tmp, prompt, device, new_tokens=64 if device == "cuda" else 8)
+    ours = plain.generate([prompt], 0)[0].tokens
+    same = ours[: len(hf["greedy_tokens"])] == hf["greedy_tokens"][: len(ours)]
+    section = {"weight_bytes": weights, "bandwidth": bandwidth, "hbm_floor_s": floor,
+               "hbm_floor_one_way_s": weights / bandwidth["one_way_bytes_per_s"], "graphed_step_s": graphed,
+               "eager_step_s": eager_s, "hf_eager_step_s": hf["seconds_per_token"],
+               "graphed_over_floor": graphed / floor, "hf_over_graphed": hf["seconds_per_token"] / graphed,
+               "greedy_matches_transformers": same}
+    log("decode at batch 1: " + json.dumps({k: v for k, v in section.items() if k != "bandwidth"}))
+    return section
+
+
+def sweep_section(model, head, prompts, calibration, device: str, args) -> dict:
+    """(c): tokens per second per batch size: no SD, each chain length, the scheduler."""
+    rows = max(args.batches)
+    plain = generator_for(model, None, device, args, rows, 1.0)
+    drafted = generator_for(model, head, device, args, rows, 1.0)
+    profile = scheduler_profile(drafted, calibration, device, args)
+    table = []
+    for b in args.batches:
+        batch = (prompts * (b // len(prompts) + 1))[:b]
+        row = {"batch": b, "no_sd": throughput(plain, batch, 0, device)}
+        for k in DRAFT_LENGTHS:
+            row[f"k{k}"] = throughput(drafted, batch, k, device)
+        row["scheduler"] = throughput(drafted, batch, profile["choice"], device)
+        base = row["no_sd"]["tokens_per_s"]
+        best = max(v["tokens_per_s"] for key, v in row.items() if key not in ("batch", "scheduler"))
+        row["speedup"] = {key: v["tokens_per_s"] / base for key, v in row.items() if isinstance(v, dict)}
+        row["scheduler_over_best_static"] = row["scheduler"]["tokens_per_s"] / best
+        table.append(row)
+        log(f"batch {b}: " + " ".join(f"{key} {x:.2f}x" for key, x in row["speedup"].items())
+            + f" | scheduler/best {row['scheduler_over_best_static']:.2f}")
+    return {"profile": profile, "table": table}
+
+
+def scheduler_profile(generator: FastGenerator, calibration, device: str, args) -> dict:
+    """Step cost per (bucket, k) on dummy rows and acceptance per k on calibration prompts
+    (not the measured ones): what the scheduler decides from."""
+    cost = {(b, k): step_seconds(generator, b, k, device, steps=20)
+            for b in generator.buckets if b <= max(args.batches) for k in (0, *DRAFT_LENGTHS)}
+    calibration = calibration[: generator.state.rows]
+    accepted = {k: throughput(generator, calibration, k, device, repeats=1)["accepted_per_step"]
+                for k in DRAFT_LENGTHS}
+    choice = choose_draft_lengths(cost, accepted)
+    log(f"scheduler profile: accepted per step {accepted}; choice {choice}")
+    return {"step_s": {f"{b}/{k}": s for (b, k), s in cost.items()}, "accepted_per_step": accepted,
+            "choice": choice}
+
+
+def greedy_section(model, head, prompts, device: str, args) -> dict:
+    """(d): greedy SD against greedy plain decoding on the same prompts."""
+    plain = generator_for(model, None, device, args, len(prompts), 0.0).generate(prompts, 0)
+    drafted = generator_for(model, head, device, args, len(prompts), 0.0)
+    out = {}
+    for k in (1, 4, 6):
+        results = drafted.generate(prompts, k)
+        differ = [i for i, (a, b) in enumerate(zip(plain, results, strict=True)) if a.tokens != b.tokens]
+        out[f"k{k}"] = {"rows": len(prompts), "rows_differing": len(differ),
+                        "first_divergence": [first_divergence(plain[i].tokens, results[i].tokens) for i in differ[:5]]}
+    log(f"greedy equality: {out}")
+    return out
+
+
+def first_divergence(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+# ---------------------------------------------------------------------- step-cost mode
+
+
+def step_cost_curves(shapes: list[str], device: str, batches: list[int], ks=(0, 2, 4, 6)) -> dict:
+    """Seconds per step at each batch size: plain decoding (k = 0) and SD steps of k drafts
+    (k - 1 head passes, verification of k + 1 tokens, the head's catch-up), random weights,
+    full Qwen vocabulary: how the cost of a step grows with k and the batch. A random head
+    proposes garbage, but a step costs the same whatever it proposes: no acceptance claims."""
+    out = {}
+    for shape in shapes:
+        model = random_model(shape_config(shape), device)
+        head = EagleHead.for_target(model).eval()
+        generator = FastGenerator(model, head, max_rows=max(batches), max_len=512, max_new=256, max_k=max(ks))
+        curve = {}
+        for b in batches:
+            curve[b] = {f"k{k}_s": step_seconds(generator, b, k, device, steps=10) for k in ks}
+            curve[b].update({f"k{k}_over_k0": curve[b][f"k{k}_s"] / curve[b]["k0_s"] for k in ks[1:]})
+            log(f"{shape} batch {b}: " + " ".join(f"k{k} {curve[b][f'k{k}_s'] * 1e3:.2f} ms" for k in ks))
+        out[shape] = {"weight_bytes": weight_bytes(model), "curve": curve}
+        del model, head, generator
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""bench/gpu.py's timing pieces: the HBM floor, one step's cost, throughput of a batch,
+transformers' eager decoding as the peer, and the scheduler's choice from a profile."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from respec.engine.fast import FastGenerator
+from respec.engine.model import CausalLM
+
+
+def copy_bandwidth(device: str, gib: float = 1.0, repeats: int = 20) -> dict:
+    """Device-to-device copy of `gib` GiB: bytes moved per second, counting the read and
+    the write (the memory traffic a weight read competes with), and counting one side."""
+    source = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    seconds = timed(lambda: target.copy_(source), device, repeats)
+    return {"bytes": source.numel(), "seconds": seconds, "read_write_bytes_per_s": 2 * source.numel() / seconds,
+            "one_way_bytes_per_s": source.numel() / seconds}
+
+
+def timed(work, device: str, repeats: int) -> float:
+    """Median seconds of `work()` over `repeats` runs, synchronised around each."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        work()
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def weight_bytes(model: CausalLM) -> int:
+    """Bytes one decoding step must read: every distinct parameter once (tied weights once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def step_seconds(generator: FastGenerator, b: int, k: int, device: str, steps: int = 50) -> float:
+    """Seconds per step of bucket b with k drafts (graph replay on a GPU), after prefilling b
+    dummy rows. A step costs the same whatever the tokens are, so no acceptance is implied."""
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8]] * b
+    generator.capture([(b, k)], (b, generator._prefill_width(prompts)))
+    generator.start(prompts)
+    generator.state.done[:b] = False
+    generator.state.max_new[:b] = 10**9  # never finish: every step does full work
+    for _ in range(3):
+        generator.step(b, k)
+    return timed(lambda: [generator.step(b, k) for _ in range(steps)], device, 3) / steps
+
+
+def throughput(generator: FastGenerator, prompts: list[list[int]], k_for_bucket, device: str,
+               repeats: int = 3) -> dict:
+    """Generated tokens per second for the whole batch (prefill to the last row's end),
+    median of `repeats`, and the mean accepted drafts per verification step."""
+    generator.generate(prompts, k_for_bucket)  # capture graphs outside the timing
+    runs = []
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        results = generator.generate(prompts, k_for_bucket)
+        sync(device)
+        runs.append((time.perf_counter() - started, results))
+    seconds, results = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
+    tokens = sum(len(r.tokens) for r in results)
+    steps = sum(r.steps for r in results)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "accepted_per_step": sum(r.accepted for r in results) / max(1, steps),
+            "tokens_per_step": (tokens - len(results)) / max(1, steps)}
+
+
+def choose_draft_lengths(step_cost: dict[tuple[int, int], float], accepted: dict[int, float]) -> dict[int, int]:
+    """The Scheduler's rule (docs/SCHEDULER.md): per batch bucket, the draft length that
+    maximises expected tokens per second, (1 + accepted drafts per step) / step seconds,
+    from a profile of step costs and acceptance measured on other prompts."""
+    buckets = sorted({b for b, _ in step_cost})
+    choice = {}
+    for b in buckets:
+        rates = {k: (1 + accepted.get(k, 0.0)) / seconds for (bb, k), seconds in step_cost.items() if bb == b}
+        choice[b] = max(rates, key=rates.get)
+    return choice
+
+
+def hf_decode_seconds(checkpoint_dir: str, prompt: list[int], device: str, new_tokens: int = 64) -> dict:
+    """transformers' own eager Qwen2 on the same weights: greedy `generate`, seconds per token."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.bfloat16).to(device).eval()
+    inputs = torch.tensor([prompt], device=device)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(inputs, **kwargs)  # warm-up
+        seconds = timed(lambda: model.generate(inputs, **kwargs), device, 3)
+        tokens = model.generate(inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[0, len(prompt):]
+    return {"seconds_per_token": seconds / new_tokens, "greedy_tokens": tokens.tolist()}
