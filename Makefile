@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 		$(PYTHON) -m venv $(VENV); \
 	fi
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,ray]"  # ray: the placement: ray tests (docs/RUNTIME.md)
+	$(PY) -m pip install -q -e ".[dev,ray,serve]"  # ray, serve: the placement: ray and respec serve tests (docs/RUNTIME.md)
 	@touch $@
 
 # The embedded default: train the tiny policy and its drafter if they are missing, then RL.

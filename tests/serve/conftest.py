@@ -69,6 +69,7 @@ def _free_port() -> int:
 def server(served_dirs):
     """Base URL of the Serve HTTP proxy; apps at /plain and /eagle. Torn down at the end."""
     ray = pytest.importorskip("ray")
+    pytest.importorskip("fastapi", reason="the serve extra: pip install 'respec[serve]'")
     serve = pytest.importorskip("ray.serve")
     from respec.serve.deployment import start
 
