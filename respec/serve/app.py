@@ -8,7 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from respec.serve.protocol import ChatRequest, CompletionRequest, OpenAIError, validation_message
-from respec.serve.service import CompletionService, Job
+from respec.serve.service import CompletionService, Job, Run
 
 
 def build_api(service: CompletionService) -> FastAPI:
@@ -47,6 +47,22 @@ def build_api(service: CompletionService) -> FastAPI:
 async def _respond(service: CompletionService, job: Job):
     run = await service.start(job)  # refusals by the engine are still a plain 4xx here
     if job.stream:
-        # closing the stream (a client that left) closes the generator, which frees the row
-        return StreamingResponse(service.events(run), media_type="text/event-stream")
+        return _EngineStream(service, run)
     return JSONResponse(await service.complete(run))
+
+
+class _EngineStream(StreamingResponse):
+    """An SSE stream that frees its row however the response ends. The generator frees it
+    when it runs to its end or is cancelled mid-stream; a client that leaves before the
+    first chunk is sent cancels the response before the generator ever starts, and a
+    generator never started runs no cleanup, hence the `finally` here as well."""
+
+    def __init__(self, service: CompletionService, run: Run) -> None:
+        super().__init__(service.events(run), media_type="text/event-stream")
+        self._free = lambda: service.engine.cancel(run.submission)
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._free()  # a no-op when the output already ended
