@@ -102,3 +102,19 @@ def test_an_engine_fault_ends_the_requests_in_flight_and_frees_their_rows(served
 def test_serve_refuses_bad_options_before_starting_ray(served_dirs, arguments, message):
     result = CliRunner().invoke(app, ["serve", str(served_dirs[0]), *arguments])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_chat_messages_go_through_the_checkpoints_chat_template(served_dirs, tmp_path):
+    import json
+    import shutil
+
+    from respec.serve.protocol import ChatRequest
+
+    policy = shutil.copytree(served_dirs[0], tmp_path / "templated")
+    config = json.loads((policy / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}A:"
+    (policy / "tokenizer_config.json").write_text(json.dumps(config))
+    service = build_service(ServeOptions(str(policy), max_len=MAX_LEN, threads=1))
+    job = service.chat_job(ChatRequest(messages=[{"role": "system", "content": "be brief"},
+                                                 {"role": "user", "content": "2+2="}]))
+    assert job.prompt == service.tokenizer.encode("<system>be brief<user>2+2=A:")  # the template's own text, no <bos> added
