@@ -10,7 +10,8 @@ the HBM floor (weight bytes over the device-to-device copy bandwidth measured he
 against transformers' eager `generate` on the same weights; (c) generated tokens per
 second at batch 1-256 for no SD, each static chain length and the scheduler's per-bucket
 choice (from a profile on other prompts); (d) greedy SD against greedy plain decoding,
-token for token. Prints tables and writes JSON; docs/PERFORMANCE.md records the results.
+token for token; (e) synchronous GRPO steps, no SD against SD + scheduler + online
+reward-weighted distillation (bench/gpu_rl.py). Prints tables and writes JSON; docs/PERFORMANCE.md records the results.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gpu_rl import rl_section  # noqa: E402
 from gpu_timing import (  # noqa: E402
     choose_draft_lengths,
     copy_bandwidth,
@@ -75,9 +77,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--head-steps", type=int, default=1500)
     parser.add_argument("--batches", default="1,2,4,8,16,32,64,128,256")
     parser.add_argument("--max-new", type=int, default=128)
+    parser.add_argument("--rl-steps", type=int, default=12)
+    parser.add_argument("--rl-groups", type=int, default=32, help="prompts per RL step (8 rollouts each)")
+    parser.add_argument("--rl-lr", type=float, default=1e-5)
     args = parser.parse_args()
     if args.smoke:
         args.sft_steps, args.head_steps, args.batches, args.max_new = 30, 20, "1,4", 24
+        args.rl_steps, args.rl_groups = 2, 2
     args.batches = [int(b) for b in args.batches.split(",")]
     return args
 
@@ -106,6 +112,11 @@ def full_run(args, device: str) -> dict:
            "decode": decode_section(model, prompts[0], device, args)}
     out["sweep"] = sweep_section(model, head, prompts, calibration, device, args)
     out["greedy_equality"] = greedy_section(model, head, prompts[:64], device, args)
+    out["rl"] = rl_section(model, head, task, out["sweep"]["profile"]["choice"], args.rl_steps, args.rl_groups,
+                           8, args.max_new, args.rl_lr, log)
+    log(f"rl: respec step time / sync no-SD {out['rl']['respec_step_time_over_sync_nosd']:.2f}; reward "
+        + " ".join(f"{v}: {out['rl'][v]['reward_first']:.3f} -> {out['rl'][v]['reward_last']:.3f}"
+                   for v in ("sync_nosd", "respec")))
     return out
 
 

@@ -60,7 +60,7 @@ def step_seconds(generator: FastGenerator, b: int, k: int, device: str, steps: i
 
 
 def throughput(generator: FastGenerator, prompts: list[list[int]], k_for_bucket, device: str,
-               repeats: int = 3) -> dict:
+               repeats: int = 5) -> dict:
     """Generated tokens per second for the whole batch (prefill to the last row's end),
     median of `repeats`, and the mean accepted drafts per verification step."""
     generator.generate(prompts, k_for_bucket)  # capture graphs outside the timing

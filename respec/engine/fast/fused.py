@@ -86,12 +86,22 @@ def _attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
     return out.reshape(b, kv_heads, group, t, dim).permute(0, 3, 1, 2, 4).reshape(b, t, heads * dim)
 
 
-def rope_tables(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and signed sin [b, T, 1, D] for positions [b, T] (see ``_rotate``); inv_freq
-    float32 on the positions' device (a copy from the host cannot be graph-captured)."""
-    angles = positions[..., None].float() * inv_freq
-    cos, sin = angles.cos(), angles.sin()
-    return torch.cat([cos, cos], -1)[:, :, None].to(dtype), torch.cat([-sin, sin], -1)[:, :, None].to(dtype)
+class RopeTable:
+    """cos and signed sin (see ``_rotate``) of every position, computed once in float32 as
+    ``Rotary`` computes them and rounded to the model's dtype: a pass gathers its rows
+    (two kernels) instead of computing angles, cos and sin again."""
+
+    def __init__(self, inv_freq: Tensor, positions: int, dtype: torch.dtype, device: torch.device) -> None:
+        angles = torch.arange(positions, dtype=torch.float32, device=device)[:, None] * inv_freq.to(device)
+        cos, sin = angles.cos(), angles.sin()
+        self.cos = torch.cat([cos, cos], -1).to(dtype)
+        self.signed_sin = torch.cat([-sin, sin], -1).to(dtype)
+
+    def __call__(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """[b, T] positions -> cos, signed sin [b, T, 1, D]; positions past the table (rows
+        that are done keep stepping) read its last entry instead of out of bounds."""
+        index = positions.clamp(max=self.cos.shape[0] - 1)
+        return self.cos[index][:, :, None], self.signed_sin[index][:, :, None]
 
 
 def additive_mask(visible: Tensor, kv_heads: int, group: int, dtype: torch.dtype) -> Tensor:
@@ -111,7 +121,9 @@ class FusedModel:
         self.layers = [FusedLayer(layer) for layer in model.model.layers]
         self.kv_heads = model.config.num_key_value_heads
         self.group = model.config.num_attention_heads // self.kv_heads
-        self.inv_freq = model.rotary.inv_freq.to(next(model.parameters()).device)
+        parameter = next(model.parameters())
+        self.rope = RopeTable(model.rotary.inv_freq, model.config.max_position_embeddings, parameter.dtype,
+                              parameter.device)
 
     def refresh(self) -> None:
         for layer in self.layers:
@@ -121,7 +133,7 @@ class FusedModel:
             capture: tuple[int, ...] = ()) -> tuple[Tensor, Tensor | None]:
         model = self.model
         x = model.model.embed_tokens(tokens)
-        rope = rope_tables(self.inv_freq, positions, x.dtype)
+        rope = self.rope(positions)
         mask = additive_mask(visible, self.kv_heads, self.group, x.dtype)
         captured: dict[int, Tensor] = {}
         for index, layer in enumerate(self.layers):
@@ -142,7 +154,9 @@ class FusedHead:
         self.layer = FusedLayer(head.layer)
         self.kv_heads = head.config.num_key_value_heads
         self.group = head.config.num_attention_heads // self.kv_heads
-        self.inv_freq = head.rotary.inv_freq.to(next(head.parameters()).device)
+        parameter = next(head.parameters())
+        self.rope = RopeTable(head.rotary.inv_freq, head.config.max_position_embeddings, parameter.dtype,
+                              parameter.device)
 
     def refresh(self) -> None:
         self.layer.refresh()
@@ -151,5 +165,5 @@ class FusedHead:
         head = self.head
         embedded = F.embedding(tokens, head.target.embed.weight)
         x = head.input_proj(torch.cat([embedded.to(inputs.dtype), inputs], dim=-1))
-        rope = rope_tables(self.inv_freq, positions, x.dtype)
+        rope = self.rope(positions)
         return self.layer(x, rope, additive_mask(visible, self.kv_heads, self.group, x.dtype), kv, 0)
