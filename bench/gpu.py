@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gpu_report import markdown  # noqa: E402
 from gpu_rl import rl_section  # noqa: E402
 from gpu_timing import (  # noqa: E402
     choose_draft_lengths,
@@ -65,6 +66,7 @@ def main() -> None:
         report.update(full_run(args, device))
     report["wall_s"] = round(time.perf_counter() - started, 1)
     Path(args.json).write_text(json.dumps(report, indent=2))
+    print(markdown(report))
     log(f"wrote {args.json} ({report['wall_s']} s)")
 
 
