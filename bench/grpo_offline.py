@@ -15,7 +15,6 @@ the time). docs/RL.md records what these runs showed.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import random
 import shutil
@@ -54,6 +53,8 @@ def main() -> None:
     emit({"step": 0, **evaluate(model, tokenizer, task, held_out, samples=4, max_new_tokens=40)})
     for step in range(1, args.steps + 1):
         samples = rollouts(model, tokenizer, task, problems(task, rng, args.groups, skip), args.G, seed=step)
+        if args.shuffle_rewards:  # the control: same rewards per group, no information in who got them
+            samples = shuffled_rewards(samples, args.G, random.Random(f"shuffle/{step}"))
         stats = trainer.step(samples)
         history.append((stats["reward_mean"], sum(len(s.response) for s in samples) / len(samples)))
         if step % 10 == 0:
@@ -71,6 +72,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--make-policy", default="", help="ls:<smoothing> or guess:<fraction>:<right>")
     parser.add_argument("--sft-steps", type=int, default=600)
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--gain-lr", type=float, default=0.0, help="lr of the RMSNorm gains (0: --lr)")
     parser.add_argument("--groups", type=int, default=4, help="problems per step")
     parser.add_argument("--G", type=int, default=8, help="samples per problem")
     parser.add_argument("--steps", type=int, default=100)
@@ -78,6 +80,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--kl", type=float, default=0.0, help="k3 KL to the starting policy")
     parser.add_argument("--negative-scale", type=float, default=1.0, help="scale of negative advantages")
+    parser.add_argument("--shuffle-rewards", action="store_true",
+                        help="control: permute rewards within each group (what an update does with no signal)")
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     parser.add_argument("--only", default="", help="train only parameters whose name contains one of these")
     return parser.parse_args()
@@ -87,7 +91,7 @@ def make_trainer(model, args, policy) -> GRPOTrainer:
     if args.only:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(any(part in name for part in args.only.split(",")))
-    config = TrainerConfig(lr=args.lr, micro_batch=32, epochs=args.epochs, ppo=PPOConfig(kl_coef=args.kl))
+    config = TrainerConfig(lr=args.lr, gain_lr=args.gain_lr, micro_batch=32, epochs=args.epochs, ppo=PPOConfig(kl_coef=args.kl))
     trainer = GRPOTrainer(model, config, reference=load_model(policy) if args.kl > 0 else None)
     if args.optimizer == "sgd":
         trainer.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr,
@@ -131,6 +135,16 @@ def rollouts(model, tokenizer, task, chosen: list, group_size: int, seed: int) -
     return samples
 
 
+def shuffled_rewards(samples: list[TrainSample], group_size: int, rng: random.Random) -> list[TrainSample]:
+    out = []
+    for start in range(0, len(samples), group_size):
+        group = samples[start : start + group_size]
+        rewards = [s.reward for s in group]
+        rng.shuffle(rewards)
+        out += [replace(s, reward=r) for s, r in zip(group, rewards, strict=True)]
+    return out
+
+
 def make_policy(spec: str, task, steps: int) -> str:
     """A variant of prepare's policy (same model, same seed, same steps), trained into /tmp."""
     kind, *values = spec.split(":")
@@ -141,10 +155,7 @@ def make_policy(spec: str, task, steps: int) -> str:
     create_default_checkpoint(out, seed=0)
     model, tokenizer = load_model(out), load_tokenizer(out)
     if kind == "ls":
-        smoothed = functools.partial(torch.nn.functional.cross_entropy, label_smoothing=float(values[0]))
-        sft.F = type("SmoothedF", (), {"__getattr__": lambda self, k: getattr(torch.nn.functional, k),
-                                      "cross_entropy": staticmethod(smoothed)})()
-        sft.train_sft(model, tokenizer, task, steps, seed=0)
+        sft.train_sft(model, tokenizer, task, steps, seed=0, label_smoothing=float(values[0]))
     elif kind == "guess":
         sft.train_sft(model, tokenizer, Guessing(task, float(values[0]), float(values[1])), steps, seed=0)
     else:

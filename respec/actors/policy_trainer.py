@@ -39,6 +39,7 @@ class PolicyTrainer(Actor):
         groups_per_step: int = 4
         buffer_groups: int = 64  # groups held until trained; PromptSource's staleness bound must fit
         lr: float = 1e-5
+        gain_lr: float = 0.0  # lr of the RMSNorm gains (0: lr); with it, lr 0 trains the gains only
         micro_batch: int = 8
         max_grad_norm: float = 1.0
         clip_eps: float = 0.2
@@ -64,7 +65,7 @@ class PolicyTrainer(Actor):
     async def on_start(self) -> None:
         torch.manual_seed(self.params.seed)
         model = load_model(Path(self.params.model_path))
-        config = TrainerConfig(lr=self.params.lr, micro_batch=self.params.micro_batch,
+        config = TrainerConfig(lr=self.params.lr, gain_lr=self.params.gain_lr, micro_batch=self.params.micro_batch,
                                max_grad_norm=self.params.max_grad_norm,
                                ppo=PPOConfig(clip_eps=self.params.clip_eps, kl_coef=self.params.kl_coef))
         reference = load_model(Path(self.params.model_path)) if self.params.kl_coef > 0 else None

@@ -37,15 +37,20 @@ def batch_tensors(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[t
     return tokens, mask
 
 
-def sft_loss(model: CausalLM, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def sft_loss(model: CausalLM, tokens: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     logits = model(tokens).logits[:, :-1]
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1), reduction="none")
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1), reduction="none",
+                             label_smoothing=label_smoothing)
     return (losses * mask.reshape(-1)).sum() / mask.sum()
 
 
 def train_sft(model: CausalLM, tokenizer: TextTokenizer, task: Task, steps: int, batch_size: int = 32,
-              lr: float = 2e-3, seed: int = 0, on_step: Callable[[int, float], None] | None = None) -> list[float]:
-    """AdamW with linear warm-up and cosine decay; returns the loss of every step."""
+              lr: float = 2e-3, seed: int = 0, on_step: Callable[[int, float], None] | None = None,
+              label_smoothing: float = 0.0) -> list[float]:
+    """AdamW with linear warm-up and cosine decay; returns the loss of every step.
+
+    `label_smoothing` spreads that much of each target's probability over the vocabulary:
+    the policy's modes come out better but its T = 1 samples worse (docs/RL.md)."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
@@ -57,7 +62,7 @@ def train_sft(model: CausalLM, tokenizer: TextTokenizer, task: Task, steps: int,
         problems = [task.sample(rng) for _ in range(batch_size)]
         tokens, mask = batch_tensors([encode_example(tokenizer, p.prompt, p.solution) for p in problems],
                                      tokenizer.pad_id)
-        loss = sft_loss(model, tokens, mask)
+        loss = sft_loss(model, tokens, mask, label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

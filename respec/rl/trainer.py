@@ -31,6 +31,7 @@ class TrainSample:
 @dataclass(frozen=True)
 class TrainerConfig:
     lr: float = 1e-5
+    gain_lr: float = 0.0  # lr of the RMSNorm gains (0: `lr`; with it, lr 0 freezes the rest): _param_groups
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     micro_batch: int = 8
@@ -43,7 +44,9 @@ class GRPOTrainer:
     def __init__(self, model: CausalLM, config: TrainerConfig = TrainerConfig(),
                  reference: CausalLM | None = None) -> None:
         self.model, self.config, self.reference = model, config, reference
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        groups = _param_groups(model, config)
+        self._trained = [p for group in groups for p in group["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.version = 0
 
     def step(self, samples: list[TrainSample]) -> dict[str, float]:
@@ -67,7 +70,7 @@ class GRPOTrainer:
                                        advantages[rows], part.mask, self.config.ppo,
                                        None if reference is None else reference[rows])
                 (loss * part.mask.sum() / total_tokens).backward()  # token-mean over the whole batch
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._trained, self.config.max_grad_norm)
             self.optimizer.step()
         self.model.eval()
         self.version += 1
@@ -81,6 +84,29 @@ class GRPOTrainer:
         logits = logits / batch.temperature[:, None, None]
         logp = torch.log_softmax(logits, dim=-1).gather(-1, batch.tokens[:, 1:, None]).squeeze(-1)
         return logp.gather(1, batch.response_index)
+
+
+def _param_groups(model: CausalLM, config: TrainerConfig) -> list[dict]:
+    """The RMSNorm gains (size ~1) apart from the matrices (size ~0.02) when `gain_lr` is set;
+    a group whose lr is 0 is frozen (no gradients computed for it).
+
+    Adam moves every parameter by about lr per step, whatever its gradient's noise. On the
+    tiny policy, RL's reward signal is weak next to that noise: full-parameter updates at
+    any lr that moved accuracy made it worse, and so did updates from shuffled rewards
+    (docs/RL.md). The gains, a few thousand numbers every rollout informs, set how sharp
+    the policy is; they take the update with little damage, at an lr 50x their size allows.
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not config.gain_lr:
+        return [{"params": [p for _, p in named]}]
+    gains = [p for name, p in named if name.endswith("norm.weight")]
+    others = [p for name, p in named if not name.endswith("norm.weight")]
+    groups = [{"params": others, "lr": config.lr}, {"params": gains, "lr": config.gain_lr}]
+    for group in groups:
+        if group["lr"] == 0:
+            for parameter in group["params"]:
+                parameter.requires_grad_(False)
+    return [group for group in groups if group["lr"] > 0]
 
 
 @dataclass

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers
 
 from respec.engine.checkpoint import load_model
-from respec.rl.trainer import GRPOTrainer, TrainerConfig, TrainSample
+from respec.engine.drafters.base import DraftShape
+from respec.engine.drafters.ngram import NgramDrafter
+from respec.engine.speculative import Sampling, SpeculativeEngine
+from respec.rl.trainer import GRPOTrainer, TrainerConfig, TrainSample, _pad
 
 
 def tiny(tmp_path):
@@ -66,3 +70,44 @@ def test_a_step_with_no_samples_publishes_a_version_and_leaves_the_weights(tmp_p
     stats = trainer.step([])  # every rollout of the step was refused by the Generator
     assert trainer.version == 1 and stats["grad_norm"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("speculative", [False, True])
+def test_trainer_recomputes_the_engines_behaviour_logprobs(tmp_path, temperature, speculative):
+    """On-policy tokens must have ratio 1: the trainer's log-probabilities (same weights,
+    same temperature, response tokens only) equal what the engine recorded when it sampled
+    them, with plain decoding and with speculative decoding. Else clipping silently cuts
+    the update."""
+    model = tiny(tmp_path)
+    drafter = NgramDrafter() if speculative else None
+    engine = SpeculativeEngine(model, drafter, max_rows=4, max_len=40, seed=3)
+    prompts = [torch.tensor([1, 2, 3, 4, 2, 3]), torch.tensor([5, 6, 5, 6]), torch.tensor([7, 1, 7, 1, 7])]
+    rows = engine.generate(prompts, Sampling(temperature=temperature, max_new_tokens=12),
+                           DraftShape.chain(3) if speculative else None)
+    samples = [TrainSample(row.prompt, torch.tensor(row.tokens), torch.tensor(row.logprobs), 0.0, "g",
+                           temperature=temperature) for row in rows]
+    batch = _pad(samples)
+    with torch.no_grad():
+        recomputed = GRPOTrainer._logprobs(model, batch)
+    assert batch.mask.sum() == sum(len(row.tokens) for row in rows)
+    assert torch.allclose(recomputed[batch.mask], batch.behaviour[batch.mask], atol=1e-5)
+
+
+def test_gain_lr_with_lr_0_trains_the_norm_gains_only(tmp_path):
+    model = tiny(tmp_path)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    prompt = torch.tensor([1, 2, 3])
+    trainer = GRPOTrainer(model, TrainerConfig(lr=0.0, gain_lr=1e-2, micro_batch=4))
+    trainer.step(samples_for(model, prompt, [torch.tensor([5, 6]), torch.tensor([7, 8])], [1.0, 0.0]))
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+    gains = {name for name in before if name.endswith("norm.weight")}
+    assert moved == gains and len(gains) == 5  # 2 per layer + the final norm
+
+
+def test_gain_lr_is_the_gains_lr_and_lr_the_rest(tmp_path):
+    model = tiny(tmp_path)
+    trainer = GRPOTrainer(model, TrainerConfig(lr=1e-4, gain_lr=1e-2))
+    lrs = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    for name, parameter in model.named_parameters():
+        assert lrs[id(parameter)] == (1e-2 if name.endswith("norm.weight") else 1e-4), name
