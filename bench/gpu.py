@@ -34,6 +34,7 @@ from gpu_report import markdown  # noqa: E402
 from gpu_rl import rl_section  # noqa: E402
 from gpu_timing import (  # noqa: E402
     choose_draft_lengths,
+    compare,
     copy_bandwidth,
     hf_decode_seconds,
     step_seconds,
@@ -160,10 +161,9 @@ def sweep_section(model, head, prompts, calibration, device: str, args) -> dict:
     table = []
     for b in args.batches:
         batch = (prompts * (b // len(prompts) + 1))[:b]
-        row = {"batch": b, "no_sd": throughput(plain, batch, 0, device)}
-        for k in DRAFT_LENGTHS:
-            row[f"k{k}"] = throughput(drafted, batch, k, device)
-        row["scheduler"] = throughput(drafted, batch, profile["choice"], device)
+        configs = {"no_sd": (plain, 0), **{f"k{k}": (drafted, k) for k in DRAFT_LENGTHS},
+                   "scheduler": (drafted, profile["choice"])}
+        row = {"batch": b, **compare(configs, batch, device)}
         base = row["no_sd"]["tokens_per_s"]
         best = max(v["tokens_per_s"] for key, v in row.items() if key not in ("batch", "scheduler"))
         row["speedup"] = {key: v["tokens_per_s"] / base for key, v in row.items() if isinstance(v, dict)}

@@ -4,8 +4,9 @@ Two variants from the same weights and the same prompts per step:
 
 - ``sync_nosd``: generate (no drafting), score, one GRPO update;
 - ``respec``: generate with the scheduler's per-bucket draft lengths, score, one GRPO
-  update, then distil the head on this step's rollouts (reward-weighted KL, as the
-  DraftDistiller does) so it follows the policy.
+  update, and every third step distil the head on the rollouts since the last
+  distillation (reward-weighted KL, the DraftDistiller's update_interval 3) so it follows
+  the policy.
 
 Both are synchronous in one process (no overlap of generation and training: on one GPU
 they would share the device anyway). A step's time is generation + update (+ distillation).
@@ -42,7 +43,7 @@ def rl_section(model: CausalLM, head: EagleHead, task, choice: dict[int, int], s
 
 
 def run_variant(variant: str, model: CausalLM, head: EagleHead, task, choice, steps: int, groups: int,
-                group_size: int, max_new: int, lr: float, log) -> dict:
+                group_size: int, max_new: int, lr: float, log, distill_every: int = 3) -> dict:
     tokenizer = char_tokenizer()
     infer = copy.deepcopy(model)  # bf16: what generates
     master = copy.deepcopy(model).float().train()  # float32: what trains
@@ -55,7 +56,7 @@ def run_variant(variant: str, model: CausalLM, head: EagleHead, task, choice, st
     generator = FastGenerator(infer, draft, max_rows=rows, max_len=48 + max_new + 8, max_new=max_new,
                               max_k=6 if drafting else 0, temperature=1.0, eos_ids=(tokenizer.eos_id,))
     k_for_bucket = choice if drafting else 0
-    history = []
+    history, buffer = [], []
     for step in range(steps + 1):  # step 0 warms up (graph capture) and is not reported
         problems = [task.sample(random.Random(f"rl/{step}/{g}")) for g in range(groups)]
         prompts = [[tokenizer.bos_id, *tokenizer.encode(p.prompt)] for p in problems for _ in range(group_size)]
@@ -72,9 +73,11 @@ def run_variant(variant: str, model: CausalLM, head: EagleHead, task, choice, st
         _copy_weights(master, infer)
         _sync(infer)
         trained = time.perf_counter()
-        if drafting:
-            distill(infer, draft_master, draft_optimizer, samples, rewards)
+        buffer += samples
+        if drafting and step % distill_every == 0:  # as the DraftDistiller's update_interval
+            distill(infer, draft_master, draft_optimizer, buffer, [s.reward for s in buffer])
             _copy_weights(draft_master, draft)
+            buffer = []
         generator.refresh_weights()
         _sync(infer)
         done = time.perf_counter()
@@ -141,8 +144,8 @@ def _logprobs(model: CausalLM, batch) -> torch.Tensor:
 
 
 def distill(target: CausalLM, head: EagleHead, optimizer, samples: list[TrainSample], rewards: list[float],
-            batch: int = 64, unroll: int = 4) -> None:
-    """One pass over this step's rollouts, each weighted by its reward over the mean reward
+            batch: int = 128, unroll: int = 4) -> None:
+    """One pass over the buffered rollouts, each weighted by its reward over the mean reward
     (the DraftDistiller's "reward" weighting, clipped to [0.1, 5])."""
     device = next(target.parameters()).device
     mean = sum(rewards) / len(rewards)

@@ -63,15 +63,29 @@ def throughput(generator: FastGenerator, prompts: list[list[int]], k_for_bucket,
                repeats: int = 5) -> dict:
     """Generated tokens per second for the whole batch (prefill to the last row's end),
     median of `repeats`, and the mean accepted drafts per verification step."""
-    generator.generate(prompts, k_for_bucket)  # capture graphs outside the timing
-    runs = []
+    return compare({"only": (generator, k_for_bucket)}, prompts, device, repeats)["only"]
+
+
+def compare(configs: dict, prompts: list[list[int]], device: str, repeats: int = 5) -> dict:
+    """``throughput`` of several (generator, k_for_bucket) configs on the same prompts, the
+    repeats interleaved (config a, b, c, a, b, c, ...) so that drift of the machine lands
+    on every config alike; each config's median run."""
+    runs: dict[str, list] = {name: [] for name in configs}
+    for generator, k_for_bucket in configs.values():
+        generator.generate(prompts, k_for_bucket)  # capture graphs outside the timing
     for _ in range(repeats):
-        sync(device)
-        started = time.perf_counter()
-        results = generator.generate(prompts, k_for_bucket)
-        sync(device)
-        runs.append((time.perf_counter() - started, results))
-    seconds, results = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
+        for name, (generator, k_for_bucket) in configs.items():
+            sync(device)
+            started = time.perf_counter()
+            results = generator.generate(prompts, k_for_bucket)
+            sync(device)
+            runs[name].append((time.perf_counter() - started, results))
+    return {name: _stats(sorted(timed_runs, key=lambda run: run[0])[len(timed_runs) // 2])
+            for name, timed_runs in runs.items()}
+
+
+def _stats(run) -> dict:
+    seconds, results = run
     tokens = sum(len(r.tokens) for r in results)
     steps = sum(r.steps for r in results)
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
