@@ -69,12 +69,16 @@ def throughput(generator: FastGenerator, prompts: list[list[int]], k_for_bucket,
 def compare(configs: dict, prompts: list[list[int]], device: str, repeats: int = 5) -> dict:
     """``throughput`` of several (generator, k_for_bucket) configs on the same prompts, the
     repeats interleaved (config a, b, c, a, b, c, ...) so that drift of the machine lands
-    on every config alike; each config's median run."""
+    on every config alike, and every config of repeat r seeded alike (common random
+    numbers: how long the longest sampled row runs is most of a batch's variance, and
+    two configs that make the same choices then sample the same rows); each config's
+    median run."""
     runs: dict[str, list] = {name: [] for name in configs}
     for generator, k_for_bucket in configs.values():
         generator.generate(prompts, k_for_bucket)  # capture graphs outside the timing
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for name, (generator, k_for_bucket) in configs.items():
+            torch.manual_seed(1000 + repeat)
             sync(device)
             started = time.perf_counter()
             results = generator.generate(prompts, k_for_bucket)
