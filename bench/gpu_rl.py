@@ -4,8 +4,7 @@ Two variants from the same weights and the same prompts per step:
 
 - ``sync_nosd``: generate (no drafting), score, one GRPO update;
 - ``respec``: generate with the scheduler's per-bucket draft lengths, score, one GRPO
-  update, and every third step distil the head on the rollouts since the last
-  distillation (reward-weighted KL, the DraftDistiller's update_interval 3) so it follows
+  update, and every third step distil the head on the latest 256 rollouts (reward-weighted KL, the DraftDistiller's update_interval 3) so it follows
   the policy.
 
 Both are synchronous in one process (no overlap of generation and training: on one GPU
@@ -29,6 +28,8 @@ from respec.rl.advantages import group_advantages
 from respec.rl.distill import pad_right
 from respec.rl.loss import PPOConfig, ppo_loss
 from respec.rl.trainer import TrainSample, _pad
+
+DISTILL_SAMPLES = 256  # rollouts per distillation: the latest ones (one pass, batches of 128)
 
 
 def rl_section(model: CausalLM, head: EagleHead, task, choice: dict[int, int], steps: int, groups: int,
@@ -75,7 +76,8 @@ def run_variant(variant: str, model: CausalLM, head: EagleHead, task, choice, st
         trained = time.perf_counter()
         buffer += samples
         if drafting and step % distill_every == 0:  # as the DraftDistiller's update_interval
-            distill(infer, draft_master, draft_optimizer, buffer, [s.reward for s in buffer])
+            recent = buffer[-DISTILL_SAMPLES:]
+            distill(infer, draft_master, draft_optimizer, recent, [s.reward for s in recent])
             _copy_weights(draft_master, draft)
             buffer = []
         generator.refresh_weights()
