@@ -8,6 +8,11 @@ It keeps at most (policy version + 1 + max_staleness) * groups_per_step groups p
 counting a group as trained when the policy version that follows it arrives; this bounds
 how many versions old a rollout can be when it is trained on. max_staleness = 0 is the
 synchronous loop: the next step's prompts wait for the weights of the last one.
+
+Each prompt carries the oldest policy version the bound lets generate it
+(`Prompt.min_policy_version`): the version at which its group became allowed. The
+PolicyWeights that let the PromptSource pose it reach the Verifier on another socket, so
+the prompt may get there first; the Verifier holds it until that version is loaded.
 """
 
 from __future__ import annotations
@@ -120,11 +125,18 @@ class PromptSource(Actor):
             while not self._may_send():
                 self.changed.clear()
                 await self.changed.wait()
+            min_version = self._min_version()
             if self.again:
-                await self._send_group(self.again.pop(0), sampling)
+                await self._send_group(self.again.pop(0), sampling, min_version)
             else:
-                await self._send_group(self.next_group, sampling)
+                await self._send_group(self.next_group, sampling, min_version)
                 self.next_group += 1
+
+    def _min_version(self) -> int:
+        """The oldest policy version the next group posed may be generated with: the bound
+        lets the p-th group be posed from policy version p // groups_per_step - max_staleness
+        on (_may_send), so that is its minimum; never newer than the version known here."""
+        return max(0, self._posed() // self.params.groups_per_step - self.params.max_staleness)
 
     def problem(self, group: int) -> Problem:
         """Group `group`'s problem: the same for every run with this seed."""
@@ -134,11 +146,11 @@ class PromptSource(Actor):
             if problem.prompt not in self.held_out:
                 return problem
 
-    async def _send_group(self, group: int, sampling: SamplingParams) -> None:
+    async def _send_group(self, group: int, sampling: SamplingParams, min_version: int) -> None:
         problem = self.problem(group)
         group_id = f"g{group}"
         tokens = np.array([self.tokenizer.bos_id, *self.tokenizer.encode(problem.prompt)], dtype=np.int32)
         for index in range(self.params.group_size):
             await self.send(Prompt(prompt_id=f"{group_id}/{index}", group_id=group_id, sample_index=index,
                                    tokens=tokens, sampling=sampling, task=self.task.name, answer=problem.answer,
-                                   text=problem.prompt))
+                                   text=problem.prompt, min_policy_version=min_version))

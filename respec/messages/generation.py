@@ -29,6 +29,11 @@ class Prompt(Message, frozen=True):
     task: str = ""  # name of the task whose checker scores it
     answer: str = ""  # reference answer for the RewardScorer; never shown to the policy
     text: str = ""  # the prompt as text, for logs and traces
+    # The oldest policy version that may generate this sample (the staleness bound, set by
+    # the PromptSource). Prompts and PolicyWeights travel on different sockets, so a prompt
+    # can arrive before the weights it needs; the Verifier holds it (VerifyResult.held)
+    # until it has loaded at least this version. 0: any version.
+    min_policy_version: int = 0
 
 
 class VerifyRequest(Message, frozen=True):
@@ -63,7 +68,7 @@ class RejectedRow(msgspec.Struct, frozen=True):
 class VerifyResult(Message, frozen=True):
     """Verifier -> Generator: what each row accepted, with what the drafter and RL need.
 
-    Rows are the accepted new rows (request order, rejected ones left out) then the
+    Rows are the accepted new rows (request order, rejected and held ones left out) then the
     verified rows (request order). A new row has no drafts: its one token is the first
     sampled one.
     """
@@ -83,6 +88,9 @@ class VerifyResult(Message, frozen=True):
     step_time_s: float = 0.0  # verifier forward + acceptance wall time
     policy_version: int = -1  # the policy weights that produced these tokens
     rejected: list[RejectedRow] = []  # new rows refused for bad input; not among the B rows
+    # Indices in VerifyRequest.new_rows not admitted yet because their Prompt.min_policy_version
+    # is newer than policy_version: not among the B rows; the Generator sends them again.
+    held: list[int] = []
 
 
 class Rollout(Message, frozen=True):
