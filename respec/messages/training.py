@@ -34,16 +34,50 @@ class DistillSample(Message, frozen=True):
     advantage: float = 0.0
 
 
+class TensorSpec(msgspec.Struct, frozen=True):
+    """One named tensor inside a flat buffer of a "cuda_ipc" or "collective" handle."""
+
+    name: str
+    dtype: str  # "bfloat16", "float32", ...
+    shape: list[int]
+    buffer: int  # index of the flat buffer (one per dtype)
+    offset: int  # in elements
+
+
+class IpcBuffer(msgspec.Struct, frozen=True):
+    """One flat CUDA buffer shared by CUDA IPC (torch's reduce_tensor fields; same host only)."""
+
+    dtype: str
+    numel: int
+    device: int
+    handle: bytes  # cudaIpcMemHandle
+    storage_size: int
+    storage_offset: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes | None
+    event_sync_required: bool
+
+
 class WeightsHandle(msgspec.Struct, frozen=True):
     """Where a weight set lives; the announcement never carries the bytes over a socket.
 
-    kind: "local" (tensors by reference, same process), "file" (a safetensors file),
-    "shm" (a shared-memory safetensors image), "cuda_ipc" (CUDA IPC handles).
+    kind (respec/runtime/weights_transfer.py, docs/RUNTIME.md "Weights across devices"):
+    "local" (tensors by reference, same process), "file" (a safetensors file),
+    "cuda_ipc" (one flat CUDA buffer per dtype, kept alive by the publisher; `buffers`
+    holds their IPC handles, `specs` where each tensor sits), "collective" (a
+    torch.distributed broadcast: `location` is the group's TCP store tcp://HOST:PORT,
+    `backend` "nccl" or "gloo", `specs` the layout). "shm" is reserved, not built.
+    The IPC handles and the manifest ride in the message body (msgpack bytes, a few
+    hundred bytes per buffer and ~60 per tensor): no extra frames to keep in step.
     """
 
     kind: str
-    location: str = ""  # file path or shared-memory name
+    location: str = ""  # file path, IPC publisher id or tcp:// store address
     tensors: dict[str, Array] | None = None  # kind "local" only
+    backend: str = ""  # kind "collective": "nccl" | "gloo"
+    specs: list[TensorSpec] = []  # kinds "cuda_ipc" and "collective"
+    buffers: list[IpcBuffer] = []  # kind "cuda_ipc"
 
 
 class PolicyWeights(Message, frozen=True):

@@ -56,6 +56,10 @@ class RunSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # threads for torch (OMP/MKL) in each group's process; 0 leaves the default. Several
     # groups on a small machine each taking every core slow each other down badly.
     threads_per_group: int = 0
+    # how weight updates travel (docs/RUNTIME.md "Weights across devices"): auto = local in
+    # one process, cuda_ipc between processes of one host when both sides are on CUDA, else file
+    weights: Literal["auto", "local", "file", "cuda_ipc", "collective"] = "auto"
+    weights_keep: int = 3  # cuda_ipc: versions the publisher keeps mapped for slow receivers
     trace: TraceSpec = TraceSpec()
 
 
@@ -148,6 +152,21 @@ def _check_names(config: GraphConfig, source: str) -> None:
         if spec.restart.max_restarts < 0 or spec.restart.backoff_s < 0:
             raise ConfigError(f"{source}: actors.{name}.restart: values must be >= 0")
     _check_placement(config, source)
+    _check_weights(config, source)
+
+
+def _check_weights(config: GraphConfig, source: str) -> None:
+    run = config.run
+    if run.weights_keep < 1:
+        raise ConfigError(f"{source}: run.weights_keep: must be >= 1")
+    if run.weights != "cuda_ipc":
+        return
+    if not config.model.device.startswith("cuda"):
+        raise ConfigError(f"{source}: run.weights: cuda_ipc needs model.device cuda (got {config.model.device!r}); "
+                          "use auto, file or collective (gloo) on the CPU")
+    if run.placement == "ray":
+        raise ConfigError(f"{source}: run.weights: cuda_ipc needs every process on one host (placement: local); "
+                          "use collective or file with placement: ray")
 
 
 def _check_placement(config: GraphConfig, source: str) -> None:

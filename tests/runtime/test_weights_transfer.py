@@ -1,0 +1,202 @@
+"""Weights across processes: the collective path over gloo, cuda_ipc handles, run.weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from respec.messages import SCHEMA_VERSION, Envelope, PolicyWeights, codec
+from respec.runtime import weights_transfer as wt
+from respec.runtime.graph import ConfigError, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def encode(body) -> list[bytes]:
+    envelope = Envelope(SCHEMA_VERSION, "trainer/0#1", type(body).__name__, "trainer/0", time.time(),
+                        policy_version=body.version)
+    return [bytes(frame) for frame in codec.encode(envelope, body)]
+
+
+def decode(frames):
+    return codec.decode(frames)[1]
+
+
+@pytest.fixture
+def spawnable(monkeypatch):
+    """Spawned children import this test module by name (tests/ is a namespace package)."""
+    monkeypatch.syspath_prepend(str(ROOT))  # spawn hands the children this sys.path
+
+
+def _weights(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"embed.weight": torch.randn(16, 8, generator=g).to(torch.bfloat16),
+            "layers.0.norm.weight": torch.randn(8, generator=g),
+            "layers.0.proj.weight": torch.randn(8, 8, generator=g).to(torch.bfloat16),
+            "scale": torch.randn(3, 2, generator=g).double()}
+
+
+def _bits(tensor: torch.Tensor) -> np.ndarray:
+    """Raw bytes of a tensor (bit identity, bf16 included)."""
+    return tensor.contiguous().view(torch.uint8).numpy().copy()
+
+
+def _receiver(inbox, outbox) -> None:
+    torch.set_num_threads(1)
+    from respec.runtime import weights_transfer
+
+    def decode_message(frames):
+        return codec.decode(frames)[1]
+
+    while (data := inbox.get()) is not None:
+        message = decode_message(data)  # the announcement as it travels: version + handle
+        tensors = weights_transfer.receive(message.handle, message.version)
+        outbox.put((message.version, {k: (str(t.dtype), list(t.shape), _bits(t)) for k, t in tensors.items()},
+                    len(weights_transfer._RECEIVERS)))
+
+
+def test_collective_gloo_two_processes_bit_identical_in_order_group_reused(spawnable):
+    ctx = mp.get_context("spawn")
+    inbox, outbox = ctx.Queue(), ctx.Queue()
+    process = ctx.Process(target=_receiver, args=(inbox, outbox), daemon=True)
+    process.start()
+    publisher = wt.CollectivePublisher(receivers=1, timeout_s=30)
+    try:
+        for version in (1, 2, 3):
+            weights = _weights(version)
+            handle = wt.as_message(publisher.publish(weights, version))
+            assert handle.kind == "collective" and handle.backend == "gloo"
+            assert handle.location == publisher.location  # only the rendezvous address travels
+            inbox.put(encode(PolicyWeights(version=version, handle=handle)))
+            got_version, got, groups = outbox.get(timeout=30)
+            assert got_version == version
+            assert groups == 1  # the second and third updates reuse the group
+            assert set(got) == set(weights)
+            for name, tensor in weights.items():
+                dtype, shape, bits = got[name]
+                assert dtype == str(tensor.dtype) and shape == list(tensor.shape)
+                assert np.array_equal(bits, _bits(tensor)), name
+        publisher.flush()
+        assert publisher.sent == 3
+    finally:
+        inbox.put(None)
+        process.join(timeout=30)
+        publisher.close()
+    assert process.exitcode == 0
+
+
+def test_collective_publisher_process_reads_its_own_buffers():
+    publisher = wt.CollectivePublisher(receivers=1, timeout_s=5)
+    weights = _weights(0)
+    handle = publisher.publish(weights, 7)
+    got = wt.receive(handle, 7, names=("scale",))
+    assert list(got) == ["scale"] and torch.equal(got["scale"], weights["scale"])
+
+
+def test_flatten_one_buffer_per_dtype_round_trip():
+    weights = _weights(1)
+    specs, buffers = wt.flatten(weights)
+    assert [b.dtype for b in buffers] == [torch.bfloat16, torch.float32, torch.float64]
+    back = wt.unflatten(specs, buffers)
+    assert all(torch.equal(back[k], weights[k]) for k in weights)
+
+
+def test_cuda_ipc_handle_encoding_round_trip():
+    ipc = wt.IpcBuffer(dtype="bfloat16", numel=123, device=1, handle=b"\x01" * 64, storage_size=246,
+                       storage_offset=0, ref_counter_handle=b"/torch_123", ref_counter_offset=4,
+                       event_handle=b"\x02" * 64, event_sync_required=True)
+    handle = wt.Handle(kind="cuda_ipc", location="cuda_ipc-abc",
+                       specs=[wt.TensorSpec("w", "bfloat16", [3, 41], 0, 0)], buffers=[ipc])
+    message = decode(encode(PolicyWeights(version=4, handle=wt.as_message(handle))))
+    assert message.version == 4
+    assert message.handle.kind == "cuda_ipc" and message.handle.location == "cuda_ipc-abc"
+    assert message.handle.buffers[0].handle == ipc.handle and message.handle.buffers[0].event_handle == ipc.event_handle
+    assert message.handle.buffers[0].numel == 123 and message.handle.specs[0].shape == [3, 41]
+    if not torch.cuda.is_available():
+        with pytest.raises(wt.WeightsTransferError, match="needs CUDA"):
+            wt.receive(message.handle, 4)
+        with pytest.raises(wt.WeightsTransferError, match="needs CUDA"):
+            wt.CudaIpcPublisher()
+
+
+def test_module_imports_neither_zmq_nor_msgspec():
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('wt', {str(ROOT / 'respec/runtime/weights_transfer.py')!r})\n"
+            "module = sys.modules['wt'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+            "assert 'zmq' not in sys.modules and 'msgspec' not in sys.modules, sorted(sys.modules)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize(("setting", "same_process", "cuda", "expected"), [
+    ("auto", True, True, "local"), ("auto", False, True, "cuda_ipc"), ("auto", False, False, "file"),
+    ("file", True, True, "file"), ("collective", False, False, "collective"),
+])
+def test_choose_kind(setting, same_process, cuda, expected):
+    assert wt.choose_kind(setting, same_process=same_process, same_host=True, publisher_cuda=cuda,
+                          receivers_cuda=cuda) == expected
+
+
+def test_auto_is_file_across_hosts():
+    assert wt.choose_kind("auto", same_process=False, same_host=False, publisher_cuda=True,
+                          receivers_cuda=True) == "file"
+
+
+def _config(**run):
+    return {"run": {"name": "w", **run}, "actors": {"a": {"class": "x.Y"}}}
+
+
+def test_run_weights_config_validation():
+    assert parse_config(_config()).run.weights == "auto"
+    assert parse_config(_config(weights="collective")).run.weights == "collective"
+    with pytest.raises(ConfigError, match="run.weights"):
+        parse_config(_config(weights="nccl-please"))
+    with pytest.raises(ConfigError, match=r"run.weights: cuda_ipc needs model.device cuda"):
+        parse_config(_config(weights="cuda_ipc"))
+    with pytest.raises(ConfigError, match=r"run.weights: cuda_ipc .* one host"):
+        parse_config({**_config(weights="cuda_ipc", placement="ray", transport="tcp"), "model": {"device": "cuda"}})
+    assert parse_config({**_config(weights="cuda_ipc"), "model": {"device": "cuda:0"}}).run.weights == "cuda_ipc"
+
+
+def _ipc_receiver(inbox, outbox) -> None:
+    from respec.runtime import weights_transfer
+
+    def decode_message(frames):
+        return codec.decode(frames)[1]
+
+    torch.cuda.set_device(torch.cuda.device_count() - 1)
+    while (data := inbox.get()) is not None:
+        message = decode_message(data)
+        target = {}
+        with weights_transfer.opened(message.handle, message.version) as tensors:
+            for name, tensor in tensors.items():
+                target[name] = torch.empty_like(tensor, device="cuda").copy_(tensor)  # into "the model", in place
+        outbox.put((message.version, {k: _bits(t.cpu()) for k, t in target.items()}))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuda_ipc needs CUDA")
+def test_cuda_ipc_two_processes_bit_identical(spawnable):
+    ctx = mp.get_context("spawn")
+    inbox, outbox = ctx.Queue(), ctx.Queue()
+    process = ctx.Process(target=_ipc_receiver, args=(inbox, outbox), daemon=True)
+    process.start()
+    publisher = wt.CudaIpcPublisher(keep=2)
+    try:
+        for version in (1, 2, 3):
+            weights = {k: v.cuda() for k, v in _weights(version).items()}
+            inbox.put(encode(PolicyWeights(version=version, handle=wt.as_message(publisher.publish(weights, version)))))
+            got_version, got = outbox.get(timeout=120)
+            assert got_version == version
+            for name, tensor in weights.items():
+                assert np.array_equal(got[name], _bits(tensor.cpu())), name
+        assert sorted(publisher.versions) == [2, 3]  # keeps the last `keep`
+    finally:
+        inbox.put(None)
+        process.join(timeout=60)
+    assert process.exitcode == 0
