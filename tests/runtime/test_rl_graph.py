@@ -83,8 +83,10 @@ def distill_graph(path: str, distiller_group: str = "distiller", **distiller) ->
                       "params": {"model_path": path, "heldout_prompts": 2, "min_buffer": 4, "steps_per_update": 2,
                                  "batch_size": 4, "eval_max_new_tokens": 8, **distiller}},
         "trainer": {"class": "respec.actors.policy_trainer.PolicyTrainer", "group": "trainer",
+                    # Enough steps that generation is still running when the first draft
+                    # update lands (it needs min_buffer rollouts, then its own time).
                     "params": {"model_path": path, "group_size": 4, "groups_per_step": 2, "lr": 1e-3,
-                               "max_steps": 4}},
+                               "max_steps": 8}},
     }
 
 
