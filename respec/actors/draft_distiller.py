@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from respec.actors.generator import handle_tensors
+from respec.actors.generator import loaded_tensors
 from respec.engine.checkpoint import load_model
 from respec.engine.drafters.base import DraftShape
 from respec.engine.drafters.eagle import EagleHead
@@ -116,7 +116,8 @@ class DraftDistiller(Actor):
 
     @handles(PolicyWeights, optional=True)
     async def on_policy(self, weights: PolicyWeights, envelope: Envelope) -> None:
-        self.policy.load_state_dict(handle_tensors(weights.handle), strict=False)
+        with loaded_tensors(weights.handle, weights.version) as tensors:
+            self.policy.load_state_dict(tensors, strict=False)
         self.policy_version = weights.version
         if (weights.version - self.updated_at >= self.params.update_interval
                 and len(self.buffer.samples) >= self.params.min_buffer):

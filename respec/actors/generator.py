@@ -35,9 +35,11 @@ and the reason in `error`; the other rows of that step go on as if nothing happe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -67,7 +69,8 @@ from respec.messages import (
     WeightsHandle,
 )
 from respec.messages.generation import RejectedRow
-from respec.runtime import Actor, handles
+from respec.runtime import Actor, handles, weights_transfer
+from respec.runtime.weights_transfer import WeightsTransferError
 
 DRAFTERS = ("none", "ngram", "eagle")
 # Prompts the Verifier held back are sent again after 2 ms, 4 ms, ... up to 50 ms while no
@@ -151,7 +154,8 @@ class Generator(Actor):
         if self.book.drafter is None:
             return
         try:
-            self.book.drafter.load_weights(handle_tensors(weights.handle), weights.version)
+            with loaded_tensors(weights.handle, weights.version, device=self.params.device) as tensors:
+                self.book.drafter.load_weights(tensors, weights.version)
             self.log.info("draft_weights_loaded", version=weights.version)
         except (ValueError, OSError, RuntimeError) as error:  # a bad update must not cost the rows in flight
             self.log.warning("draft_weights_not_loaded", version=weights.version, error=f"{type(error).__name__}: {error}")
@@ -162,18 +166,19 @@ class Generator(Actor):
         drafter = self.book.drafter
         if not isinstance(drafter, EagleDrafter):
             return
+        parts = drafter.head.target
         try:
-            fresh = handle_tensors(weights.handle, SHARED_TENSORS)
-        except (ValueError, OSError) as error:  # keep drafting with the old parts: costs acceptance only
+            with (loaded_tensors(weights.handle, weights.version, SHARED_TENSORS, self.params.device) as fresh,
+                  torch.no_grad()):
+                for name, tensor in zip(SHARED_TENSORS, (parts.embed.weight, parts.norm.weight,
+                                                         parts.lm_head.weight), strict=True):
+                    if name in fresh:
+                        tensor.copy_(fresh[name])
+                loaded = sorted(fresh)
+        except (ValueError, OSError, WeightsTransferError) as error:  # keep the old parts: costs acceptance only
             self.log.warning("draft_target_parts_not_loaded", version=weights.version, error=str(error))
             return
-        parts = drafter.head.target
-        with torch.no_grad():
-            for name, tensor in zip(SHARED_TENSORS, (parts.embed.weight, parts.norm.weight, parts.lm_head.weight),
-                                    strict=True):
-                if name in fresh:
-                    tensor.copy_(fresh[name])
-        self.log.info("draft_target_parts_loaded", version=weights.version, tensors=sorted(fresh))
+        self.log.info("draft_target_parts_loaded", version=weights.version, tensors=loaded)
 
     async def run(self) -> None:
         while True:
@@ -327,12 +332,32 @@ def _read_tensors(directory: Path, names: list[str], device: str) -> dict[str, t
     return tensors
 
 
-def handle_tensors(handle: WeightsHandle, names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors a weights message points at (only `names` of them, when given)."""
+def handle_tensors(handle: WeightsHandle, names: tuple[str, ...] | None = None, version: int = 0,
+                   device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors a weights message points at (only `names` of them, when given).
+
+    cuda_ipc and collective tensors are views into the transport's buffers: copy them out
+    (load_state_dict, copy_) inside `loaded_tensors`, which releases a CUDA IPC mapping only
+    after the copies ran."""
     if handle.kind == "local":
         items = (handle.tensors or {}).items()
         return {k: torch.as_tensor(v) for k, v in items if names is None or k in names}
     if handle.kind == "file":
         with safe_open(handle.location, framework="pt") as file:
             return {k: file.get_tensor(k) for k in file.keys() if names is None or k in names}
-    raise ValueError(f"weights of kind {handle.kind!r} are not supported by the Generator yet")
+    if handle.kind in ("cuda_ipc", "collective"):
+        return weights_transfer.receive(handle, version, names, device)
+    raise ValueError(f"weights of kind {handle.kind!r} are not supported (local, file, cuda_ipc, collective)")
+
+
+@contextlib.contextmanager
+def loaded_tensors(handle: WeightsHandle, version: int, names: tuple[str, ...] | None = None,
+                   device: str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
+    """`handle_tensors` for a load that copies them into a model within the block."""
+    tensors = handle_tensors(handle, names, version, device)
+    try:
+        yield tensors
+    finally:
+        if handle.kind == "cuda_ipc":
+            torch.cuda.synchronize()  # the copies out of the mapped buffers ran before they go
+        tensors.clear()

@@ -28,7 +28,7 @@ from respec.rl.evaluate import evaluate
 from respec.rl.loss import PPOConfig
 from respec.rl.step_metrics import group_index, step_metrics
 from respec.rl.trainer import GRPOTrainer, TrainerConfig, TrainSample
-from respec.runtime import Actor, handles
+from respec.runtime import Actor, handles, weights_transfer
 from respec.tasks import make_task
 
 
@@ -181,11 +181,54 @@ class PolicyTrainer(Actor):
 
     def _handle(self, version: int) -> WeightsHandle:
         state = {name: tensor.detach() for name, tensor in self.trainer.model.state_dict().items()}
-        if self.params.share_by_reference and self._verifiers_share_my_process():
+        kind = self._weights_kind()
+        if kind == "local":
             return WeightsHandle(kind="local", tensors={k: v.clone() for k, v in state.items()})
+        if kind in ("cuda_ipc", "collective"):
+            return weights_transfer.as_message(self._publisher(kind).publish(state, version))
         path = self.weights_dir / f"policy-v{version}.safetensors"
         save_file(weights_to_save(self.trainer.model), path)
         return WeightsHandle(kind="file", location=str(path))
+
+    def _weights_kind(self) -> str:
+        """`run.weights` resolved for this trainer and the PolicyWeights receivers (auto:
+        local in one process, cuda_ipc on one host with CUDA on both sides, else file)."""
+        run = self.context.plan.config.run
+        same_process = self._verifiers_share_my_process()
+        setting = run.weights
+        if setting == "auto" and not self.params.share_by_reference and same_process:
+            return "file"
+        if setting == "local" and not same_process:
+            raise ValueError("run.weights: local needs every PolicyWeights receiver in the trainer's process group")
+        return weights_transfer.choose_kind(setting, same_process=same_process, same_host=run.placement == "local",
+                                            publisher_cuda=self._device().type == "cuda",
+                                            receivers_cuda=self._receivers_on_cuda())
+
+    def _device(self) -> torch.device:
+        return next(self.trainer.model.parameters()).device
+
+    def _receivers_on_cuda(self) -> bool:
+        plan = self.context.plan
+        devices = [str(plan.actors[name].spec.params.get("device", plan.config.model.device))
+                   for name in plan.handlers_of(PolicyWeights)]
+        return bool(devices) and all(device.startswith("cuda") for device in devices)
+
+    def _publisher(self, kind: str):
+        """One publisher for the run: its IPC buffers or process group serve every version."""
+        publisher = getattr(self, "weights_publisher", None)
+        if publisher is None:
+            run = self.context.plan.config.run
+            if kind == "cuda_ipc":
+                publisher = weights_transfer.CudaIpcPublisher(keep=run.weights_keep)
+            else:
+                plan = self.context.plan
+                groups = {plan.actors[name].spec.group for name in plan.handlers_of(PolicyWeights)}
+                groups.discard(self.context.group.name)
+                publisher = weights_transfer.CollectivePublisher(
+                    receivers=len(groups), device=self._device(),
+                    host=run.host if run.transport == "tcp" else "127.0.0.1")
+            self.weights_publisher = publisher
+        return publisher
 
     def _verifiers_share_my_process(self) -> bool:
         plan = self.context.plan

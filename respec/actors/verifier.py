@@ -45,7 +45,7 @@ from respec.messages import (
     VerifyResult,
 )
 from respec.messages.generation import RejectedRow
-from respec.runtime import Actor, handles
+from respec.runtime import Actor, handles, weights_transfer
 
 BAD_INPUT = (ValueError, TypeError, EngineError)  # what a row's own input can raise
 
@@ -82,7 +82,11 @@ class Verifier(Actor):
 
     @handles(PolicyWeights, optional=True)
     async def on_weights(self, weights: PolicyWeights, envelope: Envelope) -> None:
-        self.runner.load_weights(_tensors(weights), weights.version)
+        if weights.handle.kind in ("cuda_ipc", "collective"):
+            with weights_transfer.opened(weights.handle, weights.version, device=self.params.device) as tensors:
+                self.runner.load_weights(tensors, weights.version)  # load_state_dict: copy_ in place
+        else:
+            self.runner.load_weights(_tensors(weights), weights.version)
         self.log.info("policy_weights_loaded", version=weights.version)
 
     @handles(VerifyRequest)
@@ -249,4 +253,4 @@ def _tensors(weights: PolicyWeights) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(handle.location)
-    raise ValueError(f"policy weights of kind {handle.kind!r} are not supported by the Verifier yet")
+    raise ValueError(f"policy weights of kind {handle.kind!r} are not supported (local, file, cuda_ipc, collective)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -60,6 +61,9 @@ def _receiver(inbox, outbox) -> None:
         tensors = weights_transfer.receive(message.handle, message.version)
         outbox.put((message.version, {k: (str(t.dtype), list(t.shape), _bits(t)) for k, t in tensors.items()},
                     len(weights_transfer._RECEIVERS)))
+    outbox.close()
+    outbox.join_thread()
+    os._exit(0)  # a gloo group torn down at interpreter exit may abort (std::terminate) while its peer lives
 
 
 def test_collective_gloo_two_processes_bit_identical_in_order_group_reused(spawnable):
