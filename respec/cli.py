@@ -17,7 +17,7 @@ app.add_typer(bench_app, name="bench")
 def run(
     config: Annotated[Path, typer.Argument(help="the run's YAML file")],
     name: Annotated[str | None, typer.Option(help="run name (default: run.name from the file)")] = None,
-    set_: Annotated[list[str], typer.Option("--set", help="override a key: --set run.seed=3")] = [],  # noqa: B006
+    set_: Annotated[list[str], typer.Option("--set", help="override a key: --set run.seed=3 (=null removes it)")] = [],  # noqa: B006
     progress: Annotated[bool, typer.Option(help="live progress view on a terminal")] = True,
     resume: Annotated[bool, typer.Option(help="continue runs/<name> from its latest checkpoint")] = False,
 ) -> None:

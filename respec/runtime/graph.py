@@ -199,11 +199,15 @@ def readable_error(message: str) -> str:
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set a dotted key; None (``--set actors.scheduler=null``) removes it, e.g. an actor."""
     node = raw
     *parents, last = dotted.split(".")
     for key in parents:
         node = node.setdefault(key, {})
-    node[last] = value
+    if value is None:
+        node.pop(last, None)
+    else:
+        node[last] = value
 
 
 def config_to_yaml(config: GraphConfig) -> str:

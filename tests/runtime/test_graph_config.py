@@ -116,6 +116,13 @@ def test_overrides_are_checked_too(tmp_path):
     assert load_config(path, {"run.seed": 7}).run.seed == 7
 
 
+def test_a_null_override_removes_the_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(GOOD))
+    assert sorted(load_config(path, {"actors.receiver": None}).actors) == ["sender"]
+    assert load_config(path, {"actors.sender.params.count": None}).actors["sender"].params == {}
+
+
 @pytest.mark.parametrize("name", ["demo.yaml", "demo_swap.yaml"])
 def test_shipped_configs_are_valid(name):
     path = Path(__file__).resolve().parents[2] / "configs" / name
