@@ -14,13 +14,9 @@ import random
 import warnings
 from pathlib import Path
 
-from respec.interop.verl_parquet import (
-    VerlRowError,
-    is_verl_row,
-    plain_render,
-    template_render,
-    verl_problem,
-)
+# The module, not its names: verl_parquet imports respec.tasks.base, so entering through it
+# runs this package's __init__ (and this file) while verl_parquet is still half-imported.
+from respec.interop import verl_parquet as verl
 from respec.tasks.base import CheckResult, Problem, Task
 from respec.tasks.math_answer import answers_match, extract_answer
 
@@ -60,14 +56,14 @@ def _read_parquet(path: Path) -> list[dict]:
     return parquet.read_table(path).to_pylist()
 
 
-def to_problem(row: object, where: str, render=plain_render) -> Problem:
+def to_problem(row: object, where: str, render=None) -> Problem:
     """A row of respec's own layout, or of verl's (chat messages rendered by `render`)."""
     if not isinstance(row, dict):
         raise DatasetError(f"{where}: a row must be an object with 'prompt' and 'answer'")
-    if is_verl_row(row):
+    if verl.is_verl_row(row):
         try:
-            return verl_problem(row, render)
-        except VerlRowError as error:
+            return verl.verl_problem(row, render or verl.plain_render)
+        except verl.VerlRowError as error:
             raise DatasetError(f"{where}: verl layout: {error}") from None
     for key in ("prompt", "answer"):
         if row.get(key) is None or str(row[key]).strip() == "":
@@ -86,7 +82,7 @@ class Dataset(Task):
         """chat_template: a local tokenizer directory whose chat template renders verl rows'
         messages ("" = their contents joined by blank lines)."""
         self.path = Path(path)
-        render = template_render(chat_template) if chat_template else plain_render
+        render = verl.template_render(chat_template) if chat_template else verl.plain_render
         problems, skipped = [], []
         for number, row in enumerate(read_rows(self.path), 1):
             try:
