@@ -84,3 +84,13 @@ def test_a_parquet_row_without_ground_truth_is_refused(tmp_path):
     path = write_parquet(tmp_path / "bad.parquet", [verl_row(1), {**verl_row(2), "reward_model": None}])
     with pytest.raises(DatasetError, match=r"bad.parquet:2: verl layout: 'reward_model' must be"):
         make_task("dataset", path=str(path))
+
+
+def test_the_verl_module_imports_on_its_own():
+    """A fresh interpreter importing it first (no respec.tasks before it) must not hit the
+    import cycle through respec.tasks.dataset."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import respec.interop.verl_parquet"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
