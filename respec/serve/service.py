@@ -203,9 +203,7 @@ def _sse(body: dict) -> str:
 
 def _chat_renderer(template_dir: str | None):
     """messages -> (prompt text, whether a chat template rendered it)."""
-    # through the task module: importing respec.interop.verl_parquet first hits an import
-    # cycle (verl_parquet -> respec.tasks -> dataset -> verl_parquet)
-    from respec.tasks.dataset import plain_render, template_render
+    from respec.interop.verl_parquet import plain_render, template_render
 
     if template_dir is None:
         return lambda messages: (plain_render(messages), False)
