@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from respec.engine.config import ModelConfig
 from respec.engine.drafters.eagle import EagleHead
 from respec.engine.fast.state import StaticKV
 from respec.engine.model import CausalLM, DecoderLayer
@@ -112,6 +113,19 @@ def additive_mask(visible: Tensor, kv_heads: int, group: int, dtype: torch.dtype
     return mask.repeat(1, kv_heads, group, 1).reshape(b * kv_heads, group * t, keys)
 
 
+class PassInputs:
+    """What a pass derives once from positions and visibility for all its layers: the RoPE
+    rows and the additive mask in the layout of the model's grouped-query attention."""
+
+    def __init__(self, config: ModelConfig, inv_freq: Tensor, parameter: Tensor) -> None:
+        self.kv_heads = config.num_key_value_heads
+        self.group = config.num_attention_heads // self.kv_heads
+        self.rope = RopeTable(inv_freq, config.max_position_embeddings, parameter.dtype, parameter.device)
+
+    def __call__(self, positions: Tensor, visible: Tensor, dtype: torch.dtype) -> tuple[tuple[Tensor, Tensor], Tensor]:
+        return self.rope(positions), additive_mask(visible, self.kv_heads, self.group, dtype)
+
+
 class FusedModel:
     """CausalLM's cached pass with fused layers: ``run`` returns logits [b, T, V] and the
     hidden states after ``capture`` layers, concatenated ([b, T, len(capture) * hidden])."""
@@ -119,11 +133,7 @@ class FusedModel:
     def __init__(self, model: CausalLM) -> None:
         self.model = model
         self.layers = [FusedLayer(layer) for layer in model.model.layers]
-        self.kv_heads = model.config.num_key_value_heads
-        self.group = model.config.num_attention_heads // self.kv_heads
-        parameter = next(model.parameters())
-        self.rope = RopeTable(model.rotary.inv_freq, model.config.max_position_embeddings, parameter.dtype,
-                              parameter.device)
+        self.inputs = PassInputs(model.config, model.rotary.inv_freq, next(model.parameters()))
 
     def refresh(self) -> None:
         for layer in self.layers:
@@ -133,8 +143,7 @@ class FusedModel:
             capture: tuple[int, ...] = ()) -> tuple[Tensor, Tensor | None]:
         model = self.model
         x = model.model.embed_tokens(tokens)
-        rope = self.rope(positions)
-        mask = additive_mask(visible, self.kv_heads, self.group, x.dtype)
+        rope, mask = self.inputs(positions, visible, x.dtype)
         captured: dict[int, Tensor] = {}
         for index, layer in enumerate(self.layers):
             x = layer(x, rope, mask, kv, index)
@@ -152,11 +161,7 @@ class FusedHead:
     def __init__(self, head: EagleHead) -> None:
         self.head = head
         self.layer = FusedLayer(head.layer)
-        self.kv_heads = head.config.num_key_value_heads
-        self.group = head.config.num_attention_heads // self.kv_heads
-        parameter = next(head.parameters())
-        self.rope = RopeTable(head.rotary.inv_freq, head.config.max_position_embeddings, parameter.dtype,
-                              parameter.device)
+        self.inputs = PassInputs(head.config, head.rotary.inv_freq, next(head.parameters()))
 
     def refresh(self) -> None:
         self.layer.refresh()
@@ -165,5 +170,4 @@ class FusedHead:
         head = self.head
         embedded = F.embedding(tokens, head.target.embed.weight)
         x = head.input_proj(torch.cat([embedded.to(inputs.dtype), inputs], dim=-1))
-        rope = self.rope(positions)
-        return self.layer(x, rope, additive_mask(visible, self.kv_heads, self.group, x.dtype), kv, 0)
+        return self.layer(x, *self.inputs(positions, visible, x.dtype), kv, 0)
