@@ -24,6 +24,7 @@ from tests.checkpoints import small_qwen2
 from tests.engine.stats import chi_square_pvalue, pair_counts
 from tests.engine.test_speculative import exact_pair_probs
 from tests.engine.test_speculative import tiny_model as tiny_speculative_model
+from tests.heads import greedy_distilled_head
 
 VOCAB = 40
 SHAPES = [DraftShape(4, 1, 4), DraftShape(3, 2, 6), DraftShape(3, 3, 8)]
@@ -80,21 +81,7 @@ def trained_head(target):
     """A head distilled for 200 steps on the target's greedy continuations of other prompts."""
     generator = torch.Generator().manual_seed(99)
     train_prompts = [torch.randint(0, VOCAB, (4,), generator=generator) for _ in range(48)]
-    rows = SpeculativeEngine(target, None, max_rows=48, max_len=64).generate(
-        train_prompts, Sampling(temperature=0.0, max_new_tokens=32))
-    sequences = torch.stack([torch.cat([r.prompt, torch.tensor(r.tokens)]) for r in rows])
-    torch.manual_seed(0)
-    head = EagleHead.for_target(target)
-    with torch.no_grad():
-        output = target(sequences, capture_layers=head.capture_layers)
-    features = torch.cat(output.captured, dim=-1)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3)
-    for _ in range(200):
-        loss = distill_loss(head, features, sequences, output.logits)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return head
+    return greedy_distilled_head(target, train_prompts, max_new_tokens=32, steps=200)
 
 
 # ---------------------------------------------------------------------- EAGLE

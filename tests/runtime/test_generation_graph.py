@@ -14,9 +14,10 @@ import torch
 
 from respec.engine.checkpoint import load_model
 from respec.engine.drafters.base import DraftShape
-from respec.engine.drafters.eagle import EagleDrafter, EagleHead, distill_loss
+from respec.engine.drafters.eagle import EagleDrafter, EagleHead
 from respec.engine.speculative import Sampling, SpeculativeEngine
 from tests.checkpoints import small_qwen2
+from tests.heads import greedy_distilled_head
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -74,20 +75,7 @@ def eagle_head_dir(tmp_path_factory, checkpoint):
     target = load_model(checkpoint)
     generator = torch.Generator().manual_seed(99)
     train = [torch.randint(0, 40, (4,), generator=generator) for _ in range(32)]
-    rows = SpeculativeEngine(target, None, max_rows=32, max_len=64).generate(
-        train, Sampling(temperature=0.0, max_new_tokens=24))
-    sequences = torch.stack([torch.cat([r.prompt, torch.tensor(r.tokens)]) for r in rows])
-    torch.manual_seed(0)
-    head = EagleHead.for_target(target)
-    with torch.no_grad():
-        output = target(sequences, capture_layers=head.capture_layers)
-    features = torch.cat(output.captured, dim=-1)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3)
-    for _ in range(120):
-        loss = distill_loss(head, features, sequences, output.logits)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    head = greedy_distilled_head(target, train, max_new_tokens=24, steps=120)
     return head.save(tmp_path_factory.mktemp("eagle") / "head")
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from respec.engine.checkpoint import load_model
-from respec.engine.drafters.eagle import EagleHead, distill_loss
-from respec.engine.speculative import Sampling, SpeculativeEngine
+from respec.engine.drafters.eagle import EagleHead
 from respec.serve.build import ServeOptions
 from tests.engine.conftest import build_hf_checkpoint
+from tests.heads import greedy_distilled_head
 
 MAX_LEN = 1024  # cache positions per row: room for the long generation a client walks away from
 MAX_ROWS = 4
@@ -26,21 +26,7 @@ def distilled_head(target, steps: int = 100) -> EagleHead:
     random head is never accepted by a random target, and the tests must see acceptance."""
     generator = torch.Generator().manual_seed(99)
     prompts = [torch.cat([torch.tensor([1]), torch.randint(3, 87, (5,), generator=generator)]) for _ in range(32)]
-    rows = SpeculativeEngine(target, None, max_rows=32, max_len=64).generate(
-        prompts, Sampling(temperature=0.0, max_new_tokens=32))
-    sequences = torch.stack([torch.cat([r.prompt, torch.tensor(r.tokens)]) for r in rows])
-    torch.manual_seed(0)
-    head = EagleHead.for_target(target)
-    with torch.no_grad():
-        output = target(sequences, capture_layers=head.capture_layers)
-    features = torch.cat(output.captured, dim=-1)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3)
-    for _ in range(steps):
-        loss = distill_loss(head, features, sequences, output.logits)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return head.eval()
+    return greedy_distilled_head(target, prompts, max_new_tokens=32, steps=steps).eval()
 
 
 @pytest.fixture(scope="session")
