@@ -114,13 +114,7 @@ class ModelConfig:
             path = path / "config.json"
         if not path.is_file():
             raise CheckpointError(f"{path}: config.json not found")
-        try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise CheckpointError(f"{path}: not valid JSON ({error})") from None
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{path}: expected a JSON object")
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_json_object(path), source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
@@ -280,3 +274,15 @@ class _Reader:
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             raise CheckpointError(f"{self.source}: key {key!r} must be an int or a list of ints")
         return tuple(values)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object (a checkpoint's config); CheckpointError naming the file
+    when it is not valid JSON or not an object."""
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return raw

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from respec.engine.config import ModelConfig
+from respec.engine.config import ModelConfig, read_json_object
 from respec.engine.drafters.eagle import TargetParts
 from respec.engine.errors import CheckpointError
 from respec.engine.model import CausalLM
@@ -108,13 +108,7 @@ def _aux_layer_ids(raw: dict[str, Any], target_layers: int, source: str) -> tupl
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (an EAGLE-3 head directory has config.json and its weights)")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return raw
+    return read_json_object(path)
 
 
 def _read_weights(directory: Path) -> dict[str, Tensor]:
