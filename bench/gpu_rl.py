@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import random
 import time
-from dataclasses import replace
 
 import torch
 
@@ -24,10 +23,8 @@ from respec.engine.drafters.eagle import EagleHead, distill_loss
 from respec.engine.fast import FastGenerator
 from respec.engine.model import CausalLM
 from respec.engine.tokenizer import char_tokenizer
-from respec.rl.advantages import group_advantages
 from respec.rl.distill import pad_right
-from respec.rl.loss import PPOConfig, ppo_loss
-from respec.rl.trainer import TrainSample, _pad
+from respec.rl.trainer import GRPOTrainer, TrainerConfig, TrainSample
 
 DISTILL_SAMPLES = 256  # rollouts per distillation: the latest ones (one pass, batches of 128)
 
@@ -48,7 +45,7 @@ def run_variant(variant: str, model: CausalLM, head: EagleHead, task, choice, st
     tokenizer = char_tokenizer()
     infer = copy.deepcopy(model)  # bf16: what generates
     master = copy.deepcopy(model).float().train()  # float32: what trains
-    optimizer = torch.optim.AdamW(master.parameters(), lr=lr, weight_decay=0.0)
+    trainer = GRPOTrainer(master, TrainerConfig(lr=lr, micro_batch=64))
     drafting = variant == "respec"
     draft = _head_for(infer, head) if drafting else None
     draft_master = _head_for(infer, head).float().train() if drafting else None
@@ -70,7 +67,8 @@ def run_variant(variant: str, model: CausalLM, head: EagleHead, task, choice, st
                               problems[i // group_size]).reward for i, r in enumerate(results)]
         samples = [TrainSample(torch.tensor(p), torch.tensor(r.tokens), torch.tensor(r.logprobs), reward, str(i // group_size))
                    for i, (p, r, reward) in enumerate(zip(prompts, results, rewards, strict=True))]
-        grpo_update(master, optimizer, samples)
+        with _autocast(next(master.parameters()).device):
+            trainer.step(samples)
         _copy_weights(master, infer)
         _sync(infer)
         trained = time.perf_counter()
@@ -114,35 +112,6 @@ def _copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
     with torch.no_grad():
         for ours, theirs in zip(target.parameters(), source.parameters(), strict=True):
             ours.copy_(theirs)
-
-
-def grpo_update(model: CausalLM, optimizer, samples: list[TrainSample], micro_batch: int = 64) -> None:
-    """GRPOTrainer.step's update (group advantages, decoupled PPO-clip, token mean over the
-    batch, gradient clipping), on the model's device under bf16 autocast."""
-    device = next(model.parameters()).device
-    batch = _pad(samples)
-    batch = replace(batch, **{name: getattr(batch, name).to(device) for name in
-                              ("tokens", "response_index", "mask", "behaviour", "temperature")})
-    advantages = group_advantages(torch.tensor([s.reward for s in samples]), [s.group_id for s in samples]).to(device)
-    with torch.no_grad(), _autocast(device):
-        proximal = torch.cat([_logprobs(model, batch.select(rows)) for rows in
-                              torch.arange(len(samples), device=device).split(micro_batch)])
-    total = batch.mask.sum().clamp(min=1)
-    optimizer.zero_grad(set_to_none=True)
-    for rows in torch.arange(len(samples), device=device).split(micro_batch):
-        part = batch.select(rows)
-        with _autocast(device):
-            logprobs = _logprobs(model, part)
-        loss, _ = ppo_loss(logprobs, proximal[rows], part.behaviour, advantages[rows], part.mask, PPOConfig())
-        (loss * part.mask.sum() / total).backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-
-
-def _logprobs(model: CausalLM, batch) -> torch.Tensor:
-    logits = model(batch.tokens).logits[:, :-1].float() / batch.temperature[:, None, None]
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, batch.tokens[:, 1:, None]).squeeze(-1)
-    return logp.gather(1, batch.response_index)
 
 
 def distill(target: CausalLM, head: EagleHead, optimizer, samples: list[TrainSample], rewards: list[float],

@@ -53,9 +53,10 @@ class GRPOTrainer:
         if not samples:  # nothing to learn from (every rollout failed): a new version, same weights
             self.version += 1
             return {"loss": 0.0, "grad_norm": 0.0, "reward_mean": 0.0, "advantage_abs_mean": 0.0}
+        device = next(self.model.parameters()).device
         rewards = torch.tensor([s.reward for s in samples])
-        advantages = group_advantages(rewards, [s.group_id for s in samples], self.config.scale_by_std)
-        batch = _pad(samples)
+        advantages = group_advantages(rewards, [s.group_id for s in samples], self.config.scale_by_std).to(device)
+        batch = _pad(samples).to(device)
         with torch.no_grad():
             proximal = self._logprobs(self.model, batch)
             reference = self._logprobs(self.reference, batch) if self.reference is not None else None
@@ -64,7 +65,7 @@ class GRPOTrainer:
         self.model.train()
         for _ in range(self.config.epochs):
             self.optimizer.zero_grad(set_to_none=True)
-            for rows in torch.arange(len(samples)).split(self.config.micro_batch):
+            for rows in torch.arange(len(samples), device=device).split(self.config.micro_batch):
                 part = batch.select(rows)
                 loss, stats = ppo_loss(self._logprobs(self.model, part), proximal[rows], part.behaviour,
                                        advantages[rows], part.mask, self.config.ppo,
@@ -116,6 +117,10 @@ class _Batch:
     mask: torch.Tensor  # bool [B, R]
     behaviour: torch.Tensor  # float [B, R]
     temperature: torch.Tensor  # float [B]
+
+    def to(self, device: torch.device) -> _Batch:
+        return _Batch(*(getattr(self, name).to(device) for name in
+                        ("tokens", "response_index", "mask", "behaviour", "temperature")))
 
     def select(self, rows: torch.Tensor) -> _Batch:
         return _Batch(self.tokens[rows], self.response_index[rows], self.mask[rows], self.behaviour[rows],
