@@ -204,18 +204,25 @@ class Launcher:
             if not self.serving or self.group_restarts[group] >= self.config.run.group_restarts:
                 self.failure = died if not self.serving else f"{died}; no restarts left"
                 continue
-            holders = [name for name, actor in self.plan.actors.items()
-                       if actor.spec.group == group and not actor.cls.process_restartable]
-            if holders:
-                self.failure = (f"{died}; it held {', '.join(holders)}, whose state lives in checkpoints: "
-                                f"continue with `respec run ... --resume`")
+            if not self._begin_restart(group, died):
                 continue
-            self.group_restarts[group] += 1
-            self.restarting.add(group)
             self.log.warning("group_died", group=group, exit_code=process.returncode,
                              restart=self.group_restarts[group])
             self.view.note(f"[red]{died}[/]: restarting it ({self.group_restarts[group]})")
             processes[group] = self._spawn_group(group)
+
+    def _begin_restart(self, group: str, died: str) -> bool:
+        """Count a restart of a dead group and mark it restarting; False, with the run's
+        failure set, when it held an actor whose state only a checkpoint brings back."""
+        holders = [name for name, actor in self.plan.actors.items()
+                   if actor.spec.group == group and not actor.cls.process_restartable]
+        if holders:
+            self.failure = (f"{died}; it held {', '.join(holders)}, whose state lives in checkpoints: "
+                            f"continue with `respec run ... --resume`")
+            return False
+        self.group_restarts[group] += 1
+        self.restarting.add(group)
+        return True
 
     def _on_group_ready_again(self, group: str) -> None:
         """A restarted group finished its set-up: start it, and tell every other group."""

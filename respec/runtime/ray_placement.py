@@ -236,14 +236,9 @@ class RayLauncher(Launcher):
 
     def _on_ray_restart(self, name: str) -> None:
         """Ray started a dead group again; treat it as the local launcher treats its own."""
-        holders = [actor for actor, plan in self.plan.actors.items()
-                   if plan.spec.group == name and not plan.cls.process_restartable]
-        if holders:
-            self.failure = (f"process group {name!r} died; it held {', '.join(holders)}, whose state lives in "
-                            f"checkpoints: continue with `respec run ... --resume`")
+        if not self._begin_restart(name, f"process group {name!r} died"):
             return
-        self.group_restarts[name] += 1
-        self.restarting.add(name)  # super()._on_event now starts it and tells the other groups
+        # super()._on_event now starts it (it is restarting) and tells the other groups
         self.log.warning("group_died", group=name, restart=self.group_restarts[name], placement="ray")
         self.view.note(f"[red]process group {name!r} died[/]: Ray restarted it ({self.group_restarts[name]})")
 
