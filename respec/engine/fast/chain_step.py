@@ -103,25 +103,17 @@ def _record(state: FastState, b: int, emitted: Tensor, logp: Tensor, valid: Tens
     state.done[:b] |= stopped.any(1) | (state.out_count[:b] >= state.max_new[:b])
 
 
-def _head_argmax(head: FusedHead, hidden: Tensor) -> Tensor:
-    target = head.head.target
-    if target.lm_head.bias is not None:
-        return head.head.logits(hidden).argmax(-1)
-    # RMSNorm divides by a positive scalar per row, which leaves the argmax alone.
-    return F.linear(hidden * target.norm.weight, target.lm_head.weight).argmax(-1)
-
-
 def _draft_chain(head: FusedHead, state: FastState, b: int, k: int) -> Tensor:
     """k tokens per row [b, k]: the head's argmax from the root's h, then k - 1 head passes,
     each writing its keys/values tentatively after the row's committed head positions."""
     hidden = state.root_h[:b, None]
-    token = _head_argmax(head, hidden)
+    token = head.head.argmax_tokens(hidden)
     drafted = [token]
     for level in range(k - 1):
         position = state.head_lengths[:b, None] + level
         kv = StaticKV(state.head_k, state.head_v, position.clamp(max=state.max_len))
         hidden = head(hidden, token, position, visible_up_to(position, state.max_len + 1), kv)
-        token = _head_argmax(head, hidden)
+        token = head.head.argmax_tokens(hidden)
         drafted.append(token)
     return torch.cat(drafted, dim=1)
 
