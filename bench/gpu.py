@@ -52,6 +52,7 @@ from respec.tasks import make_task  # noqa: E402
 # The built-in task in its longer setting: the embedded default's (max_value 9, 2-3
 # operands) completions are ~14 tokens, too short for drafting to show; these are ~70.
 TASK = ("arithmetic", {"max_value": 50, "min_operands": 5, "max_operands": 8})
+SECTIONS = ("decode", "sweep", "greedy", "rl")
 DRAFT_LENGTHS = (1, 2, 3, 4, 5, 6)
 
 
@@ -81,13 +82,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batches", default="1,2,4,8,16,32,64,128,256")
     parser.add_argument("--max-new", type=int, default=128)
     parser.add_argument("--rl-steps", type=int, default=12)
-    parser.add_argument("--rl-groups", type=int, default=32, help="prompts per RL step (8 rollouts each)")
+    parser.add_argument("--rl-groups", default="32", help="prompts per RL step (8 rollouts each); a list runs each")
+    parser.add_argument("--operands", default="5,8", help="MIN,MAX operands of the task's problems: 2,14 gives "
+                        "the long tail of rollout lengths RL has (a few rows run 5x the median)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="which of " + ",".join(SECTIONS))
     parser.add_argument("--rl-lr", type=float, default=1e-5)
     args = parser.parse_args()
     if args.smoke:
         args.sft_steps, args.head_steps, args.batches, args.max_new = 30, 20, "1,4", 24
-        args.rl_steps, args.rl_groups = 2, 2
+        args.rl_steps, args.rl_groups = 3, "2"
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.rl_groups = [int(g) for g in args.rl_groups.split(",")]
+    args.operands = tuple(int(n) for n in args.operands.split(","))
+    args.sections = args.sections.split(",")
+    if unknown := set(args.sections) - set(SECTIONS):
+        parser.error(f"--sections: unknown {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     return args
 
 
@@ -96,7 +105,8 @@ def parse_args() -> argparse.Namespace:
 
 def full_run(args, device: str) -> dict:
     shape = "smoke" if args.smoke else "0.5b"
-    task = make_task(TASK[0], **TASK[1])
+    low, high = args.operands
+    task = make_task(TASK[0], **{**TASK[1], "min_operands": low, "max_operands": high})
     tokenizer = char_tokenizer()
     heldout = task.heldout(256 if not args.smoke else 16, seed=12345)
     policy, policy_report = train_policy(task, shape, device, args.sft_steps, batch=128 if not args.smoke else 8)
@@ -111,15 +121,20 @@ def full_run(args, device: str) -> dict:
     prompts = [[tokenizer.bos_id, *tokenizer.encode(p.prompt)] for p in heldout]
     calibration = [[tokenizer.bos_id, *tokenizer.encode(task.sample(random.Random(f"calib{i}")).prompt)]
                    for i in range(64)]
-    out = {"shape": shape, "policy": policy_report, "head": head_report,
-           "decode": decode_section(model, prompts[0], device, args)}
-    out["sweep"] = sweep_section(model, head, prompts, calibration, device, args)
-    out["greedy_equality"] = greedy_section(model, head, prompts[:64], device, args)
-    out["rl"] = rl_section(model, head, task, out["sweep"]["profile"]["choice"], args.rl_steps, args.rl_groups,
-                           8, args.max_new, args.rl_lr, log)
-    log(f"rl: respec step time / sync no-SD {out['rl']['respec_step_time_over_sync_nosd']:.2f}; reward "
-        + " ".join(f"{v}: {out['rl'][v]['reward_first']:.3f} -> {out['rl'][v]['reward_last']:.3f}"
-                   for v in ("sync_nosd", "respec")))
+    out = {"shape": shape, "task": {"name": TASK[0], **TASK[1], "min_operands": low, "max_operands": high},
+           "policy": policy_report, "head": head_report}
+    if "decode" in args.sections:
+        out["decode"] = decode_section(model, prompts[0], device, args)
+    profile = scheduler_profile(generator_for(model, head, device, args, max(args.batches), 1.0), calibration,
+                                device, args)
+    if "sweep" in args.sections:
+        out["sweep"] = sweep_section(model, head, prompts, profile, device, args)
+    if "greedy" in args.sections:
+        out["greedy_equality"] = greedy_section(model, head, prompts[:64], device, args)
+    if "rl" in args.sections:
+        out["rl"] = [rl_section(model, head, task, profile["choice"], args.rl_steps, groups, 8, args.max_new,
+                                args.rl_lr, log) for groups in args.rl_groups]
+    out["profile"] = profile
     return out
 
 
@@ -152,12 +167,12 @@ def decode_section(model, prompt: list[int], device: str, args) -> dict:
     return section
 
 
-def sweep_section(model, head, prompts, calibration, device: str, args) -> dict:
-    """(c): tokens per second per batch size: no SD, each chain length, the scheduler."""
+def sweep_section(model, head, prompts, profile: dict, device: str, args) -> dict:
+    """(c): tokens per second per batch size: no SD, each chain length, the scheduler
+    (its per-bucket choice from `profile`, measured on other prompts)."""
     rows = max(args.batches)
     plain = generator_for(model, None, device, args, rows, 1.0)
     drafted = generator_for(model, head, device, args, rows, 1.0)
-    profile = scheduler_profile(drafted, calibration, device, args)
     table = []
     for b in args.batches:
         batch = (prompts * (b // len(prompts) + 1))[:b]

@@ -13,7 +13,11 @@ import sys
 def markdown(report: dict) -> str:
     parts = [f"device: {report['device']}, torch {report['torch']}, {report['date']}"]
     if "decode" in report:
-        parts += [decode_table(report), sweep_table(report), greedy_table(report)]
+        parts.append(decode_table(report))
+    if "sweep" in report:
+        parts.append(sweep_table(report))
+    if "greedy_equality" in report:
+        parts.append(greedy_table(report))
     if "rl" in report:
         parts.append(rl_table(report["rl"]))
     if "step_cost" in report:
@@ -61,7 +65,26 @@ def greedy_table(report: dict) -> str:
         f"{v['first_divergence']})" for k, v in rows.items()) + "."
 
 
-def rl_table(rl: dict) -> str:
+def rl_table(rl: dict | list) -> str:
+    if isinstance(rl, list):  # one table per RL batch size
+        return "\n\n".join(rl_table(section) for section in rl)
+    if "sync_sd" not in rl:  # reports before the asynchronous variant (e740849)
+        return _rl_table_before_async(rl)
+    rows = rl["groups"] * rl["group_size"]
+    lines = [f"{rows} rollouts per step ({rl['groups']} prompts x {rl['group_size']}), max_new {rl['max_new']}:", "",
+             "| variant | step s (wall / steps) | x sync no-SD | generation s | update s | distillation s | "
+             "tokens / longest | drafts accepted per step | reward first third -> last third |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for variant in ("sync_nosd", "sync_sd", "respec"):
+        v, mean = rl[variant], rl[variant]["mean"]
+        ratio = 1.0 if variant == "sync_nosd" else rl[f"{variant}_step_time_over_sync_nosd"]
+        lines.append(f"| {variant} | {v['step_s']:.3f} | {ratio:.2f} | {mean['gen_s']:.3f} | {mean['train_s']:.3f} | "
+                     f"{mean['distill_s']:.3f} | {mean['tokens']:.0f} / {mean['longest']:.0f} | "
+                     f"{mean['accepted_per_step']:.2f} | {v['reward_first_third']:.3f} -> {v['reward_last_third']:.3f} |")
+    return "\n".join(lines)
+
+
+def _rl_table_before_async(rl: dict) -> str:
     lines = ["| variant | mean step s | generation s | update s | distillation s | reward first -> last (mean) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for variant in ("sync_nosd", "respec"):

@@ -1,21 +1,31 @@
-"""bench/gpu.py's RL part: synchronous GRPO steps on one GPU, rollouts by the fast path.
+"""bench/gpu.py's RL part: GRPO steps on one GPU, rollouts by the fast path.
 
-Two variants from the same weights and the same prompts per step:
+Three variants from the same weights and the same prompts per step:
 
-- ``sync_nosd``: generate (no drafting), score, one GRPO update;
-- ``respec``: generate with the scheduler's per-bucket draft lengths, score, one GRPO
-  update, and every third step distil the head on the latest 256 rollouts (reward-weighted KL, the DraftDistiller's update_interval 3) so it follows
-  the policy.
+- ``sync_nosd`` (the baseline): generate (no drafting), score, one GRPO update;
+- ``sync_sd``: the same with the scheduler's per-bucket draft lengths, and every third
+  step the head distilled on the latest rollouts (reward-weighted KL, the
+  DraftDistiller's update_interval 3) so it follows the policy;
+- ``respec``: ``sync_sd`` made asynchronous as respec's actors are: generation runs on a
+  high-priority CUDA stream in one thread while the update (and the distillation) of the
+  previous step's rollouts runs on another stream in a second thread. Rollouts are at
+  most one policy version stale (generation of step j uses the weights after step j - 2);
+  the update corrects for it with the behaviour log-probs, as the PolicyTrainer does.
+  New weights are swapped in between generations, never during one (a handshake of two
+  CUDA events: the trainer never overwrites weights the generator has not copied yet).
 
-Both are synchronous in one process (no overlap of generation and training: on one GPU
-they would share the device anyway). A step's time is generation + update (+ distillation).
+A step's time is the whole run's wall time (first generation to last update) over the
+number of steps, so the asynchronous pipeline's fill and drain are paid.
 """
 
 from __future__ import annotations
 
 import copy
+import queue
 import random
+import threading
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,74 +37,248 @@ from respec.rl.distill import pad_right
 from respec.rl.trainer import GRPOTrainer, TrainerConfig, TrainSample
 
 DISTILL_SAMPLES = 256  # rollouts per distillation: the latest ones (one pass, batches of 128)
+DISTILL_EVERY = 3  # policy versions per head update (the DraftDistiller's update_interval)
+VARIANTS = ("sync_nosd", "sync_sd", "respec")
 
 
 def rl_section(model: CausalLM, head: EagleHead, task, choice: dict[int, int], steps: int, groups: int,
                group_size: int, max_new: int, lr: float, log) -> dict:
-    out = {}
-    for variant in ("sync_nosd", "respec"):
-        out[variant] = run_variant(variant, model, head, task, choice, steps, groups, group_size, max_new, lr, log)
-    base = sum(s["step_s"] for s in out["sync_nosd"]["steps"])
-    ours = sum(s["step_s"] for s in out["respec"]["steps"])
-    out["respec_step_time_over_sync_nosd"] = ours / base
+    out = {"groups": groups, "group_size": group_size, "max_new": max_new}
+    for variant in VARIANTS:
+        setup = Setup.build(variant, model, head, task, choice, groups, group_size, max_new, lr)
+        run = run_async if variant == "respec" else run_sync
+        out[variant] = summarise(run(setup, steps, log))
+        log(f"rl {variant}: {out[variant]['step_s']:.3f} s per step, reward "
+            f"{out[variant]['reward_first']:.3f} -> {out[variant]['reward_last']:.3f}")
+        del setup
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    base = out["sync_nosd"]["step_s"]
+    for variant in VARIANTS[1:]:
+        out[f"{variant}_step_time_over_sync_nosd"] = out[variant]["step_s"] / base
     return out
 
 
-def run_variant(variant: str, model: CausalLM, head: EagleHead, task, choice, steps: int, groups: int,
-                group_size: int, max_new: int, lr: float, log, distill_every: int = 3) -> dict:
-    tokenizer = char_tokenizer()
-    infer = copy.deepcopy(model)  # bf16: what generates
-    master = copy.deepcopy(model).float().train()  # float32: what trains
-    trainer = GRPOTrainer(master, TrainerConfig(lr=lr, micro_batch=64))
-    drafting = variant == "respec"
-    draft = _head_for(infer, head) if drafting else None
-    draft_master = _head_for(infer, head).float().train() if drafting else None
-    draft_optimizer = torch.optim.AdamW(draft_master.parameters(), lr=3e-4) if drafting else None
-    rows = groups * group_size
-    generator = FastGenerator(infer, draft, max_rows=rows, max_len=48 + max_new + 8, max_new=max_new,
-                              max_k=6 if drafting else 0, temperature=1.0, eos_ids=(tokenizer.eos_id,))
-    k_for_bucket = choice if drafting else 0
-    history, buffer = [], []
-    for step in range(steps + 1):  # step 0 warms up (graph capture) and is not reported
-        problems = [task.sample(random.Random(f"rl/{step}/{g}")) for g in range(groups)]
-        prompts = [[tokenizer.bos_id, *tokenizer.encode(p.prompt)] for p in problems for _ in range(group_size)]
-        _sync(infer)
+@dataclass
+class Setup:
+    """One variant's models, optimisers and generator, from the same starting weights."""
+    variant: str
+    task: object
+    infer: CausalLM  # bf16: what generates (the generator's fused copies are refreshed from it)
+    master: CausalLM  # float32: what trains
+    trainer: GRPOTrainer
+    generator: FastGenerator
+    choice: dict[int, int] | int
+    groups: int
+    group_size: int
+    draft: EagleHead | None = None
+    draft_master: EagleHead | None = None
+    draft_optimizer: torch.optim.Optimizer | None = None
+    buffer: list[TrainSample] = field(default_factory=list)
+
+    @staticmethod
+    def build(variant, model, head, task, choice, groups, group_size, max_new, lr) -> Setup:
+        eos = char_tokenizer().eos_id
+        infer = copy.deepcopy(model)
+        master = copy.deepcopy(model).float().train()
+        drafting = variant != "sync_nosd"
+        draft = _head_for(infer, head) if drafting else None
+        draft_master = _head_for(infer, head).float().train() if drafting else None
+        generator = FastGenerator(infer, draft, max_rows=groups * group_size, max_len=64 + max_new + 8,
+                                  max_new=max_new, max_k=6 if drafting else 0, temperature=1.0, eos_ids=(eos,))
+        return Setup(variant, task, infer, master, GRPOTrainer(master, TrainerConfig(lr=lr, micro_batch=64)),
+                     generator, choice if drafting else 0, groups, group_size, draft, draft_master,
+                     torch.optim.AdamW(draft_master.parameters(), lr=3e-4) if drafting else None)
+
+    @property
+    def drafting(self) -> bool:
+        return self.draft is not None
+
+    def problems(self, step: int):
+        return [self.task.sample(random.Random(f"rl/{step}/{g}")) for g in range(self.groups)]
+
+    def prompts(self, problems) -> list[list[int]]:
+        tokenizer = char_tokenizer()
+        return [[tokenizer.bos_id, *tokenizer.encode(p.prompt)] for p in problems for _ in range(self.group_size)]
+
+    def warm_up(self) -> None:
+        """Capture every graph generation will need (all buckets, the prefill widths of any
+        prompt) before the timed steps: capture must not overlap the trainer's work."""
+        prompts = self.prompts(self.problems(-1))
+        self.generator.generate(prompts, self.choice)
+        b = self.generator.bucket_for(len(prompts))
+        for width in range(16, 65, 16):
+            self.generator.capture([], (b, width))
+
+    def generate(self, step: int) -> tuple[list, list[TrainSample], dict]:
+        problems = self.problems(step)
+        prompts = self.prompts(problems)
         started = time.perf_counter()
-        results = generator.generate(prompts, k_for_bucket)
-        _sync(infer)
-        generated = time.perf_counter()
-        rewards = [task.check(tokenizer.decode([t for t in r.tokens if t != tokenizer.eos_id]),
-                              problems[i // group_size]).reward for i, r in enumerate(results)]
-        samples = [TrainSample(torch.tensor(p), torch.tensor(r.tokens), torch.tensor(r.logprobs), reward, str(i // group_size))
+        results = self.generator.generate(prompts, self.choice)
+        gen_s = time.perf_counter() - started
+        tokenizer = char_tokenizer()
+        rewards = [self.task.check(tokenizer.decode([t for t in r.tokens if t != tokenizer.eos_id]),
+                                   problems[i // self.group_size]).reward for i, r in enumerate(results)]
+        samples = [TrainSample(torch.tensor(p), torch.tensor(r.tokens), torch.tensor(r.logprobs), reward,
+                               str(i // self.group_size))
                    for i, (p, r, reward) in enumerate(zip(prompts, results, rewards, strict=True))]
-        with _autocast(next(master.parameters()).device):
-            trainer.step(samples)
-        _copy_weights(master, infer)
-        _sync(infer)
-        trained = time.perf_counter()
-        buffer += samples
-        if drafting and step % distill_every == 0:  # as the DraftDistiller's update_interval
-            recent = buffer[-DISTILL_SAMPLES:]
-            distill(infer, draft_master, draft_optimizer, recent, [s.reward for s in recent])
-            _copy_weights(draft_master, draft)
-            buffer = []
-        generator.refresh_weights()
-        _sync(infer)
-        done = time.perf_counter()
-        record = {"step": step, "reward": sum(rewards) / len(rewards), "gen_s": generated - started,
-                  "train_s": trained - generated, "distill_s": done - trained, "step_s": done - started,
-                  "tokens": sum(len(r.tokens) for r in results),
+        record = {"step": step, "reward": sum(rewards) / len(rewards), "gen_s": gen_s,
+                  "tokens": sum(len(r.tokens) for r in results), "longest": max(len(r.tokens) for r in results),
                   "accepted_per_step": sum(r.accepted for r in results) / max(1, sum(r.steps for r in results))}
-        if step:
-            history.append(record)
-        log(f"rl {variant} step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in record.items() if k != "step"))
-    return {"steps": history, "reward_first": history[0]["reward"], "reward_last": history[-1]["reward"],
-            "reward_mean": sum(s["reward"] for s in history) / len(history)}
+        return results, samples, record
+
+    def update(self, step: int, samples: list[TrainSample]) -> dict:
+        """One GRPO update of the master weights, and the head's distillation when due."""
+        started = time.perf_counter()
+        with _autocast(next(self.master.parameters()).device):
+            self.trainer.step(samples)
+        _sync(self.master)
+        trained = time.perf_counter()
+        self.buffer += samples
+        if self.drafting and step % DISTILL_EVERY == 0:
+            recent = self.buffer[-DISTILL_SAMPLES:]
+            distill(self.master, self.draft_master, self.draft_optimizer, recent, [s.reward for s in recent])
+            self.buffer = []
+        _sync(self.master)
+        return {"train_s": trained - started, "distill_s": time.perf_counter() - trained}
+
+    def publish(self) -> None:
+        """Write the master weights (and head) into the generator's source copies."""
+        _copy_weights(self.master, self.infer)
+        if self.drafting:
+            _copy_weights(self.draft_master, self.draft)
 
 
-def _sync(model: CausalLM) -> None:
+def run_sync(setup: Setup, steps: int, log) -> list[dict]:
+    setup.warm_up()
+    history = []
+    _sync(setup.infer)
+    started = time.perf_counter()
+    for step in range(1, steps + 1):
+        _, samples, record = setup.generate(step)
+        record.update(setup.update(step, samples))
+        setup.publish()
+        setup.generator.refresh_weights()
+        _sync(setup.infer)
+        record["wall_s"] = time.perf_counter() - started
+        history.append(record)
+        log(f"rl {setup.variant} step {step}: " + _fmt(record))
+    return history
+
+
+def run_async(setup: Setup, steps: int, log) -> list[dict]:
+    """Generation of step j (weights after update j - 2) beside update j - 1."""
+    setup.warm_up()
+    device = setup.infer.parameters().__next__().device
+    cuda = device.type == "cuda"
+    gen_stream = torch.cuda.Stream(priority=-1) if cuda else None  # generation first when both wait
+    train_stream = torch.cuda.Stream(priority=0) if cuda else None
+    rollouts: queue.Queue = queue.Queue()
+    published: queue.Queue = queue.Queue()  # (version, event): weights written into infer
+    consumed: queue.Queue = queue.Queue()  # event: the generator has copied them
+    failures: list[BaseException] = []
+    history: dict[int, dict] = {}
+    _sync(setup.infer)
+    started = time.perf_counter()
+
+    def generating():
+        with _on(gen_stream):
+            for step in range(1, steps + 1):
+                if step >= 3:  # the weights after update step - 2
+                    version, written = published.get()
+                    if version is None:
+                        return
+                    _wait(gen_stream, written)
+                    setup.generator.refresh_weights()
+                    consumed.put(_record(gen_stream))
+                _, samples, record = setup.generate(step)
+                record["policy_version"] = step - 2 if step >= 3 else 0
+                history[step] = record
+                rollouts.put((step, samples))
+
+    def training():
+        with _on(train_stream):
+            for step in range(1, steps + 1):
+                _, samples = rollouts.get()
+                if samples is None:  # the generating thread failed
+                    return
+                history_update = setup.update(step, samples)
+                history[step].update(history_update)
+                history[step]["wall_s"] = time.perf_counter() - started
+                if step <= steps - 2:  # versions a later generation reads
+                    if step >= 2:
+                        _wait(train_stream, consumed.get())
+                    setup.publish()
+                    published.put((step, _record(train_stream)))
+                log(f"rl respec step {step}: " + _fmt(history[step]))
+
+    threads = [threading.Thread(target=_guard(fn, failures, published, rollouts)) for fn in (generating, training)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return [history[step] for step in range(1, steps + 1)]
+
+
+def summarise(history: list[dict]) -> dict:
+    n = len(history)
+    mean = {key: sum(h[key] for h in history) / n for key in ("gen_s", "train_s", "distill_s", "tokens", "longest",
+                                                             "accepted_per_step")}
+    head = history[: max(1, n // 3)]
+    tail = history[-max(1, n // 3):]
+    return {"steps": history, "step_s": history[-1]["wall_s"] / n, "mean": mean,
+            "reward_first": head[0]["reward"], "reward_last": tail[-1]["reward"],
+            "reward_first_third": sum(h["reward"] for h in head) / len(head),
+            "reward_last_third": sum(h["reward"] for h in tail) / len(tail),
+            "reward_mean": sum(h["reward"] for h in history) / n}
+
+
+def _guard(fn, failures, *queues):
+    """A failing thread stops the other instead of leaving it blocked on a queue."""
+    def run():
+        try:
+            fn()
+        except BaseException as error:  # noqa: BLE001 - re-raised by run_async
+            failures.append(error)
+            for q in queues:
+                q.put((None, None))
+    return run
+
+
+def _on(stream):
+    return torch.cuda.stream(stream) if stream is not None else _Nothing()
+
+
+class _Nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _record(stream):
+    if stream is None:
+        return None
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
+
+
+def _wait(stream, event) -> None:
+    if stream is not None and event is not None:
+        stream.wait_event(event)
+
+
+def _fmt(record: dict) -> str:
+    return " ".join(f"{k} {v:.3f}" for k, v in record.items() if k != "step")
+
+
+def _sync(model: torch.nn.Module) -> None:
+    """Waits for this thread's stream only (the other thread's work goes on)."""
     if next(model.parameters()).is_cuda:
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize()
 
 
 def _autocast(device: torch.device):
@@ -117,7 +301,8 @@ def _copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
 def distill(target: CausalLM, head: EagleHead, optimizer, samples: list[TrainSample], rewards: list[float],
             batch: int = 128, unroll: int = 4) -> None:
     """One pass over the buffered rollouts, each weighted by its reward over the mean reward
-    (the DraftDistiller's "reward" weighting, clipped to [0.1, 5])."""
+    (the DraftDistiller's "reward" weighting, clipped to [0.1, 5]). The targets come from
+    `target`: the trainer's own (newest) weights under autocast."""
     device = next(target.parameters()).device
     mean = sum(rewards) / len(rewards)
     weights = torch.tensor([r / mean if mean > 0 else 1.0 for r in rewards]).clamp(0.1, 5.0)
@@ -125,7 +310,7 @@ def distill(target: CausalLM, head: EagleHead, optimizer, samples: list[TrainSam
     for start in range(0, len(sequences), batch):
         tokens, valid = pad_right(sequences[start:start + batch], char_tokenizer().pad_id or 0)
         tokens, valid = tokens.to(device), valid.to(device)
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(device):
             output = target(tokens, capture_layers=head.capture_layers)
         with _autocast(device):
             loss = distill_loss(head, torch.cat(output.captured, dim=-1).float(), tokens, output.logits.float(),
