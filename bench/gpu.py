@@ -43,7 +43,7 @@ from gpu_timing import (  # noqa: E402
 )
 from gpu_train import accuracy, log, random_model, shape_config, train_head, train_policy  # noqa: E402
 
-from respec.engine.checkpoint import save_model  # noqa: E402
+from respec.engine.checkpoint import load_model, save_model  # noqa: E402
 from respec.engine.drafters.eagle import EagleHead  # noqa: E402
 from respec.engine.fast import FastGenerator  # noqa: E402
 from respec.engine.tokenizer import char_tokenizer  # noqa: E402
@@ -85,6 +85,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rl-groups", default="32", help="prompts per RL step (8 rollouts each); a list runs each")
     parser.add_argument("--operands", default="5,8", help="MIN,MAX operands of the task's problems: 2,14 gives "
                         "the long tail of rollout lengths RL has (a few rows run 5x the median)")
+    parser.add_argument("--cache", default="", help="a folder to keep the trained policy and head in: a later run "
+                        "with the same folder (and task) loads them instead of training again")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="which of " + ",".join(SECTIONS))
     parser.add_argument("--rl-lr", type=float, default=1e-5)
     args = parser.parse_args()
@@ -109,15 +111,7 @@ def full_run(args, device: str) -> dict:
     task = make_task(TASK[0], **{**TASK[1], "min_operands": low, "max_operands": high})
     tokenizer = char_tokenizer()
     heldout = task.heldout(256 if not args.smoke else 16, seed=12345)
-    policy, policy_report = train_policy(task, shape, device, args.sft_steps, batch=128 if not args.smoke else 8)
-    model = policy.to(torch.bfloat16) if device == "cuda" else policy
-    policy_report["accuracy_sampled"] = accuracy(model, task, heldout, 1.0, args.max_new)
-    policy_report["accuracy_greedy"] = accuracy(model, task, heldout, 0.0, args.max_new)
-    log(f"policy: {policy_report}")
-    head, head_report = train_head(model, task, device, args.head_steps, max_new=args.max_new,
-                                   sequences=4096 if not args.smoke else 64, batch=64 if not args.smoke else 8)
-    head = head if device == "cuda" else head.float()
-    log(f"head: {head_report}")
+    model, head, policy_report, head_report = trained_models(args, task, heldout, shape, device)
     prompts = [[tokenizer.bos_id, *tokenizer.encode(p.prompt)] for p in heldout]
     calibration = [[tokenizer.bos_id, *tokenizer.encode(task.sample(random.Random(f"calib{i}")).prompt)]
                    for i in range(64)]
@@ -136,6 +130,31 @@ def full_run(args, device: str) -> dict:
                                 args.rl_lr, log) for groups in args.rl_groups]
     out["profile"] = profile
     return out
+
+
+def trained_models(args, task, heldout, shape: str, device: str):
+    """(a): the policy (SFT) and its EAGLE head, or the ones a previous run left in --cache."""
+    cache = Path(args.cache) if args.cache else None
+    if cache is not None and (cache / "reports.json").exists():
+        model = load_model(cache / "policy", device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        head = EagleHead.load(cache / "head", model).to(device=device, dtype=next(model.parameters()).dtype).eval()
+        policy_report, head_report = json.loads((cache / "reports.json").read_text())
+        log(f"policy and head loaded from {cache} (trained by an earlier run: {policy_report}, {head_report})")
+        return model, head, {**policy_report, "loaded_from_cache": True}, head_report
+    policy, policy_report = train_policy(task, shape, device, args.sft_steps, batch=128 if not args.smoke else 8)
+    model = policy.to(torch.bfloat16) if device == "cuda" else policy
+    policy_report["accuracy_sampled"] = accuracy(model, task, heldout, 1.0, args.max_new)
+    policy_report["accuracy_greedy"] = accuracy(model, task, heldout, 0.0, args.max_new)
+    log(f"policy: {policy_report}")
+    head, head_report = train_head(model, task, device, args.head_steps, max_new=args.max_new,
+                                   sequences=4096 if not args.smoke else 64, batch=64 if not args.smoke else 8)
+    head = head if device == "cuda" else head.float()
+    log(f"head: {head_report}")
+    if cache is not None:
+        save_model(model, cache / "policy")
+        head.save(cache / "head")
+        (cache / "reports.json").write_text(json.dumps([policy_report, head_report]))
+    return model, head, policy_report, head_report
 
 
 def generator_for(model, head, device: str, args, rows: int, temperature: float) -> FastGenerator:

@@ -36,7 +36,7 @@ from respec.engine.tokenizer import char_tokenizer
 from respec.rl.distill import pad_right
 from respec.rl.trainer import GRPOTrainer, TrainerConfig, TrainSample
 
-DISTILL_SAMPLES = 256  # rollouts per distillation: the latest ones (one pass, batches of 128)
+DISTILL_SAMPLES = 128  # rollouts per distillation: the latest ones (one pass, one batch)
 DISTILL_EVERY = 3  # policy versions per head update (the DraftDistiller's update_interval)
 VARIANTS = ("sync_nosd", "sync_sd", "respec")
 

@@ -57,19 +57,20 @@ class GRPOTrainer:
         rewards = torch.tensor([s.reward for s in samples])
         advantages = group_advantages(rewards, [s.group_id for s in samples], self.config.scale_by_std).to(device)
         batch = _pad(samples).to(device)
+        micro_batches = [batch.select(rows) for rows in _by_length(samples, self.config.micro_batch, device)]
         with torch.no_grad():
-            proximal = self._logprobs(self.model, batch)
-            reference = self._logprobs(self.reference, batch) if self.reference is not None else None
+            proximal = [self._logprobs(self.model, part) for part in micro_batches]
+            reference = ([self._logprobs(self.reference, part) for part in micro_batches]
+                         if self.reference is not None else None)
         total_tokens = batch.mask.sum().clamp(min=1)
         stats: dict[str, float] = {}
         self.model.train()
         for _ in range(self.config.epochs):
             self.optimizer.zero_grad(set_to_none=True)
-            for rows in torch.arange(len(samples), device=device).split(self.config.micro_batch):
-                part = batch.select(rows)
-                loss, stats = ppo_loss(self._logprobs(self.model, part), proximal[rows], part.behaviour,
-                                       advantages[rows], part.mask, self.config.ppo,
-                                       None if reference is None else reference[rows])
+            for i, part in enumerate(micro_batches):
+                loss, stats = ppo_loss(self._logprobs(self.model, part), proximal[i], part.behaviour,
+                                       advantages[part.rows], part.mask, self.config.ppo,
+                                       None if reference is None else reference[i])
                 (loss * part.mask.sum() / total_tokens).backward()  # token-mean over the whole batch
             grad_norm = torch.nn.utils.clip_grad_norm_(self._trained, self.config.max_grad_norm)
             self.optimizer.step()
@@ -117,14 +118,28 @@ class _Batch:
     mask: torch.Tensor  # bool [B, R]
     behaviour: torch.Tensor  # float [B, R]
     temperature: torch.Tensor  # float [B]
+    lengths: torch.Tensor  # long [B]: prompt + response tokens of each row
+    rows: torch.Tensor | None = None  # long [B]: which rows of the whole batch these are (a micro-batch)
 
     def to(self, device: torch.device) -> _Batch:
         return _Batch(*(getattr(self, name).to(device) for name in
-                        ("tokens", "response_index", "mask", "behaviour", "temperature")))
+                        ("tokens", "response_index", "mask", "behaviour", "temperature", "lengths")))
 
     def select(self, rows: torch.Tensor) -> _Batch:
-        return _Batch(self.tokens[rows], self.response_index[rows], self.mask[rows], self.behaviour[rows],
-                      self.temperature[rows])
+        """These rows, cut to the longest of them: right padding changes no real position's
+        logits (attention is causal), so a micro-batch of short rows costs what they do."""
+        length, width = int(self.lengths[rows].max()), int(self.mask[rows].sum(1).max())
+        return _Batch(self.tokens[rows, :length], self.response_index[rows, :width], self.mask[rows, :width],
+                      self.behaviour[rows, :width], self.temperature[rows], self.lengths[rows], rows)
+
+
+def _by_length(samples: list[TrainSample], micro_batch: int, device: torch.device) -> list[torch.Tensor]:
+    """Micro-batches of rows of similar length (the rollouts of one RL step run from a few
+    tokens to max_new: in arrival order, most of each micro-batch would be padding). The
+    gradient is summed over all of them before the optimiser steps, so the grouping does
+    not change the update."""
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].prompt) + len(samples[i].response))
+    return list(torch.tensor(order, device=device).split(micro_batch))
 
 
 def _pad(samples: list[TrainSample]) -> _Batch:
@@ -141,4 +156,5 @@ def _pad(samples: list[TrainSample]) -> _Batch:
         mask[row, :response] = True
         behaviour[row, :response] = sample.behaviour_logprobs
     temperature = torch.tensor([s.temperature if s.temperature > 0 else 1.0 for s in samples])
-    return _Batch(tokens, index, mask, behaviour, temperature)
+    lengths = torch.tensor([len(s.prompt) + len(s.response) for s in samples])
+    return _Batch(tokens, index, mask, behaviour, temperature, lengths)

@@ -93,7 +93,8 @@ class FastGenerator:
 
     def capture(self, pairs: Sequence[tuple[int, int]], prefill: tuple[int, int] | None = None) -> None:
         """Capture CUDA graphs for (bucket, k) steps and a (bucket, width) prefill. Warm-ups
-        run on the state, so this happens between generations; the state is emptied after."""
+        run on the state, so this happens between generations; the state is emptied before
+        (a previous generation's prompts may be longer than this prefill's width) and after."""
         steps = [pair for pair in pairs if pair not in self._graphs]
         prefills = [prefill] if prefill is not None and prefill not in self._prefill_graphs else []
         if not self.graphs_on or not (steps or prefills):
@@ -105,6 +106,7 @@ class FastGenerator:
         work += [(self._prefill_graphs, pair, lambda b=pair[0], width=pair[1]: prefill_rows(
             self.fused, self.fused_head, self.state, b, width, self.max_new, self._config(0))) for pair in prefills]
         torch.cuda.synchronize()
+        self.state.reset()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
