@@ -72,24 +72,28 @@ def scheduler() -> dict[str, Any]:
 NO_SD = {"actors.generator.params.drafter": "none", "actors.generator.params.shape": "nosd"}
 
 
+# The run file may already name a Scheduler or a DraftDistiller (tiny.yaml names the
+# Scheduler): every variant starts from it without them, so each is what its name says and
+# acceptance is compared under one draft shape.
+STATIC = {"actors.scheduler": None, "actors.distiller": None}
+
+
 def staleness_variants(config: Path) -> dict[str, tuple[Path, dict]]:
-    return {"frozen": (config, {}), "kd_none": (config, distiller(config, "none")),
-            "kd_reward": (config, distiller(config, "reward"))}
+    return {"frozen": (config, dict(STATIC)), "kd_none": (config, {**STATIC, **distiller(config, "none")}),
+            "kd_reward": (config, {**STATIC, **distiller(config, "reward")})}
 
 
 def quality_variants(config: Path) -> dict[str, tuple[Path, dict]]:
-    return {"nosd": (config, dict(NO_SD)), **{f"sd_{k}": v for k, v in staleness_variants(config).items()},
-            "sd_kd_advantage": (config, distiller(config, "advantage"))}
+    return {"nosd": (config, {**STATIC, **NO_SD}), **{f"sd_{k}": v for k, v in staleness_variants(config).items()},
+            "sd_kd_advantage": (config, {**STATIC, **distiller(config, "advantage")})}
 
 
 def interval_variants(config: Path) -> dict[str, tuple[Path, dict]]:
-    return {f"interval_{i}": (config, distiller(config, "reward", i)) for i in (1, 3, 5)}
+    return {f"interval_{i}": (config, {**STATIC, **distiller(config, "reward", i)}) for i in (1, 3, 5)}
 
 
 def e2e_variants(config: Path, baseline: Path) -> dict[str, tuple[Path, dict]]:
-    """The run file may already name a Scheduler or a DraftDistiller (tiny.yaml does once
-    they pay): the static variants remove them, so each variant is what its name says."""
-    static = {"actors.scheduler": None, "actors.distiller": None}
+    static = STATIC
     return {"sync_nosd": (baseline, {}), "async_nosd": (config, {**static, **NO_SD}),
             "async_sd": (config, dict(static)),
             "async_sd_sched": (config, {**static, **scheduler()}),

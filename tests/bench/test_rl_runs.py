@@ -28,7 +28,7 @@ def test_variants_add_a_distiller_and_a_scheduler_that_plan(tmp_path):
     path.write_text(RUN)
     variants = staleness_variants(path)
     assert list(variants) == ["frozen", "kd_none", "kd_reward"]
-    assert variants["frozen"][1] == {}
+    assert variants["frozen"][1] == {"actors.scheduler": None, "actors.distiller": None}  # one draft shape
     params = variants["kd_reward"][1]["actors.distiller"]["params"]
     assert (params["model_path"], params["draft_path"], params["reward_weighting"]) == ("pol", "head", "reward")
     plans = {}
