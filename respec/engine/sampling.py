@@ -9,9 +9,22 @@ Parameters are per-row tensors [B] (rows of one batch may differ):
 - top_p: keep the smallest most-likely set whose mass reaches p, 1.0 = off.
 
 They apply in that order (temperature, then top-k, then top-p), as in transformers.
+
+**Row streams.** Every random number a row's tokens need comes from that row's own
+counter-based stream (``RowStreams``): u(key, position, lane), Threefry-2x32-20 (the
+Random123 generator JAX uses) of the row's 64-bit key and the counter (position of the
+token being decided, lane). A row's draws therefore depend on its key and its own
+positions only: not on which rows share its batch, on how many numbers earlier batches
+drew, or on the process that serves it. A sample posed again (after a crash) with the
+same key and policy gives the same tokens. Lane 0 is the draw that samples the token at
+that position (plain decoding, the prefill's first token, SD's bonus); lane j + 1 is
+the acceptance draw of the j-th child tried there.
 """
 
 from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -61,6 +74,67 @@ def _truncate(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     drop = (top_p < 1) & (mass_before >= top_p)
     ordered = ordered.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, ordered)
+
+
+def sample_inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
+    """long [B]: per row the token at which the CDF of unnormalised probs [B, V] passes
+    u [B] (uniform in [0, 1)) of its total; never an entry with probability 0."""
+    cdf = probs.cumsum(-1)
+    token = (cdf <= u.to(cdf.dtype)[:, None] * cdf[:, -1:]).sum(-1)
+    # u * total can round up to total; fall back to the last token with mass.
+    last_with_mass = probs.shape[1] - 1 - (probs > 0).flip(-1).long().argmax(-1)
+    return torch.minimum(token, last_with_mass)
+
+
+# ------------------------------------------------------------------- row streams
+
+_MASK32 = 0xFFFFFFFF
+_ROTATIONS = (13, 15, 26, 6, 17, 29, 16, 24)  # Threefry-2x32 (Salmon et al. 2011, Random123)
+_PARITY = 0x1BD11BDA
+
+
+def stream_key(seed: int, name: str) -> int:
+    """A row's 63-bit stream key from the run's seed and a name unique to the sample (a
+    prompt id): stable across processes and Python versions (not ``hash``, which is salted)."""
+    digest = hashlib.blake2b(f"{seed}\0{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def threefry2x32(key: tuple[Tensor, Tensor], counter: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Threefry-2x32 with 20 rounds of 32-bit words held in int64 tensors (values in
+    [0, 2**32), broadcast together); every sum is masked to 32 bits, so no int64 overflows."""
+    k0, k1 = key
+    schedule = (k0, k1, k0 ^ k1 ^ _PARITY)
+    x0 = (counter[0] + k0) & _MASK32
+    x1 = (counter[1] + k1) & _MASK32
+    for round_ in range(20):
+        x0 = (x0 + x1) & _MASK32
+        r = _ROTATIONS[round_ % 8]
+        x1 = ((x1 << r) & _MASK32) | (x1 >> (32 - r))
+        x1 = x1 ^ x0
+        if round_ % 4 == 3:  # key injection after every 4 rounds
+            s = round_ // 4 + 1
+            x0 = (x0 + schedule[s % 3]) & _MASK32
+            x1 = (x1 + schedule[(s + 1) % 3] + s) & _MASK32
+    return x0, x1
+
+
+@dataclass(frozen=True)
+class RowStreams:
+    """The counter-based streams of a batch of rows (see the module docstring)."""
+
+    keys: Tensor  # long [B]: each row's stream key (``stream_key``), 63 bits
+    positions: Tensor  # long [B]: the sequence position of the first token to decide
+
+    def uniforms(self, steps: int, lanes: int) -> Tensor:
+        """float32 [B, steps, lanes] in [0, 1): u(key, position + step, lane). 24 random
+        bits each, as ``torch.rand`` gives a float32."""
+        device = self.keys.device
+        keys = self.keys.long()[:, None, None]
+        position = self.positions.long()[:, None, None] + torch.arange(steps, device=device)[None, :, None]
+        lane = torch.arange(lanes, device=device)[None, None, :]
+        x0, _ = threefry2x32((keys & _MASK32, keys >> 32), (position & _MASK32, lane))
+        return (x0 >> 8).float() * 2.0**-24
 
 
 def sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
