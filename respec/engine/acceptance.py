@@ -20,18 +20,23 @@ have sampled them one by one.
 
 Random draws come from a ``torch.Generator`` (drawn in order, as the tests' statistical
 checks do) or from the rows' own counter-based streams (``RowStreams``, what the engine
-uses): at depth d of the walk, the j-th child tried takes u(position + d, lane j + 1) and
-the bonus takes u(position + d, lane 0), so every draw is a fresh, independent uniform
-and a row's result depends on nothing but its own stream.
+uses): at depth d of the walk the bonus takes u(position + d, lane 0) and, for the
+sampled rule, the j-th child tried takes u(position + d, lane j + 1); so every draw is a
+fresh, independent uniform and a row's result depends on nothing but its own stream.
 
 Rules
 - greedy: accept a child iff it is the argmax of the target at its parent;
   the bonus is the argmax at the last accepted node.
 - deterministic drafts (the candidates at a node are a deterministic function of
-  the context and distinct, e.g. the drafter's top-t; a chain of argmax drafts is
-  t = 1): accept child c with probability r(c), where r is the target distribution
-  with earlier rejected siblings removed and renormalised; the bonus comes from r
-  after all children are removed. P(output = c_i) = p(c_i): the factors telescope.
+  the context, e.g. the drafter's top-t; a chain of argmax drafts is t = 1): draw the
+  token x that plain sampling would draw there (inverse CDF of p with the position's
+  lane-0 uniform); accept the child whose token is x, else x is the bonus. Child c is
+  accepted with probability p(c) and the bonus, when none is, follows p without the
+  children: the law of trying the children one by one (accept c with probability r(c),
+  r = p with the rejected ones removed), with one draw per position instead of one per
+  child. And the output is the very token plain sampling draws from that uniform: with
+  row streams a row's tokens do not depend on whether, what or how much was drafted
+  (SD on or off, the draft shape, the drafter's weights).
 - sampled drafts (children drawn i.i.d. from q; a chain is one child per node,
   Leviathan et al. 2023; several is SpecInfer's multi-draft rule): accept x with
   probability min(1, r(x) / q(x)); on rejection r <- norm(max(r - q, 0)); r = p
@@ -105,6 +110,8 @@ class Rule:
     after_reject: Callable[[Tensor, Tensor | None, Tensor], Tensor]
     # (r, draw) -> long [B] bonus token
     bonus: Callable[[Tensor, Draw], Tensor]
+    # every child tried at a depth and its bonus read the one draw of that position
+    shared_draw: bool = False
 
 
 def _greedy_accept(r: Tensor, q: Tensor | None, token: Tensor, gen) -> Tensor:
@@ -116,15 +123,11 @@ def _greedy_bonus(r: Tensor, gen) -> Tensor:
 
 
 def _keep_residual(r: Tensor, q: Tensor | None, token: Tensor) -> Tensor:
-    return r  # greedy: the bonus is the target's argmax whatever was rejected
+    return r  # greedy, deterministic: the bonus is the position's own pick whatever was rejected
 
 
-def _deterministic_accept(r: Tensor, q: Tensor | None, token: Tensor, gen) -> Tensor:
-    return _uniform(r, gen) < _at(r, token)
-
-
-def _remove_token(r: Tensor, q: Tensor | None, token: Tensor) -> Tensor:
-    return _normalise(r.scatter(1, token[:, None], 0.0), fallback=r)
+def _is_plain_sample(r: Tensor, q: Tensor | None, token: Tensor, draw) -> Tensor:
+    return _sample(r, draw) == token  # r stays p at this position: rejections keep it
 
 
 def _sampled_accept(r: Tensor, q: Tensor, token: Tensor, gen) -> Tensor:
@@ -143,7 +146,7 @@ def _sample_bonus(r: Tensor, gen) -> Tensor:
 
 
 GREEDY = Rule(_greedy_accept, _keep_residual, _greedy_bonus)
-DETERMINISTIC = Rule(_deterministic_accept, _remove_token, _sample_bonus)
+DETERMINISTIC = Rule(_is_plain_sample, _keep_residual, _sample_bonus, shared_draw=True)
 SAMPLED = Rule(_sampled_accept, _subtract_draft, _sample_bonus)
 
 
@@ -256,11 +259,15 @@ def walk_tree(
     tokens = torch.full((b, max_depth + 1), -1, dtype=torch.long, device=device)
     bonus_node = torch.full((b,), -1, dtype=torch.long, device=device)
 
-    # Row streams: every draw of the walk at once, [B, depth, 1 + children] (lane 0: bonus).
-    table = generator.uniforms(max_depth + 1, 1 + children.shape[2]) if isinstance(generator, RowStreams) else None
+    # Row streams: every draw of the walk at once, [B, depth, lanes] (lane 0: the position's).
+    lanes = 1 if rule.shared_draw else 1 + children.shape[2]
+    table = generator.uniforms(max_depth + 1, lanes) if isinstance(generator, RowStreams) else None
     for depth in range(max_depth + 1):  # each level accepts one node or ends the row
         draws = table[:, depth] if table is not None else None
         residual = target_probs[rows, current + 1].float()
+        if rule.shared_draw:  # one draw for the position: lane 0 for every child and the bonus
+            one = draws[:, 0] if draws is not None else _uniform(residual, generator)
+            draws = one[:, None].expand(-1, 1 + children.shape[2])
         chosen, residual = _try_children(
             tree, children[rows, current + 1], residual, active, rule, draft_probs, generator, draws
         )

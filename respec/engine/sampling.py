@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -88,9 +89,8 @@ def sample_inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------- row streams
 
-_MASK32 = 0xFFFFFFFF
 _ROTATIONS = (13, 15, 26, 6, 17, 29, 16, 24)  # Threefry-2x32 (Salmon et al. 2011, Random123)
-_PARITY = 0x1BD11BDA
+_PARITY = np.uint32(0x1BD11BDA)
 
 
 def stream_key(seed: int, name: str) -> int:
@@ -100,22 +100,24 @@ def stream_key(seed: int, name: str) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def threefry2x32(key: tuple[Tensor, Tensor], counter: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """Threefry-2x32 with 20 rounds of 32-bit words held in int64 tensors (values in
-    [0, 2**32), broadcast together); every sum is masked to 32 bits, so no int64 overflows."""
-    k0, k1 = key
+def threefry2x32(key: tuple[np.ndarray, np.ndarray], counter: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Threefry-2x32 with 20 rounds on uint32 arrays (broadcast together; uint32 sums wrap
+    modulo 2**32 as the generator wants). NumPy, not torch: ~175 operations on a few hundred
+    numbers cost a quarter of the time in NumPy on the CPU, where the reference engine
+    synchronises every step anyway."""
+    k0, k1 = (np.asarray(k, np.uint32) for k in key)
     schedule = (k0, k1, k0 ^ k1 ^ _PARITY)
-    x0 = (counter[0] + k0) & _MASK32
-    x1 = (counter[1] + k1) & _MASK32
+    x0, x1 = np.broadcast_arrays(np.asarray(counter[0], np.uint32) + k0, np.asarray(counter[1], np.uint32) + k1)
+    x0, x1 = x0.copy(), x1.copy()
     for round_ in range(20):
-        x0 = (x0 + x1) & _MASK32
-        r = _ROTATIONS[round_ % 8]
-        x1 = ((x1 << r) & _MASK32) | (x1 >> (32 - r))
-        x1 = x1 ^ x0
+        x0 += x1
+        r = np.uint32(_ROTATIONS[round_ % 8])
+        x1 = (x1 << r) | (x1 >> (np.uint32(32) - r))
+        x1 ^= x0
         if round_ % 4 == 3:  # key injection after every 4 rounds
             s = round_ // 4 + 1
-            x0 = (x0 + schedule[s % 3]) & _MASK32
-            x1 = (x1 + schedule[(s + 1) % 3] + s) & _MASK32
+            x0 += schedule[s % 3]
+            x1 += schedule[(s + 1) % 3] + np.uint32(s)
     return x0, x1
 
 
@@ -127,14 +129,15 @@ class RowStreams:
     positions: Tensor  # long [B]: the sequence position of the first token to decide
 
     def uniforms(self, steps: int, lanes: int) -> Tensor:
-        """float32 [B, steps, lanes] in [0, 1): u(key, position + step, lane). 24 random
-        bits each, as ``torch.rand`` gives a float32."""
-        device = self.keys.device
-        keys = self.keys.long()[:, None, None]
-        position = self.positions.long()[:, None, None] + torch.arange(steps, device=device)[None, :, None]
-        lane = torch.arange(lanes, device=device)[None, None, :]
-        x0, _ = threefry2x32((keys & _MASK32, keys >> 32), (position & _MASK32, lane))
-        return (x0 >> 8).float() * 2.0**-24
+        """float32 [B, steps, lanes] in [0, 1) on the keys' device: u(key, position + step,
+        lane). 24 random bits each, as ``torch.rand`` gives a float32."""
+        keys = self.keys.cpu().numpy().astype(np.uint64)[:, None, None]
+        position = self.positions.cpu().numpy()[:, None, None] + np.arange(steps)[None, :, None]
+        lane = np.arange(lanes, dtype=np.uint32)[None, None, :]
+        key = ((keys & np.uint64(0xFFFFFFFF)).astype(np.uint32), (keys >> np.uint64(32)).astype(np.uint32))
+        x0, _ = threefry2x32(key, (position.astype(np.uint32), lane))
+        u = (x0 >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
+        return torch.from_numpy(u).to(self.keys.device)
 
 
 def sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -161,15 +161,22 @@ def _zero_without_renormalising(r, q, token):
     return r.scatter(1, token[:, None], 0.0)  # the bug: later siblings see p(c), not p(c)/(1-...)
 
 
+def _accept_with_a_draw_of_its_own(r, q, token, draw):
+    """The bug: the deterministic rule's child check with a fresh uniform, not the position's
+    (the bonus, drawn with the position's, can then repeat a rejected child)."""
+    return acceptance._sample(r, torch.rand(r.shape[0])) == token
+
+
 BROKEN = [
     ("chain_sampled", "SAMPLED", "accept", _always_accept, "generator"),
     ("chain_sampled", "SAMPLED", "after_reject", _keep_residual, "generator"),
     ("tree_sampled", "SAMPLED", "after_reject", _keep_residual, "generator"),
-    ("tree_topt", "DETERMINISTIC", "after_reject", _keep_residual, "generator"),
     ("tree_topt", "DETERMINISTIC", "accept", _always_accept, "generator"),
+    ("tree_topt", "DETERMINISTIC", "accept", _accept_with_a_draw_of_its_own, "generator"),
     ("tree_topt", "DETERMINISTIC", "after_reject", _zero_without_renormalising, "generator"),
     ("chain_sampled", "SAMPLED", "after_reject", _keep_residual, "streams"),
     ("tree_topt", "DETERMINISTIC", "after_reject", _zero_without_renormalising, "streams"),
+    ("chain_argmax", "DETERMINISTIC", "accept", _accept_with_a_draw_of_its_own, "streams"),
 ]
 
 

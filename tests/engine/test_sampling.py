@@ -3,6 +3,7 @@ the rows' counter-based random streams."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,8 +107,8 @@ def test_invalid_parameters_are_named(params, message):
     ((0x13198A2E, 0x03707344), (0x243F6A88, 0x85A308D3), (0xC4923A9C, 0x483DF7A0)),
 ])
 def test_threefry_matches_the_reference_vectors(key, counter, expected):
-    words = threefry2x32(tuple(torch.tensor([k]) for k in key), tuple(torch.tensor([c]) for c in counter))
-    assert tuple(int(w) for w in words) == expected
+    words = threefry2x32(tuple(np.array([k]) for k in key), tuple(np.array([c]) for c in counter))
+    assert tuple(int(w[0]) for w in words) == expected
 
 
 def test_a_rows_draws_depend_only_on_its_key_and_position():
