@@ -128,6 +128,8 @@ def test_a_group_killed_mid_run_is_restarted_by_ray_and_the_metrics_are_the_loca
     restarted = [e for e in log if e["event"] == "group_started" and e["process"] == "scoring"]
     assert len(restarted) == 2 and restarted[1]["pid"] != killed["pid"]  # a new process, by Ray
     assert any(e["event"] == "group_restarted" and e.get("group") == "scoring" for e in log)
+    # what was in flight was posed again and generated again: the equality above is not idle
+    assert any(e["event"] == "posing_again" and e["groups"] and e.get("after") == "scoring" for e in log)
 
 
 def _kill_scoring_after_two_steps(run_dir, killed: dict[str, int]) -> None:
