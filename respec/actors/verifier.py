@@ -15,6 +15,11 @@ parameters comes back in `VerifyResult.rejected` with the reason, and every othe
 the request is served. A checkpoint or tokenizer that cannot be used fails `on_start`
 with a message naming the file (the supervisor then reports it as the run's reason).
 
+Every row samples from its own random stream, keyed by (Params.seed, Prompt.prompt_id)
+(`respec.engine.sampling.RowStreams`): its tokens depend on its prompt, its key and the
+policy, never on the rows it shares a batch with, on message timing or on this process's
+history. A sample posed again after a crash (same prompt id) is generated again exactly.
+
 When the request names `capture_layers` (a drafter that reads target features), the
 result carries those layers' hidden states: a new row's last `feature_window` prompt
 positions, a verified row's kept positions (see VerifyResult.features).
@@ -33,6 +38,7 @@ import torch
 from respec.engine.checkpoint import load_model
 from respec.engine.config import ModelConfig
 from respec.engine.errors import CacheFullError, EngineError, TokenizerMismatchError
+from respec.engine.sampling import stream_key
 from respec.engine.target import TargetRunner, Verified
 from respec.engine.tokenizer import check_tokenizer_matches, load_tokenizer
 from respec.engine.tree import DraftTree
@@ -157,7 +163,8 @@ class Verifier(Actor):
             indices = [i for i, p in enumerate(prompts) if len(p.tokens) == length]
             group = [prompts[i] for i in indices]
             slots, verified = self.runner.prefill(
-                [torch.from_numpy(np.asarray(p.tokens, np.int64)) for p in group], [p.sampling for p in group])
+                [torch.from_numpy(np.asarray(p.tokens, np.int64)) for p in group], [p.sampling for p in group],
+                streams=[stream_key(self.params.seed, p.prompt_id) for p in group])
             self.sampling.update(zip(slots, (p.sampling for p in group), strict=True))
             order += indices
             parts.append(_Part.of_prefill(slots, verified, window))

@@ -18,14 +18,25 @@ left of the target distribution at the current node and the walk ends. So each
 row outputs ``num_accepted + 1`` tokens, distributed exactly as the target would
 have sampled them one by one.
 
+Random draws come from a ``torch.Generator`` (drawn in order, as the tests' statistical
+checks do) or from the rows' own counter-based streams (``RowStreams``, what the engine
+uses): at depth d of the walk the bonus takes u(position + d, lane 0) and, for the
+sampled rule, the j-th child tried takes u(position + d, lane j + 1); so every draw is a
+fresh, independent uniform and a row's result depends on nothing but its own stream.
+
 Rules
 - greedy: accept a child iff it is the argmax of the target at its parent;
   the bonus is the argmax at the last accepted node.
 - deterministic drafts (the candidates at a node are a deterministic function of
-  the context and distinct, e.g. the drafter's top-t; a chain of argmax drafts is
-  t = 1): accept child c with probability r(c), where r is the target distribution
-  with earlier rejected siblings removed and renormalised; the bonus comes from r
-  after all children are removed. P(output = c_i) = p(c_i): the factors telescope.
+  the context, e.g. the drafter's top-t; a chain of argmax drafts is t = 1): draw the
+  token x that plain sampling would draw there (inverse CDF of p with the position's
+  lane-0 uniform); accept the child whose token is x, else x is the bonus. Child c is
+  accepted with probability p(c) and the bonus, when none is, follows p without the
+  children: the law of trying the children one by one (accept c with probability r(c),
+  r = p with the rejected ones removed), with one draw per position instead of one per
+  child. And the output is the very token plain sampling draws from that uniform: with
+  row streams a row's tokens do not depend on whether, what or how much was drafted
+  (SD on or off, the draft shape, the drafter's weights).
 - sampled drafts (children drawn i.i.d. from q; a chain is one child per node,
   Leviathan et al. 2023; several is SpecInfer's multi-draft rule): accept x with
   probability min(1, r(x) / q(x)); on rejection r <- norm(max(r - q, 0)); r = p
@@ -40,7 +51,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from respec.engine.sampling import RowStreams, sample_inverse_cdf
 from respec.engine.tree import DraftTree
+
+# What a rule draws its uniforms from: a generator (or None: torch's default), or [B]
+# uniforms already drawn from the rows' streams for this very draw.
+Draw = torch.Generator | Tensor | None
 
 
 @dataclass(frozen=True)
@@ -88,12 +104,14 @@ def output_logprobs(target_probs: Tensor, result: Acceptance) -> Tensor:
 
 @dataclass(frozen=True)
 class Rule:
-    # (r, q, token, generator) -> bool [B]: keep this child?
-    accept: Callable[[Tensor, Tensor | None, Tensor, torch.Generator | None], Tensor]
+    # (r, q, token, draw) -> bool [B]: keep this child?
+    accept: Callable[[Tensor, Tensor | None, Tensor, Draw], Tensor]
     # (r, q, token) -> new r [B, V] after the child was rejected
     after_reject: Callable[[Tensor, Tensor | None, Tensor], Tensor]
-    # (r, generator) -> long [B] bonus token
-    bonus: Callable[[Tensor, torch.Generator | None], Tensor]
+    # (r, draw) -> long [B] bonus token
+    bonus: Callable[[Tensor, Draw], Tensor]
+    # every child tried at a depth and its bonus read the one draw of that position
+    shared_draw: bool = False
 
 
 def _greedy_accept(r: Tensor, q: Tensor | None, token: Tensor, gen) -> Tensor:
@@ -105,15 +123,11 @@ def _greedy_bonus(r: Tensor, gen) -> Tensor:
 
 
 def _keep_residual(r: Tensor, q: Tensor | None, token: Tensor) -> Tensor:
-    return r  # greedy: the bonus is the target's argmax whatever was rejected
+    return r  # greedy, deterministic: the bonus is the position's own pick whatever was rejected
 
 
-def _deterministic_accept(r: Tensor, q: Tensor | None, token: Tensor, gen) -> Tensor:
-    return _uniform(r, gen) < _at(r, token)
-
-
-def _remove_token(r: Tensor, q: Tensor | None, token: Tensor) -> Tensor:
-    return _normalise(r.scatter(1, token[:, None], 0.0), fallback=r)
+def _is_plain_sample(r: Tensor, q: Tensor | None, token: Tensor, draw) -> Tensor:
+    return _sample(r, draw) == token  # r stays p at this position: rejections keep it
 
 
 def _sampled_accept(r: Tensor, q: Tensor, token: Tensor, gen) -> Tensor:
@@ -132,7 +146,7 @@ def _sample_bonus(r: Tensor, gen) -> Tensor:
 
 
 GREEDY = Rule(_greedy_accept, _keep_residual, _greedy_bonus)
-DETERMINISTIC = Rule(_deterministic_accept, _remove_token, _sample_bonus)
+DETERMINISTIC = Rule(_is_plain_sample, _keep_residual, _sample_bonus, shared_draw=True)
 SAMPLED = Rule(_sampled_accept, _subtract_draft, _sample_bonus)
 
 
@@ -184,7 +198,7 @@ def _greedy_path(tree: DraftTree, best: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def accept_deterministic(
-    tree: DraftTree, target_probs: Tensor, generator: torch.Generator | None = None
+    tree: DraftTree, target_probs: Tensor, generator: torch.Generator | RowStreams | None = None
 ) -> Acceptance:
     """Drafts that are a deterministic function of their context (top-t, argmax chain)."""
     return walk_tree(tree, target_probs, DETERMINISTIC, generator=generator)
@@ -194,7 +208,7 @@ def accept_sampled(
     tree: DraftTree,
     target_probs: Tensor,
     draft_probs: Tensor,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | RowStreams | None = None,
 ) -> Acceptance:
     """Drafts sampled from q: a chain (Leviathan et al.) or i.i.d. siblings (SpecInfer)."""
     return walk_tree(tree, target_probs, SAMPLED, draft_probs, generator)
@@ -205,7 +219,7 @@ def accept(
     target_probs: Tensor,
     draft_probs: Tensor | None = None,
     greedy: bool | Tensor = False,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | RowStreams | None = None,
 ) -> Acceptance:
     """Pick the rule: greedy rows (bool or bool [B]) take argmax; the others take the
     sampled rule when draft_probs is given, the deterministic rule otherwise."""
@@ -228,7 +242,7 @@ def walk_tree(
     target_probs: Tensor,
     rule: Rule,
     draft_probs: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | RowStreams | None = None,
 ) -> Acceptance:
     """Walk every row's tree from the root with `rule`; see the module docstring."""
     b, n = tree.batch_size, tree.width
@@ -245,13 +259,20 @@ def walk_tree(
     tokens = torch.full((b, max_depth + 1), -1, dtype=torch.long, device=device)
     bonus_node = torch.full((b,), -1, dtype=torch.long, device=device)
 
-    for _ in range(max_depth + 1):  # each level accepts one node or ends the row
+    # Row streams: every draw of the walk at once, [B, depth, lanes] (lane 0: the position's).
+    lanes = 1 if rule.shared_draw else 1 + children.shape[2]
+    table = generator.uniforms(max_depth + 1, lanes) if isinstance(generator, RowStreams) else None
+    for depth in range(max_depth + 1):  # each level accepts one node or ends the row
+        draws = table[:, depth] if table is not None else None
         residual = target_probs[rows, current + 1].float()
+        if rule.shared_draw:  # one draw for the position: lane 0 for every child and the bonus
+            one = draws[:, 0] if draws is not None else _uniform(residual, generator)
+            draws = one[:, None].expand(-1, 1 + children.shape[2])
         chosen, residual = _try_children(
-            tree, children[rows, current + 1], residual, active, rule, draft_probs, generator
+            tree, children[rows, current + 1], residual, active, rule, draft_probs, generator, draws
         )
         ending = active & (chosen < 0)
-        _write_at(tokens, num_accepted, rule.bonus(residual, generator), ending)
+        _write_at(tokens, num_accepted, rule.bonus(residual, _draw(generator, draws, 0)), ending)
         bonus_node = torch.where(ending, current, bonus_node)
         moving = active & (chosen >= 0)
         _write_at(path, num_accepted, chosen, moving)
@@ -269,19 +290,21 @@ def _try_children(
     active: Tensor,
     rule: Rule,
     draft_probs: Tensor | None,
-    generator: torch.Generator | None,
+    generator: torch.Generator | RowStreams | None,
+    draws: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """Offer each row's candidates [B, C] (node indices, -1 = none) in order until one
     is accepted. Returns the accepted node per row (-1 = none) and the residual left
-    after the rejections, which is where the bonus comes from when nothing was kept."""
+    after the rejections, which is where the bonus comes from when nothing was kept.
+    `draws` [B, 1 + C]: this depth's stream uniforms (None: draw from `generator`)."""
     rows = torch.arange(tree.batch_size, device=tree.device)
     chosen = torch.full_like(rows, -1)
-    for candidate in candidates.unbind(1):
+    for lane, candidate in enumerate(candidates.unbind(1), start=1):
         trying = active & (chosen < 0) & (candidate >= 0)
         node = candidate.clamp(min=0)
         token = tree.tokens[rows, node]
         q = draft_probs[rows, node].float() if draft_probs is not None else None
-        accepted = trying & rule.accept(residual, q, token, generator)
+        accepted = trying & rule.accept(residual, q, token, _draw(generator, draws, lane))
         chosen = torch.where(accepted, candidate, chosen)
         rejected = (trying & ~accepted)[:, None]
         residual = torch.where(rejected, rule.after_reject(residual, q, token), residual)
@@ -296,8 +319,15 @@ def _at(probs: Tensor, token: Tensor) -> Tensor:
     return probs.gather(1, token[:, None])[:, 0]
 
 
-def _uniform(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.rand(like.shape[0], generator=generator, device=like.device)
+def _draw(generator: torch.Generator | RowStreams | None, draws: Tensor | None, lane: int) -> Draw:
+    """What one draw of the walk reads: that lane's stream uniforms, else the generator."""
+    return draws[:, lane] if draws is not None else generator
+
+
+def _uniform(like: Tensor, draw: Draw) -> Tensor:
+    if isinstance(draw, Tensor):
+        return draw
+    return torch.rand(like.shape[0], generator=draw, device=like.device)
 
 
 def _normalise(weights: Tensor, fallback: Tensor) -> Tensor:
@@ -307,14 +337,9 @@ def _normalise(weights: Tensor, fallback: Tensor) -> Tensor:
     return torch.where(total > 0, weights / total.clamp(min=1e-30), fallback)
 
 
-def _sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+def _sample(probs: Tensor, draw: Draw) -> Tensor:
     """One token per row from unnormalised probs, by inverse CDF (never picks a 0 entry)."""
-    cdf = probs.cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)
-    token = (cdf <= u * cdf[:, -1:]).sum(-1)
-    # u * total can round up to total; fall back to the last token with mass.
-    last_with_mass = probs.shape[1] - 1 - (probs > 0).flip(-1).long().argmax(-1)
-    return torch.minimum(token, last_with_mass)
+    return sample_inverse_cdf(probs, _uniform(probs, draw))
 
 
 def _write_at(target: Tensor, column: Tensor, value: Tensor, where: Tensor) -> None:

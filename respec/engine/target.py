@@ -3,6 +3,11 @@
 It knows slots, not rows: prefill prompts into free slots, verify a draft tree per slot
 in one forward pass, keep what the lossless rule accepts. What to draft and when a row
 ends is the caller's business (the Generator, or `SpeculativeEngine` in one process).
+
+Each slot samples from its row's own stream (``respec.engine.sampling.RowStreams``),
+keyed at prefill: by the caller (the Verifier keys a row by its prompt id, so a sample
+posed again regenerates the same tokens in any process), else by the runner's seed and
+how many rows it opened before (reproducible for one process's sequence of calls).
 """
 
 from __future__ import annotations
@@ -15,7 +20,14 @@ from respec.engine.acceptance import accept
 from respec.engine.errors import CacheFullError
 from respec.engine.kv_cache import KVCache
 from respec.engine.model import CausalLM
-from respec.engine.sampling import behaviour_logprobs, target_probs, validate
+from respec.engine.sampling import (
+    RowStreams,
+    behaviour_logprobs,
+    sample_inverse_cdf,
+    stream_key,
+    target_probs,
+    validate,
+)
 from respec.engine.tree import DraftTree
 
 
@@ -51,7 +63,9 @@ class TargetRunner:
         self.capture_layers = tuple(capture_layers)  # layers whose hidden states a drafter reads
         self.cache = KVCache(model.config, max_rows, max_len, parameter.dtype, parameter.device)
         self.device = parameter.device
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.seed = seed
+        self.stream_keys = torch.zeros(max_rows, dtype=torch.long, device=self.device)  # slot -> its row's key
+        self.rows_opened = 0
         self.version = 0
 
     @property
@@ -65,8 +79,11 @@ class TargetRunner:
             raise CacheFullError(f"a prompt of {prompt_len} tokens with max_new_tokens={sampling.max_new_tokens} "
                                  f"needs {need} positions; the cache holds {self.cache.max_len}")
 
-    def prefill(self, prompts: list[torch.Tensor], sampling: list[Sampling]) -> tuple[list[int], Verified]:
-        """Equal-length prompts in one pass; returns their slots and first sampled tokens."""
+    def prefill(self, prompts: list[torch.Tensor], sampling: list[Sampling],
+                streams: list[int] | None = None) -> tuple[list[int], Verified]:
+        """Equal-length prompts in one pass; returns their slots and first sampled tokens.
+        `streams`: each row's stream key (``stream_key``); default: from the seed and the
+        number of rows opened before."""
         if len(prompts) > self.free_slots:
             raise CacheFullError(f"{len(prompts)} new rows but {self.free_slots} free slots")
         if len({len(p) for p in prompts}) != 1:
@@ -77,7 +94,12 @@ class TargetRunner:
             output = self.model.forward_cached(tokens, self.cache, slots, capture_layers=self.capture_layers)
         logits = output.logits[:, -1:]
         self.cache.commit(slots, [torch.arange(tokens.shape[1])] * len(prompts))
-        first = torch.multinomial(self._probs(sampling, logits)[:, 0], 1, generator=self.generator)
+        if streams is None:
+            streams = [stream_key(self.seed, f"row/{self.rows_opened + i}") for i in range(len(prompts))]
+        self.rows_opened += len(prompts)
+        self.stream_keys[slots] = torch.tensor(streams, dtype=torch.long, device=self.device)
+        u = self._streams(slots, first_position=self.cache.lengths[slots]).uniforms(1, 1)[:, 0, 0]
+        first = sample_inverse_cdf(self._probs(sampling, logits)[:, 0], u)[:, None]
         logp = self._logprobs(sampling, logits, first)
         ones = torch.ones(len(prompts), dtype=torch.long, device=self.device)
         return slots.tolist(), Verified(first, logp, ones, ones * 0, _concat_features(output.captured))
@@ -86,12 +108,14 @@ class TargetRunner:
                draft_probs: torch.Tensor | None, sampling: list[Sampling]) -> Verified:
         """One target pass over [root, nodes] of every slot, the acceptance rule, the KV commit."""
         slot_ids = torch.tensor(slots, device=self.device)
+        # the first token decided follows the root, which sits at the row's cache length
+        streams = self._streams(slot_ids, first_position=self.cache.lengths[slot_ids] + 1)
         inputs = tree.verify_tokens(roots.to(self.device))
         with torch.no_grad():
             output = self.model.forward_cached(inputs, self.cache, slot_ids, tree_mask=tree.attention_mask(),
                                                capture_layers=self.capture_layers)
         logits = output.logits
-        result = self._accept(tree, logits, draft_probs, sampling)
+        result = self._accept(tree, logits, draft_probs, sampling, streams)
         sources = result.source_positions()  # the root and the accepted nodes: their KV stays
         counts = result.num_tokens
         self.cache.commit(slot_ids, [sources[b, : counts[b]] for b in range(len(slots))])
@@ -99,8 +123,11 @@ class TargetRunner:
         return Verified(result.tokens, self._logprobs(sampling, at_sources, result.tokens), counts,
                         result.num_accepted, _kept_features(output.captured, sources))
 
+    def _streams(self, slots: torch.Tensor, first_position: torch.Tensor) -> RowStreams:
+        return RowStreams(self.stream_keys[slots], first_position)
+
     def _accept(self, tree: DraftTree, logits: torch.Tensor, draft_probs: torch.Tensor | None,
-                sampling: list[Sampling]):
+                sampling: list[Sampling], streams: RowStreams):
         greedy = [s.temperature == 0 for s in sampling]
         if all(greedy):
             # Greedy acceptance reads only the argmax of the target's distribution, which is
@@ -108,7 +135,7 @@ class TargetRunner:
             # token" for greedy rows): skip building the one-hot probabilities.
             return accept(tree, logits, draft_probs, greedy=True)
         greedy_rows = torch.tensor(greedy, device=self.device)
-        return accept(tree, self._probs(sampling, logits), draft_probs, greedy=greedy_rows, generator=self.generator)
+        return accept(tree, self._probs(sampling, logits), draft_probs, greedy=greedy_rows, generator=streams)
 
     def release(self, slot: int) -> None:
         self.cache.free(slot)

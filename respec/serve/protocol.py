@@ -69,8 +69,8 @@ class _Request(BaseModel):
         """Fields set to something this server does not implement: name -> value."""
         found = {"n": self.n not in (None, 1), "presence_penalty": bool(self.presence_penalty),
                  "frequency_penalty": bool(self.frequency_penalty), "logit_bias": bool(self.logit_bias),
-                 # rows of concurrent requests draw from one generator: a seed could not make
-                 # one request's samples repeatable (greedy needs none)
+                 # a row's stream is keyed by the order the replica admits rows, not by a
+                 # seed: one request's samples are not repeatable yet (greedy needs none)
                  "seed": self.seed is not None and self.temperature > 0}
         return {name: getattr(self, name) for name, bad in found.items() if bad}
 

@@ -4,7 +4,9 @@ The statistical tests use a toy language: a first-order Markov "target" T and a
 different Markov "draft" Q over V = 5 tokens (row START is the empty prefix). Many
 independent rows each run speculative steps until they have two output tokens; the
 empirical joint of (x1, x2) must match T[START, x1] * T[x1, x2] (chi-square). The
-same test, run on deliberately broken rules, must fail.
+same test, run on deliberately broken rules, must fail. Each runs with the acceptance
+draws taken from a torch.Generator and from per-row counter-based streams (RowStreams,
+what the engine uses: row r's draws at its position p are u(key_r, p, lane)).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from respec.engine.acceptance import (
     accept_sampled,
     output_logprobs,
 )
+from respec.engine.sampling import RowStreams, stream_key
 from respec.engine.tree import DraftTree, build_topn_tree
 from tests.engine.stats import chi_square_pvalue, pair_counts
 
@@ -87,26 +90,31 @@ def draft(style: str, state: torch.Tensor, draft_q: torch.Tensor, gen: torch.Gen
     raise ValueError(style)
 
 
-def speculative_step(style, state, target, draft_q, gen) -> Acceptance:
+def speculative_step(style, state, target, draft_q, gen, draws=None) -> Acceptance:
+    """Drafts from `gen`; acceptance draws from `draws` (RowStreams) when given, else `gen`."""
     tree, sampled = draft(style, state, draft_q, gen)
     context = torch.cat([state[:, None], tree.tokens], 1)  # token at each verification position
     target_probs = target[context]
+    draws = gen if draws is None else draws
     if not sampled:
-        return accept_deterministic(tree, target_probs, gen)
+        return accept_deterministic(tree, target_probs, draws)
     parent_context = context.gather(1, tree.parents + 1)  # the q each node was drawn from
-    return accept_sampled(tree, target_probs, draft_q[parent_context], gen)
+    return accept_sampled(tree, target_probs, draft_q[parent_context], draws)
 
 
-def first_two_tokens(style: str, seed: int, rows: int = ROWS) -> torch.Tensor:
-    """long [rows, 2]: the first two generated tokens of independent rows."""
+def first_two_tokens(style: str, seed: int, rows: int = ROWS, draws: str = "generator") -> torch.Tensor:
+    """long [rows, 2]: the first two generated tokens of independent rows. draws="streams":
+    acceptance draws from each row's own stream at its position (the engine's way)."""
     target, draft_q = markov_tables(seed)
     gen = torch.Generator().manual_seed(seed + 1)
+    keys = torch.tensor([stream_key(seed, f"row/{r}") for r in range(rows)])
     out = torch.full((rows, 2), -1, dtype=torch.long)
     have = torch.zeros(rows, dtype=torch.long)
     state = torch.full((rows,), START, dtype=torch.long)
     while bool((have < 2).any()):
         todo = (have < 2).nonzero()[:, 0]
-        result = speculative_step(style, state[todo], target, draft_q, gen)
+        streams = RowStreams(keys[todo], have[todo]) if draws == "streams" else None
+        result = speculative_step(style, state[todo], target, draft_q, gen, streams)
         for k in range(2):  # output token k lands in slot have + k if it exists and fits
             slot = have[todo] + k
             fits = (k < result.num_tokens) & (slot < 2)
@@ -132,10 +140,11 @@ EXACT_STYLES = [
 ]
 
 
+@pytest.mark.parametrize("draws", ["generator", "streams"])
 @pytest.mark.parametrize("style", EXACT_STYLES)
-def test_output_distribution_is_the_targets(style):
+def test_output_distribution_is_the_targets(style, draws):
     seed = 11
-    tokens = first_two_tokens(style, seed)
+    tokens = first_two_tokens(style, seed, draws=draws)
     _, pvalue = chi_square_pvalue(pair_counts(tokens[:, 0], tokens[:, 1], V), exact_joint(seed))
     assert pvalue > 1e-3, f"{style}: p-value {pvalue:.2e}"
 
@@ -152,22 +161,31 @@ def _zero_without_renormalising(r, q, token):
     return r.scatter(1, token[:, None], 0.0)  # the bug: later siblings see p(c), not p(c)/(1-...)
 
 
+def _accept_with_a_draw_of_its_own(r, q, token, draw):
+    """The bug: the deterministic rule's child check with a fresh uniform, not the position's
+    (the bonus, drawn with the position's, can then repeat a rejected child)."""
+    return acceptance._sample(r, torch.rand(r.shape[0])) == token
+
+
 BROKEN = [
-    ("chain_sampled", "SAMPLED", "accept", _always_accept),
-    ("chain_sampled", "SAMPLED", "after_reject", _keep_residual),
-    ("tree_sampled", "SAMPLED", "after_reject", _keep_residual),
-    ("tree_topt", "DETERMINISTIC", "after_reject", _keep_residual),
-    ("tree_topt", "DETERMINISTIC", "accept", _always_accept),
-    ("tree_topt", "DETERMINISTIC", "after_reject", _zero_without_renormalising),
+    ("chain_sampled", "SAMPLED", "accept", _always_accept, "generator"),
+    ("chain_sampled", "SAMPLED", "after_reject", _keep_residual, "generator"),
+    ("tree_sampled", "SAMPLED", "after_reject", _keep_residual, "generator"),
+    ("tree_topt", "DETERMINISTIC", "accept", _always_accept, "generator"),
+    ("tree_topt", "DETERMINISTIC", "accept", _accept_with_a_draw_of_its_own, "generator"),
+    ("tree_topt", "DETERMINISTIC", "after_reject", _zero_without_renormalising, "generator"),
+    ("chain_sampled", "SAMPLED", "after_reject", _keep_residual, "streams"),
+    ("tree_topt", "DETERMINISTIC", "after_reject", _zero_without_renormalising, "streams"),
+    ("chain_argmax", "DETERMINISTIC", "accept", _accept_with_a_draw_of_its_own, "streams"),
 ]
 
 
-@pytest.mark.parametrize("style,rule,part,broken", BROKEN, ids=lambda x: getattr(x, "__name__", x))
-def test_broken_rules_fail_the_same_test(monkeypatch, style, rule, part, broken):
+@pytest.mark.parametrize("style,rule,part,broken,draws", BROKEN, ids=lambda x: getattr(x, "__name__", x))
+def test_broken_rules_fail_the_same_test(monkeypatch, style, rule, part, broken, draws):
     bad_rule = dataclasses.replace(getattr(acceptance, rule), **{part: broken})
     monkeypatch.setattr(acceptance, rule, bad_rule)
     seed = 11
-    tokens = first_two_tokens(style, seed)
+    tokens = first_two_tokens(style, seed, draws=draws)
     _, pvalue = chi_square_pvalue(pair_counts(tokens[:, 0], tokens[:, 1], V), exact_joint(seed))
     assert pvalue < 1e-6, f"broken {rule}.{part} on {style} went unnoticed: p = {pvalue:.2e}"
 

@@ -1,11 +1,22 @@
-"""Per-row temperature / top-k / top-p, sampling from the result, behaviour log-probs."""
+"""Per-row temperature / top-k / top-p, sampling from the result, behaviour log-probs, and
+the rows' counter-based random streams."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from respec.engine.sampling import behaviour_logprobs, sample, target_probs, validate
+from respec.engine.sampling import (
+    RowStreams,
+    behaviour_logprobs,
+    sample,
+    sample_inverse_cdf,
+    stream_key,
+    target_probs,
+    threefry2x32,
+    validate,
+)
 from tests.engine.stats import chi_square_pvalue
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
@@ -85,3 +96,40 @@ def test_invalid_parameters_are_named(params, message):
     if not isinstance(top_k, float):  # the per-row tensors are checked by target_probs too
         with pytest.raises(ValueError, match=message.split(" must")[0]):
             target_probs(LOGITS[None], torch.tensor([temperature]), torch.tensor([top_k]), torch.tensor([top_p]))
+
+
+# ---------------------------------------------------------------- row streams
+
+
+@pytest.mark.parametrize("key, counter, expected", [  # Random123's known-answer tests (kat_vectors)
+    ((0, 0), (0, 0), (0x6B200159, 0x99BA4EFE)),
+    ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x1CB996FC, 0xBB002BE7)),
+    ((0x13198A2E, 0x03707344), (0x243F6A88, 0x85A308D3), (0xC4923A9C, 0x483DF7A0)),
+])
+def test_threefry_matches_the_reference_vectors(key, counter, expected):
+    words = threefry2x32(tuple(np.array([k]) for k in key), tuple(np.array([c]) for c in counter))
+    assert tuple(int(w[0]) for w in words) == expected
+
+
+def test_a_rows_draws_depend_only_on_its_key_and_position():
+    keys = torch.tensor([stream_key(0, f"g{g}/{i}") for g in range(3) for i in range(4)])
+    positions = torch.arange(12) + 7
+    table = RowStreams(keys, positions).uniforms(3, 4)
+    alone = RowStreams(keys[5:6], positions[5:6]).uniforms(3, 4)
+    assert torch.equal(alone[0], table[5])  # batch mates change nothing
+    later = RowStreams(keys[5:6], positions[5:6] + 1).uniforms(2, 4)
+    assert torch.equal(later[0], table[5, 1:])  # one position on: the same numbers, shifted
+    assert table.unique().numel() == table.numel()  # no repeats across rows, positions, lanes
+    assert stream_key(0, "g0/0") != stream_key(1, "g0/0") and stream_key(0, "g0/0") < 2**63
+
+
+def test_stream_uniforms_are_uniform_and_sample_the_distribution():
+    keys = torch.tensor([stream_key(3, f"row/{r}") for r in range(4000)])
+    u = RowStreams(keys, torch.zeros(4000, dtype=torch.long)).uniforms(5, 1).flatten()
+    assert 0 <= float(u.min()) and float(u.max()) < 1
+    _, pvalue = chi_square_pvalue(torch.bincount((u * 20).long(), minlength=20), torch.ones(20))
+    assert pvalue > 1e-3
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    draws = sample_inverse_cdf(probs.expand(len(u), -1), u)
+    _, pvalue = chi_square_pvalue(torch.bincount(draws, minlength=5), probs)
+    assert pvalue > 1e-3

@@ -141,6 +141,45 @@ def test_the_statistical_test_fails_when_the_acceptance_rule_is_broken(tmp_path,
     assert pvalue < 1e-6
 
 
+@pytest.mark.parametrize("shape", [None, DraftShape(3, 2, 6)], ids=["nosd", "s3_t2_n6"])
+def test_a_sampled_row_depends_on_its_stream_alone(model, shape):
+    """Rows sample from their own keyed streams: a row's tokens do not change when its
+    batch mates do (other prompts, other lengths of output), nor with what the engine ran
+    before; the default keys follow the order rows are opened in."""
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 40, (6,), generator=generator) for _ in range(4)]
+    sampling = Sampling(temperature=1.0, max_new_tokens=20)
+
+    def run(batch, warm_up=False):
+        engine = SpeculativeEngine(model, NgramDrafter(), max_rows=8, max_len=64, seed=3)
+        if warm_up:  # another batch first: then these rows are opened later (other keys)
+            engine.generate(prompts[:2], sampling, shape)
+            engine.target.rows_opened = 0
+        return [row.tokens for row in engine.generate(batch, sampling, shape)]
+
+    first = run(prompts)
+    mates_changed = run([prompts[0], prompts[3], prompts[2]])  # row 1: another prompt; no row 3
+    assert mates_changed[0] == first[0] and mates_changed[2] == first[2]
+    assert mates_changed[1] != first[1]
+    assert run(prompts, warm_up=True) == first
+
+
+def test_sampled_tokens_do_not_depend_on_what_was_drafted(tmp_path):
+    """Deterministic drafts (n-gram here) are checked against the token plain sampling draws
+    from the position's own uniform: with row streams, SD on or off and any draft shape emit
+    the same tokens; only the number of target passes differs."""
+    model = tiny_model(tmp_path, vocab=6, std=0.5, seed=1)  # peaked: drafts are often right
+    prompts = [torch.tensor([1, 2, 3] * 3 + [1]), torch.tensor([4, 5] * 5), torch.tensor([3, 1, 4, 1, 5] * 2)]
+    sampling = Sampling(temperature=1.0, max_new_tokens=24)
+    outputs, passes = [], []
+    for shape in (None, DraftShape(4, 1, 4), DraftShape(3, 2, 6)):
+        rows = SpeculativeEngine(model, NgramDrafter(), max_rows=4, max_len=64, seed=9).generate(prompts, sampling, shape)
+        outputs.append([row.tokens for row in rows])
+        passes.append(sum(row.steps for row in rows))
+    assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
+    assert passes[1] < passes[0] and passes[2] < passes[0]  # drafts were accepted
+
+
 def test_bad_input_is_refused_and_running_rows_continue(model):
     engine = SpeculativeEngine(model, NgramDrafter(), max_rows=4, max_len=32)
     running = engine.add([torch.tensor([1, 2, 3])], Sampling(temperature=0, max_new_tokens=10))
