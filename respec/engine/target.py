@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import torch
 
 from respec.engine.acceptance import accept
+from respec.engine.admission import check_fits
 from respec.engine.errors import CacheFullError
 from respec.engine.kv_cache import KVCache
 from respec.engine.model import CausalLM
-from respec.engine.sampling import behaviour_logprobs, target_probs, validate
+from respec.engine.sampling import behaviour_logprobs, target_probs
 from respec.engine.tree import DraftTree
 
 
@@ -59,11 +60,7 @@ class TargetRunner:
         return len(self.cache._free)
 
     def check_admission(self, prompt_len: int, sampling: Sampling, reserve: int) -> None:
-        validate(sampling.temperature, sampling.top_k, sampling.top_p)
-        need = prompt_len + sampling.max_new_tokens + reserve + 1
-        if prompt_len == 0 or need > self.cache.max_len:
-            raise CacheFullError(f"a prompt of {prompt_len} tokens with max_new_tokens={sampling.max_new_tokens} "
-                                 f"needs {need} positions; the cache holds {self.cache.max_len}")
+        check_fits(prompt_len, sampling, self.cache.max_len, reserve)
 
     def prefill(self, prompts: list[torch.Tensor], sampling: list[Sampling]) -> tuple[list[int], Verified]:
         """Equal-length prompts in one pass; returns their slots and first sampled tokens."""
