@@ -106,7 +106,7 @@ class VllmRollouts(Actor):
                                 "vLLM backend")
             elif VerifyRequest in actor.sends or Prompt in actor.handles:
                 problems.append(f"actors.{other} ({actor.cls.__name__}) generates rollouts too; the vLLM backend "
-                                "replaces the Generator + Verifier pair: remove it")
+                                "replaces the Generator + Verifier pair: remove both")
         return problems
 
     async def on_start(self) -> None:

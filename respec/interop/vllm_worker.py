@@ -10,8 +10,20 @@ works here while sending (name, tensor) pairs through the RPC does not (docs/VLL
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
+
+# vLLM's layer-wise reload warns "<Layer>: Failed to load weights" for every layer the
+# checkpoint has no tensor for. For these two that is expected on every load: rotary
+# embeddings have no weights, and a tied lm_head has none of its own (it is re-packed
+# below). The warning stays for every other layer, where it would mean a real gap.
+EXPECTED_GAPS = ("RotaryEmbedding:", "ParallelLMHead:")
+
+
+class _ExpectedGaps(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg % record.args if record.args else record.msg).startswith(EXPECTED_GAPS)
 
 
 class RespecWorker:
@@ -32,6 +44,7 @@ class RespecWorker:
                         count[0] += 1
                         yield name, opened.get_tensor(name)
 
+        _quiet_expected_gaps()
         self.reload_weights(weights_iterator=tensors())
         self._repack_tied_lm_head()
         return count[0]
@@ -47,6 +60,12 @@ class RespecWorker:
         method = getattr(head, "quant_method", None)
         if method is not None and hasattr(method, "process_weights_after_loading"):
             method.process_weights_after_loading(head)
+
+
+def _quiet_expected_gaps() -> None:
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _ExpectedGaps) for f in logger.filters):
+        logger.addFilter(_ExpectedGaps())
 
 
 def safetensors_files(path: Path) -> list[Path]:

@@ -28,6 +28,19 @@ def tiny_policy(directory: Path, seed: int = 0) -> Path:
                              tie_word_embeddings=True, max_position_embeddings=256)[1]
 
 
+def char_policy(directory: Path) -> Path:
+    """A tiny random policy with the built-in character tokenizer beside it (what
+    PromptSource, RewardScorer and PolicyTrainer read), for graph runs."""
+    from respec.engine.tokenizer import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    random_checkpoint(directory, seed=0, std=0.1, vocab_size=tokenizer.vocab_size, hidden_size=64,
+                      intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    tokenizer.save(directory)
+    return directory
+
+
 def perturbed(source: Path, target: Path, scale: float = 0.3, seed: int = 1) -> Path:
     """Another policy version: every tensor plus Gaussian noise (0.3 x its std)."""
     shutil.copytree(source, target)

@@ -1,0 +1,69 @@
+"""The VllmRollouts actor in running graphs: rollouts equal respec's engine token for
+token, bad prompts come back as "error" Rollouts, and in the RL loop every token carries
+the policy version that produced it (the synchronous loop trains on no stale token)."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from respec.runtime.launcher import run_file
+from tests.runtime.test_rl_run import rl_config, step_rows
+from tests.vllm_backend.policy import VOCAB, char_policy, respec_greedy, tiny_policy
+
+ROLLOUTS = "respec.actors.vllm_rollouts.VllmRollouts"
+ACTORS = "tests.runtime.sd_actors"
+
+
+def test_rollouts_equal_respec_and_bad_prompts_come_back_as_errors(tmp_path):
+    policy = tiny_policy(tmp_path / "policy")
+    good = [[1, 5, 9, 13], [2, 7], [3, 11, 19, 23, 29, 31]]
+    entries = [{"tokens": t, "sampling": {"max_new_tokens": 12}} for t in good] + [
+        {"tokens": [1, VOCAB + 3]},  # outside the vocabulary
+        {"tokens": [1, 2], "sampling": {"temperature": 1.0, "top_k": 4}},  # truncated log-probs: refused
+        {"tokens": [1, 2], "sampling": {"max_new_tokens": 200}},  # longer than max_len
+    ]
+    (tmp_path / "prompts.json").write_text(json.dumps(entries))
+    out = tmp_path / "rollouts.json"
+    config = {"run": {"name": "vllm_rollouts", "runs_dir": str(tmp_path / "runs"), "timeout_s": 240},
+              "actors": {
+                  "prompts": {"class": f"{ACTORS}.PromptsWithSampling", "params": {"prompts_file": str(tmp_path / "prompts.json")}},
+                  "generator": {"class": ROLLOUTS, "params": {"model_path": str(policy), "max_rows": 4, "max_len": 64}},
+                  "sink": {"class": f"{ACTORS}.RolloutFile", "params": {"out_file": str(out), "expected": len(entries)}},
+              }}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = run_file(path, progress=False)
+    assert result.ok, result.reason
+    rollouts = json.loads(out.read_text())
+    expected = respec_greedy(policy, good, 12)
+    for index, row in enumerate(expected):
+        got = rollouts[f"p{index}"]
+        assert got["tokens"] == row["tokens"] and got["finish_reason"] == "length"
+        assert got["versions"] == [0] * 12 and got["accept_len"] == 1.0
+    errors = {key: rollouts[f"p{key}"]["error"] for key in (3, 4, 5)}
+    assert all(rollouts[f"p{key}"]["finish_reason"] == "error" for key in errors)
+    assert f"outside the model's vocabulary [0, {VOCAB})" in errors[3]
+    assert "top_k=4" in errors[4]
+    assert "needs 203 positions; the cache holds 64" in errors[5]
+
+
+def test_rl_loop_with_the_vllm_backend_trains_on_versioned_tokens(tmp_path):
+    """Synchronous loop (max_staleness 0), trainer in its own process (weights as files):
+    each step's tokens all come from the policy version just before it."""
+    path = rl_config(tmp_path, char_policy(tmp_path / "policy"), "vllm_rl", steps=3, staleness=0)
+    config = yaml.safe_load(path.read_text())
+    del config["actors"]["verifier"]
+    config["actors"]["generator"] = {"class": ROLLOUTS, "params": {"model_path": str(tmp_path / "policy"),
+                                                                   "max_rows": 8, "max_len": 64}}
+    config["actors"]["trainer"]["group"] = "trainer"
+    path.write_text(yaml.safe_dump(config))
+    result = run_file(path, progress=False)
+    assert result.ok, result.reason
+    steps = step_rows(result.run_dir)
+    assert [r["groups"] for r in steps] == [[0, 1], [2, 3], [4, 5]]
+    assert all(r["staleness_max"] == 0 and r["generation_errors"] == 0 for r in steps), steps
+    log = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
+    loaded = [e["version"] for e in log if e["event"] == "policy_weights_loaded"]
+    assert loaded[:2] == [1, 2]  # the versions the trainer published, loaded in place, in order
