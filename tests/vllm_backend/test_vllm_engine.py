@@ -5,10 +5,13 @@ start is the slow part); each test loads the weights it checks first."""
 
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("vllm")  # `make test` (.venv, no vLLM) skips this module
+
 import math
 
 import numpy as np
-import pytest
 import torch
 
 from respec.engine.sampling import target_probs

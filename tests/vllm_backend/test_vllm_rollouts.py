@@ -4,6 +4,10 @@ the policy version that produced it (the synchronous loop trains on no stale tok
 
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("vllm")  # `make test` (.venv, no vLLM) skips this module
+
 import json
 
 import yaml
