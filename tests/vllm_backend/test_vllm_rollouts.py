@@ -10,47 +10,78 @@ pytest.importorskip("vllm")  # `make test` (.venv, no vLLM) skips this module
 
 import json
 
+import numpy as np
 import yaml
 
 from respec.runtime.launcher import run_file
 from tests.runtime.test_rl_run import rl_config, step_rows
-from tests.vllm_backend.policy import VOCAB, char_policy, respec_greedy, tiny_policy
+from tests.vllm_backend.policy import (
+    VOCAB,
+    char_policy,
+    respec_behaviour,
+    respec_greedy,
+    tiny_policy,
+)
 
 ROLLOUTS = "respec.actors.vllm_rollouts.VllmRollouts"
 ACTORS = "tests.runtime.sd_actors"
 
 
-def test_rollouts_equal_respec_and_bad_prompts_come_back_as_errors(tmp_path):
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+
+
+@pytest.mark.parametrize("speculative", [{}, NGRAM], ids=["no_sd", "vllm_ngram"])
+def test_rollouts_equal_respec_and_bad_prompts_come_back_as_errors(tmp_path, speculative):
+    """Greedy rows equal respec's engine, sampled rows carry respec's behaviour log-probs;
+    with vLLM's n-gram SD, sampling at temperature 1.0 only (anything else is refused)."""
     policy = tiny_policy(tmp_path / "policy")
-    good = [[1, 5, 9, 13], [2, 7], [3, 11, 19, 23, 29, 31]]
-    entries = [{"tokens": t, "sampling": {"max_new_tokens": 12}} for t in good] + [
+    good = [[1, 5, 9, 13], [2, 7], [3, 11, 19, 23, 29, 31], [4, 4, 4, 4, 4]]
+    temperature = 1.0 if speculative else 0.0
+    entries = [{"tokens": t, "sampling": {"max_new_tokens": 12, "temperature": temperature}} for t in good] + [
         {"tokens": [1, VOCAB + 3]},  # outside the vocabulary
         {"tokens": [1, 2], "sampling": {"temperature": 1.0, "top_k": 4}},  # truncated log-probs: refused
         {"tokens": [1, 2], "sampling": {"max_new_tokens": 200}},  # longer than max_len
+        {"tokens": [5, 6, 7], "sampling": {"temperature": 0.7, "max_new_tokens": 20}},  # refused with SD
     ]
+    rollouts = run_rollouts(tmp_path, policy, entries, speculative)
+    for index, prompt in enumerate(good):
+        got = rollouts[f"p{index}"]
+        assert got["finish_reason"] in ("length", "stop") and got["versions"] == [0] * len(got["tokens"])
+        behaviour = respec_behaviour(policy, prompt, got["tokens"], 1.0)  # T = 1: greedy rows too
+        np.testing.assert_allclose(got["logprobs"], behaviour.numpy(), atol=2e-4)
+    if not speculative:
+        assert [rollouts[f"p{i}"]["tokens"] for i in range(len(good))] == [
+            row["tokens"] for row in respec_greedy(policy, good, 12)]
+    errors = {key: rollouts[f"p{key}"]["error"] for key in (4, 5, 6)}
+    assert all(rollouts[f"p{key}"]["finish_reason"] == "error" for key in errors)
+    assert f"outside the model's vocabulary [0, {VOCAB})" in errors[4]
+    assert "top_k=4" in errors[5]
+    assert "needs 203 positions; the cache holds 64" in errors[6]
+    tempered = rollouts["p7"]
+    if speculative:
+        assert tempered["finish_reason"] == "error" and "temperature=0.7" in tempered["error"]
+    else:
+        behaviour = respec_behaviour(policy, entries[7]["tokens"], tempered["tokens"], 0.7)
+        np.testing.assert_allclose(tempered["logprobs"], behaviour.numpy(), atol=2e-4)
+
+
+def run_rollouts(tmp_path, policy, entries: list[dict], speculative: dict) -> dict:
+    """PromptsWithSampling -> VllmRollouts -> RolloutFile, in a real run; the rollouts by id."""
     (tmp_path / "prompts.json").write_text(json.dumps(entries))
     out = tmp_path / "rollouts.json"
+    params = {"model_path": str(policy), "max_rows": 4, "max_len": 64, "speculative": speculative}
     config = {"run": {"name": "vllm_rollouts", "runs_dir": str(tmp_path / "runs"), "timeout_s": 240},
               "actors": {
-                  "prompts": {"class": f"{ACTORS}.PromptsWithSampling", "params": {"prompts_file": str(tmp_path / "prompts.json")}},
-                  "generator": {"class": ROLLOUTS, "params": {"model_path": str(policy), "max_rows": 4, "max_len": 64}},
+                  "prompts": {"class": f"{ACTORS}.PromptsWithSampling",
+                              "params": {"prompts_file": str(tmp_path / "prompts.json")}},
+                  "generator": {"class": ROLLOUTS, "params": params},
                   "sink": {"class": f"{ACTORS}.RolloutFile", "params": {"out_file": str(out), "expected": len(entries)}},
               }}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     result = run_file(path, progress=False)
     assert result.ok, result.reason
-    rollouts = json.loads(out.read_text())
-    expected = respec_greedy(policy, good, 12)
-    for index, row in enumerate(expected):
-        got = rollouts[f"p{index}"]
-        assert got["tokens"] == row["tokens"] and got["finish_reason"] == "length"
-        assert got["versions"] == [0] * 12 and got["accept_len"] == 1.0
-    errors = {key: rollouts[f"p{key}"]["error"] for key in (3, 4, 5)}
-    assert all(rollouts[f"p{key}"]["finish_reason"] == "error" for key in errors)
-    assert f"outside the model's vocabulary [0, {VOCAB})" in errors[3]
-    assert "top_k=4" in errors[4]
-    assert "needs 203 positions; the cache holds 64" in errors[5]
+    return json.loads(out.read_text())
 
 
 def test_rl_loop_with_the_vllm_backend_trains_on_versioned_tokens(tmp_path):
