@@ -73,7 +73,7 @@ class VllmRollouts(Actor):
         seed: int = 0
         device: str = "cpu"
         dtype: str = "float32"
-        kvcache_gib: float = 1.0  # CPU KV cache
+        kvcache_gib: int = 1  # CPU KV cache, whole GiB
         enforce_eager: bool = True  # False: vLLM compiles and captures graphs (slow start on a CPU)
         prefix_caching: bool = False  # True keeps prompt KV across a weight swap (see VllmEngine.load_policy)
         in_process: bool = True  # False: vLLM's own EngineCore and worker processes

@@ -65,7 +65,7 @@ class EngineOptions:
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
-    kvcache_gib: float = 1.0  # CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE); GPU: ignored
+    kvcache_gib: int = 1  # CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE, whole GiB); GPU: ignored
     enforce_eager: bool = True  # no torch.compile / graph capture (minutes on a small CPU)
     prefix_caching: bool = False  # see VllmEngine.load_policy
     in_process: bool = True  # engine core and worker in this process (see the module doc)
@@ -157,7 +157,7 @@ def _sampled_logprob(step, token: int) -> float:
 def _set_environment(options: EngineOptions) -> None:
     """vLLM reads these from the environment, not from its arguments."""
     if options.device == "cpu":
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(options.kvcache_gib))))
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.kvcache_gib))  # a set variable wins
     if options.in_process:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
