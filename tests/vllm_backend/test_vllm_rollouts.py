@@ -8,11 +8,15 @@ import pytest
 
 pytest.importorskip("vllm")  # `make test` (.venv, no vLLM) skips this module
 
+import asyncio
 import json
 
 import numpy as np
 import yaml
 
+from respec.actors.vllm_rollouts import VllmRollouts
+from respec.messages import Envelope, PolicyWeights
+from respec.runtime import handles
 from respec.runtime.launcher import run_file
 from tests.runtime.test_rl_run import rl_config, step_rows
 from tests.vllm_backend.policy import (
@@ -86,15 +90,31 @@ def run_rollouts(tmp_path, policy, entries: list[dict], speculative: dict) -> di
     return json.loads(out.read_text())
 
 
+class LateWeightsRollouts(VllmRollouts):
+    """VllmRollouts whose policy weights take `delay_s` to arrive (loaded that long after
+    they were received, between engine steps), so the next step's prompts overtake them:
+    the race the staleness bound must survive (tests/runtime/test_policy_version_gate.py)."""
+
+    class Params(VllmRollouts.Params, frozen=True, forbid_unknown_fields=True):
+        delay_s: float = 0.5
+
+    @handles(PolicyWeights, optional=True)
+    async def on_policy_weights(self, weights: PolicyWeights, envelope: Envelope) -> None:
+        load = VllmRollouts.on_policy_weights(self, weights, envelope)
+        asyncio.get_running_loop().call_later(self.params.delay_s, asyncio.ensure_future, load)
+
+
 def test_rl_loop_with_the_vllm_backend_trains_on_versioned_tokens(tmp_path):
-    """Synchronous loop (max_staleness 0), trainer in its own process (weights as files):
-    each step's tokens all come from the policy version just before it."""
+    """Synchronous loop (max_staleness 0), trainer in its own process (weights as files),
+    weights arriving after the prompts that need them: the prompts wait, and each step's
+    tokens all come from the policy version just before it."""
     path = rl_config(tmp_path, char_policy(tmp_path / "policy"), "vllm_rl", steps=3, staleness=0)
     config = yaml.safe_load(path.read_text())
     del config["actors"]["verifier"]
-    config["actors"]["generator"] = {"class": ROLLOUTS, "params": {"model_path": str(tmp_path / "policy"),
-                                                                   "max_rows": 8, "max_len": 64}}
+    config["actors"]["generator"] = {"class": "tests.vllm_backend.test_vllm_rollouts.LateWeightsRollouts",
+                                     "params": {"model_path": str(tmp_path / "policy"), "max_rows": 8, "max_len": 64}}
     config["actors"]["trainer"]["group"] = "trainer"
+    config["run"]["startup_timeout_s"] = 180  # vLLM's start beside the trainer's, on a busy 2-core machine
     path.write_text(yaml.safe_dump(config))
     result = run_file(path, progress=False)
     assert result.ok, result.reason
@@ -104,3 +124,6 @@ def test_rl_loop_with_the_vllm_backend_trains_on_versioned_tokens(tmp_path):
     log = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
     loaded = [e["version"] for e in log if e["event"] == "policy_weights_loaded"]
     assert loaded[:2] == [1, 2]  # the versions the trainer published, loaded in place, in order
+    waits = [e for e in log if e["event"] == "waiting_for_policy_version"]
+    assert waits, "the late weights never made a prompt wait: the race was not forced"
+    assert {1, 2} <= {e["needs"] for e in waits} and all(e["loaded"] < e["needs"] for e in waits)
