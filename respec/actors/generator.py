@@ -266,9 +266,7 @@ class Generator(Actor):
         """The Verifier refused this prompt: an empty Rollout that says why, so every prompt
         sent still gets exactly one Rollout (group bookkeeping downstream stays whole)."""
         self.log.warning("prompt_rejected", prompt_id=prompt.prompt_id, error=rejected.error)
-        empty = np.zeros(0, dtype=np.int32)
-        await self.send(Rollout(prompt=prompt, tokens=empty, logprobs=empty.astype(np.float32), token_versions=empty,
-                                finish_reason="error", error=rejected.error), correlation_id=prompt.prompt_id)
+        await self.send(Rollout.refused(prompt, rejected.error), correlation_id=prompt.prompt_id)
 
     async def _stats(self, rows: list[Row], verified: Verified, seconds: float) -> None:
         """The step just timed: `rows` are the rows that were drafted for and verified (not

@@ -35,6 +35,7 @@ import msgspec
 import numpy as np
 import torch
 
+from respec.engine.admission import check_prompt_tokens
 from respec.engine.checkpoint import load_model
 from respec.engine.config import ModelConfig
 from respec.engine.errors import CacheFullError, EngineError, TokenizerMismatchError
@@ -137,19 +138,8 @@ class Verifier(Actor):
         return admitted, rejected
 
     def _check_row(self, prompt: Prompt, free_slots: int) -> None:
-        tokens = np.asarray(prompt.tokens)
-        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
-            raise ValueError(f"prompt tokens must be a 1-D array of integer ids, got {tokens.dtype} {tokens.shape}")
-        if len(tokens) == 0:
-            raise ValueError("empty prompt: a row needs at least one token")
-        vocab = self.runner.model.config.vocab_size
-        outside = np.flatnonzero((tokens < 0) | (tokens >= vocab))
-        if len(outside):
-            raise ValueError(f"prompt token {int(tokens[outside[0]])} at position {int(outside[0])} "
-                             f"is outside the model's vocabulary [0, {vocab})")
-        if prompt.sampling.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {prompt.sampling.max_new_tokens}")
-        self.runner.check_admission(len(tokens), prompt.sampling, self.params.reserve)
+        check_prompt_tokens(prompt.tokens, prompt.sampling.max_new_tokens, self.runner.model.config.vocab_size)
+        self.runner.check_admission(len(prompt.tokens), prompt.sampling, self.params.reserve)
         if free_slots <= 0:
             raise CacheFullError(f"no free cache slot (all {self.params.max_rows} in use): the Generator's "
                                  "max_rows must not exceed the Verifier's")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from respec.engine.acceptance import accept
+from respec.engine.admission import check_fits
 from respec.engine.errors import CacheFullError
 from respec.engine.kv_cache import KVCache
 from respec.engine.model import CausalLM
@@ -26,7 +27,6 @@ from respec.engine.sampling import (
     sample_inverse_cdf,
     stream_key,
     target_probs,
-    validate,
 )
 from respec.engine.tree import DraftTree
 
@@ -73,11 +73,7 @@ class TargetRunner:
         return len(self.cache._free)
 
     def check_admission(self, prompt_len: int, sampling: Sampling, reserve: int) -> None:
-        validate(sampling.temperature, sampling.top_k, sampling.top_p)
-        need = prompt_len + sampling.max_new_tokens + reserve + 1
-        if prompt_len == 0 or need > self.cache.max_len:
-            raise CacheFullError(f"a prompt of {prompt_len} tokens with max_new_tokens={sampling.max_new_tokens} "
-                                 f"needs {need} positions; the cache holds {self.cache.max_len}")
+        check_fits(prompt_len, sampling, self.cache.max_len, reserve)
 
     def prefill(self, prompts: list[torch.Tensor], sampling: list[Sampling],
                 streams: list[int] | None = None) -> tuple[list[int], Verified]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgspec
+import numpy as np
 
 from respec.messages.arrays import Array
 from respec.messages.base import Channel, Message
@@ -104,6 +105,14 @@ class Rollout(Message, frozen=True):
     accept_len: float = 0.0  # tokens per verification step (the first token comes from prefill)
     gen_time_s: float = 0.0  # from admission to finish
     error: str = ""  # finish_reason "error": why the prompt was refused (no tokens then)
+
+    @classmethod
+    def refused(cls, prompt: Prompt, error: str) -> Rollout:
+        """The Rollout of a prompt a backend refused: no tokens, the reason in `error`, so
+        every prompt sent still gets exactly one Rollout (group bookkeeping stays whole)."""
+        empty = np.zeros(0, dtype=np.int32)
+        return cls(prompt=prompt, tokens=empty, logprobs=empty.astype(np.float32), token_versions=empty,
+                   finish_reason="error", error=error)
 
 
 class GenerationStats(Message, frozen=True):
