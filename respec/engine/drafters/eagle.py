@@ -526,7 +526,7 @@ class EagleDrafter(Drafter):
             drafted.append(token)
         tokens = torch.cat(drafted, dim=1)
         parents = torch.arange(-1, length - 1, device=tokens.device).expand(b, length)
-        return DraftTree(tokens, parents, torch.full((b,), length, dtype=torch.long, device=tokens.device))
+        return DraftTree(tokens, parents, torch.full((b,), length, dtype=torch.long, device=tokens.device)).marked_chain()
 
     def _expand(self, sequence: _DraftSequence, builder: TopNTreeBuilder, node_of_pool: Tensor) -> Tensor:
         """q [B, t, V] at the builder's frontier, after adding the frontier to the sequence.
