@@ -160,7 +160,10 @@ class KVCache:
         """Keep the first counts[b] tentative entries of each row (prefill, decode, chains)."""
         slots = torch.as_tensor(slots, dtype=torch.long, device=self.device)
         counts = torch.as_tensor(counts, dtype=torch.long, device=self.device)
-        for slot, count in zip(slots.tolist(), counts.tolist(), strict=True):
+        self._advance(slots, slots.tolist(), counts, counts.tolist())
+
+    def _advance(self, slots: Tensor, slot_list: list[int], counts: Tensor, count_list: list[int]) -> None:
+        for slot, count in zip(slot_list, count_list, strict=True):
             if not 0 <= count <= self._pending[slot]:
                 raise ValueError(
                     f"slot {slot}: cannot keep {count} entries, the last pass wrote {self._pending[slot]}"
@@ -177,11 +180,14 @@ class KVCache:
         """
         slots = torch.as_tensor(slots, dtype=torch.long, device=self.device)
         kept = _padded(kept, len(slots), self.device)
-        counts = self._check_kept(slots, kept)
-        contiguous = torch.arange(kept.shape[1], device=self.device).expand_as(kept)
-        if not bool(((kept == contiguous) | (kept < 0)).all()):
+        # One read of the indices to the host serves the checks, the counts and whether any
+        # entry moves (a verification step at batch 1 pays per tensor op).
+        slot_list, kept_lists = slots.tolist(), kept.tolist()
+        count_list = self._check_kept(slot_list, kept_lists)
+        if any(indices[:count] != list(range(count)) for indices, count in zip(kept_lists, count_list, strict=True)):
             self._move(slots, kept)
-        self.advance(slots, counts)
+        counts = torch.tensor(count_list, dtype=torch.long, device=self.device)
+        self._advance(slots, slot_list, counts, count_list)
 
     def _move(self, slots: Tensor, kept: Tensor) -> None:
         """Copy each kept entry to length + its rank; padding goes to the spare column."""
@@ -194,11 +200,12 @@ class KVCache:
             entries = store[:, rows, :, source]  # a copy, so overlapping moves are safe
             store[:, rows, :, target] = entries
 
-    def _check_kept(self, slots: Tensor, kept: Tensor) -> Tensor:
-        """long [B]: entries kept per row; ValueError for anything but an ascending prefix."""
-        if len(set(slots.tolist())) != len(slots):
-            raise ValueError(f"commit: slots repeat: {slots.tolist()}")
-        for row, (slot, indices) in enumerate(zip(slots.tolist(), kept.tolist(), strict=True)):
+    def _check_kept(self, slots: list[int], kept: list[list[int]]) -> list[int]:
+        """Entries kept per row; ValueError for anything but an ascending prefix."""
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"commit: slots repeat: {slots}")
+        counts = []
+        for row, (slot, indices) in enumerate(zip(slots, kept, strict=True)):
             valid = [i for i in indices if i >= 0]
             if indices[: len(valid)] != valid or any(b <= a for a, b in zip(valid, valid[1:], strict=False)):
                 raise ValueError(f"commit row {row} (slot {slot}): kept indices must ascend, got {indices}")
@@ -207,7 +214,8 @@ class KVCache:
                     f"commit row {row} (slot {slot}): index {valid[-1]} but the last pass "
                     f"wrote {self._pending[slot]} entries"
                 )
-        return (kept >= 0).sum(dim=1)
+            counts.append(len(valid))
+        return counts
 
 
 def _padded(kept: KeptIndices, rows: int, device: torch.device) -> Tensor:
