@@ -129,8 +129,9 @@ class AttentionMask:
         self.additive = additive.repeat(1, 1, group, 1) if group > 1 else additive
 
 
-def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | AttentionMask) -> Tensor:
-    """q [B, H, T, D]; k, v [B, Hkv, S, D]; mask bool [B, 1, T, S] or prepared -> [B, H, T, D].
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | AttentionMask | None) -> Tensor:
+    """q [B, H, T, D]; k, v [B, Hkv, S, D]; mask bool [B, 1, T, S], prepared, or None (every
+    query sees every key) -> [B, H, T, D].
 
     The H / Hkv query heads of a group share one K/V head (query head h uses K/V head
     h // group, as in HF), so they are stacked along the query axis instead of copying K/V.
@@ -139,7 +140,7 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | AttentionM
     group = h // k.shape[1]
     if isinstance(mask, AttentionMask):
         mask = mask.additive
-    elif group > 1:
+    elif group > 1 and mask is not None:  # None: every query sees every key
         mask = mask.repeat(1, 1, group, 1)
     if group > 1:
         q = q.reshape(b, k.shape[1], group * t, d)
