@@ -75,13 +75,15 @@ def bench_sd(
     batches: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,2,4,8,16,32,64",
     max_new_tokens: Annotated[int, typer.Option(help="tokens generated per row")] = 64,
     plot: Annotated[Path | None, typer.Option(help="PNG of speedup against batch size")] = None,
+    repeats: Annotated[int, typer.Option(help="runs of every config per batch size, in turn; the fastest is kept")] = 1,
+    threads: Annotated[int, typer.Option(help="torch threads (0: torch's default)")] = 0,
 ) -> None:
     """Accepted tokens per second of SD configs against plain decoding, per batch size."""
     from respec.bench.sd import run_benchmark, write_json
 
     results = run_benchmark(str(model), draft, tuple(int(b) for b in batches.split(",")),
                             max_new_tokens=max_new_tokens, device=device,
-                            plot=str(plot or json_file.with_suffix(".png")))
+                            plot=str(plot or json_file.with_suffix(".png")), repeats=repeats, threads=threads)
     write_json(results, str(json_file))
     typer.echo(f"wrote {json_file} and {plot or json_file.with_suffix('.png')}")
 

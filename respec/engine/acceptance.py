@@ -166,6 +166,8 @@ def accept_greedy(tree: DraftTree, target_probs: Tensor) -> Acceptance:
     if n == 0:
         none = best.new_full((b,), -1)
         return Acceptance(none + 1, best.new_empty(b, 0), best[:, :1], none)
+    if tree.is_chain():
+        return _greedy_chain(tree, best)
     on_path, depth = _greedy_path(tree, best)
     num_accepted = on_path.sum(1)
     path_width = int(depth.max())
@@ -178,6 +180,19 @@ def accept_greedy(tree: DraftTree, target_probs: Tensor) -> Acceptance:
     tokens = torch.cat([tokens, tokens.new_full((b, 1), -1)], dim=1)
     tokens.scatter_(1, num_accepted[:, None], best.gather(1, bonus_node[:, None] + 1))
     return Acceptance(num_accepted, path, tokens, bonus_node)
+
+
+def _greedy_chain(tree: DraftTree, best: Tensor) -> Acceptance:
+    """``accept_greedy`` for a chain: draft i is kept while it and every draft before it
+    equal the target's argmax at their parent (position i); a third of the general ops."""
+    b, n = tree.batch_size, tree.width
+    width = int(tree.num_nodes.max())  # the deepest valid node, as the general path counts it
+    num_accepted = ((tree.tokens == best[:, :n]) & tree.valid_mask()).long().cumprod(1).sum(1)
+    index = torch.arange(width, device=tree.device)
+    path = torch.where(index < num_accepted[:, None], index, -1)
+    tokens = torch.cat([torch.where(path >= 0, tree.tokens[:, :width], -1), best.new_full((b, 1), -1)], dim=1)
+    tokens.scatter_(1, num_accepted[:, None], best.gather(1, num_accepted[:, None]))
+    return Acceptance(num_accepted, path, tokens, num_accepted - 1)
 
 
 def _greedy_path(tree: DraftTree, best: Tensor) -> tuple[Tensor, Tensor]:

@@ -106,14 +106,15 @@ class KVCache:
                 f"{int(need[row])} positions, but the KV cache holds max_len={self.max_len}"
             )
 
-    def write_positions(self, slots: Tensor, num_tokens: int) -> Tensor:
+    def write_positions(self, slots: Tensor, num_tokens: int, lengths: Tensor | None = None) -> Tensor:
         """long [B, T]: where each new entry goes; anything past max_len goes to the spare
-        column. Records the T tentative entries per slot for ``commit`` to check."""
+        column. Records the T tentative entries per slot for ``commit`` to check.
+        `lengths`: ``self.lengths[slots]`` when the caller has it already."""
         for slot in slots.tolist():
             self._pending[slot] = num_tokens
+        lengths = self.lengths[slots] if lengths is None else lengths
         offsets = torch.arange(num_tokens, device=self.device)
-        positions = self.lengths[slots][:, None] + offsets
-        return positions.clamp(max=self.max_len)
+        return (lengths[:, None] + offsets).clamp(max=self.max_len)
 
     def write(self, layer: int, slots: Tensor, positions: Tensor, k: Tensor, v: Tensor) -> None:
         """Store new entries. k, v: [B, kv_heads, T, head_dim]; positions: [B, T]."""
@@ -121,13 +122,37 @@ class KVCache:
         self._k_store[layer][rows, :, positions] = k.transpose(1, 2).to(self.dtype)
         self._v_store[layer][rows, :, positions] = v.transpose(1, 2).to(self.dtype)
 
-    def read(self, layer: int, slots: Tensor, length: int) -> tuple[Tensor, Tensor]:
-        """K and V of the first `length` positions of each slot: [B, kv_heads, length, head_dim]."""
+    def span_of(self, slots: Tensor, positions: Tensor) -> tuple[int, int] | None:
+        """(slot, first position) when one row's entries go to consecutive positions (every
+        decode, verification and single prefill), for ``write_span``; else None."""
+        if positions.shape[0] != 1 or positions.shape[1] == 0:
+            return None
+        first = int(positions[0, 0])
+        return (int(slots[0]), first) if first + positions.shape[1] <= self.max_len + 1 else None
+
+    def write_span(self, layer: int, slot: int, first: int, k: Tensor, v: Tensor) -> None:
+        """``write`` for one row at positions first, first + 1, ...: a slice copy, which
+        costs a few small ops where the indexed write costs a dozen."""
+        end = first + k.shape[2]
+        self._k_store[layer, slot, :, first:end] = k[0]
+        self._v_store[layer, slot, :, first:end] = v[0]
+
+    def rows_of(self, slots: Tensor) -> slice | Tensor:
+        """What ``read_rows`` takes: consecutive slots as a slice (a view, no copy), else the ids."""
         first = int(slots[0]) if slots.numel() else 0
         if torch.equal(slots, torch.arange(first, first + slots.numel(), device=slots.device)):
-            rows = slice(first, first + slots.numel())  # consecutive slots: a view, no copy
+            return slice(first, first + slots.numel())
+        return slots
+
+    def read(self, layer: int, slots: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """K and V of the first `length` positions of each slot: [B, kv_heads, length, head_dim]."""
+        return self.read_rows(layer, self.rows_of(slots), length)
+
+    def read_rows(self, layer: int, rows: slice | Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """``read`` with the rows already worked out by ``rows_of`` (once per pass, not per layer)."""
+        if isinstance(rows, slice):
             return self._k_store[layer, rows, :, :length], self._v_store[layer, rows, :, :length]
-        return self._k_store[layer][slots, :, :length], self._v_store[layer][slots, :, :length]
+        return self._k_store[layer][rows, :, :length], self._v_store[layer][rows, :, :length]
 
     # ------------------------------------------------------------------ commit
 
@@ -135,7 +160,10 @@ class KVCache:
         """Keep the first counts[b] tentative entries of each row (prefill, decode, chains)."""
         slots = torch.as_tensor(slots, dtype=torch.long, device=self.device)
         counts = torch.as_tensor(counts, dtype=torch.long, device=self.device)
-        for slot, count in zip(slots.tolist(), counts.tolist(), strict=True):
+        self._advance(slots, slots.tolist(), counts, counts.tolist())
+
+    def _advance(self, slots: Tensor, slot_list: list[int], counts: Tensor, count_list: list[int]) -> None:
+        for slot, count in zip(slot_list, count_list, strict=True):
             if not 0 <= count <= self._pending[slot]:
                 raise ValueError(
                     f"slot {slot}: cannot keep {count} entries, the last pass wrote {self._pending[slot]}"
@@ -152,11 +180,14 @@ class KVCache:
         """
         slots = torch.as_tensor(slots, dtype=torch.long, device=self.device)
         kept = _padded(kept, len(slots), self.device)
-        counts = self._check_kept(slots, kept)
-        contiguous = torch.arange(kept.shape[1], device=self.device).expand_as(kept)
-        if not bool(((kept == contiguous) | (kept < 0)).all()):
+        # One read of the indices to the host serves the checks, the counts and whether any
+        # entry moves (a verification step at batch 1 pays per tensor op).
+        slot_list, kept_lists = slots.tolist(), kept.tolist()
+        count_list = self._check_kept(slot_list, kept_lists)
+        if any(indices[:count] != list(range(count)) for indices, count in zip(kept_lists, count_list, strict=True)):
             self._move(slots, kept)
-        self.advance(slots, counts)
+        counts = torch.tensor(count_list, dtype=torch.long, device=self.device)
+        self._advance(slots, slot_list, counts, count_list)
 
     def _move(self, slots: Tensor, kept: Tensor) -> None:
         """Copy each kept entry to length + its rank; padding goes to the spare column."""
@@ -169,11 +200,12 @@ class KVCache:
             entries = store[:, rows, :, source]  # a copy, so overlapping moves are safe
             store[:, rows, :, target] = entries
 
-    def _check_kept(self, slots: Tensor, kept: Tensor) -> Tensor:
-        """long [B]: entries kept per row; ValueError for anything but an ascending prefix."""
-        if len(set(slots.tolist())) != len(slots):
-            raise ValueError(f"commit: slots repeat: {slots.tolist()}")
-        for row, (slot, indices) in enumerate(zip(slots.tolist(), kept.tolist(), strict=True)):
+    def _check_kept(self, slots: list[int], kept: list[list[int]]) -> list[int]:
+        """Entries kept per row; ValueError for anything but an ascending prefix."""
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"commit: slots repeat: {slots}")
+        counts = []
+        for row, (slot, indices) in enumerate(zip(slots, kept, strict=True)):
             valid = [i for i in indices if i >= 0]
             if indices[: len(valid)] != valid or any(b <= a for a, b in zip(valid, valid[1:], strict=False)):
                 raise ValueError(f"commit row {row} (slot {slot}): kept indices must ascend, got {indices}")
@@ -182,7 +214,8 @@ class KVCache:
                     f"commit row {row} (slot {slot}): index {valid[-1]} but the last pass "
                     f"wrote {self._pending[slot]} entries"
                 )
-        return (kept >= 0).sum(dim=1)
+            counts.append(len(valid))
+        return counts
 
 
 def _padded(kept: KeptIndices, rows: int, device: torch.device) -> Tensor:

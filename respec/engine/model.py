@@ -49,8 +49,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in float32 (bf16 squares lose too much), scale in the input's dtype.
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # F.rms_norm is x * rsqrt(mean(x^2) + eps), the same float32 arithmetic in fewer ops.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
         return self.weight * normed.to(x.dtype)
 
 
@@ -81,20 +81,35 @@ def _llama3_frequencies(inv_freq: Tensor, scaling: RopeScaling) -> Tensor:
 
 class Rotary:
     """cos/sin tables for given positions. Not an nn.Module buffer on purpose: ``.to(bf16)``
-    would round the frequencies, so a float32 copy is kept per device instead."""
+    would round the frequencies, so a float32 table is kept per device instead."""
 
     def __init__(self, config: ModelConfig) -> None:
         self.inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
-        self._by_device: dict[torch.device, Tensor] = {}
+        self.initial_size = config.max_position_embeddings
+        self._tables: dict[torch.device, Tensor] = {}  # float32 [positions, 2 * head_dim]: cos | sin
 
-    def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """positions long [B, T] -> cos, sin [B, 1, T, head_dim] in `dtype`."""
-        inv_freq = self._by_device.get(positions.device)
-        if inv_freq is None:
-            inv_freq = self._by_device[positions.device] = self.inv_freq.to(positions.device)
-        angles = positions[..., None].float() * inv_freq
-        angles = torch.cat([angles, angles], dim=-1)[:, None]  # HF pairs channel i with i + D/2
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+    def cos_sin(self, positions: Tensor, dtype: torch.dtype, end: int | None = None) -> tuple[Tensor, Tensor]:
+        """positions long [B, T] -> cos, sin [B, 1, T, head_dim] in `dtype`. `end`: a bound
+        the caller knows (every position < end), which saves reading positions.max().
+
+        A pass looks its rows up in a table (one op) instead of computing angles, cos and
+        sin again (eight): at batch 1 on a CPU a pass costs about what its op count does.
+        The table holds the very values the formula gives (the same float32 products)."""
+        if end is None:
+            end = int(positions.max()) + 1 if positions.numel() else 0
+        rows = self._table(positions.device, end)[positions][:, None]
+        half = rows.shape[-1] // 2
+        return rows[..., :half].to(dtype), rows[..., half:].to(dtype)
+
+    def _table(self, device: torch.device, end: int) -> Tensor:
+        table = self._tables.get(device)
+        if table is None or table.shape[0] < end:
+            size = max(end, self.initial_size, 2 * (0 if table is None else table.shape[0]))
+            inv_freq = self.inv_freq.to(device)
+            angles = torch.arange(size, device=device).float()[:, None] * inv_freq
+            angles = torch.cat([angles, angles], dim=-1)  # HF pairs channel i with i + D/2
+            table = self._tables[device] = torch.cat([angles.cos(), angles.sin()], dim=-1)
+        return table
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -103,30 +118,52 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """q [B, H, T, D]; k, v [B, Hkv, S, D]; mask bool [B, 1, T, S] -> [B, H, T, D].
+class AttentionMask:
+    """One pass's attention mask, prepared once for all its layers instead of once per
+    layer: additive (0 = may attend, -inf = may not: what SDPA makes of a boolean mask on
+    every call, so the arithmetic is the same) and repeated for the query heads of a group
+    (``grouped_attention``'s layout), [B, 1, group * T, S]."""
+
+    def __init__(self, visible: Tensor, group: int, dtype: torch.dtype) -> None:
+        additive = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+        self.additive = additive.repeat(1, 1, group, 1) if group > 1 else additive
+
+
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | AttentionMask | None) -> Tensor:
+    """q [B, H, T, D]; k, v [B, Hkv, S, D]; mask bool [B, 1, T, S], prepared, or None (every
+    query sees every key) -> [B, H, T, D].
 
     The H / Hkv query heads of a group share one K/V head (query head h uses K/V head
     h // group, as in HF), so they are stacked along the query axis instead of copying K/V.
     """
     b, h, t, d = q.shape
     group = h // k.shape[1]
+    if isinstance(mask, AttentionMask):
+        mask = mask.additive
+    elif group > 1 and mask is not None:  # None: every query sees every key
+        mask = mask.repeat(1, 1, group, 1)
     if group > 1:
         q = q.reshape(b, k.shape[1], group * t, d)
-        mask = mask.repeat(1, 1, group, 1)
     out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
     return out.reshape(b, h, t, d)
 
 
 class _KVWrites:
-    """The cache I/O of one cached pass: where new entries go and how much to read back."""
+    """The cache I/O of one cached pass: where new entries go and how much to read back.
+    What every layer would otherwise work out again (which store rows, and for a single
+    row the span its entries occupy) is worked out once per pass."""
 
     def __init__(self, cache: KVCache, slots: Tensor, positions: Tensor, read_length: int):
         self.cache, self.slots, self.positions, self.read_length = cache, slots, positions, read_length
+        self.rows = cache.rows_of(slots)
+        self.span = cache.span_of(slots, positions)
 
     def store_and_read(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.cache.write(layer, self.slots, self.positions, k, v)
-        return self.cache.read(layer, self.slots, self.read_length)
+        if self.span is not None:
+            self.cache.write_span(layer, *self.span, k, v)
+        else:
+            self.cache.write(layer, self.slots, self.positions, k, v)
+        return self.cache.read_rows(layer, self.rows, self.read_length)
 
 
 class Attention(nn.Module):
@@ -141,12 +178,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_size, hidden, bias=config.output_bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv: _KVWrites | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | AttentionMask,
+                kv: _KVWrites | None) -> Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        # q and k rotate as one tensor: one RoPE's handful of small ops instead of two.
+        qk = torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1).view(b, t, heads + kv_heads, dim).transpose(1, 2)
+        qk = apply_rotary(qk, cos, sin)
+        q, k = qk[:, :heads], qk[:, heads:]
+        v = self.v_proj(x).view(b, t, kv_heads, dim).transpose(1, 2)
         if kv is not None:
             k, v = kv.store_and_read(self.layer_index, k, v)
         out = grouped_attention(q, k, v, mask)
@@ -175,7 +215,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv: _KVWrites | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | AttentionMask,
+                kv: _KVWrites | None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -247,7 +288,7 @@ class CausalLM(nn.Module):
             positions = (real.long().cumsum(-1) - 1).clamp(min=0)
             diagonal = torch.eye(t, dtype=torch.bool, device=tokens.device)
             mask = ((causal & real[:, None, :]) | diagonal)[:, None]  # padding still sees itself: no NaN
-        return self._run(tokens, positions, mask, None, capture_layers, None)
+        return self._run(tokens, positions, mask, None, capture_layers, None, t)
 
     # ------------------------------------------------------------------ cached pass
 
@@ -273,18 +314,27 @@ class CausalLM(nn.Module):
         """
         b, t = tokens.shape
         slots = torch.as_tensor(slots, dtype=torch.long, device=cache.device)
-        if num_tokens is None:
-            num_tokens = torch.full((b,), t, dtype=torch.long, device=cache.device)
-        num_tokens = torch.as_tensor(num_tokens, dtype=torch.long, device=cache.device)
-        cache.check_room(slots, num_tokens)  # before any write: nothing else is touched
         lengths = cache.lengths[slots]
-        local = _local_mask(tree_mask, b, t, cache.device)
-        positions = lengths[:, None] + local.sum(-1) - 1
-        read_length = min(int((lengths + t).max()), cache.max_len)
-        mask = _cached_mask(lengths, local, read_length)
-        writes = _KVWrites(cache, slots, cache.write_positions(slots, t), read_length)
-        last = (num_tokens - 1) if only_last else None
-        return self._run(tokens, positions, mask, writes, capture_layers, last)
+        longest = int((lengths + t).max())  # one host read serves the room check and the read length
+        if num_tokens is not None or longest > cache.max_len:
+            cache.check_room(slots, t if num_tokens is None else num_tokens)  # before any write
+        read_length = min(longest, cache.max_len)
+        if tree_mask is None:
+            positions = lengths[:, None] + torch.arange(t, device=cache.device)
+            # Causal: key j is visible to a new token iff j <= its position (the committed
+            # prefix, then the new tokens up to itself), which is _cached_mask's answer for
+            # a lower-triangular tree in three ops instead of fifteen.
+            mask = (torch.arange(read_length, device=cache.device) <= positions[..., None])[:, None]
+        else:
+            local = _local_mask(tree_mask, b, t, cache.device)
+            positions = lengths[:, None] + local.sum(-1) - 1
+            mask = _cached_mask(lengths, local, read_length)
+        writes = _KVWrites(cache, slots, cache.write_positions(slots, t, lengths), read_length)
+        last = None
+        if only_last:
+            last = torch.full((b,), t - 1, device=cache.device) if num_tokens is None else (
+                torch.as_tensor(num_tokens, dtype=torch.long, device=cache.device) - 1)
+        return self._run(tokens, positions, mask, writes, capture_layers, last, longest)
 
     # ------------------------------------------------------------------ shared body
 
@@ -296,13 +346,17 @@ class CausalLM(nn.Module):
         kv: _KVWrites | None,
         capture_layers: tuple[int, ...] | None,
         last_index: Tensor | None,
+        end: int,
     ) -> ForwardOutput:
+        """The layers over tokens at `positions` (all < `end`) seeing what `mask` allows."""
         capture = self._check_capture(capture_layers)
         x = self.model.embed_tokens(tokens)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype, end)
+        config = self.config
+        prepared = AttentionMask(mask, config.num_attention_heads // config.num_key_value_heads, x.dtype)
         captured: dict[int, Tensor] = {}
         for index, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, kv)
+            x = layer(x, cos, sin, prepared, kv)
             if index in capture:
                 captured[index] = x
         last_hidden = self.model.norm(x)

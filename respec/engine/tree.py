@@ -68,7 +68,19 @@ class DraftTree:
         """A chain of k = tokens.shape[1] drafts per row: node i extends node i - 1."""
         b, k = tokens.shape
         parents = torch.arange(-1, k - 1, device=tokens.device).expand(b, k)
-        return cls.from_parents(tokens, parents.contiguous(), num_nodes)
+        return cls.from_parents(tokens, parents.contiguous(), num_nodes).marked_chain()
+
+    def marked_chain(self) -> DraftTree:
+        """This tree, known to be a chain (parents = [-1, 0, 1, ...]): whoever built it says
+        so, since finding out from the tensors costs the ops the mark saves. Verification
+        then runs causally and the ancestor table is a triangle (``is_chain``)."""
+        object.__setattr__(self, "_chain", True)  # a hint, not state: frozen otherwise
+        return self
+
+    def is_chain(self) -> bool:
+        """True for a tree built as a chain (or with no nodes): node i's ancestors are the
+        nodes before it, so the tokens of [root, nodes] are simply causal."""
+        return self.width == 0 or self.__dict__.get("_chain", False)
 
     @classmethod
     def empty(cls, batch_size: int, device: torch.device | str = "cpu") -> DraftTree:
@@ -141,6 +153,14 @@ class DraftTree:
         return cached
 
     def _compute_ancestors(self) -> Tensor:
+        if self.is_chain():
+            # Valid nodes come first and each sees the ones before it; padding sees itself.
+            n = self.width
+            triangle = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+            return (triangle & self.valid_mask()[:, :, None]) | torch.eye(n, dtype=torch.bool, device=self.device)
+        return self._doubled_ancestors()
+
+    def _doubled_ancestors(self) -> Tensor:
         """Path doubling: start from "self or parent", then let every node also take its
         known ancestors' ancestors; after k rounds paths of up to 2^k edges are covered.
         log2(n) batched matmuls instead of a loop over the n nodes (op count is what a

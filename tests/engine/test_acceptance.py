@@ -261,6 +261,22 @@ def test_greedy_fast_path_equals_the_walk():
                 assert torch.equal(getattr(fast, field.name), getattr(walked, field.name)), field.name
 
 
+def test_greedy_chain_path_equals_the_walk():
+    """A tree marked as a chain takes its own shortcut; the walk's tensors exactly, with
+    trailing padding, empty chains and chains nothing of which matches."""
+    gen = torch.Generator().manual_seed(5)
+    for n in (1, 3, 6):
+        for _ in range(20):
+            batch, vocab = 6, 2
+            tokens = torch.randint(0, vocab, (batch, n), generator=gen)
+            tree = DraftTree.chain(tokens, torch.randint(0, n + 1, (batch,), generator=gen))
+            assert tree.is_chain()
+            scores = torch.randn(batch, n + 1, vocab, generator=gen)
+            fast, walked = accept_greedy(tree, scores), acceptance.walk_tree(tree, scores, acceptance.GREEDY)
+            for field in dataclasses.fields(Acceptance):
+                assert torch.equal(getattr(fast, field.name), getattr(walked, field.name)), field.name
+
+
 def test_greedy_speculation_reproduces_greedy_decoding():
     """Many greedy steps with a top-t tree emit exactly the target's greedy sequence."""
     for seed in range(5):

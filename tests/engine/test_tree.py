@@ -38,6 +38,16 @@ def test_chain_layout():
     assert tree.verify_tokens(torch.tensor([6])).tolist() == [[6, 7, 8, 9]]
 
 
+def test_a_marked_chain_has_the_ancestors_and_mask_of_its_parents():
+    """The chain mark's shortcut gives what path doubling gives, padding included."""
+    tokens = torch.arange(12).reshape(3, 4)
+    marked = DraftTree.chain(tokens, torch.tensor([4, 2, 0]))
+    plain = DraftTree.from_parents(marked.tokens, marked.parents, marked.num_nodes)
+    assert marked.is_chain() and not plain.is_chain()
+    assert torch.equal(marked.ancestors(), plain.ancestors())
+    assert torch.equal(marked.attention_mask(), plain.attention_mask())
+
+
 def test_example_tree_navigation():
     tree = example_tree()
     assert tree.depths().tolist() == [[1, 1, 2, 2, 3], [1, 2, 1, 0, 0]]

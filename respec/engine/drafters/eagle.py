@@ -106,7 +106,7 @@ class EagleHead(nn.Module):
 
     def forward(self, inputs: Tensor, tokens: Tensor, positions: Tensor, mask: Tensor, kv=None) -> Tensor:
         """inputs [B, T, H] (fused features or a parent's h), tokens long [B, T], positions
-        long [B, T], mask bool [B, 1, T, S] (True = may attend) -> h [B, T, H]. Without `kv`
+        long [B, T], mask bool [B, 1, T, S] (True = may attend; None: all) -> h [B, T, H]. Without `kv`
         S = T; with it (an object with the target cache's ``store_and_read``) the T new
         keys/values are stored there and the S it returns are attended to."""
         embedded = F.embedding(tokens, self.target.embed.weight.detach())
@@ -340,17 +340,33 @@ class _HeadCache:
 
 class _StoreNew:
     """``store_and_read`` for the pass over new committed positions: writes their keys/values
-    after each row's cached ones (padding columns to the spare one), reads the rows back."""
+    after each row's cached ones (padding columns to the spare one), reads the rows back.
+    One row (batch 1) writes a slice and reads a view: a few ops instead of a dozen."""
 
-    def __init__(self, cache: _HeadCache, slots: Tensor, write_at: Tensor, read_length: int) -> None:
-        self.cache, self.slots, self.write_at, self.read_length = cache, slots, write_at, read_length
+    def __init__(self, cache: _HeadCache, slots: list[int], write_at: Tensor, read_length: int) -> None:
+        self.cache, self.write_at, self.read_length = cache, write_at, read_length
+        self.slots = torch.tensor(slots, device=write_at.device)
+        self.single = slots[0] if len(slots) == 1 else None
 
     def store_and_read(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        cache, length = self.cache, self.read_length
+        if self.single is not None:
+            # One row has no padding columns: its entries end exactly at read_length.
+            row = slice(self.single, self.single + 1)
+            cache.k[self.single, :, length - k.shape[2]: length] = k[0]
+            cache.v[self.single, :, length - k.shape[2]: length] = v[0]
+            self.read = cache.k[row, :, :length], cache.v[row, :, :length]
+            return self.read
         rows = self.slots[:, None]
-        self.cache.k[rows, :, self.write_at] = k.transpose(1, 2)
-        self.cache.v[rows, :, self.write_at] = v.transpose(1, 2)
-        self.read = self.cache.k[self.slots, :, : self.read_length], self.cache.v[self.slots, :, : self.read_length]
+        cache.k[rows, :, self.write_at] = k.transpose(1, 2)
+        cache.v[rows, :, self.write_at] = v.transpose(1, 2)
+        self.read = cache.k[self.slots, :, :length], cache.v[self.slots, :, :length]
         return self.read  # drafting attends to these same rows: kept, not read twice
+
+
+def _padded_tokens(tokens: Tensor, width: int) -> Tensor:
+    """long [width]: `tokens` then zeros (padding columns of a row with fewer new positions)."""
+    return tokens.long() if len(tokens) == width else torch.cat([tokens.long(), tokens.new_zeros(width - len(tokens))])
 
 
 @dataclass(frozen=True)
@@ -361,7 +377,16 @@ class _Root:
     hidden: Tensor  # [B, 1, H]
     position: Tensor  # long [B, 1]
     kv: _DraftKV  # prefix [B, Hkv, R, D]; drafted levels append to it
-    prefix_visible: Tensor  # bool [B, R]: the row's committed positions (rows differ in length)
+    # bool [B, R]: the row's committed positions (rows differ in length); None when every
+    # row sees all R (one row, or rows of one length)
+    prefix_visible: Tensor | None
+    prefix: int  # R
+
+    def visible(self) -> Tensor:
+        """bool [B, R], ``prefix_visible`` spelled out."""
+        if self.prefix_visible is not None:
+            return self.prefix_visible
+        return torch.ones(self.hidden.shape[0], self.prefix, dtype=torch.bool, device=self.hidden.device)
 
 
 class _DraftSequence:
@@ -392,7 +417,7 @@ class _DraftSequence:
         positions = torch.where(parents < 0, self.root.position, self.positions.gather(1, index[..., 0])) + 1
         self.positions[:, new] = positions
         self.length += k
-        prefix = self.root.prefix_visible[:, None, None, :].expand(b, 1, k, -1)
+        prefix = self.root.visible()[:, None, None, :].expand(b, 1, k, -1)
         mask = torch.cat([prefix, seen[:, None, :, : self.length]], dim=-1)
         hidden = self.head(parent_h, tokens, positions, mask, self.root.kv)
         self.hidden[:, new] = hidden
@@ -460,6 +485,8 @@ class EagleDrafter(Drafter):
 
         Head position i reads (feature of token i, token i + 1), so a history of L tokens
         has positions 0..L-2 and the last one, whose token is the root, gives the root's h.
+        The indices are plain integers worked out on the host and sent as one tensor each:
+        at batch 1 a proposal costs about what its number of tensor ops does.
         """
         features = request.features[:, -self.feature_window:].to(next(self.head.parameters()).dtype)
         width, device = features.shape[1], features.device
@@ -467,30 +494,33 @@ class EagleDrafter(Drafter):
                   zip(request.rows, request.histories, strict=True)]
         slots = [self.cache.slot_of[row_id] for row_id in request.rows]
         counts = [len(history) - 1 - start for history, start in zip(request.histories, starts, strict=True)]
-        new, b = max(counts), len(slots)
-        lengths = torch.tensor([self.cache.lengths[slot] for slot in slots], device=device)
-        self.cache.reserve(int(lengths.max()) + new)
-        tokens = torch.zeros(b, new, dtype=torch.long, device=device)
-        for row, (history, start, count) in enumerate(zip(request.histories, starts, counts, strict=True)):
-            tokens[row, :count] = history[start + 1: start + 1 + count].to(device)
-        count_of = torch.tensor(counts, device=device)[:, None]
-        column = torch.arange(new, device=device)
-        # The newest `count` features of a row are the last entries of its (left-padded) window.
-        picked = (width - count_of + column).clamp(max=width - 1)
+        lengths = [self.cache.lengths[slot] for slot in slots]
+        new = max(counts)
+        ends = [length + count for length, count in zip(lengths, counts, strict=True)]
+        self.cache.reserve(max(lengths) + new)
+        rows = list(zip(request.histories, starts, counts, lengths, strict=True))
+        # Per row and new column c < count: the token after head position start + c, the
+        # feature (the newest `count` entries of the left-padded window), the position,
+        # and the store column; columns past a row's count are padding.
+        tokens = torch.stack([_padded_tokens(history[start + 1: start + 1 + count], new)
+                              for history, start, count, _ in rows]).to(device)
+        table = torch.tensor([[(width - count + min(c, count - 1), start + c, length + c if c < count else -1)
+                               for c in range(new)] for _, start, count, length in rows], device=device)
+        picked, positions, write_at = table.unbind(-1)
+        write_at = write_at.masked_fill(write_at < 0, self.cache.capacity)
         inputs = self.head.fuse(features.gather(1, picked[..., None].expand(-1, -1, features.shape[-1])))
-        positions = torch.tensor(starts, device=device)[:, None] + column
-        write_at = torch.where(column < count_of, lengths[:, None] + column, self.cache.capacity)
-        read_length = int((lengths + count_of[:, 0]).max())
+        read_length = max(ends)
         keys = torch.arange(read_length, device=device)
-        mask = keys[None, None, :] <= (lengths[:, None] + column)[..., None]  # [B, new, R]: causal, prefix
-        store = _StoreNew(self.cache, torch.tensor(slots, device=device), write_at, read_length)
+        mask = keys <= (write_at.clamp(max=read_length))[..., None]  # [B, new, R]: the prefix, causal
+        store = _StoreNew(self.cache, slots, write_at, read_length)
         hidden = self.head(inputs, tokens, positions, mask[:, None], store)
         for slot, count in zip(slots, counts, strict=True):
             self.cache.lengths[slot] += count
-        last = (count_of - 1)[..., None].expand(-1, -1, hidden.shape[-1])
-        ends = lengths + count_of[:, 0]
-        return _Root(hidden.gather(1, last), positions.gather(1, count_of - 1), _DraftKV(*store.read),
-                     keys[None, :] < ends[:, None])
+        last = torch.tensor(counts, device=device)[:, None] - 1
+        root_hidden = hidden.gather(1, last[..., None].expand(-1, -1, hidden.shape[-1]))
+        all_visible = min(ends) == read_length  # every row sees every key read: no mask needed
+        visible = None if all_visible else keys[None, :] < torch.tensor(ends, device=device)[:, None]
+        return _Root(root_hidden, positions.gather(1, last), _DraftKV(*store.read), visible, read_length)
 
     def _first_new(self, row_id: int, history: Tensor, width: int) -> int:
         """The first head position to run for this row (allocating its slot): right after
@@ -512,21 +542,26 @@ class EagleDrafter(Drafter):
 
     def _chain(self, root: _Root, length: int) -> DraftTree:
         """The head's argmax, `length` times: what top-1 trees are, without their bookkeeping.
-        Each node sees the row's committed positions and every earlier node."""
-        b, prefix = root.prefix_visible.shape
-        seen = torch.ones(b, 1, 1, prefix + length, dtype=torch.bool, device=root.hidden.device)
-        seen[:, 0, 0, :prefix] = root.prefix_visible
+        Each node sees the row's committed positions and every earlier node, so when every
+        row sees all it reads (batch 1) the passes need no mask at all."""
+        b, prefix = root.hidden.shape[0], root.prefix
+        seen = None
+        if root.prefix_visible is not None:
+            seen = torch.ones(b, 1, 1, prefix + length, dtype=torch.bool, device=root.hidden.device)
+            seen[:, 0, 0, :prefix] = root.prefix_visible
         hidden, position = root.hidden, root.position
         token = self._argmax(hidden)
         drafted = [token]
         for level in range(1, length):
             position = position + 1
-            hidden = self.head(hidden, token, position, seen[..., : prefix + level], root.kv)
+            mask = None if seen is None else seen[..., : prefix + level]
+            hidden = self.head(hidden, token, position, mask, root.kv)
             token = self._argmax(hidden)
             drafted.append(token)
         tokens = torch.cat(drafted, dim=1)
         parents = torch.arange(-1, length - 1, device=tokens.device).expand(b, length)
-        return DraftTree(tokens, parents, torch.full((b,), length, dtype=torch.long, device=tokens.device))
+        count = torch.full((b,), length, dtype=torch.long, device=tokens.device)
+        return DraftTree(tokens, parents, count).marked_chain()
 
     def _expand(self, sequence: _DraftSequence, builder: TopNTreeBuilder, node_of_pool: Tensor) -> Tensor:
         """q [B, t, V] at the builder's frontier, after adding the frontier to the sequence.
