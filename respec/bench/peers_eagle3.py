@@ -44,7 +44,7 @@ def new_eagle3_head(model: CausalLM) -> Eagle3Head:
     return Eagle3Head(model.config, TargetParts.of(model), spec).to(device=parameter.device, dtype=parameter.dtype)
 
 
-def ensure_eagle3_head(policy_dir: str | Path, out_dir: str | Path, steps: int = 300, seed: int = 0) -> dict:
+def ensure_eagle3_head(policy_dir: str | Path, out_dir: str | Path, steps: int = 600, seed: int = 0) -> dict:
     """`out_dir` if it already holds an EAGLE-3 head, else distil one there; returns what happened."""
     if is_eagle3_checkpoint(out_dir):
         return {"path": str(out_dir), "trained_now": False}
