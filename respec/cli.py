@@ -167,8 +167,8 @@ def bench_peers(
     """Tokens per second of respec's engine against vLLM (run it in a venv with vLLM), per batch size,
     without SD and with n-gram / EAGLE drafting; greedy, same prompts, outputs checked equal."""
     from respec.bench.peers import MODES, Settings, run_benchmark
-    from respec.bench.peers_report import print_table
     from respec.bench.peers_report import plot as plot_results
+    from respec.bench.peers_report import print_table
     from respec.bench.peers_vllm import VllmMissing
     from respec.bench.sd import write_json
 

@@ -48,7 +48,11 @@ def ensure_eagle3_head(policy_dir: str | Path, out_dir: str | Path, steps: int =
     """`out_dir` if it already holds an EAGLE-3 head, else distil one there; returns what happened."""
     if is_eagle3_checkpoint(out_dir):
         return {"path": str(out_dir), "trained_now": False}
-    from respec.prepare import TASK, TASK_PARAMS, _policy_completions  # the policy's own task and data
+    from respec.prepare import (  # the policy's own task and data
+        TASK,
+        TASK_PARAMS,
+        _policy_completions,
+    )
     from respec.rl.distill import pad_right
     from respec.tasks import make_task
 
