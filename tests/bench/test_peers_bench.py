@@ -22,7 +22,7 @@ from respec.engine.drafters.eagle import EagleHead
 
 ROOT = Path(__file__).resolve().parents[2]
 ROW_KEYS = {"batch", "mode", "respec_tokens_per_s", "vllm_tokens_per_s", "ratio", "tokens_equal", "rows_differ",
-            "tokens", "vllm_tokens", "respec_accept_len", "respec_s", "vllm_s", "ratio_vs_vllm_best", "vllm_engine"}
+            "tokens", "vllm_tokens", "respec_accept_len", "ratio_best", "respec_s", "vllm_s", "ratio_vs_vllm_best", "vllm_engine"}
 
 
 def test_a_row_counts_the_prompts_whose_tokens_differ():
@@ -33,6 +33,7 @@ def test_a_row_counts_the_prompts_whose_tokens_differ():
     assert (equal["tokens_equal"], equal["rows_differ"]) == (True, 0)
     assert (differ["tokens_equal"], differ["rows_differ"]) == (False, 2)
     assert equal["ratio"] == pytest.approx((9 / 0.45) / (8 / 0.9), rel=1e-3)
+    assert equal["ratio_best"] == pytest.approx((9 / 0.4) / (8 / 0.8), rel=1e-3)
     assert equal["respec_accept_len"] == 1.5  # (9 tokens - 3 first tokens) / 4 steps
     rows = [equal | {"vllm_tokens_per_s": 5.0}, differ | {"vllm_tokens_per_s": 10.0}]
     _add_best_vllm(rows)
