@@ -20,7 +20,7 @@ def print_table(results: dict) -> None:
                       f"{row['vllm_tokens_per_s']:.1f}", f"{row['ratio']:.2f}x", f"{row['ratio_best']:.2f}x",
                       f"{row['ratio_vs_vllm_best']:.2f}x",
                       same, f"{row['respec_accept_len']:.2f}")
-    Console().print(table)
+    Console(width=200).print(table)
 
 
 def markdown_table(results: dict) -> str:
