@@ -74,5 +74,5 @@ def ensure_eagle3_head(policy_dir: str | Path, out_dir: str | Path, steps: int =
         optimizer.step()
         schedule.step()
     head.save(out_dir)
-    return {"path": str(out_dir), "trained_now": True, "steps": steps, "kl_last": round(float(loss), 4),
+    return {"path": str(out_dir), "trained_now": True, "steps": steps, "kl_last": round(float(loss.detach()), 4),
             "wall_s": round(time.perf_counter() - started, 1)}

@@ -71,14 +71,14 @@ class VllmSide:
     """One engine; `generate` returns each prompt's generated token ids (stop token included)."""
 
     def __init__(self, model_dir: str | Path, device: str, max_len: int, speculative: dict | None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, **extra: Any) -> None:
         from vllm import LLM
 
         on_cpu = device == "cpu"
         self.llm = LLM(model=str(model_dir), skip_tokenizer_init=True, dtype="float32", max_model_len=max_len,
                        enforce_eager=on_cpu,  # no torch.compile on the CPU: minutes of start-up on 2 cores
                        enable_prefix_caching=False,  # repeats reuse prompts; respec recomputes them
-                       speculative_config=speculative, seed=seed)
+                       speculative_config=speculative, seed=seed, **extra)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_token_ids: tuple[int, ...]) -> list[list[int]]:
         from vllm import SamplingParams
