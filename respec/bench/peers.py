@@ -27,7 +27,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -73,6 +73,7 @@ class Timing:
     tokens: int
     outputs: list[list[int]]
     steps: int = 0
+    cpu_seconds: list[float] = field(default_factory=list)  # this process and vLLM's, during the run
 
     @property
     def tokens_per_s(self) -> float:
@@ -176,23 +177,49 @@ def _respec_runner(model, drafter, shape, batch: int, max_len: int, sampling: Sa
     return run
 
 
-def _timed(run, chunks) -> tuple[float, list[list[int]], int]:
+def _timed(run, chunks) -> tuple[float, list[list[int]], int, float]:
     outputs, steps = [], 0
+    cpu_before = cpu_seconds()
     started = time.perf_counter()
     for chunk in chunks:
         tokens, chunk_steps = run(chunk)
         outputs += tokens
         steps += chunk_steps
-    return time.perf_counter() - started, outputs, steps
+    wall = time.perf_counter() - started
+    return wall, outputs, steps, cpu_seconds() - cpu_before
 
 
-def _record(timings: dict[str, Timing], name: str, seconds: float, outputs: list[list[int]], steps: int) -> None:
+def _record(timings: dict[str, Timing], name: str, seconds: float, outputs: list[list[int]], steps: int,
+            cpu: float) -> None:
     if name not in timings:
-        timings[name] = Timing([seconds], sum(len(o) for o in outputs), outputs, steps)
+        timings[name] = Timing([seconds], sum(len(o) for o in outputs), outputs, steps, [cpu])
         return
     if outputs != timings[name].outputs:
         raise AssertionError(f"{name}: greedy outputs changed between repeats")
     timings[name].seconds.append(seconds)
+    timings[name].cpu_seconds.append(cpu)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds so far of this process and of every process it started
+    (vLLM's engine core and worker), from /proc; 0.0 without /proc. Unlike wall time, CPU
+    time does not grow while other load keeps a process off the cores."""
+    ticks, parents = os.sysconf("SC_CLK_TCK"), {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in parents.items():
+        children.setdefault(parent, []).append(pid)
+    pending, total = [os.getpid()], 0.0
+    while pending:
+        pid = pending.pop()
+        total += parents.get(pid, (0, 0.0))[1]
+        pending += children.get(pid, [])
+    return total
 
 
 @contextmanager
@@ -218,7 +245,16 @@ def _row(batch: int, mode: str, ours: Timing, theirs: Timing) -> dict:
             "ratio_best": round(ours.best_tokens_per_s / theirs.best_tokens_per_s, 3), "tokens_equal": differ == 0,
             "rows_differ": differ, "tokens": ours.tokens, "vllm_tokens": theirs.tokens,
             "respec_accept_len": round((ours.tokens - rows) / max(ours.steps, 1), 3) if mode != "nosd" else 1.0,
-            "respec_s": [round(s, 4) for s in ours.seconds], "vllm_s": [round(s, 4) for s in theirs.seconds]}
+            "respec_s": [round(s, 4) for s in ours.seconds], "vllm_s": [round(s, 4) for s in theirs.seconds],
+            "respec_cpu_s": [round(s, 3) for s in ours.cpu_seconds], "vllm_cpu_s": [round(s, 3) for s in theirs.cpu_seconds],
+            "ratio_per_cpu_s": _cpu_ratio(ours, theirs)}
+
+
+def _cpu_ratio(ours: Timing, theirs: Timing) -> float | None:
+    """respec / vLLM in tokens per CPU-second (median CPU time of the repeats)."""
+    if not (ours.cpu_seconds and theirs.cpu_seconds) or min(ours.cpu_seconds + theirs.cpu_seconds) <= 0:
+        return None
+    return round((ours.tokens / statistics.median(ours.cpu_seconds)) / (theirs.tokens / statistics.median(theirs.cpu_seconds)), 3)
 
 
 def _add_best_vllm(rows: list[dict]) -> None:

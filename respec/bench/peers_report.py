@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-_COLUMNS = ("batch", "mode", "vLLM engine", "respec tok/s", "vLLM tok/s", "ratio", "ratio of best runs", "vs vLLM best", "same tokens",
+_COLUMNS = ("batch", "mode", "vLLM engine", "respec tok/s", "vLLM tok/s", "ratio", "ratio of best runs", "ratio per CPU-s", "vs vLLM best", "same tokens",
             "respec accept len")
 
 
@@ -18,7 +18,7 @@ def print_table(results: dict) -> None:
         same = "yes" if row["tokens_equal"] else f"{row['rows_differ']} rows differ"
         table.add_row(str(row["batch"]), row["mode"], row["vllm_engine"], f"{row['respec_tokens_per_s']:.1f}",
                       f"{row['vllm_tokens_per_s']:.1f}", f"{row['ratio']:.2f}x", f"{row['ratio_best']:.2f}x",
-                      f"{row['ratio_vs_vllm_best']:.2f}x",
+                      _x(row.get("ratio_per_cpu_s")), f"{row['ratio_vs_vllm_best']:.2f}x",
                       same, f"{row['respec_accept_len']:.2f}")
     Console(width=200).print(table)
 
@@ -30,9 +30,14 @@ def markdown_table(results: dict) -> str:
         same = "yes" if row["tokens_equal"] else f"{row['rows_differ']} differ"
         lines.append(f"| {row['batch']} | {row['mode']} | {row['vllm_engine']} | {row['respec_tokens_per_s']:.1f} | "
                      f"{row['vllm_tokens_per_s']:.1f} | {row['ratio']:.2f}x | {row['ratio_best']:.2f}x | "
+                     f"{_x(row.get('ratio_per_cpu_s'))} | "
                      f"{row['ratio_vs_vllm_best']:.2f}x | "
                      f"{same} | {row['respec_accept_len']:.2f} |")
     return "\n".join(lines)
+
+
+def _x(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 def plot(results: dict, path: str) -> None:
