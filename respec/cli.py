@@ -162,6 +162,9 @@ def bench_peers(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     pause_s: Annotated[float, typer.Option(help="idle seconds before each timed run (vLLM's worker spins 1 s "
                                                 "after its last step)")] = 1.2,
+    vllm_single_process: Annotated[bool, typer.Option(help="vLLM's engine core and worker in this process, on one "
+                                                           "thread like respec (default: vLLM's three processes)")]
+        = False,
     plot: Annotated[Path | None, typer.Option(help="PNG (default: beside the JSON)")] = None,
 ) -> None:
     """Tokens per second of respec's engine against vLLM (run it in a venv with vLLM), per batch size,
@@ -176,7 +179,7 @@ def bench_peers(
     if unknown := set(chosen) - set(MODES):
         raise typer.BadParameter(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
     settings = Settings(str(model), str(eagle), str(eagle3), tuple(_ints(batches)), chosen, prompts, max_new_tokens,
-                        k, repeats, threads, device, pause_s)
+                        k, repeats, threads, device, pause_s, vllm_single_process)
     try:
         results = run_benchmark(settings, progress=lambda line: typer.echo(line, err=True))
     except VllmMissing as error:

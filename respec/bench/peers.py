@@ -32,7 +32,13 @@ from pathlib import Path
 
 import torch
 
-from respec.bench.peers_vllm import VllmSide, configure_cpu, require_vllm, speculative_config
+from respec.bench.peers_vllm import (
+    VllmSide,
+    configure_cpu,
+    configure_single_process,
+    require_vllm,
+    speculative_config,
+)
 from respec.bench.sd import bench_prompts
 from respec.engine.checkpoint import load_model
 from respec.engine.drafters.base import DraftShape
@@ -65,6 +71,7 @@ class Settings:
     threads: int = 1
     device: str = "cpu"
     pause_s: float = 1.2
+    vllm_single_process: bool = False  # vLLM's engine in this process, on this thread (see peers_vllm)
 
 
 @dataclass
@@ -88,6 +95,8 @@ class Timing:
 def run_benchmark(settings: Settings, progress: Callable[[str], None] = print) -> dict:
     vllm_version = require_vllm()
     environment = configure_cpu(settings.threads) if settings.device == "cpu" else {}
+    if settings.vllm_single_process:
+        environment |= configure_single_process()
     if settings.device == "cpu":
         torch.set_num_threads(settings.threads)
     head_info = _eagle3_head(settings) if "sd_eagle3" in settings.modes or "sd_eagle" in settings.modes else None
@@ -105,6 +114,7 @@ def run_benchmark(settings: Settings, progress: Callable[[str], None] = print) -
             "max_new_tokens": settings.max_new_tokens, "k": settings.k, "repeats": settings.repeats,
             "threads": settings.threads, "torch_threads": torch.get_num_threads(), "vllm": vllm_version,
             "torch": torch.__version__, "environment": environment, "pause_s": settings.pause_s,
+            "vllm_single_process": settings.vllm_single_process,
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "rows": rows}
 
 
@@ -161,7 +171,7 @@ def _run_batch(settings: Settings, batch: int, modes, drafters, model, vllm: Vll
     for _ in range(settings.repeats):
         for name, run in runners.items():
             time.sleep(settings.pause_s)
-            with _pinned(settings, respec=name != "vllm"):
+            with _pinned(settings, this_thread_computes=name != "vllm" or settings.vllm_single_process):
                 _record(timings, name, *_timed(run, inputs[name]))
     return [_row(batch, mode, timings[mode], timings["vllm"]) for mode in modes]
 
@@ -223,9 +233,10 @@ def cpu_seconds() -> float:
 
 
 @contextmanager
-def _pinned(settings: Settings, respec: bool) -> Iterator[None]:
-    """respec's compute thread on the cores vLLM's worker is bound to, while it runs."""
-    if not (respec and settings.device == "cpu" and hasattr(os, "sched_setaffinity")):
+def _pinned(settings: Settings, this_thread_computes: bool) -> Iterator[None]:
+    """This thread on the cores vLLM's worker is bound to while it computes (respec's runs,
+    and vLLM's too when it runs in this process)."""
+    if not (this_thread_computes and settings.device == "cpu" and hasattr(os, "sched_setaffinity")):
         yield
         return
     before = os.sched_getaffinity(0)

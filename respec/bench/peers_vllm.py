@@ -38,6 +38,15 @@ def require_vllm() -> str:
     return vllm.__version__
 
 
+def configure_single_process() -> dict[str, str]:
+    """vLLM's engine core and worker inside this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
+    and the ``uni`` executor): one thread runs scheduling, the model and output handling, as in
+    respec's engine. vLLM's default (``configure_cpu`` alone) spreads them over three processes."""
+    settings = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    os.environ.update(settings)
+    return settings
+
+
 def configure_cpu(threads: int, kvcache_gib: int = 1) -> dict[str, str]:
     """Environment for the engine processes vLLM spawns next: its worker computes on
     `threads` OpenMP threads bound to cores 0..threads-1 (by default, on 2 cores, it reserves
@@ -67,6 +76,10 @@ def speculative_config(method: str | None, k: int, eagle3_dir: str | None = None
     raise ValueError(f"unknown vLLM speculative method {method!r}")
 
 
+def _single_process() -> bool:
+    return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+
+
 class VllmSide:
     """One engine; `generate` returns each prompt's generated token ids (stop token included)."""
 
@@ -78,7 +91,8 @@ class VllmSide:
         self.llm = LLM(model=str(model_dir), skip_tokenizer_init=True, dtype="float32", max_model_len=max_len,
                        enforce_eager=on_cpu,  # no torch.compile on the CPU: minutes of start-up on 2 cores
                        enable_prefix_caching=False,  # repeats reuse prompts; respec recomputes them
-                       speculative_config=speculative, seed=seed, **extra)
+                       speculative_config=speculative, seed=seed,
+                       **({"distributed_executor_backend": "uni"} if _single_process() else {}), **extra)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_token_ids: tuple[int, ...]) -> list[list[int]]:
         from vllm import SamplingParams
