@@ -146,6 +146,54 @@ def bench_adaptive(
     typer.echo(f"wrote {json_file} and {plot}")
 
 
+@bench_app.command("peers")
+def bench_peers(
+    json_file: Annotated[Path, typer.Option("--json", help="write results here")] = Path("runs/bench_peers.json"),
+    model: Annotated[Path, typer.Option(help="the policy checkpoint")] = Path("models/tiny/policy"),
+    eagle: Annotated[Path, typer.Option(help="respec's own EAGLE head (sd_eagle)")] = Path("models/tiny/eagle"),
+    eagle3: Annotated[Path, typer.Option(help="EAGLE-3-layout head for both engines (sd_eagle3); distilled here "
+                                              "if missing")] = Path("runs/peers_eagle3_head"),
+    batches: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,2,4,8,16,32,64",
+    modes: Annotated[str, typer.Option(help="comma-separated: nosd,sd_ngram,sd_eagle3,sd_eagle")]
+        = "nosd,sd_ngram,sd_eagle3,sd_eagle",
+    prompts: Annotated[int, typer.Option(help="prompts per measurement (split into chunks of the batch size)")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens generated per row at most (stop at <eos>)")] = 64,
+    k: Annotated[int, typer.Option(help="draft chain length on both sides")] = 4,
+    repeats: Annotated[int, typer.Option(help="interleaved timed runs per side (median kept)")] = 3,
+    threads: Annotated[int, typer.Option(help="compute threads of each engine (CPU)")] = 1,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    pause_s: Annotated[float, typer.Option(help="idle seconds before each timed run (vLLM's worker spins 1 s "
+                                                "after its last step)")] = 1.2,
+    vllm_single_process: Annotated[bool, typer.Option(help="vLLM's engine core and worker in this process, on one "
+                                                           "thread like respec (default: vLLM's three processes)")]
+        = False,
+    plot: Annotated[Path | None, typer.Option(help="PNG (default: beside the JSON)")] = None,
+) -> None:
+    """Tokens per second of respec's engine against vLLM (run it in a venv with vLLM), per batch size,
+    without SD and with n-gram / EAGLE drafting; greedy, same prompts, outputs checked equal."""
+    from respec.bench.peers import MODES, Settings, run_benchmark
+    from respec.bench.peers_report import plot as plot_results
+    from respec.bench.peers_report import print_table
+    from respec.bench.peers_vllm import VllmMissing
+    from respec.bench.sd import write_json
+
+    chosen = tuple(part.strip() for part in modes.split(",") if part.strip())
+    if unknown := set(chosen) - set(MODES):
+        raise typer.BadParameter(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
+    settings = Settings(str(model), str(eagle), str(eagle3), tuple(_ints(batches)), chosen, prompts, max_new_tokens,
+                        k, repeats, threads, device, pause_s, vllm_single_process)
+    try:
+        results = run_benchmark(settings, progress=lambda line: typer.echo(line, err=True))
+    except VllmMissing as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    print_table(results)
+    write_json(results, str(json_file))
+    plot = plot or json_file.with_suffix(".png")
+    plot_results(results, str(plot))
+    typer.echo(f"wrote {json_file} and {plot}")
+
+
 def _ints(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from respec.engine.config import ModelConfig, RopeScaling
+from respec.engine.cpu_linear import Linear
 from respec.engine.kv_cache import KVCache
 
 
@@ -173,10 +174,10 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         hidden, q_size, kv_size = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(hidden, q_size, bias=config.attention_bias)
-        self.k_proj = nn.Linear(hidden, kv_size, bias=config.attention_bias)
-        self.v_proj = nn.Linear(hidden, kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_size, hidden, bias=config.output_bias)
+        self.q_proj = Linear(hidden, q_size, bias=config.attention_bias)
+        self.k_proj = Linear(hidden, kv_size, bias=config.attention_bias)
+        self.v_proj = Linear(hidden, kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(q_size, hidden, bias=config.output_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | AttentionMask,
                 kv: _KVWrites | None) -> Tensor:
@@ -199,9 +200,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(hidden, inner, bias=bias)
-        self.up_proj = nn.Linear(hidden, inner, bias=bias)
-        self.down_proj = nn.Linear(inner, hidden, bias=bias)
+        self.gate_proj = Linear(hidden, inner, bias=bias)
+        self.up_proj = Linear(hidden, inner, bias=bias)
+        self.down_proj = Linear(inner, hidden, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -241,7 +242,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderStack(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config)
         self.tie_weights()
 

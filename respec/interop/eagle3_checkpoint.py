@@ -170,13 +170,18 @@ def _load_state(head: Eagle3Head, tensors: dict[str, Tensor], directory: Path) -
 
 def save_eagle3_head(head: Eagle3Head, directory: str | Path) -> Path:
     """config.json + model.safetensors in the layout above (with t2d), readable by
-    ``load_eagle3_head`` and by the tools that use the layout."""
+    ``load_eagle3_head`` and by the tools that use the layout. A head over the full
+    vocabulary is written without d2t/t2d, as vLLM expects (0.32 refuses a d2t it has no
+    parameter for when draft_vocab_size equals vocab_size)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in head.state_dict().items()}
-    t2d = torch.zeros(head.config.vocab_size, dtype=torch.bool)
-    t2d[head.draft_to_target().cpu()] = True
-    save_file({**state, "t2d": t2d}, directory / WEIGHT_FILES[0])
+    if head.full_vocabulary:
+        state.pop("d2t")
+    else:
+        state["t2d"] = torch.zeros(head.config.vocab_size, dtype=torch.bool)
+        state["t2d"][head.draft_to_target().cpu()] = True
+    save_file(state, directory / WEIGHT_FILES[0])
     (directory / CONFIG).write_text(json.dumps(eagle3_config(head), indent=2) + "\n")
     return directory
 
