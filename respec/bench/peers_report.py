@@ -55,7 +55,10 @@ def plot(results: dict, path: str) -> None:
         speed.plot(batches, [r["respec_tokens_per_s"] for r in rows], marker="o", color=colour, label=f"respec {mode}")
         speed.plot(batches, [r["vllm_tokens_per_s"] for r in rows], marker="x", linestyle="--", color=colour,
                    label=f"vLLM ({rows[0]['vllm_engine']})")
-        ratio.plot(batches, [r["ratio"] for r in rows], marker="o", color=colour, label=mode)
+        ratio.plot(batches, [r["ratio"] for r in rows], marker="o", color=colour, label=f"{mode}, wall")
+        per_cpu = [r.get("ratio_per_cpu_s") for r in rows]
+        if all(value is not None for value in per_cpu):
+            ratio.plot(batches, per_cpu, marker=".", linestyle=":", color=colour, label=f"{mode}, per CPU-s")
     ratio.axhline(1.0, color="grey", linestyle="--")
     for axis, label in ((speed, "generated tokens / s"), (ratio, "respec / vLLM tokens per second")):
         axis.set_xscale("log", base=2)

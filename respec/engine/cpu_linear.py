@@ -1,10 +1,11 @@
 """Linear layers whose inference products run on oneDNN with a pre-packed weight on the CPU.
 
 torch's ``F.linear`` on the CPU calls MKL's sgemm. On this project's machines (AMD EPYC
-with AVX-512) MKL takes a slower code path than on Intel CPUs, and oneDNN with a weight
-packed once for its kernels (what vLLM's CPU backend does) computes the same float32
-products 2-3x faster from 8 rows up (docs/PERFORMANCE.md, "Peers: vLLM"). Under 8 rows
-MKL is faster (oneDNN's fixed cost per call is ~10 us), so those stay on ``F.linear``.
+with AVX-512; MKL is known to choose generic kernels on non-Intel CPUs) oneDNN with a
+weight packed once for its kernels (what vLLM's CPU backend does) computes the same
+float32 products about 2x faster from 16 rows up (docs/PERFORMANCE.md, "Peers: vLLM").
+Under 8 rows MKL is faster (oneDNN's fixed cost per call is ~10 us), so those stay on
+``F.linear``.
 
 Only inference passes switch (no autograd: the training pass and its gradients are
 unchanged), and only float32 on the CPU. The packed copy is rebuilt whenever the weight
