@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +26,10 @@ def run(
     from respec.runtime.graph import ConfigError
     from respec.runtime.launcher import run_file
 
+    # Ctrl-C (SIGINT) stops the run cleanly even where it was started ignoring SIGINT: a
+    # shell script's background job (`respec run ... &`) inherits SIG_IGN, and then Python
+    # would never raise KeyboardInterrupt, so nothing could stop the run but a kill.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         result = run_file(config, name, _overrides(set_), progress, resume)
     except ConfigError as error:
@@ -268,7 +273,6 @@ def serve(
 
 
 def _serve_until_interrupted(options, host: str, port: int, replicas: int, ray_address: str) -> None:
-    import signal
     import time
 
     try:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -59,15 +61,18 @@ def test_trace_of_a_directory_without_trace_files(tmp_path):
     assert done.returncode == 2 and "error:" in done.stderr
 
 
-def test_ctrl_c_stops_every_group_cleanly(tmp_path):
+@pytest.mark.parametrize("started_ignoring_sigint", [False, True])
+def test_ctrl_c_stops_every_group_cleanly(tmp_path, started_ignoring_sigint):
+    """Also when started as a shell script's background job, which inherits SIGINT ignored."""
     import signal
     import time
 
     config = ROOT / "configs" / "demo.yaml"
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if started_ignoring_sigint else None
     process = subprocess.Popen(
         [sys.executable, "-m", "respec", "run", str(config), "--name", "interrupted",
          "--set", f"run.runs_dir={tmp_path}", "--set", "actors.ticker.params.interval_s=0.01"],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
     summary = tmp_path / "interrupted" / "log.jsonl"
     deadline = time.time() + 60
     while time.time() < deadline and (not summary.exists() or "group_started" not in summary.read_text()):
