@@ -36,6 +36,14 @@ class Linear(nn.Linear):
         out = torch.ops.mkldnn._linear_pointwise(rows, self._packed_weight(), self.bias, "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1])
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the packed weight behind: it is derived from the weight
+        (rebuilt on first use), and oneDNN's opaque tensor can be neither deep-copied nor
+        pickled, so a model that had served a batch could not be copied."""
+        state = dict(super().__getstate__())
+        state.pop("_packed", None)
+        return state
+
     def _packed_weight(self) -> Tensor:
         weight = self.weight
         key = (id(weight), weight.data_ptr(), 0 if weight.is_inference() else weight._version)

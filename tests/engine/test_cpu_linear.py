@@ -49,6 +49,21 @@ def test_an_updated_weight_is_repacked():
         torch.testing.assert_close(linear(x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
 
 
+def test_a_layer_that_served_a_batch_can_be_deep_copied_and_pickled():
+    import copy
+    import pickle
+
+    linear, x = layer(), torch.randn(32, 64)
+    with torch.no_grad():
+        expected = linear(x)
+    assert linear._packed is not None
+    for twin in (copy.deepcopy(linear), pickle.loads(pickle.dumps(linear))):
+        assert twin._packed is None and torch.equal(twin.weight, linear.weight)
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x), expected, rtol=0, atol=0)
+    assert linear._packed is not None  # the original keeps its packed weight
+
+
 def test_a_rows_result_does_not_depend_on_the_batch():
     linear, x = layer(), torch.randn(64, 64)
     with torch.no_grad():
