@@ -20,6 +20,7 @@ number of steps, so the asynchronous pipeline's fill and drain are paid.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import queue
 import random
@@ -51,7 +52,8 @@ def rl_section(model: CausalLM, head: EagleHead, task, choice: dict[int, int], s
         log(f"rl {variant}: {out[variant]['step_s']:.3f} s per step, reward "
             f"{out[variant]['reward_first']:.3f} -> {out[variant]['reward_last']:.3f}")
         del setup
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     base = out["sync_nosd"]["step_s"]
     for variant in VARIANTS[1:]:
         out[f"{variant}_step_time_over_sync_nosd"] = out[variant]["step_s"] / base
@@ -168,8 +170,7 @@ def run_sync(setup: Setup, steps: int, log) -> list[dict]:
 def run_async(setup: Setup, steps: int, log) -> list[dict]:
     """Generation of step j (weights after update j - 2) beside update j - 1."""
     setup.warm_up()
-    device = setup.infer.parameters().__next__().device
-    cuda = device.type == "cuda"
+    cuda = next(setup.infer.parameters()).is_cuda
     gen_stream = torch.cuda.Stream(priority=-1) if cuda else None  # generation first when both wait
     train_stream = torch.cuda.Stream(priority=0) if cuda else None
     rollouts: queue.Queue = queue.Queue()
@@ -201,8 +202,7 @@ def run_async(setup: Setup, steps: int, log) -> list[dict]:
                 _, samples = rollouts.get()
                 if samples is None:  # the generating thread failed
                     return
-                history_update = setup.update(step, samples)
-                history[step].update(history_update)
+                history[step].update(setup.update(step, samples))
                 history[step]["wall_s"] = time.perf_counter() - started
                 if step <= steps - 2:  # versions a later generation reads
                     if step >= 2:
@@ -247,15 +247,7 @@ def _guard(fn, failures, *queues):
 
 
 def _on(stream):
-    return torch.cuda.stream(stream) if stream is not None else _Nothing()
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 def _record(stream):

@@ -93,13 +93,12 @@ def interval_variants(config: Path) -> dict[str, tuple[Path, dict]]:
 
 
 def e2e_variants(config: Path, baseline: Path) -> dict[str, tuple[Path, dict]]:
-    static = STATIC
-    return {"sync_nosd": (baseline, {}), "async_nosd": (config, {**static, **NO_SD}),
-            "async_sd": (config, dict(static)),
-            "async_sd_sched": (config, {**static, **scheduler()}),
+    return {"sync_nosd": (baseline, {}), "async_nosd": (config, {**STATIC, **NO_SD}),
+            "async_sd": (config, dict(STATIC)),
+            "async_sd_sched": (config, {**STATIC, **scheduler()}),
             # every 3 versions, at the lowest priority: on a 2-core CPU the distiller shares the
             # cores with generation and training, and must only use what they leave idle
-            "respec": (config, {**static, **scheduler(), **distiller(config, "reward", 3, nice=19)})}
+            "respec": (config, {**STATIC, **scheduler(), **distiller(config, "reward", 3, nice=19)})}
 
 
 # ---------------------------------------------------------------------- running
