@@ -119,14 +119,15 @@ def full_run(args, device: str) -> dict:
            "policy": policy_report, "head": head_report}
     if "decode" in args.sections:
         out["decode"] = decode_section(model, prompts[0], device, args)
-    profile = scheduler_profile(generator_for(model, head, device, args, max(args.batches), 1.0), calibration,
-                                device, args)
+    rl_rows = 8 * max(args.rl_groups) if "rl" in args.sections else 0
+    profile = scheduler_profile(generator_for(model, head, device, args, max(*args.batches, rl_rows), 1.0),
+                                calibration, device)
     if "sweep" in args.sections:
         out["sweep"] = sweep_section(model, head, prompts, profile, device, args)
     if "greedy" in args.sections:
         out["greedy_equality"] = greedy_section(model, head, prompts[:64], device, args)
     if "rl" in args.sections:
-        out["rl"] = [rl_section(model, head, task, profile["choice"], args.rl_steps, groups, 8, args.max_new,
+        out["rl"] = [rl_section(model, head, task, profile, args.rl_steps, groups, 8, args.max_new,
                                 args.rl_lr, log) for groups in args.rl_groups]
     out["profile"] = profile
     return out
@@ -208,11 +209,11 @@ def sweep_section(model, head, prompts, profile: dict, device: str, args) -> dic
     return {"profile": profile, "table": table}
 
 
-def scheduler_profile(generator: FastGenerator, calibration, device: str, args) -> dict:
+def scheduler_profile(generator: FastGenerator, calibration, device: str) -> dict:
     """Step cost per (bucket, k) on dummy rows and acceptance per k on calibration prompts
     (not the measured ones): what the scheduler decides from."""
     cost = {(b, k): step_seconds(generator, b, k, device, steps=20)
-            for b in generator.buckets if b <= max(args.batches) for k in (0, *DRAFT_LENGTHS)}
+            for b in generator.buckets for k in (0, *DRAFT_LENGTHS)}
     calibration = calibration[: generator.state.rows]
     accepted = {k: throughput(generator, calibration, k, device, repeats=1)["accepted_per_step"]
                 for k in DRAFT_LENGTHS}

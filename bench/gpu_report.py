@@ -71,16 +71,22 @@ def rl_table(rl: dict | list) -> str:
     if "sync_sd" not in rl:  # reports before the asynchronous variant (e740849)
         return _rl_table_before_async(rl)
     rows = rl["groups"] * rl["group_size"]
+    live = "k_full" in rl["sync_sd"]["steps"][0]  # the live scheduler (after 2eec63c)
     lines = [f"{rows} rollouts per step ({rl['groups']} prompts x {rl['group_size']}), max_new {rl['max_new']}:", "",
              "| variant | step s (wall / steps) | x sync no-SD | generation s | update s | distillation s | "
-             "tokens / longest | drafts accepted per step | reward first third -> last third |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "tokens / longest | drafts accepted per step | reward first third -> last third |"
+             + (" k full batch / 1 row, first -> last step |" if live else ""),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if live else "")]
     for variant in ("sync_nosd", "sync_sd", "respec"):
         v, mean = rl[variant], rl[variant]["mean"]
         ratio = 1.0 if variant == "sync_nosd" else rl[f"{variant}_step_time_over_sync_nosd"]
+        first, last = v["steps"][0], v["steps"][-1]
         lines.append(f"| {variant} | {v['step_s']:.3f} | {ratio:.2f} | {mean['gen_s']:.3f} | {mean['train_s']:.3f} | "
                      f"{mean['distill_s']:.3f} | {mean['tokens']:.0f} / {mean['longest']:.0f} | "
-                     f"{mean['accepted_per_step']:.2f} | {v['reward_first_third']:.3f} -> {v['reward_last_third']:.3f} |")
+                     f"{mean['accepted_per_step']:.2f} | {v['reward_first_third']:.3f} -> {v['reward_last_third']:.3f} |"
+                     + (f" {first['k_full']}/{first['k_one']} -> {last['k_full']}/{last['k_one']} |" if live else ""))
+    sync = rl["sync_nosd"]["mean"]
+    lines += ["", f"Generation is {sync['gen_s'] / (sync['gen_s'] + sync['train_s']):.0%} of a synchronous no-SD step."]
     return "\n".join(lines)
 
 

@@ -3,8 +3,9 @@
 Three variants from the same weights and the same prompts per step:
 
 - ``sync_nosd`` (the baseline): generate (no drafting), score, one GRPO update;
-- ``sync_sd``: the same with the scheduler's per-bucket draft lengths, and every third
-  step the head distilled on the latest rollouts (reward-weighted KL, the
+- ``sync_sd``: the same with the live scheduler's per-bucket draft lengths (step costs
+  from the profile, acceptance from the run's own latest rollouts: `LiveChoice`), and
+  every third step the head distilled on the latest rollouts (reward-weighted KL, the
   DraftDistiller's update_interval 3) so it follows the policy;
 - ``respec``: ``sync_sd`` made asynchronous as respec's actors are: generation runs on a
   high-priority CUDA stream in one thread while the update (and the distillation) of the
@@ -29,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from gpu_timing import accepted_per_chain, chain_acceptance, choose_draft_lengths
 
 from respec.engine.drafters.eagle import EagleHead, distill_loss
 from respec.engine.fast import FastGenerator
@@ -42,10 +44,11 @@ DISTILL_EVERY = 3  # policy versions per head update (the DraftDistiller's updat
 VARIANTS = ("sync_nosd", "sync_sd", "respec")
 
 
-def rl_section(model: CausalLM, head: EagleHead, task, choice: dict[int, int], steps: int, groups: int,
+def rl_section(model: CausalLM, head: EagleHead, task, profile: dict, steps: int, groups: int,
                group_size: int, max_new: int, lr: float, log) -> dict:
     out = {"groups": groups, "group_size": group_size, "max_new": max_new}
     for variant in VARIANTS:
+        choice = LiveChoice.from_profile(profile, groups * group_size)
         setup = Setup.build(variant, model, head, task, choice, groups, group_size, max_new, lr)
         run = run_async if variant == "respec" else run_sync
         out[variant] = summarise(run(setup, steps, log))
@@ -60,6 +63,36 @@ def rl_section(model: CausalLM, head: EagleHead, task, choice: dict[int, int], s
     return out
 
 
+class LiveChoice:
+    """The scheduler of the RL runs: per batch bucket, the draft length with the most
+    expected tokens per second, from the profile's step costs and the acceptance rate of
+    the run's own rollouts (an average over the latest generations, so a head that goes
+    stale, or a distillation that refreshes it, moves the choice within a step or two).
+    The profile's acceptance, measured on other prompts before RL, only seeds it."""
+
+    def __init__(self, step_cost: dict[tuple[int, int], float], rate: float, memory: float = 0.5) -> None:
+        self.step_cost, self.rate, self.memory = step_cost, rate, memory
+        self.lengths = sorted({k for _, k in step_cost})
+        self.choice = self._choose()
+
+    @staticmethod
+    def from_profile(profile: dict, rows: int) -> LiveChoice:
+        cost = {(int(b), int(k)): seconds for key, seconds in profile["step_s"].items()
+                for b, k in [key.split("/")] if int(b) <= rows}
+        if rows not in {b for b, _ in cost}:
+            raise ValueError(f"the profile has no step costs for a batch of {rows} rows")
+        seeded = {int(k): a for k, a in profile["accepted_per_step"].items()}
+        return LiveChoice(cost, chain_acceptance({k: 1 for k in seeded}, sum(seeded.values())))
+
+    def observe(self, chains: dict[int, int], accepted: int) -> None:
+        if any(k for k in chains):
+            self.rate = self.memory * self.rate + (1 - self.memory) * chain_acceptance(chains, accepted)
+            self.choice = self._choose()
+
+    def _choose(self) -> dict[int, int]:
+        return choose_draft_lengths(self.step_cost, accepted_per_chain(self.rate, self.lengths))
+
+
 @dataclass
 class Setup:
     """One variant's models, optimisers and generator, from the same starting weights."""
@@ -69,7 +102,7 @@ class Setup:
     master: CausalLM  # float32: what trains
     trainer: GRPOTrainer
     generator: FastGenerator
-    choice: dict[int, int] | int
+    live: LiveChoice | None  # None: plain decoding
     groups: int
     group_size: int
     draft: EagleHead | None = None
@@ -88,7 +121,7 @@ class Setup:
         generator = FastGenerator(infer, draft, max_rows=groups * group_size, max_len=64 + max_new + 8,
                                   max_new=max_new, max_k=6 if drafting else 0, temperature=1.0, eos_ids=(eos,))
         return Setup(variant, task, infer, master, GRPOTrainer(master, TrainerConfig(lr=lr, micro_batch=64)),
-                     generator, choice if drafting else 0, groups, group_size, draft, draft_master,
+                     generator, choice if drafting else None, groups, group_size, draft, draft_master,
                      torch.optim.AdamW(draft_master.parameters(), lr=3e-4) if drafting else None)
 
     @property
@@ -102,12 +135,18 @@ class Setup:
         tokenizer = char_tokenizer()
         return [[tokenizer.bos_id, *tokenizer.encode(p.prompt)] for p in problems for _ in range(self.group_size)]
 
+    def choice(self) -> dict[int, int] | int:
+        return self.live.choice if self.live is not None else 0
+
     def warm_up(self) -> None:
-        """Capture every graph generation will need (all buckets, the prefill widths of any
-        prompt) before the timed steps: capture must not overlap the trainer's work."""
+        """Capture every graph generation will need (every bucket with every draft length the
+        live choice may pick, the prefill widths of any prompt) before the timed steps:
+        capture synchronises the device and must not overlap the trainer's work."""
         prompts = self.prompts(self.problems(-1))
-        self.generator.generate(prompts, self.choice)
+        self.generator.generate(prompts, self.choice())
         b = self.generator.bucket_for(len(prompts))
+        lengths = self.live.lengths if self.live is not None else [0]
+        self.generator.capture([(size, k) for size in self.generator.buckets for k in lengths])
         for width in range(16, 65, 16):
             self.generator.capture([], (b, width))
 
@@ -115,8 +154,11 @@ class Setup:
         problems = self.problems(step)
         prompts = self.prompts(problems)
         started = time.perf_counter()
-        results = self.generator.generate(prompts, self.choice)
+        choice = self.choice()
+        results = self.generator.generate(prompts, choice)
         gen_s = time.perf_counter() - started
+        if self.live is not None:
+            self.live.observe(self.generator.chains, sum(r.accepted for r in results))
         tokenizer = char_tokenizer()
         rewards = [self.task.check(tokenizer.decode([t for t in r.tokens if t != tokenizer.eos_id]),
                                    problems[i // self.group_size]).reward for i, r in enumerate(results)]
@@ -125,7 +167,10 @@ class Setup:
                    for i, (p, r, reward) in enumerate(zip(prompts, results, rewards, strict=True))]
         record = {"step": step, "reward": sum(rewards) / len(rewards), "gen_s": gen_s,
                   "tokens": sum(len(r.tokens) for r in results), "longest": max(len(r.tokens) for r in results),
-                  "accepted_per_step": sum(r.accepted for r in results) / max(1, sum(r.steps for r in results))}
+                  "accepted_per_step": sum(r.accepted for r in results) / max(1, sum(r.steps for r in results)),
+                  "k_full": choice if isinstance(choice, int) else choice[max(choice)],
+                  "k_one": choice if isinstance(choice, int) else choice[1],
+                  "acceptance_rate": self.live.rate if self.live is not None else 0.0}
         return results, samples, record
 
     def update(self, step: int, samples: list[TrainSample]) -> dict:

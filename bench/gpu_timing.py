@@ -121,3 +121,24 @@ def hf_decode_seconds(checkpoint_dir: str, prompt: list[int], device: str, new_t
         seconds = timed(lambda: model.generate(inputs, **kwargs), device, 3)
         tokens = model.generate(inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[0, len(prompt):]
     return {"seconds_per_token": seconds / new_tokens, "greedy_tokens": tokens.tolist()}
+
+
+def chain_acceptance(chains: dict[int, int], accepted: int) -> float:
+    """The per-draft acceptance rate a that explains `accepted` drafts over `chains` (draft
+    length -> chains drafted): a chain of k accepts a + a^2 + ... + a^k drafts in expectation
+    (each draft accepted with probability a, given its predecessors were). Bisection."""
+    def expected(a: float) -> float:
+        return sum(n * sum(a ** i for i in range(1, k + 1)) for k, n in chains.items() if k)
+
+    if expected(1.0) <= 0:
+        return 0.0
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (mid, high) if expected(mid) < accepted else (low, mid)
+    return (low + high) / 2
+
+
+def accepted_per_chain(rate: float, lengths) -> dict[int, float]:
+    """Expected accepted drafts per step for each draft length, at acceptance rate `rate`."""
+    return {k: sum(rate ** i for i in range(1, k + 1)) for k in lengths}

@@ -155,3 +155,13 @@ def test_the_statistical_test_fails_when_the_fast_rule_is_broken(six_token_model
     context, second, third = sampled_pairs(model, head, [1, 2, 3, 1, 2, 3, 1, 2, 3, 1], rows=16_000)
     _, pvalue = chi_square_pvalue(pair_counts(second, third, 6), exact_pair_probs(model, context, plain_probs))
     assert pvalue < 1e-6
+
+
+def test_chains_count_every_row_step_by_its_draft_length(model_and_head):
+    """generate's `chains` (what a live scheduler reads acceptance from): per draft length,
+    the row-steps that drafted it; over a run they add up to the rows' verification steps."""
+    model, head = model_and_head
+    generator = FastGenerator(model, head, max_rows=8, max_len=96, max_new=20, max_k=3, eos_ids=(1,))
+    results = generator.generate(prompts_of(7), {8: 3, 4: 2, 2: 1, 1: 0})
+    assert sum(generator.chains.values()) == sum(r.steps for r in results)
+    assert set(generator.chains) <= {0, 1, 2, 3} and generator.chains.get(3, 0) > 0

@@ -66,6 +66,7 @@ class FastGenerator:
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._prefill_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs_on else None
+        self.chains: dict[int, int] = {}  # after generate: draft length -> row-steps that drafted that many
 
     def refresh_weights(self) -> None:
         """Re-read the model's (and head's) weights into the fused copies, in place."""
@@ -137,10 +138,14 @@ class FastGenerator:
         self.capture([(size, choose(size)) for size in self.buckets if size <= b], (b, self._prefill_width(prompts)))
         b = self.start(prompts)
         owner = list(range(len(prompts))) + [-1] * (self.state.rows - len(prompts))  # state row -> prompt
+        self.chains = {}
+        live = self.state.done[:b].tolist().count(False)  # rows not done before the next step (as of the last check)
         while True:
             for _ in range(check_every):
                 self.step(b, choose(b))
+                self.chains[choose(b)] = self.chains.get(choose(b), 0) + live
             done = self.state.done[:b].tolist()  # the one host synchronisation per check
+            live = done.count(False)
             if all(done):
                 break
             if compact and self.bucket_for(done.count(False)) < b:

@@ -1,0 +1,47 @@
+"""bench/gpu_rl.py's live scheduler: the acceptance rate it reads from a generation's chains,
+and the draft lengths it picks from it (no GPU needed: plain arithmetic on profiles)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+from gpu_rl import LiveChoice  # noqa: E402
+from gpu_timing import accepted_per_chain, chain_acceptance  # noqa: E402
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3, 0.75, 0.95])
+def test_chain_acceptance_recovers_the_rate_that_produced_the_counts(rate):
+    chains = {0: 50, 2: 100, 5: 300}
+    accepted = sum(n * accepted_per_chain(rate, [k])[k] for k, n in chains.items())
+    assert chain_acceptance(chains, accepted) == pytest.approx(rate, abs=1e-6)
+
+
+def test_plain_decoding_only_says_nothing_about_acceptance():
+    assert chain_acceptance({0: 100}, 0) == 0.0
+
+
+def profile(rows: int = 8) -> dict:
+    # A verification of k + 1 tokens costs (1 + 0.1 k) of a plain step at 1 row, (1 + 0.5 k) at `rows`.
+    step_s = {f"{b}/{k}": 1.0 + (0.1 if b == 1 else 0.5) * k for b in (1, rows) for k in range(7)}
+    return {"step_s": step_s, "accepted_per_step": {k: accepted_per_chain(0.8, [k])[k] for k in range(1, 7)}}
+
+
+def test_live_choice_drafts_less_when_the_head_goes_stale():
+    live = LiveChoice.from_profile(profile(), 8)
+    assert live.rate == pytest.approx(0.8, abs=1e-6)
+    eager = dict(live.choice)
+    assert eager[1] >= 4 and eager[8] >= 1
+    for _ in range(6):  # rollouts where the head's drafts are rarely accepted
+        live.observe({eager[8]: 400, eager[1]: 40}, accepted=int(0.1 * 440))
+    assert live.rate < 0.2
+    assert live.choice[8] == 0 and live.choice[1] < eager[1]
+
+
+def test_live_choice_refuses_a_profile_without_the_runs_batch():
+    with pytest.raises(ValueError, match="16 rows"):
+        LiveChoice.from_profile(profile(8), 16)
