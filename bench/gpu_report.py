@@ -77,7 +77,9 @@ def rl_table(rl: dict | list) -> str:
              "tokens / longest | drafts accepted per step | reward first third -> last third |"
              + (" k full batch / 1 row, first -> last step |" if live else ""),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if live else "")]
-    for variant in ("sync_nosd", "sync_sd", "respec"):
+    for variant in ("sync_nosd", "sync_sd", "respec", "respec_switch_5ms", "sync_nosd_again"):
+        if variant not in rl:  # reports before 720c4d3 have the first three only
+            continue
         v, mean = rl[variant], rl[variant]["mean"]
         ratio = 1.0 if variant == "sync_nosd" else rl[f"{variant}_step_time_over_sync_nosd"]
         first, last = v["steps"][0], v["steps"][-1]

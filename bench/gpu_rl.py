@@ -16,7 +16,16 @@ Three variants from the same weights and the same prompts per step:
   CUDA events: the trainer never overwrites weights the generator has not copied yet).
 
 A step's time is the whole run's wall time (first generation to last update) over the
-number of steps, so the asynchronous pipeline's fill and drain are paid.
+number of steps, so the asynchronous pipeline's fill and drain are paid. Before the timed
+variants, a few untimed steps of each kind warm the process (the first update of a process
+runs ~2x slower for many steps: library heuristics and allocator pools for each new shape),
+and the baseline runs again at the end (``sync_nosd_again``): the two baseline rows show
+how much the machine drifted during the section.
+
+``respec`` runs with a 0.5 ms interpreter switch interval (``respec_switch_5ms``: the default
+5 ms, for comparison): the update thread holds the GIL through thousands of eager kernel
+launches, and with the default interval the generation thread waits up to 5 ms for it at
+every step of ~2 ms.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import contextlib
 import copy
 import queue
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,17 +51,26 @@ from respec.rl.trainer import GRPOTrainer, TrainerConfig, TrainSample
 
 DISTILL_SAMPLES = 128  # rollouts per distillation: the latest ones (one pass, one batch)
 DISTILL_EVERY = 3  # policy versions per head update (the DraftDistiller's update_interval)
-VARIANTS = ("sync_nosd", "sync_sd", "respec")
+VARIANTS = ("sync_nosd", "sync_sd", "respec", "respec_switch_5ms", "sync_nosd_again")
+WARM_STEPS = 3
+SWITCH_INTERVAL_S = 5e-4
 
 
 def rl_section(model: CausalLM, head: EagleHead, task, profile: dict, steps: int, groups: int,
                group_size: int, max_new: int, lr: float, log) -> dict:
     out = {"groups": groups, "group_size": group_size, "max_new": max_new}
-    for variant in VARIANTS:
+    for variant in ("warm_sync", "warm_async", *VARIANTS):
         choice = LiveChoice.from_profile(profile, groups * group_size)
         setup = Setup.build(variant, model, head, task, choice, groups, group_size, max_new, lr)
-        run = run_async if variant == "respec" else run_sync
-        out[variant] = summarise(run(setup, steps, log))
+        if variant.startswith("warm"):  # untimed: the process's first updates are slow
+            (run_async if variant == "warm_async" else run_sync)(setup, WARM_STEPS, log)
+            del setup
+            continue
+        if variant.startswith("respec"):
+            interval = SWITCH_INTERVAL_S if variant == "respec" else sys.getswitchinterval()
+            out[variant] = summarise(_with_switch_interval(interval, run_async, setup, steps, log))
+        else:
+            out[variant] = summarise(run_sync(setup, steps, log))
         log(f"rl {variant}: {out[variant]['step_s']:.3f} s per step, reward "
             f"{out[variant]['reward_first']:.3f} -> {out[variant]['reward_last']:.3f}")
         del setup
@@ -115,7 +134,7 @@ class Setup:
         eos = char_tokenizer().eos_id
         infer = copy.deepcopy(model)
         master = copy.deepcopy(model).float().train()
-        drafting = variant != "sync_nosd"
+        drafting = "nosd" not in variant
         draft = _head_for(infer, head) if drafting else None
         draft_master = _head_for(infer, head).float().train() if drafting else None
         generator = FastGenerator(infer, draft, max_rows=groups * group_size, max_len=64 + max_new + 8,
@@ -264,6 +283,15 @@ def run_async(setup: Setup, steps: int, log) -> list[dict]:
     if failures:
         raise failures[0]
     return [history[step] for step in range(1, steps + 1)]
+
+
+def _with_switch_interval(seconds: float, run, *args):
+    default = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        return run(*args)
+    finally:
+        sys.setswitchinterval(default)
 
 
 def summarise(history: list[dict]) -> dict:
