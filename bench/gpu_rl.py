@@ -53,6 +53,7 @@ DISTILL_SAMPLES = 128  # rollouts per distillation: the latest ones (one pass, o
 DISTILL_EVERY = 3  # policy versions per head update (the DraftDistiller's update_interval)
 VARIANTS = ("sync_nosd", "sync_sd", "respec", "respec_switch_5ms", "sync_nosd_again")
 WARM_STEPS = 3
+LENGTH_MULTIPLE = 32  # update lengths padded to a multiple: few kernel shapes (TrainerConfig.length_multiple)
 SWITCH_INTERVAL_S = 5e-4
 
 
@@ -139,7 +140,7 @@ class Setup:
         draft_master = _head_for(infer, head).float().train() if drafting else None
         generator = FastGenerator(infer, draft, max_rows=groups * group_size, max_len=64 + max_new + 8,
                                   max_new=max_new, max_k=6 if drafting else 0, temperature=1.0, eos_ids=(eos,))
-        return Setup(variant, task, infer, master, GRPOTrainer(master, TrainerConfig(lr=lr, micro_batch=64)),
+        return Setup(variant, task, infer, master, GRPOTrainer(master, TrainerConfig(lr=lr, micro_batch=64, length_multiple=LENGTH_MULTIPLE)),
                      generator, choice if drafting else None, groups, group_size, draft, draft_master,
                      torch.optim.AdamW(draft_master.parameters(), lr=3e-4) if drafting else None)
 

@@ -35,6 +35,10 @@ class TrainerConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     micro_batch: int = 8
+    # Pad each micro-batch's length up to a multiple of this: on a GPU every new length is a
+    # new set of kernel shapes, and an update of shapes not seen before ran up to 2x slower
+    # (bench/gpu_rl.py); a few lengths are soon all seen. Padding changes no real position.
+    length_multiple: int = 1
     epochs: int = 1
     scale_by_std: bool = True
     ppo: PPOConfig = PPOConfig()
@@ -56,8 +60,9 @@ class GRPOTrainer:
         device = next(self.model.parameters()).device
         rewards = torch.tensor([s.reward for s in samples])
         advantages = group_advantages(rewards, [s.group_id for s in samples], self.config.scale_by_std).to(device)
-        batch = _pad(samples).to(device)
-        micro_batches = [batch.select(rows) for rows in _by_length(samples, self.config.micro_batch, device)]
+        multiple = self.config.length_multiple
+        batch = _pad(samples, multiple).to(device)
+        micro_batches = [batch.select(rows, multiple) for rows in _by_length(samples, self.config.micro_batch, device)]
         with torch.no_grad():
             proximal = [self._logprobs(self.model, part) for part in micro_batches]
             reference = ([self._logprobs(self.reference, part) for part in micro_batches]
@@ -125,10 +130,11 @@ class _Batch:
         return _Batch(*(getattr(self, name).to(device) for name in
                         ("tokens", "response_index", "mask", "behaviour", "temperature", "lengths")))
 
-    def select(self, rows: torch.Tensor) -> _Batch:
-        """These rows, cut to the longest of them: right padding changes no real position's
-        logits (attention is causal), so a micro-batch of short rows costs what they do."""
-        length, width = int(self.lengths[rows].max()), int(self.mask[rows].sum(1).max())
+    def select(self, rows: torch.Tensor, multiple: int = 1) -> _Batch:
+        """These rows, cut to the longest of them (rounded up to `multiple`): right padding
+        changes no real position's logits (attention is causal), so a micro-batch of short
+        rows costs what they do."""
+        length, width = _round_up(int(self.lengths[rows].max()), multiple), int(self.mask[rows].sum(1).max())
         return _Batch(self.tokens[rows, :length], self.response_index[rows, :width], self.mask[rows, :width],
                       self.behaviour[rows, :width], self.temperature[rows], self.lengths[rows], rows)
 
@@ -142,8 +148,12 @@ def _by_length(samples: list[TrainSample], micro_batch: int, device: torch.devic
     return list(torch.tensor(order, device=device).split(micro_batch))
 
 
-def _pad(samples: list[TrainSample]) -> _Batch:
-    length = max(len(s.prompt) + len(s.response) for s in samples)
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _pad(samples: list[TrainSample], multiple: int = 1) -> _Batch:
+    length = _round_up(max(len(s.prompt) + len(s.response) for s in samples), multiple)
     width = max(len(s.response) for s in samples)
     tokens = torch.zeros(len(samples), length, dtype=torch.long)
     index = torch.zeros(len(samples), width, dtype=torch.long)

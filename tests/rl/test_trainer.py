@@ -54,13 +54,14 @@ def test_first_step_is_on_policy_and_micro_batching_does_not_change_the_update(t
     prompt = torch.tensor([1, 2, 3])
     responses = [torch.tensor([5, 6, 7]), torch.tensor([9]), torch.tensor([4, 4]), torch.tensor([8, 2, 2, 2])]
     results = []
-    for micro in (1, 2, 4):  # 2: rows grouped by length and cut to the group's longest
+    # micro 2: rows grouped by length and cut to the group's longest; multiple 5: lengths padded up to 5 or 10
+    for micro, multiple in ((1, 1), (2, 1), (4, 1), (2, 5)):
         model = tiny(tmp_path)
-        trainer = GRPOTrainer(model, TrainerConfig(lr=1e-3, micro_batch=micro))
+        trainer = GRPOTrainer(model, TrainerConfig(lr=1e-3, micro_batch=micro, length_multiple=multiple))
         stats = trainer.step(samples_for(model, prompt, responses, [1.0, 0.0, 0.5, 0.2]))
         assert abs(stats["ratio_mean"] - 1.0) < 1e-5 and abs(stats["behaviour_weight_mean"] - 1.0) < 1e-5
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert torch.allclose(results[0], results[1], atol=1e-6) and torch.allclose(results[0], results[2], atol=1e-6)
+    assert all(torch.allclose(results[0], other, atol=1e-6) for other in results[1:])
 
 
 def test_a_step_with_no_samples_publishes_a_version_and_leaves_the_weights(tmp_path):
