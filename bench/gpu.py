@@ -79,6 +79,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shapes", default="", help="comma-separated shapes (3b,7b) for the step-cost mode")
     parser.add_argument("--sft-steps", type=int, default=1500)
     parser.add_argument("--head-steps", type=int, default=1500)
+    parser.add_argument("--sft-batch", type=int, default=128, help="problems per SFT step (64 fits an H100's 80 GB "
+                        "with --operands 2,14)")
     parser.add_argument("--batches", default="1,2,4,8,16,32,64,128,256")
     parser.add_argument("--max-new", type=int, default=128)
     parser.add_argument("--rl-steps", type=int, default=12)
@@ -142,7 +144,7 @@ def trained_models(args, task, heldout, shape: str, device: str):
         policy_report, head_report = json.loads((cache / "reports.json").read_text())
         log(f"policy and head loaded from {cache} (trained by an earlier run: {policy_report}, {head_report})")
         return model, head, {**policy_report, "loaded_from_cache": True}, head_report
-    policy, policy_report = train_policy(task, shape, device, args.sft_steps, batch=128 if not args.smoke else 8)
+    policy, policy_report = train_policy(task, shape, device, args.sft_steps, batch=args.sft_batch if not args.smoke else 8)
     model = policy.to(torch.bfloat16) if device == "cuda" else policy
     policy_report["accuracy_sampled"] = accuracy(model, task, heldout, 1.0, args.max_new)
     policy_report["accuracy_greedy"] = accuracy(model, task, heldout, 0.0, args.max_new)
