@@ -17,10 +17,11 @@ Three variants from the same weights and the same prompts per step:
 
 A step's time is the whole run's wall time (first generation to last update) over the
 number of steps, so the asynchronous pipeline's fill and drain are paid. Before the timed
-variants, a few untimed steps of each kind warm the process (the first update of a process
-runs ~2x slower for many steps: library heuristics and allocator pools for each new shape),
-and the baseline runs again at the end (``sync_nosd_again``): the two baseline rows show
-how much the machine drifted during the section.
+variants, a few untimed steps of each kind warm the process, and the baseline runs again
+at the end (``sync_nosd_again``): the two baseline rows show how much the timing drifted
+during the section. (Without the update's lengths padded to a multiple of 32, the same
+baseline's median update took 0.38 s at the start of a run and 0.12 s at its end: a
+GPU update of 16 rows is bimodal from step to step, docs/PERFORMANCE.md.)
 
 ``respec`` runs with a 0.5 ms interpreter switch interval (``respec_switch_5ms``: the default
 5 ms, for comparison): the update thread holds the GIL through thousands of eager kernel
