@@ -19,15 +19,7 @@ from respec.engine.speculative import Sampling, SpeculativeEngine
 from tests.checkpoints import small_qwen2
 from tests.heads import greedy_distilled_head
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The in-process reference engines (and head training) on one thread: on 2 shared cores
-    two threads of tiny matmuls wait on each other (37 s against 1 s seen for the head)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ from respec.sched.profile import Profile, profile, profile_key
 from respec.sched.setup import ModelSetup, build_drafter, setup_from_run_config
 from tests.checkpoints import small_qwen2
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from respec.cli import app
@@ -18,13 +17,6 @@ from tests.serve.conftest import MAX_LEN
 
 PROMPTS = ["1+2=", "33*4=", "7-1+6=", "(2+3)*4=", "9/3="]
 
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def service_for(served_dirs, draft: bool, **options):
