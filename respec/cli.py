@@ -327,11 +327,21 @@ def _rl_bench(which: str):
         lr: Annotated[float, typer.Option(help="the trainer's learning rate (0: the run file's)")] = 0.0,
         config: Annotated[Path, typer.Option(help="the asynchronous SD run file the variants change")]
             = Path("configs/tiny.yaml"),
+        seeds: Annotated[str, typer.Option(help="e2e only: comma-separated run seeds, every variant runs once "
+                                                  "per seed (accuracy within noise over seeds); empty: the file's")]
+            = "",
     ) -> None:
         from respec.bench import rl_runs
 
         extra = {"actors.trainer.params.lr": lr} if lr else {}
-        getattr(rl_runs, f"bench_{which}")(json_file, steps, extra, config)
+        if seeds and which != "e2e":
+            raise typer.BadParameter("--seeds is for `respec bench e2e` only", param_hint="--seeds")
+        try:
+            repeat = {"seeds": tuple(int(s) for s in seeds.split(","))} if seeds else {}
+        except ValueError:
+            raise typer.BadParameter(f"not a comma-separated list of whole numbers: {seeds!r}",
+                                     param_hint="--seeds") from None
+        getattr(rl_runs, f"bench_{which}")(json_file, steps, extra, config, **repeat)
         typer.echo(f"wrote {json_file} and {json_file.with_suffix('.png')}")
 
     command.__doc__ = {

@@ -42,6 +42,7 @@ class VariantResult:
     summary: dict[str, Any]
     wall_s: float
     extra: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None  # the run's seed where the bench repeats variants over seeds (else the file's)
 
     def edge(self, key: str, end: bool) -> float:
         rows = [r[key] for r in self.trainer if r.get(key) is not None]
@@ -105,15 +106,18 @@ def e2e_variants(config: Path, baseline: Path) -> dict[str, tuple[Path, dict]]:
 
 
 def run_variants(bench: str, variants: dict[str, tuple[Path, dict]], steps: int, extra: dict[str, Any],
-                 console: Console) -> list[VariantResult]:
+                 console: Console, seed: int | None = None) -> list[VariantResult]:
+    """Each variant once, with `seed` as the run's seed if given (then the run is named after it)."""
     results = []
     for name, (config, overrides) in variants.items():
-        console.print(f"[bold]{bench}[/]: {name} ({steps} RL steps, {config})")
+        run_name = f"bench_{bench}_{name}" + (f"_s{seed}" if seed is not None else "")
+        console.print(f"[bold]{bench}[/]: {name}" + (f" seed {seed}" if seed is not None else "")
+                      + f" ({steps} RL steps, {config})")
         overrides = {**overrides, **extra, "actors.trainer.params.max_steps": steps,
-                     "actors.trainer.params.checkpoint_every": 0}
-        config, overrides = _removing(config, overrides, f"bench_{bench}_{name}")
+                     "actors.trainer.params.checkpoint_every": 0, **({"run.seed": seed} if seed is not None else {})}
+        config, overrides = _removing(config, overrides, run_name)
         started = time.perf_counter()
-        result = run_file(config, name=f"bench_{bench}_{name}", overrides=overrides, progress=False)
+        result = run_file(config, name=run_name, overrides=overrides, progress=False)
         if not result.ok:
             raise RuntimeError(f"{bench}/{name}: the run failed: {result.reason} (see {result.run_dir}/log.jsonl)")
         summary_path = result.run_dir / "summary.json"
@@ -122,7 +126,7 @@ def run_variants(bench: str, variants: dict[str, tuple[Path, dict]], steps: int,
         results.append(VariantResult(
             name, [r for r in rows if r["source"].startswith("trainer") and "reward_mean" in r],
             [r for r in rows if r["source"].startswith("distiller")], summary, time.perf_counter() - started,
-            {"scheduler_decisions": scheduler_decisions(result.run_dir)}))
+            {"scheduler_decisions": scheduler_decisions(result.run_dir)}, seed))
     return results
 
 
@@ -242,20 +246,60 @@ def bench_interval(json_file: Path, steps: int, extra: dict[str, Any], config: P
 
 
 def bench_e2e(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG,
-              baseline: Path = SYNC_BASELINE) -> dict:
+              baseline: Path = SYNC_BASELINE, seeds: tuple[int | None, ...] = (None,)) -> dict:
+    """Every variant once per seed; speedups against the same seed's baseline, and (with
+    several seeds) a table over seeds: does each variant reach the baseline's accuracy?"""
     console = Console()
-    results = run_variants("e2e", e2e_variants(config, baseline), steps, extra, console)
-    base = _run_time(results[0])
-    columns = [("variant", lambda r: r.name), ("time to last step s", lambda r: round(_run_time(r), 1)),
-               ("speedup vs sync_nosd", lambda r: _ratio(base, _run_time(r))),
+    results = [r for seed in seeds for r in run_variants("e2e", e2e_variants(config, baseline), steps, extra,
+                                                         console, seed)]
+    base = {r.seed: _run_time(r) for r in results if r.name == "sync_nosd"}
+    columns = [("variant", lambda r: r.name), ("seed", lambda r: r.seed),
+               ("time to last step s", lambda r: round(_run_time(r), 1)),
+               ("speedup vs sync_nosd", lambda r: _ratio(base[r.seed], _run_time(r))),
                ("reward start -> end", lambda r: f"{r.edge('reward_mean', False)} -> {r.edge('reward_mean', True)}"),
                ("held-out accuracy start -> end", _accuracy),
                ("accept_len mean", lambda r: r.summary.get("accept_len_mean")),
                ("scheduler decisions sent", lambda r: sum(r.extra["scheduler_decisions"].values())),
                ("decisions by kind", lambda r: r.extra["scheduler_decisions"]),
                ("draft updates", lambda r: len(r.distiller))]
+    aggregate = over_seeds(results, base) if len(seeds) > 1 else None
+    if aggregate:
+        _print_over_seeds(aggregate, console)
     return report("e2e", results, columns, json_file, [("reward_mean", "reward"), ("accept_len", "acceptance length")],
-                  console, {"steps": steps})
+                  console, {"steps": steps, "seeds": list(seeds), **({"over_seeds": aggregate} if aggregate else {})})
+
+
+def over_seeds(results: list[VariantResult], base: dict[int | None, float]) -> list[dict[str, Any]]:
+    """Per variant over its seeds: mean speedup (each against its own seed's baseline) and
+    final held-out accuracy mean and standard deviation; `accuracy within noise` when the
+    difference of means to the baseline's is at most twice its standard error."""
+    names = list(dict.fromkeys(r.name for r in results))
+    by_name = {name: [r for r in results if r.name == name] for name in names}
+    accuracy = {name: [float(r.summary.get("accuracy_end", 0.0)) for r in runs] for name, runs in by_name.items()}
+    rows = []
+    for name, runs in by_name.items():
+        mean, spread = _mean_sd(accuracy[name])
+        base_mean, base_spread = _mean_sd(accuracy["sync_nosd"])
+        error = ((spread ** 2 + base_spread ** 2) / len(runs)) ** 0.5
+        rows.append({"variant": name, "seeds": len(runs),
+                     "speedup mean": round(sum(_ratio(base[r.seed], _run_time(r)) for r in runs) / len(runs), 3),
+                     "accuracy end mean": round(mean, 4), "accuracy end sd": round(spread, 4),
+                     "accuracy within noise": abs(mean - base_mean) <= 2 * error if name != "sync_nosd" else True})
+    return rows
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+
+
+def _print_over_seeds(rows: list[dict[str, Any]], console: Console) -> None:
+    table = Table(title="respec bench e2e, over seeds")
+    for title in rows[0]:
+        table.add_column(title)
+    for row in rows:
+        table.add_row(*[str(v) for v in row.values()])
+    console.print(table)
 
 
 def _run_time(result: VariantResult) -> float:

@@ -64,3 +64,28 @@ def test_report_writes_json_and_png(tmp_path):
     assert payload["variants"]["a"]["accept end"] == round(sum(2.0 - s / 100 for s in range(21, 31)) / 10, 4)
     assert json.loads(out.read_text())["variants"]["b"]["distiller"] == [{"distill_s": 1.0}]
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_over_seeds_compares_each_variant_with_its_own_seeds_baseline():
+    def run(name, seed, time_s, accuracy):
+        return VariantResult(name, [{"step": 1, "time_s": time_s}], [], {"accuracy_end": accuracy}, time_s, seed=seed)
+
+    results = [run("sync_nosd", 0, 10.0, 0.50), run("sync_nosd", 1, 20.0, 0.52), run("sync_nosd", 2, 10.0, 0.54),
+               run("respec", 0, 5.0, 0.51), run("respec", 1, 5.0, 0.53), run("respec", 2, 10.0, 0.52),
+               run("worse", 0, 10.0, 0.30), run("worse", 1, 20.0, 0.31), run("worse", 2, 10.0, 0.32)]
+    base = {r.seed: r.trainer[-1]["time_s"] for r in results if r.name == "sync_nosd"}
+    rows = {row["variant"]: row for row in rl_runs.over_seeds(results, base)}
+    assert rows["respec"]["speedup mean"] == round((2.0 + 4.0 + 1.0) / 3, 3)  # per seed, then the mean
+    assert rows["respec"]["accuracy end mean"] == 0.52 and rows["respec"]["accuracy end sd"] == 0.01
+    assert rows["respec"]["accuracy within noise"] and not rows["worse"]["accuracy within noise"]
+
+
+def test_seeds_are_refused_where_they_are_not_used_and_when_not_numbers():
+    from typer.testing import CliRunner
+
+    from respec.cli import app
+
+    refused = CliRunner().invoke(app, ["bench", "staleness", "--seeds", "0,1"])
+    assert refused.exit_code == 2 and "is for `respec bench e2e` only" in refused.output
+    garbled = CliRunner().invoke(app, ["bench", "e2e", "--seeds", "0,x"])
+    assert garbled.exit_code == 2 and "not a comma-separated list of whole numbers" in garbled.output
