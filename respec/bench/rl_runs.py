@@ -172,12 +172,16 @@ def report(bench: str, results: list[VariantResult], columns: list[tuple[str, An
         table.add_row(*[str(get(result)) for _, get in columns])
     console.print(table)
     payload = {"bench": bench, **(notes or {}),
-               "variants": {r.name: {**{title: get(r) for title, get in columns}, "summary": r.summary,
-                                     "trainer": r.trainer, "distiller": r.distiller} for r in results}}
+               "variants": {_key(r): {**{title: get(r) for title, get in columns}, "summary": r.summary,
+                                      "trainer": r.trainer, "distiller": r.distiller} for r in results}}
     json_file.parent.mkdir(parents=True, exist_ok=True)
     json_file.write_text(json.dumps(payload, indent=2, default=float))
     _plot(results, curves, json_file.with_suffix(".png"), bench)
     return payload
+
+
+def _key(result: VariantResult) -> str:
+    return result.name if result.seed is None else f"{result.name}@s{result.seed}"
 
 
 def _plot(results: list[VariantResult], curves: list[tuple[str, str]], path: Path, bench: str) -> None:
@@ -192,7 +196,7 @@ def _plot(results: list[VariantResult], curves: list[tuple[str, str]], path: Pat
             points = [(r["step"], r[key]) for r in result.trainer if r.get(key) is not None]
             if points:
                 steps, values = zip(*points, strict=True)
-                axis.plot(steps, smooth(list(values)), label=result.name)
+                axis.plot(steps, smooth(list(values)), label=_key(result))
         axis.set_xlabel("RL step")
         axis.set_ylabel(f"{label} (mean of {WINDOW} steps)")
         axis.grid(alpha=0.3)
@@ -262,17 +266,20 @@ def bench_e2e(json_file: Path, steps: int, extra: dict[str, Any], config: Path =
                ("scheduler decisions sent", lambda r: sum(r.extra["scheduler_decisions"].values())),
                ("decisions by kind", lambda r: r.extra["scheduler_decisions"]),
                ("draft updates", lambda r: len(r.distiller))]
-    aggregate = over_seeds(results, base) if len(seeds) > 1 else None
+    aggregate = over_seeds(results, base, _evaluations(baseline)) if len(seeds) > 1 else None
     if aggregate:
         _print_over_seeds(aggregate, console)
     return report("e2e", results, columns, json_file, [("reward_mean", "reward"), ("accept_len", "acceptance length")],
                   console, {"steps": steps, "seeds": list(seeds), **({"over_seeds": aggregate} if aggregate else {})})
 
 
-def over_seeds(results: list[VariantResult], base: dict[int | None, float]) -> list[dict[str, Any]]:
+def over_seeds(results: list[VariantResult], base: dict[int | None, float], evaluations: int) -> list[dict[str, Any]]:
     """Per variant over its seeds: mean speedup (each against its own seed's baseline) and
     final held-out accuracy mean and standard deviation; `accuracy within noise` when the
-    difference of means to the baseline's is at most twice its standard error."""
+    difference of means to the baseline's is at most twice its standard error. The error
+    counts the spread over seeds and the evaluation's own sampling error (`evaluations`
+    draws per accuracy, binomial): with few seeds that happen to agree, the spread alone
+    would call any small difference real."""
     names = list(dict.fromkeys(r.name for r in results))
     by_name = {name: [r for r in results if r.name == name] for name in names}
     accuracy = {name: [float(r.summary.get("accuracy_end", 0.0)) for r in runs] for name, runs in by_name.items()}
@@ -280,12 +287,19 @@ def over_seeds(results: list[VariantResult], base: dict[int | None, float]) -> l
     for name, runs in by_name.items():
         mean, spread = _mean_sd(accuracy[name])
         base_mean, base_spread = _mean_sd(accuracy["sync_nosd"])
-        error = ((spread ** 2 + base_spread ** 2) / len(runs)) ** 0.5
+        sampling = (mean * (1 - mean) + base_mean * (1 - base_mean)) / evaluations
+        error = ((spread ** 2 + base_spread ** 2 + sampling) / len(runs)) ** 0.5
         rows.append({"variant": name, "seeds": len(runs),
                      "speedup mean": round(sum(_ratio(base[r.seed], _run_time(r)) for r in runs) / len(runs), 3),
                      "accuracy end mean": round(mean, 4), "accuracy end sd": round(spread, 4),
                      "accuracy within noise": abs(mean - base_mean) <= 2 * error if name != "sync_nosd" else True})
     return rows
+
+
+def _evaluations(config: Path) -> int:
+    """Draws behind one held-out accuracy of the trainer in `config` (problems x samples)."""
+    params = yaml.safe_load(config.read_text())["actors"]["trainer"].get("params", {})
+    return max(1, int(params.get("eval_problems", 0)) * int(params.get("eval_samples", 4)))
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
