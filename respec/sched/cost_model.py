@@ -172,7 +172,9 @@ class OnlineCorrection:
         ratio = math.log(observed_s / predicted_s)
         believed = math.log(self.factor(config, batch))  # a new level starts from the current belief
         for level, key in enumerate(self._keys(config, batch)):
-            ema = self.emas.setdefault(key, Ema(self.weight, seed=believed, seed_counts=level > 0))
+            ema = self.emas.get(key)
+            if ema is None:  # not setdefault: that builds an Ema every step, ~5% of a decision
+                ema = self.emas[key] = Ema(self.weight, seed=believed, seed_counts=level > 0)
             ema.add(min(max(ratio, ema.value - self.CLIP), ema.value + self.CLIP))
 
     def count(self, config: str, batch: float) -> int:
@@ -239,7 +241,9 @@ class AcceptanceEstimate:
         self.last_seen[config] = self.observations
         if batch is not None:
             key = (config, octave(batch))
-            self.by_bucket.setdefault(key, Ema(self.weight)).add(accept_len)
+            if key not in self.by_bucket:
+                self.by_bucket[key] = Ema(self.weight)
+            self.by_bucket[key].add(accept_len)
             self.bucket_seen[key] = self.observations
         prior = self.prior.get(config, 1.0)
         if prior > 1.01:
@@ -248,8 +252,9 @@ class AcceptanceEstimate:
     def estimate(self, config: str, batch: float | None = None) -> float:
         if config == NOSD:
             return 1.0
-        if batch is not None and self._fresh(self.bucket_seen.get((config, octave(batch)))):
-            return self.by_bucket[(config, octave(batch))].value
+        key = None if batch is None else (config, octave(batch))
+        if key is not None and self._fresh(self.bucket_seen.get(key)):
+            return self.by_bucket[key].value
         if config in self.own and self._fresh(self.last_seen[config]):
             return self.own[config].value
         drift = self.drift.value if self.drift.count else 1.0
