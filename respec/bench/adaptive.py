@@ -43,10 +43,12 @@ from respec.sched.profile import DEFAULT_CONFIGS, NOSD, Profile, grid_size, prof
 from respec.sched.setup import ModelSetup, build_drafter, task_prompts
 
 ADAPTIVE = "adaptive"
-# Plain decoding in the engine the adaptive rule runs in: drafter attached, so the target
-# captures and the rows keep the drafter's features on every step, ready for a switch to
-# SD. Not a choice anyone would make; it shows what being able to switch costs.
-NOSD_READY = "nosd+features"
+# Plain decoding in the engine the adaptive rule runs in: drafter attached, ready for a
+# switch to SD. Not a choice anyone would make; it shows what being able to switch costs.
+# Until 2026-11-26 that engine captured the drafter's features on every plain step (this
+# column was "nosd+features", 0.91-0.98 of nosd); now it captures none and rebuilds a
+# row's features when SD comes back on, so this should match nosd.
+NOSD_READY = "nosd+drafter"
 PROFILE_CONTEXTS = (16, 64, 144)
 
 
