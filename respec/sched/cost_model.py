@@ -219,19 +219,26 @@ class AcceptanceEstimate:
     rows are left in a bucket is itself a workload (a rollout's tail is its few longest rows,
     which draft past their answer at 1.5-2.3 tokens per step where a full batch of fresh
     prompts gets 2.3-3.4), and one acceptance for every bucket made the tail's small
-    buckets decide with what the large ones measured."""
+    buckets decide with what the large ones measured. Fresh means seen within
+    `bucket_memory` steps of any config (plain ones included): a few rollouts' tails, so
+    the next tail finds the last one's value, but not what a long phase of other work
+    measured there (the next observation then starts the bucket over, and until then the
+    config's overall value, the latest SD steps anywhere, stands in)."""
 
-    def __init__(self, prior: dict[str, float], weight: float = 0.2, stale_after: int = 50) -> None:
+    def __init__(self, prior: dict[str, float], weight: float = 0.2, stale_after: int = 50,
+                 bucket_memory: int = 200) -> None:
         self.prior = dict(prior)
-        self.weight, self.stale_after = weight, stale_after
+        self.weight, self.stale_after, self.bucket_memory = weight, stale_after, bucket_memory
         self.own: dict[str, Ema] = {}
         self.last_seen: dict[str, int] = {}
         self.by_bucket: dict[tuple[str, int], Ema] = {}  # no seed: a bucket's first steps count fully
         self.bucket_seen: dict[tuple[str, int], int] = {}
         self.drift = Ema(weight, seed=1.0)
-        self.observations = 0
+        self.observations = 0  # SD steps
+        self.steps = 0  # every step: the clock of the per-bucket values
 
     def observe(self, config: str, accept_len: float, batch: float | None = None) -> None:
+        self.steps += 1
         if config == NOSD or not math.isfinite(accept_len) or accept_len < 1.0:
             return
         if config not in self.own:  # seeded with what was believed: one step is a noisy sample
@@ -241,10 +248,10 @@ class AcceptanceEstimate:
         self.last_seen[config] = self.observations
         if batch is not None:
             key = (config, octave(batch))
-            if key not in self.by_bucket:
+            if not self._bucket_fresh(key):  # what it held was another phase's: start over
                 self.by_bucket[key] = Ema(self.weight)
             self.by_bucket[key].add(accept_len)
-            self.bucket_seen[key] = self.observations
+            self.bucket_seen[key] = self.steps
         prior = self.prior.get(config, 1.0)
         if prior > 1.01:
             self.drift.add((accept_len - 1) / (prior - 1))
@@ -253,15 +260,16 @@ class AcceptanceEstimate:
         if config == NOSD:
             return 1.0
         key = None if batch is None else (config, octave(batch))
-        if key is not None and self._fresh(self.bucket_seen.get(key)):
+        if key is not None and self._bucket_fresh(key):
             return self.by_bucket[key].value
-        if config in self.own and self._fresh(self.last_seen[config]):
+        if config in self.own and self.observations - self.last_seen[config] < self.stale_after:
             return self.own[config].value
         drift = self.drift.value if self.drift.count else 1.0
         return 1.0 + (self.prior.get(config, 1.0) - 1.0) * drift
 
-    def _fresh(self, seen: int | None) -> bool:
-        return seen is not None and self.observations - seen < self.stale_after
+    def _bucket_fresh(self, key: tuple[str, int]) -> bool:
+        seen = self.bucket_seen.get(key)
+        return seen is not None and self.steps - seen < self.bucket_memory
 
 
 class CostModel:
