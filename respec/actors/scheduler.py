@@ -32,11 +32,12 @@ class Scheduler(Actor):
         patience: int = 2  # ... seen by this many consecutive decisions
         min_dwell: int = 8  # ... at least this many decisions after the last switch
         explore_steps: int = 3  # live steps of a config in a batch bucket before its estimate there is trusted
-        switch_cost_s: float = 0.0  # what a switch costs before one is measured (it is, online)
+        switch_cost_s: float = 0.0  # what a switch costs per row before one is measured (it is, online)
         ema: float = 0.2  # weight of a new live observation (step time, acceptance)
         stale_after: int = 50  # SD steps after which a config's own acceptance gives way to prior x drift
         probe_every: int = 50  # every N decisions, run a config not seen lately for one step (0: never)
         probe_within: float = 0.2  # ... if predicted at most this much slower; also what is explored per bucket
+        probe_budget: float = 0.03  # a probe (its step and two switches) costs at most this share of probe_every steps
         report_every: int = 200  # decisions between metrics rows (0: never)
 
     sends = (SchedulerDecision,)
@@ -67,7 +68,7 @@ class Scheduler(Actor):
         self.policy = SchedulerPolicy(model, params.candidates, params.margin, params.patience,
                                       probe_every=params.probe_every, probe_within=params.probe_within,
                                       min_dwell=params.min_dwell, explore_steps=params.explore_steps,
-                                      switch_cost_s=params.switch_cost_s)
+                                      switch_cost_s=params.switch_cost_s, probe_budget=params.probe_budget)
         self.decisions = 0
 
     @handles(GenerationStats)
@@ -125,6 +126,8 @@ def param_problems(params: Scheduler.Params) -> list[str]:
         problems.append(f"patience: {params.patience}; at least 1 decision")
     if not 0 < params.ema <= 1:
         problems.append(f"ema: {params.ema}; a weight in (0, 1]")
+    if params.probe_budget < 0:
+        problems.append(f"probe_budget: {params.probe_budget}; a share of probe_every steps' time, >= 0")
     if params.probe_every < 0:
         problems.append(f"probe_every: {params.probe_every}; 0 (never) or more decisions")
     if not 0 <= params.probe_within < 1:

@@ -37,16 +37,18 @@ from rich.table import Table
 from respec.engine.checkpoint import load_model
 from respec.engine.drafters.base import DraftShape
 from respec.engine.speculative import Sampling, SpeculativeEngine
-from respec.sched.cost_model import CostModel
+from respec.sched.cost_model import CostModel, octave
 from respec.sched.policy import SchedulerPolicy
 from respec.sched.profile import DEFAULT_CONFIGS, NOSD, Profile, grid_size, profile, profile_key
 from respec.sched.setup import ModelSetup, build_drafter, task_prompts
 
 ADAPTIVE = "adaptive"
-# Plain decoding in the engine the adaptive rule runs in: drafter attached, so the target
-# captures and the rows keep the drafter's features on every step, ready for a switch to
-# SD. Not a choice anyone would make; it shows what being able to switch costs.
-NOSD_READY = "nosd+features"
+# Plain decoding in the engine the adaptive rule runs in: drafter attached, ready for a
+# switch to SD. Not a choice anyone would make; it shows what being able to switch costs.
+# Until 2026-11-26 that engine captured the drafter's features on every plain step (this
+# column was "nosd+features", 0.91-0.98 of nosd); now it captures none and rebuilds a
+# row's features when SD comes back on, so this should match nosd.
+NOSD_READY = "nosd+drafter"
 PROFILE_CONTEXTS = (16, 64, 144)
 
 
@@ -83,6 +85,7 @@ def rollout(model, drafter, prompts: list[torch.Tensor], budgets: list[int], max
     engine = SpeculativeEngine(model, drafter, max_rows, max(len(p) for p in prompts) + max(budgets) + reserve + 1)
     waiting = deque(zip(range(len(prompts)), prompts, budgets, strict=True))
     order, used, tokens = {}, Counter(), 0
+    buckets: dict[int, dict] = {}  # batch bucket -> steps, seconds and configs there: where time went
     started = time.perf_counter()
     while waiting or engine.rows:
         _admit(engine, waiting, order, stop, reserve)
@@ -91,15 +94,25 @@ def rollout(model, drafter, prompts: list[torch.Tensor], budgets: list[int], max
         shape = chooser.choose(len(rows), context)
         step_started = time.perf_counter()
         stats = engine.step(shape)
-        chooser.observe(len(rows), context, time.perf_counter() - step_started, stats.tokens / stats.rows)
+        step_s = time.perf_counter() - step_started
+        chooser.observe(len(rows), context, step_s, stats.tokens / stats.rows)
         used[shape.name if shape else NOSD] += 1
+        _count_bucket(buckets, len(rows), shape.name if shape else NOSD, step_s, stats.tokens)
         tokens += stats.tokens
     wall = time.perf_counter() - started
     finished = sorted(engine.finished, key=lambda row: order[row.row_id])
     emitted = sum(len(row.tokens) for row in finished)
     return {"tokens_per_s": emitted / wall, "wall_s": wall, "tokens": emitted, "steps": sum(used.values()),
             "accept_len": tokens / max(sum(r.steps for r in finished), 1), "configs_used": dict(used),
-            "outputs": [row.tokens for row in finished]}
+            "outputs": [row.tokens for row in finished], "by_bucket": dict(sorted(buckets.items()))}
+
+
+def _count_bucket(buckets: dict[int, dict], batch: int, config: str, step_s: float, tokens: int) -> None:
+    entry = buckets.setdefault(octave(batch), {"steps": 0, "step_s": 0.0, "tokens": 0, "configs": Counter()})
+    entry["steps"] += 1
+    entry["step_s"] = round(entry["step_s"] + step_s, 5)
+    entry["tokens"] += tokens
+    entry["configs"][config] += 1
 
 
 def _admit(engine: SpeculativeEngine, waiting: deque, order: dict, stop: tuple[int, ...], reserve: int) -> None:
@@ -161,7 +174,8 @@ def _median_run(results: list[dict]) -> dict:
     middle = results[speeds.index(statistics.median_low(speeds))]
     return {"tokens_per_s": round(statistics.median(speeds), 2), "best_tokens_per_s": round(max(speeds), 2),
             "runs_tokens_per_s": [round(s, 2) for s in speeds], "accept_len": round(middle["accept_len"], 3),
-            "steps": middle["steps"], "tokens": middle["tokens"], "configs_used": middle["configs_used"]}
+            "steps": middle["steps"], "tokens": middle["tokens"], "configs_used": middle["configs_used"],
+            "by_bucket": middle["by_bucket"]}
 
 
 def run_benchmark(model_dir: str = "models/tiny/policy", draft: str = "models/tiny/eagle",

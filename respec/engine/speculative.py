@@ -32,13 +32,21 @@ class Row:
     logprobs: list[float] = field(default_factory=list)
     steps: int = 0  # verification steps this row took part in
     finish_reason: str = ""
-    # Target features of the last committed tokens, [W, F]: entry -1 belongs to the token
-    # before the root (the root itself has not been through the target yet). Only kept
-    # when the drafter needs features; W <= the drafter's feature_window.
+    # Target features of committed tokens, [W, F], W <= the drafter's feature_window: entry
+    # -1 belongs to history position features_end - 1. Up to date when that is the token
+    # before the root (the root itself has not been through the target yet); behind it
+    # after plain-decoding steps that skipped the capture. Only kept when the drafter
+    # needs features.
     features: torch.Tensor | None = None
+    features_end: int = 0
 
     def history(self) -> torch.Tensor:
         return torch.cat([self.prompt, torch.tensor(self.tokens, dtype=torch.long)])
+
+    @property
+    def committed(self) -> int:
+        """History positions in the KV cache: all but the root."""
+        return len(self.prompt) + len(self.tokens) - 1
 
 
 @dataclass
@@ -85,9 +93,24 @@ class RowBook:
             window[b, width - len(row.features):] = row.features
         return window
 
-    def _keep_features(self, row: Row, features: torch.Tensor) -> None:
-        joined = features if row.features is None else torch.cat([row.features, features])
+    def _keep_features(self, row: Row, features: torch.Tensor, first: int) -> None:
+        """Append the features of history positions first, first + 1, ...; a window that
+        does not reach `first` (a gap of uncaptured steps) is dropped, never joined."""
+        joined = features if row.features is None or row.features_end != first else torch.cat([row.features, features])
         row.features = joined[-self.feature_window:]
+        row.features_end = first + len(features)
+
+    def feature_gaps(self, rows: list[Row]) -> list[tuple[Row, int]]:
+        """(row, first position to recompute) for each row whose window misses committed
+        positions: from the end of its window, or the window's width back if the gap is wider."""
+        if not self.wants_features:
+            return []
+        return [(row, max(row.features_end, row.committed - self.feature_window)) for row in rows
+                if row.features_end < row.committed]
+
+    def fill_gap(self, row: Row, first: int, features: torch.Tensor) -> None:
+        """Features [committed - first, F] recomputed for history positions first.. (the gap)."""
+        self._keep_features(row, features, first)
 
     def apply(self, rows: list[Row], verified: Verified, is_step: bool = True) -> list[Row]:
         """Append each row's tokens; returns the rows that finished (their slots are free to go).
@@ -96,11 +119,12 @@ class RowBook:
         for b, row in enumerate(rows):
             count = int(verified.num_tokens[b])
             if self.wants_features and verified.features is not None:
-                # prefill: every prompt token went through the target; a step: the root and the
-                # accepted nodes, one per emitted token. Either way one feature per new
-                # committed token, so features stay aligned with history[:-1].
+                # prefill: the last prompt tokens (all, or the window's worth); a step: the
+                # root and the accepted nodes, one per emitted token. Either way they end at
+                # the newly committed history, so features stay aligned with history[:-1].
                 kept = verified.features.shape[1] if not is_step else count
-                self._keep_features(row, verified.features[b, :kept])
+                first = row.committed if is_step else len(row.prompt) - kept  # the root sits at row.committed
+                self._keep_features(row, verified.features[b, :kept], first)
             row.steps += int(is_step)
             if self._append(row, verified.tokens[b, :count].tolist(), verified.logprobs[b, :count].tolist()):
                 done.append(row)
@@ -125,10 +149,16 @@ class RowBook:
 
 
 class SpeculativeEngine:
+    """`capture_while_plain`: capture the drafter's features on plain-decoding steps too (what
+    the engine did before 2026-11-26; kept for benchmarks that show its cost). Otherwise a
+    pass captures only when the last step drafted, and a row's missing features are
+    recomputed from the KV cache when SD comes back on (`feature_rebuild.py`)."""
+
     def __init__(self, model: CausalLM, drafter: Drafter | None = None, max_rows: int = 16,
-                 max_len: int = 512, seed: int = 0) -> None:
-        capture = tuple(getattr(drafter, "capture_layers", ()) or ()) if drafter is not None else ()
-        self.target = TargetRunner(model, max_rows, max_len, seed, capture_layers=capture)
+                 max_len: int = 512, seed: int = 0, capture_while_plain: bool = False) -> None:
+        self.drafter_layers = tuple(getattr(drafter, "capture_layers", ()) or ()) if drafter is not None else ()
+        self.capture_while_plain = capture_while_plain
+        self.target = TargetRunner(model, max_rows, max_len, seed, capture_layers=self.drafter_layers)
         self.book = RowBook(drafter)
 
     @property
@@ -161,11 +191,30 @@ class SpeculativeEngine:
         rows = list(self.book.rows.values())
         if not rows:
             return StepStats(0, 0, 0)
+        self._capture(shape is not None)
+        if shape is not None:
+            self._fill_feature_gaps(rows)
         tree, draft_probs = self.book.draft(rows, shape)
         roots = torch.tensor([row.tokens[-1] for row in rows])
         verified = self.target.verify([r.slot for r in rows], roots, tree, draft_probs, [r.sampling for r in rows])
         self._release(self.book.apply(rows, verified))
         return StepStats(len(rows), int(verified.num_tokens.sum()), int(verified.num_accepted.sum()))
+
+    def _capture(self, drafting: bool) -> None:
+        """Capture features in the coming passes (this step's, and prefills until the next
+        step) only while drafting: a plain step does not read them."""
+        wanted = drafting or self.capture_while_plain
+        self.target.capture_layers = self.drafter_layers if wanted else ()
+
+    def _fill_feature_gaps(self, rows: list[Row]) -> None:
+        """Before drafting: recompute the features that plain-decoding steps did not capture."""
+        gaps = self.book.feature_gaps(rows)
+        if not gaps:
+            return
+        spans = [(row.slot, row.history()[first: row.committed], first) for row, first in gaps]
+        for (row, first), features in zip(gaps, self.target.committed_features(spans, self.drafter_layers),
+                                          strict=True):
+            self.book.fill_gap(row, first, features)
 
     def _release(self, done: list[Row]) -> None:
         for row in done:

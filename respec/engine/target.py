@@ -19,6 +19,7 @@ import torch
 from respec.engine.acceptance import accept
 from respec.engine.admission import check_fits
 from respec.engine.errors import CacheFullError
+from respec.engine.feature_rebuild import committed_features
 from respec.engine.kv_cache import KVCache
 from respec.engine.model import CausalLM
 from respec.engine.sampling import (
@@ -120,6 +121,21 @@ class TargetRunner:
         at_sources = logits.gather(1, sources.clamp(min=0)[..., None].expand(-1, -1, logits.shape[-1]))
         return Verified(result.tokens, self._logprobs(sampling, at_sources, result.tokens), counts,
                         result.num_accepted, _kept_features(output.captured, sources))
+
+    def committed_features(self, spans: list[tuple[int, torch.Tensor, int]],
+                           layers: tuple[int, ...]) -> list[torch.Tensor]:
+        """Per (slot, tokens, first position) span of committed history: the features of
+        `layers` there, [len(tokens), F], recomputed from the cache (nothing written)."""
+        width = max(len(tokens) for _, tokens, _ in spans)
+        # padding columns repeat a row's last real position: valid to read, never returned
+        offsets = torch.arange(width)
+        positions = torch.stack([first + offsets.clamp(max=len(tokens) - 1) for _, tokens, first in spans])
+        tokens = torch.stack([tokens[offsets.clamp(max=len(tokens) - 1)] for _, tokens, _ in spans])
+        slots = torch.tensor([slot for slot, _, _ in spans], device=self.device)
+        with torch.no_grad():
+            features = committed_features(self.model, self.cache, slots, tokens.to(self.device),
+                                          positions.to(self.device), layers)
+        return [features[b, : len(span_tokens)] for b, (_, span_tokens, _) in enumerate(spans)]
 
     def _streams(self, slots: torch.Tensor, first_position: torch.Tensor) -> RowStreams:
         return RowStreams(self.stream_keys[slots], first_position)

@@ -31,6 +31,7 @@ what did run. A drafter that goes stale lowers every SD config's estimate at onc
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from collections.abc import Iterable
 
@@ -171,7 +172,9 @@ class OnlineCorrection:
         ratio = math.log(observed_s / predicted_s)
         believed = math.log(self.factor(config, batch))  # a new level starts from the current belief
         for level, key in enumerate(self._keys(config, batch)):
-            ema = self.emas.setdefault(key, Ema(self.weight, seed=believed, seed_counts=level > 0))
+            ema = self.emas.get(key)
+            if ema is None:  # not setdefault: that builds an Ema every step, ~5% of a decision
+                ema = self.emas[key] = Ema(self.weight, seed=believed, seed_counts=level > 0)
             ema.add(min(max(ratio, ema.value - self.CLIP), ema.value + self.CLIP))
 
     def count(self, config: str, batch: float) -> int:
@@ -191,6 +194,7 @@ class OnlineCorrection:
         return (config, bucket), (bucket,), (config,), ()
 
 
+@functools.lru_cache(maxsize=4096)  # asked ~20 times per decision, for a handful of batch sizes
 def octave(batch: float) -> int:
     """The batch bucket the Scheduler decides and learns per: round(log2 batch), so 6-11
     rows are bucket 3, 12-22 bucket 4, 23-45 bucket 5."""
@@ -209,17 +213,32 @@ def geometric_accept_len(config: str, alpha: float) -> float:
 
 
 class AcceptanceEstimate:
-    """E[accepted + 1 | config], live where measured, prior x drift elsewhere."""
+    """E[accepted + 1 | config], live where measured, prior x drift elsewhere.
 
-    def __init__(self, prior: dict[str, float], weight: float = 0.2, stale_after: int = 50) -> None:
+    Kept per (config, batch bucket) too, and that one is preferred where it is fresh: which
+    rows are left in a bucket is itself a workload (a rollout's tail is its few longest rows,
+    which draft past their answer at 1.5-2.3 tokens per step where a full batch of fresh
+    prompts gets 2.3-3.4), and one acceptance for every bucket made the tail's small
+    buckets decide with what the large ones measured. Fresh means seen within
+    `bucket_memory` steps of any config (plain ones included): a few rollouts' tails, so
+    the next tail finds the last one's value, but not what a long phase of other work
+    measured there (the next observation then starts the bucket over, and until then the
+    config's overall value, the latest SD steps anywhere, stands in)."""
+
+    def __init__(self, prior: dict[str, float], weight: float = 0.2, stale_after: int = 50,
+                 bucket_memory: int = 200) -> None:
         self.prior = dict(prior)
-        self.weight, self.stale_after = weight, stale_after
+        self.weight, self.stale_after, self.bucket_memory = weight, stale_after, bucket_memory
         self.own: dict[str, Ema] = {}
         self.last_seen: dict[str, int] = {}
+        self.by_bucket: dict[tuple[str, int], Ema] = {}  # no seed: a bucket's first steps count fully
+        self.bucket_seen: dict[tuple[str, int], int] = {}
         self.drift = Ema(weight, seed=1.0)
-        self.observations = 0
+        self.observations = 0  # SD steps
+        self.steps = 0  # every step: the clock of the per-bucket values
 
-    def observe(self, config: str, accept_len: float) -> None:
+    def observe(self, config: str, accept_len: float, batch: float | None = None) -> None:
+        self.steps += 1
         if config == NOSD or not math.isfinite(accept_len) or accept_len < 1.0:
             return
         if config not in self.own:  # seeded with what was believed: one step is a noisy sample
@@ -227,17 +246,30 @@ class AcceptanceEstimate:
         self.observations += 1
         self.own[config].add(accept_len)
         self.last_seen[config] = self.observations
+        if batch is not None:
+            key = (config, octave(batch))
+            if not self._bucket_fresh(key):  # what it held was another phase's: start over
+                self.by_bucket[key] = Ema(self.weight)
+            self.by_bucket[key].add(accept_len)
+            self.bucket_seen[key] = self.steps
         prior = self.prior.get(config, 1.0)
         if prior > 1.01:
             self.drift.add((accept_len - 1) / (prior - 1))
 
-    def estimate(self, config: str) -> float:
+    def estimate(self, config: str, batch: float | None = None) -> float:
         if config == NOSD:
             return 1.0
+        key = None if batch is None else (config, octave(batch))
+        if key is not None and self._bucket_fresh(key):
+            return self.by_bucket[key].value
         if config in self.own and self.observations - self.last_seen[config] < self.stale_after:
             return self.own[config].value
         drift = self.drift.value if self.drift.count else 1.0
         return 1.0 + (self.prior.get(config, 1.0) - 1.0) * drift
+
+    def _bucket_fresh(self, key: tuple[str, int]) -> bool:
+        seen = self.bucket_seen.get(key)
+        return seen is not None and self.steps - seen < self.bucket_memory
 
 
 class CostModel:
@@ -267,11 +299,11 @@ class CostModel:
         return self.base.predict(config, batch, context) * self.correction.factor(config, batch)
 
     def tokens_per_s(self, config: str, batch: float, context: float) -> float:
-        return batch * self.acceptance.estimate(config) / self.step_time(config, batch, context)
+        return batch * self.acceptance.estimate(config, batch) / self.step_time(config, batch, context)
 
     def observe(self, config: str, batch: float, context: float, step_s: float, accept_len: float) -> None:
         """A live step: its wall time (drafting + verification) and tokens per row."""
         if batch < 1:
             return
         self.correction.observe(config, batch, step_s, self.base.predict(config, batch, context))
-        self.acceptance.observe(config, accept_len)
+        self.acceptance.observe(config, accept_len, batch)

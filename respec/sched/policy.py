@@ -19,15 +19,20 @@ live RL run, where the batch changes every step and single step timings are nois
   prediction is noise until repeated. On entering another bucket it need not: the batch
   did change (a rollout's tail, a full batch again), and waiting `patience` steps there
   ran the tail's SD shape for several steps of the next full batch.
-- **Switch cost**, measured: the first step of a config after another (the EAGLE head
-  catches up over the positions plain decoding produced) minus its prediction, kept per
-  kind of switch (into SD, into plain decoding). That step's excess is taken out before it
+- **Switch cost**, measured per row: the first step of a config after another (into SD
+  every row's drafter features are rebuilt and the EAGLE head catches up over the positions
+  plain decoding produced) minus its prediction, divided by the rows, kept per kind of
+  switch (into SD, into plain decoding). Per row because that work is: a switch measured
+  at 4 rows said nothing about one at 64. That step's excess is taken out before it
   corrects the step-time model, so one slow first step does not make a config look slow.
 - **Probes** keep estimates fresh: every `probe_every` decisions, the config predicted
   fastest among those not run in this bucket for `probe_every` decisions runs for a
-  single step, however slow it
-  is predicted: the acceptance of a drafter being distilled changes, and only a step of
-  SD shows by how much. The price is one step in `probe_every`.
+  single step, however slow it is predicted, if that step and its two switches cost at
+  most `probe_budget` of the `probe_every` steps' time: the acceptance of a drafter being
+  distilled changes, and only a step of SD shows by how much. A probe of SD at 64 rows
+  cost 5.6 plain steps (SD's step there, every row's rebuild), a tenth of a long-tail
+  rollout; at a few rows it costs about one step, and what it measures (acceptance) is
+  shared with the large buckets.
 """
 
 from __future__ import annotations
@@ -73,10 +78,10 @@ class SchedulerPolicy:
     def __init__(self, model: CostModel, candidates: list[str] | tuple[str, ...], margin: float = 0.05,
                  patience: int = 2, initial: str | None = None, probe_every: int = 50,
                  probe_within: float = 0.2, min_dwell: int = 8, explore_steps: int = 3,
-                 switch_cost_s: float = 0.0) -> None:
-        if probe_every < 0 or not 0 <= probe_within < 1:
-            raise ValueError(f"probe_every must be >= 0 (0: never) and probe_within in [0, 1), got "
-                             f"{probe_every} and {probe_within}")
+                 switch_cost_s: float = 0.0, probe_budget: float = 0.03) -> None:
+        if probe_every < 0 or not 0 <= probe_within < 1 or probe_budget < 0:
+            raise ValueError(f"probe_every must be >= 0 (0: never), probe_within in [0, 1) and probe_budget >= 0, "
+                             f"got {probe_every}, {probe_within} and {probe_budget}")
         if margin < 0:
             raise ValueError(f"margin must be >= 0 (a relative gain), got {margin}")
         if patience < 1 or min_dwell < 0 or explore_steps < 1:
@@ -85,7 +90,7 @@ class SchedulerPolicy:
         self.model = model
         self.configs = check_candidates([NOSD, *candidates])
         self.margin, self.patience, self.min_dwell, self.explore_steps = margin, patience, min_dwell, explore_steps
-        self.probe_every, self.probe_within = probe_every, probe_within
+        self.probe_every, self.probe_within, self.probe_budget = probe_every, probe_within, probe_budget
         self.current = initial
         self.pending, self.streak = None, 0
         self.decisions = self.since_switch = 0
@@ -94,6 +99,7 @@ class SchedulerPolicy:
         self.last_run: dict[tuple[str, int], int] = {}  # (config, bucket) -> decision count when it last ran
         self.last_config: str | None = None  # what the last decision told to run (a probe, maybe)
         self.last_observed: str | None = None  # the config of the last step observed
+        # seconds per row in the step: a switch into SD rebuilds every row's drafter features
         self.switch_cost = {k: Ema(0.2, seed=switch_cost_s, seed_counts=False) for k in ("nosd", "sd")}
         self.kinds: Counter[str] = Counter()  # decisions by kind, for the trace and benches
 
@@ -105,15 +111,15 @@ class SchedulerPolicy:
             cost = self.switch_cost[_kind(config)]
             if self.measured(config, batch):  # else its prediction's own error would pass for a switch cost
                 excess = step_s - self.model.step_time(config, batch, context)
-                cost.add(min(excess, step_s))  # unclipped below: noise either way averages out
+                cost.add(min(excess, step_s) / batch)  # unclipped below: noise either way averages out
             if not cost.count:  # a switch step, cost unknown: its time says nothing clean about the config
                 step_s = 0.0
-            step_s -= min(max(cost.value, 0.0), 0.5 * step_s)  # what the step costs without the switch
+            step_s -= min(max(cost.value, 0.0) * batch, 0.5 * step_s)  # what the step costs without the switch
         self.last_observed = config
         if step_s > 0:
             self.model.observe(config, batch, context, step_s, accept_len)
         else:
-            self.model.acceptance.observe(config, accept_len)
+            self.model.acceptance.observe(config, accept_len, batch)
         self.last_run[(config, octave(batch))] = self.decisions
 
     def measured(self, config: str, batch: float) -> bool:
@@ -134,12 +140,12 @@ class SchedulerPolicy:
             kind, target, reason = self._choose(batch, predicted, entering)
         if target != self.current:
             self.current, self.since_switch, self.pending, self.streak = target, 0, None, 0
-        config = self._probe(batch, predicted)
+        config = self._probe(batch, context, predicted)
         if config != self.current:
             kind, reason = "probe", f"probe {config} for one step ({reason})"
         self.kinds[kind] += 1
         switched, self.last_config = config != self.last_config, config
-        return Decision(config, switched, batch, {c: round(v, 2) for c, v in predicted.items()}, reason, kind)
+        return Decision(config, switched, batch, predicted, reason, kind)
 
     def _choose(self, batch: int, predicted: dict[str, float], entering: bool) -> tuple[str, str, str]:
         """(kind, config to run, reason)."""
@@ -180,7 +186,7 @@ class SchedulerPolicy:
             return "keep", current, f"keep {current}: {best} {gain:+.1%} at batch {batch}, {self.streak}/{self.patience}"
         if self.since_switch < self.min_dwell and not entering:
             return "keep", current, f"keep {current}: {best} {gain:+.1%}, dwell {self.since_switch}/{self.min_dwell}"
-        saved, cost = self._saving(current, best, batch, predicted), max(self.switch_cost[_kind(best)].value, 0.0)
+        saved, cost = self._saving(current, best, batch, predicted), self._switch_s(best, batch)
         if saved <= cost:
             return "keep", current, (f"keep {current}: {best} {gain:+.1%} saves {saved * 1e3:.2f} ms over "
                                      f"{self.min_dwell} steps, a switch costs {cost * 1e3:.2f} ms")
@@ -190,14 +196,22 @@ class SchedulerPolicy:
 
     def _saving(self, current: str, best: str, batch: int, predicted: dict[str, float]) -> float:
         """Seconds saved by emitting min_dwell steps' worth of `best`'s tokens with it, not `current`."""
-        tokens = max(self.min_dwell, 1) * batch * self.model.acceptance.estimate(best)
+        tokens = max(self.min_dwell, 1) * batch * self.model.acceptance.estimate(best, batch)
         return tokens / predicted[current] - tokens / predicted[best]
 
-    def _probe(self, batch: int, predicted: dict[str, float]) -> str:
+    def _switch_s(self, into: str, batch: int) -> float:
+        """What a switch into `into` is expected to cost at this batch (measured per row)."""
+        return max(self.switch_cost[_kind(into)].value, 0.0) * batch
+
+    def _probe(self, batch: int, context: float, predicted: dict[str, float]) -> str:
         """The config to run this step: the current one, or now and then one worth re-measuring."""
         if not self.probe_every or self.decisions % self.probe_every:
             return self.current
         bucket = octave(batch)
         due = [c for c in predicted if c != self.current
                and self.decisions - self.last_run.get((c, bucket), -self.probe_every) >= self.probe_every]
-        return max(due, key=predicted.get, default=self.current)
+        step = self.model.step_time(self.current, batch, context)
+        budget = self.probe_budget * self.probe_every * step
+        affordable = [c for c in due if self.model.step_time(c, batch, context) - step
+                      + self._switch_s(c, batch) + self._switch_s(self.current, batch) <= budget]
+        return max(affordable, key=predicted.get, default=self.current)

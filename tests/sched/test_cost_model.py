@@ -106,6 +106,26 @@ def test_acceptance_live_where_measured_and_drifted_prior_elsewhere():
     assert acceptance.estimate("s2_t1_n2") == pytest.approx(1 + 1.5 * (1 / 2.5))  # own value went stale
 
 
+def test_acceptance_of_a_bucket_is_its_own_while_fresh():
+    """A rollout's tail (few rows left, drafting past their answers) accepts less than a full
+    batch: each bucket decides with what was measured in it; a bucket never run takes the
+    config's overall value; a bucket's value older than bucket_memory steps (plain ones
+    count) gives way to it too, and its next observation starts it over."""
+    acceptance = AcceptanceEstimate({"s2_t1_n2": 2.5}, weight=0.5, stale_after=50, bucket_memory=4)
+    acceptance.observe("s2_t1_n2", 2.8, batch=64)
+    acceptance.observe("s2_t1_n2", 1.5, batch=2)
+    acceptance.observe("s2_t1_n2", 2.6, batch=48)
+    assert acceptance.estimate("s2_t1_n2", 2) == pytest.approx(1.5)
+    assert acceptance.estimate("s2_t1_n2", 64) == pytest.approx(2.7)  # 48 rows: the same bucket as 64
+    overall = acceptance.estimate("s2_t1_n2")
+    assert acceptance.estimate("s2_t1_n2", 8) == pytest.approx(overall)  # no steps at 8: the overall value
+    for _ in range(3):
+        acceptance.observe("nosd", 1.0, batch=64)
+    assert acceptance.estimate("s2_t1_n2", 2) == pytest.approx(overall)  # 4 steps since: stale
+    acceptance.observe("s2_t1_n2", 1.9, batch=2)
+    assert acceptance.estimate("s2_t1_n2", 2) == pytest.approx(1.9)  # started over, not 1.5's EMA
+
+
 def test_geometric_prior_and_prior_cost_have_the_right_shape():
     assert geometric_accept_len("s4_t1_n4", 0.5) == pytest.approx(1 + 0.5 + 0.25 + 0.125 + 0.0625)
     assert geometric_accept_len("s3_t2_n6", 0.5) > geometric_accept_len("s3_t1_n3", 0.5)

@@ -24,14 +24,14 @@ def policy(**kwargs) -> SchedulerPolicy:
 def simulate(rule: SchedulerPolicy, batches, slowdown=None, accept=None, noise=0.0, switch_s=0.0,
              seed=0) -> list[str]:
     """Decide, run the step on a synthetic machine, observe; returns what ran each step.
-    `slowdown[config]`: live time / profiled time; `switch_s`: a first SD step's extra cost."""
+    `slowdown[config]`: live time / profiled time; `switch_s`: a first SD step's extra cost per row."""
     slowdown, accept = slowdown or {}, accept or ACCEPT
     rng, ran, previous = random.Random(seed), [], None
     for batch in batches:
         config = rule.decide(batch, 16).config
         step = synthetic_time(config, batch, 16) * slowdown.get(config, 1.0) * (1 + rng.uniform(-noise, noise))
         if previous is not None and config != previous and config != "nosd":
-            step += switch_s
+            step += switch_s * batch
         rule.observe(config, batch, 16, step, accept[config])
         ran.append(config)
         previous = config
@@ -104,15 +104,17 @@ def test_noisy_timings_in_a_live_like_run_do_not_flap():
 
 def test_a_gain_smaller_than_the_switch_cost_is_not_taken():
     """Bucket 5 (nosd best) and bucket 3 (s2 ~8% faster: acceptance 2.1) alternate every 12
-    steps, and each first SD step costs 20 ms more: s2's gain over min_dwell steps is a
-    fraction of a millisecond. Once the cost is measured, the rule stays on nosd in both
-    buckets; with free switches it goes back and forth."""
+    steps, and each first SD step costs 2.5 ms more per row (20 ms at 8 rows): s2's gain
+    over min_dwell steps is a fraction of a millisecond. Once the cost is measured (per row),
+    the rule stays on nosd in both buckets; with free switches it goes back and forth."""
     accept = {**ACCEPT, "s2_t1_n2": 2.1, "s4_t1_n4": 2.2}
     batches = ([32] * 12 + [8] * 12) * 12
     costly = policy(probe_every=0)
-    ran = simulate(costly, batches, accept=accept, switch_s=0.02)
-    assert costly.switch_cost["sd"].value == pytest.approx(0.02, rel=0.25)
-    assert set(ran[-100:]) == {"nosd"}
+    ran = simulate(costly, batches, accept=accept, switch_s=0.0025)
+    assert costly.switch_cost["sd"].value == pytest.approx(0.0025, rel=0.25)
+    # nosd in both buckets; the one SD step is s4 re-explored once, when bucket 3's acceptance
+    # memory (bucket_memory, 200 steps) ran out and its overall value stood in
+    assert ran[-100:].count("nosd") >= 99
     free = simulate(policy(probe_every=0), batches, accept=accept)
     assert switches(free[-100:]) >= 6 and free[-1] == "s2_t1_n2"
 
@@ -124,11 +126,26 @@ def test_probes_notice_a_drafter_that_got_better():
     poor = {"nosd": 1.0, "s2_t1_n2": 1.2, "s4_t1_n4": 1.3}
     for probe_every, expected in ((10, "s2_t1_n2"), (0, "nosd")):
         rule = SchedulerPolicy(CostModel.build(CANDIDATES, synthetic_profile(), ema=0.5), CANDIDATES,
-                               probe_every=probe_every)
+                               probe_every=probe_every, probe_budget=0.1)  # a probe costs ~1 step in 10
         simulate(rule, [8] * 40, accept=poor)
         assert rule.current == "nosd"
         simulate(rule, [8] * 80)
         assert rule.current == expected
+
+
+def test_probes_run_where_they_are_cheap_and_not_where_sd_costs_several_steps():
+    """At 64 rows SD runs 4x slower than profiled, so plain decoding is chosen and a probe of
+    SD would cost several plain steps, more than probe_budget (3%) of probe_every steps: none
+    runs. At 2 rows SD, 1.4x slower than profiled, is chosen, and a probe of plain decoding
+    costs less than a step: they run. Switches cost 0.1 ms a row."""
+    for batch, slowdown, chosen in ((64, 4.0, "nosd"), (2, 1.4, "s2_t1_n2")):
+        rule = policy(probe_every=50)
+        ran = simulate(rule, [batch] * 200, slowdown={"s2_t1_n2": slowdown, "s4_t1_n4": slowdown}, switch_s=1e-4)
+        assert ran[-1] == chosen
+        assert (rule.kinds["probe"] >= 3) == (batch == 2), f"batch {batch}"
+    lifted = policy(probe_every=50, probe_budget=1.0)  # with the budget lifted they run at 64 rows too
+    simulate(lifted, [64] * 200, slowdown={"s2_t1_n2": 4.0, "s4_t1_n4": 4.0}, switch_s=1e-4)
+    assert lifted.kinds["probe"] >= 3
 
 
 def test_plain_decoding_is_measured_however_slow_the_profile_says_it_is():
