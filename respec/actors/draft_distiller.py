@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 import time
 from pathlib import Path
 
 import msgspec
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from respec.actors.generator import loaded_tensors
 from respec.engine.checkpoint import load_model
@@ -45,6 +43,7 @@ from respec.rl.distill import (
     sample_weights,
 )
 from respec.runtime import Actor, handles
+from respec.runtime.weight_files import WeightFiles
 
 
 class DraftDistiller(Actor):
@@ -104,7 +103,11 @@ class DraftDistiller(Actor):
         self.rng = random.Random(self.params.seed)
         self.policy_version = self.updated_at = 0
         self.version = 0  # of the head
-        self.weights_dir = Path(self.params.weights_dir or tempfile.mkdtemp(prefix="respec-draft-"))
+        self.weight_files = WeightFiles(self.params.weights_dir, "respec-draft-", keep=2)  # the previous: read by now
+
+    async def on_stop(self) -> None:
+        if hasattr(self, "weight_files"):  # absent if the start failed
+            self.weight_files.close()
 
     @handles(DistillSample)
     async def on_sample(self, sample: DistillSample, envelope: Envelope) -> None:
@@ -150,7 +153,6 @@ class DraftDistiller(Actor):
     def _handle(self) -> WeightsHandle:
         """The head's own tensors (not the policy's parts it shares), as a file: the
         Generator sits in another process in every graph where distillation overlaps."""
-        path = self.weights_dir / f"draft-v{self.version}.safetensors"
-        save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()}, path)
-        (self.weights_dir / f"draft-v{self.version - 2}.safetensors").unlink(missing_ok=True)  # read by now
+        path = self.weight_files.save(f"draft-v{self.version}",
+                                      {k: v.detach().contiguous() for k, v in self.head.state_dict().items()})
         return WeightsHandle(kind="file", location=str(path))

@@ -10,7 +10,6 @@ the end it measures accuracy on the task's fixed held-out set (summary.json); ev
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -18,7 +17,6 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from respec.engine.checkpoint import load_model, weights_to_save
 from respec.engine.tokenizer import load_tokenizer
@@ -29,6 +27,7 @@ from respec.rl.loss import PPOConfig
 from respec.rl.step_metrics import group_index, step_metrics
 from respec.rl.trainer import GRPOTrainer, TrainerConfig, TrainSample
 from respec.runtime import Actor, handles, weights_transfer
+from respec.runtime.weight_files import WeightFiles
 from respec.tasks import make_task
 
 
@@ -45,7 +44,8 @@ class PolicyTrainer(Actor):
         clip_eps: float = 0.2
         kl_coef: float = 0.0
         max_steps: int = 0  # end the run after this many updates (0: never)
-        weights_dir: str = ""  # where file handles go (default: a temp dir)
+        weights_dir: str = ""  # where file handles go (default: a temp dir, removed at the end)
+        keep_weight_files: int = 4  # file handles kept: receivers are at most max_staleness versions behind
         share_by_reference: bool = True  # in-process Verifiers get the tensors themselves
         seed: int = 0
         # held-out evaluation (0 problems: none)
@@ -75,12 +75,16 @@ class PolicyTrainer(Actor):
         self.trained_groups: list[int] = []
         self.draft_version, self.distill_s = 0, 0.0
         self.done = False  # max_steps reached: what still arrives is not trained on
-        self.weights_dir = Path(self.params.weights_dir or tempfile.mkdtemp(prefix="respec-weights-"))
+        self.weight_files = WeightFiles(self.params.weights_dir, "respec-weights-", self.params.keep_weight_files)
         self.task = make_task(self.params.task, **self.params.task_params)
         self.tokenizer = load_tokenizer(self.params.model_path)
         self.eval_start = self._restore() if self.resuming else {}
         if not self.eval_start:
             self.eval_start = self._evaluate(0)
+
+    async def on_stop(self) -> None:
+        if hasattr(self, "weight_files"):  # absent if the start failed
+            self.weight_files.close()
 
     def _restore(self) -> dict[str, float]:
         """Continue from the latest checkpoint (if any); returns the step-0 evaluation."""
@@ -186,8 +190,7 @@ class PolicyTrainer(Actor):
             return WeightsHandle(kind="local", tensors={k: v.clone() for k, v in state.items()})
         if kind in ("cuda_ipc", "collective"):
             return weights_transfer.as_message(self._publisher(kind).publish(state, version))
-        path = self.weights_dir / f"policy-v{version}.safetensors"
-        save_file(weights_to_save(self.trainer.model), path)
+        path = self.weight_files.save(f"policy-v{version}", weights_to_save(self.trainer.model))
         return WeightsHandle(kind="file", location=str(path))
 
     def _weights_kind(self) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -33,7 +32,6 @@ from pathlib import Path
 
 import msgspec
 import numpy as np
-from safetensors.torch import save_file
 
 from respec.actors.generator import loaded_tensors
 from respec.engine.admission import check_fits, check_prompt_tokens
@@ -51,6 +49,7 @@ from respec.messages import (
     VerifyRequest,
 )
 from respec.runtime import Actor, handles
+from respec.runtime.weight_files import WeightFiles
 
 BAD_INPUT = (ValueError, TypeError, EngineError)  # what a prompt's own input can raise
 
@@ -110,7 +109,7 @@ class VllmRollouts(Actor):
             model_path=p.model_path, max_len=p.max_len, max_rows=p.max_rows, seed=p.seed, dtype=p.dtype,
             device=p.device, kvcache_gib=p.kvcache_gib, enforce_eager=p.enforce_eager,
             prefix_caching=p.prefix_caching, in_process=p.in_process, speculative=dict(p.speculative)))
-        self.weights_dir = Path(p.weights_dir or tempfile.mkdtemp(prefix="respec-vllm-weights-"))
+        self.weight_files = WeightFiles(p.weights_dir, "respec-vllm-weights-", keep=1)
         self.waiting: deque[Prompt] = deque()
         self.rows: dict[str, _Row] = {}  # vLLM request id -> the row
         self.request_ids = itertools.count()  # a prompt posed again gets a new request id
@@ -119,6 +118,10 @@ class VllmRollouts(Actor):
         self.step_count = 0
         self.config_name = _config_name(p.speculative)
         self.log.info("vllm_engine_ready", model=p.model_path, speculative=self.config_name)
+
+    async def on_stop(self) -> None:
+        if hasattr(self, "weight_files"):  # absent if the start failed
+            self.weight_files.close()
 
     @handles(Prompt)
     async def on_prompt(self, prompt: Prompt, envelope: Envelope) -> None:
@@ -141,11 +144,10 @@ class VllmRollouts(Actor):
         written here (vLLM's RPC does not carry tensors intact: docs/VLLM.md)."""
         if weights.handle.kind == "file":
             return Path(weights.handle.location)
-        path = self.weights_dir / f"policy-v{weights.version}.safetensors"
         with loaded_tensors(weights.handle, weights.version) as tensors:
             # clone: safetensors refuses tensors that share memory (a tied lm_head)
-            save_file({name: t.detach().cpu().clone().contiguous() for name, t in tensors.items()}, str(path))
-        return path
+            return self.weight_files.save(f"policy-v{weights.version}", {
+                name: t.detach().cpu().clone().contiguous() for name, t in tensors.items()})
 
     async def run(self) -> None:
         while True:
