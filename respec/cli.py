@@ -226,12 +226,21 @@ def prepare(
     seed: Annotated[int, typer.Option()] = 0,
     force: Annotated[bool, typer.Option(help="retrain what already exists")] = False,
     threads: Annotated[int, typer.Option(help="torch threads (0: torch's default)")] = 0,
+    task: Annotated[str, typer.Option(help="the built-in task to train on (default: the embedded one)")] = "",
+    task_param: Annotated[list[str], typer.Option(help="KEY=VALUE task parameter (repeatable; replaces the "
+                                                       "default task's parameters)")] = [],  # noqa: B006
 ) -> None:
     """Train the built-in tiny policy (supervised) and its EAGLE head (distilled) from scratch."""
+    from respec.prepare import TASK, TASK_PARAMS
     from respec.prepare import prepare as run_prepare
 
+    params = _overrides(task_param) if task_param or task else dict(TASK_PARAMS)
     try:
-        report = run_prepare(out, sft_steps, eagle_steps, seed, force, threads)
+        report = run_prepare(out, sft_steps, eagle_steps, seed, force, threads, task_name=task or TASK,
+                             task_params=params)
+    except ValueError as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(2) from None
     except OSError as error:
         typer.secho(f"error: {error}", fg="red", err=True)
         raise typer.Exit(2) from None

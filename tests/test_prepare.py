@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from respec.engine.checkpoint import load_model
@@ -26,3 +27,14 @@ def test_prepare_writes_policy_head_and_report_and_skips_what_exists(tmp_path):
     weights = (tmp_path / "tiny" / "policy" / "model.safetensors").stat().st_mtime_ns
     assert prepare(tmp_path / "tiny", sft_steps=4, eagle_steps=3, head_sequences=64) == report  # nothing retrained
     assert (tmp_path / "tiny" / "policy" / "model.safetensors").stat().st_mtime_ns == weights
+
+
+def test_prepare_trains_on_another_task_and_reports_the_layouts_the_head_saw(tmp_path):
+    torch.set_num_threads(1)
+    params = {"max_value": 9, "rare_share": 0.5}
+    report = prepare(tmp_path / "shift", sft_steps=4, eagle_steps=2, head_sequences=32, task_name="format_shift",
+                     task_params=params)
+    assert report["task"] == {"name": "format_shift", "params": params}
+    shares = report["eagle"]["form_shares"]
+    assert set(shares) <= {"common", "rare", "other"} and sum(shares.values()) == pytest.approx(1.0)
+    assert "form_shares" not in prepare(tmp_path / "tiny", sft_steps=2, eagle_steps=1, head_sequences=8)["eagle"]

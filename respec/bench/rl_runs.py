@@ -215,8 +215,17 @@ def bench_staleness(json_file: Path, steps: int, extra: dict[str, Any], config: 
                ("end / start", lambda r: _ratio(r.edge("accept_len", True), r.edge("accept_len", False))),
                ("draft updates", lambda r: len(r.distiller)),
                ("held-out accuracy start -> end", _accuracy)]
-    return report("staleness", results, columns, json_file, [("accept_len", "acceptance length"),
-                                                             ("reward_mean", "reward")], console, {"steps": steps})
+    forms = _form_keys(results)  # a task that tells layouts apart (format_shift): where the policy went
+    columns += [(f"{key} start -> end", lambda r, k=key: f"{r.edge(k, False)} -> {r.edge(k, True)}") for key in forms]
+    curves = [("accept_len", "acceptance length"), ("reward_mean", "reward"),
+              *[(key, f"share of responses in {key.removeprefix('form_')} form") for key in forms]]
+    return report("staleness", results, columns, json_file, curves, console, {"steps": steps, "config": str(config)})
+
+
+def _form_keys(results: list[VariantResult]) -> list[str]:
+    """The `form_<name>` metrics the runs' trainer reported (Task.forms), "other" left out."""
+    keys = {key for r in results for row in r.trainer for key in row if key.startswith("form_")}
+    return sorted(keys - {"form_other"})
 
 
 def bench_quality(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG) -> dict:

@@ -64,3 +64,14 @@ def test_report_writes_json_and_png(tmp_path):
     assert payload["variants"]["a"]["accept end"] == round(sum(2.0 - s / 100 for s in range(21, 31)) / 10, 4)
     assert json.loads(out.read_text())["variants"]["b"]["distiller"] == [{"distill_s": 1.0}]
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_staleness_reports_the_share_of_each_form_the_task_tells_apart(tmp_path, monkeypatch):
+    rows = [{"step": s, "source": "trainer", "reward_mean": 0.1, "accept_len": 2.0, "form_common": 1 - s / 20,
+             "form_rare": s / 20, "form_other": 0.0} for s in range(1, 21)]
+    (tmp_path / "run.yaml").write_text(RUN)
+    monkeypatch.setattr(rl_runs, "run_variants", lambda *args: [VariantResult("frozen", rows, [], {}, 1.0)])
+    payload = rl_runs.bench_staleness(tmp_path / "s.json", 20, {}, tmp_path / "run.yaml")
+    frozen = payload["variants"]["frozen"]
+    assert frozen["form_rare start -> end"] == "0.275 -> 0.775" and "form_other start -> end" not in frozen
+    assert payload["config"] == str(tmp_path / "run.yaml")
