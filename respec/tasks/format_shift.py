@@ -27,11 +27,6 @@ from respec.tasks.base import CheckResult, Problem
 
 COMMON, RARE, OTHER = "common", "rare", "other"
 _NUMBER = r"-?\d+"
-_EXPRESSION = rf"{_NUMBER}(?:[+\-*]{_NUMBER})*"
-_FORMATS = {
-    COMMON: re.compile(rf"(?:{_NUMBER}[+\-*]{_NUMBER}={_NUMBER};)*A:{_NUMBER}"),
-    RARE: re.compile(rf"\({_EXPRESSION}\)(?:=\({_EXPRESSION}\))*={_NUMBER} A:{_NUMBER}"),
-}
 _ANSWER = re.compile(rf"A:({_NUMBER})")
 REWARD_FORMATS = ("any", COMMON, RARE)
 
@@ -67,9 +62,16 @@ class FormatShift(Arithmetic):
 
 
 def format_of(response: str) -> str:
-    """"common", "rare" or "other": the layout only, whether the arithmetic is right or not."""
+    """"common", "rare" or "other", by the layout's marks alone: the rare layout opens with a
+    bracket and answers after a space (` A:`), the common one separates steps and answer by
+    `;` and never opens with a bracket. What lies between is not checked: a policy sampled at
+    T = 1 slips a character now and then (`6-6/6=2`), and a slip is not a change of layout."""
     text = response.strip()
-    return next((name for name, pattern in _FORMATS.items() if pattern.fullmatch(text)), OTHER)
+    if text.startswith("(") and " A:" in text and ";" not in text:
+        return RARE
+    if not text.startswith("(") and " A:" not in text and (text.startswith("A:") or ";A:" in text):
+        return COMMON
+    return OTHER
 
 
 def rare_solution(numbers: list[int], operators: list[str]) -> str:

@@ -24,6 +24,8 @@ def test_rare_solution_restates_the_remaining_expression():
     ("7*3=21;12+21=33;A:33", "common"), ("A:5", "common"), ("3-9=-6;-6+2=-4;A:-4", "common"),
     ("(12+7*3)=(12+21)=33 A:33", "rare"), ("(2+5)=7 A:7", "rare"), ("(2+5)=8 A:9", "rare"),
     ("(2+5)=7;A:7", "other"), ("7*3=21 A:21", "other"), ("", "other"), ("(2+5)=7 A:7;A:7", "other"),
+    ("7*3=21;12+21=33", "other"), ("(2+5)=7", "other"), ("7*3=21;(12+21)=33;A:33", "common"),
+    ("1+5=6;6-6/6=2;A:2", "common"), ("(8+2)=9x A:9", "rare"),  # slips inside a layout keep it
 ])
 def test_format_is_told_by_layout_alone(response, form):
     assert format_of(response) == form
