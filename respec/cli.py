@@ -229,6 +229,8 @@ def prepare(
     task: Annotated[str, typer.Option(help="the built-in task to train on (default: the embedded one)")] = "",
     task_param: Annotated[list[str], typer.Option(help="KEY=VALUE task parameter (repeatable; replaces the "
                                                        "default task's parameters)")] = [],  # noqa: B006
+    head_sampled: Annotated[float, typer.Option(help="share of the head's training completions sampled at "
+                                                     "T = 1 (the rest greedy)")] = 0.5,
 ) -> None:
     """Train the built-in tiny policy (supervised) and its EAGLE head (distilled) from scratch."""
     from respec.prepare import TASK, TASK_PARAMS
@@ -237,7 +239,7 @@ def prepare(
     params = _overrides(task_param) if task_param or task else dict(TASK_PARAMS)
     try:
         report = run_prepare(out, sft_steps, eagle_steps, seed, force, threads, task_name=task or TASK,
-                             task_params=params)
+                             task_params=params, head_sampled=head_sampled)
     except ValueError as error:
         typer.secho(f"error: {error}", fg="red", err=True)
         raise typer.Exit(2) from None

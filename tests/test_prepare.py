@@ -38,3 +38,17 @@ def test_prepare_trains_on_another_task_and_reports_the_layouts_the_head_saw(tmp
     shares = report["eagle"]["form_shares"]
     assert set(shares) <= {"common", "rare", "other"} and sum(shares.values()) == pytest.approx(1.0)
     assert "form_shares" not in prepare(tmp_path / "tiny", sft_steps=2, eagle_steps=1, head_sequences=8)["eagle"]
+
+
+def test_head_completions_can_be_all_greedy(tmp_path):
+    from respec.prepare import _policy_rows
+    from respec.tasks import make_task
+
+    torch.set_num_threads(1)
+    prepare(tmp_path / "p", sft_steps=2, eagle_steps=1, head_sequences=8)
+    model, tokenizer = load_model(tmp_path / "p" / "policy"), load_tokenizer(tmp_path / "p" / "policy")
+    task = make_task("arithmetic")
+    greedy = _policy_rows(model, tokenizer, task, 8, seed=0, sampled=0.0)
+    half = _policy_rows(model, tokenizer, task, 8, seed=0, sampled=0.5)
+    assert len(greedy) == 8 and greedy[4:] == half[4:]  # the greedy half is the same either way
+    assert greedy[:4] == _policy_rows(model, tokenizer, task, 4, seed=0, sampled=0.0)  # no sampling: no seed
