@@ -52,8 +52,7 @@ def main() -> None:
     for policy_name, policy in policies.items():
         heads = {"prepared": EagleHead.load(head_path, policy)}
         for name, path in extra.items():
-            heads[name] = EagleHead.load(head_path, policy)
-            heads[name].load_state_dict(load_file(path))
+            heads[name] = load_head(path, head_path, policy)
         for head_name, head in heads.items():
             for temperature in (0.0, 1.0):
                 row = acceptance(policy, head.eval(), tokenizer, task, prompts, temperature)
@@ -65,9 +64,19 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/tiny_shift.yaml", help="the run file the bench ran")
     parser.add_argument("--run", action="append", default=[], help="a bench run directory (its final policy)")
-    parser.add_argument("--head", action="append", default=[], help="NAME=draft-v<N>.safetensors of a distiller")
+    parser.add_argument("--head", action="append", default=[],
+                        help="NAME=PATH: a distiller's draft-v<N>.safetensors or a prepared head directory")
     parser.add_argument("--prompts", type=int, default=100)
     return parser.parse_args()
+
+
+def load_head(path: str, prepared: str, policy) -> EagleHead:
+    """A head directory (`respec prepare`'s), or a distiller's tensors over the prepared head."""
+    if Path(path).is_dir():
+        return EagleHead.load(path, policy)
+    head = EagleHead.load(prepared, policy)
+    head.load_state_dict(load_file(path))
+    return head
 
 
 def final_policy(policy_path: str, run_dir: Path):
