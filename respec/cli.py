@@ -338,11 +338,17 @@ def _rl_bench(which: str):
         lr: Annotated[float, typer.Option(help="the trainer's learning rate (0: the run file's)")] = 0.0,
         config: Annotated[Path, typer.Option(help="the asynchronous SD run file the variants change")]
             = Path("configs/tiny.yaml"),
+        variants: Annotated[str, typer.Option(help="comma-separated variants to run (default: all)")] = "",
     ) -> None:
         from respec.bench import rl_runs
 
         extra = {"actors.trainer.params.lr": lr} if lr else {}
-        getattr(rl_runs, f"bench_{which}")(json_file, steps, extra, config)
+        try:
+            only = tuple(name.strip() for name in variants.split(",") if name.strip())
+            getattr(rl_runs, f"bench_{which}")(json_file, steps, extra, config, only)
+        except ValueError as error:
+            typer.secho(f"error: {error}", fg="red", err=True)
+            raise typer.Exit(2) from None
         typer.echo(f"wrote {json_file} and {json_file.with_suffix('.png')}")
 
     command.__doc__ = {

@@ -105,9 +105,9 @@ def e2e_variants(config: Path, baseline: Path) -> dict[str, tuple[Path, dict]]:
 
 
 def run_variants(bench: str, variants: dict[str, tuple[Path, dict]], steps: int, extra: dict[str, Any],
-                 console: Console) -> list[VariantResult]:
+                 console: Console, only: tuple[str, ...] = ()) -> list[VariantResult]:
     results = []
-    for name, (config, overrides) in variants.items():
+    for name, (config, overrides) in chosen(variants, only).items():
         console.print(f"[bold]{bench}[/]: {name} ({steps} RL steps, {config})")
         overrides = {**overrides, **extra, "actors.trainer.params.max_steps": steps,
                      "actors.trainer.params.checkpoint_every": 0}
@@ -124,6 +124,14 @@ def run_variants(bench: str, variants: dict[str, tuple[Path, dict]], steps: int,
             [r for r in rows if r["source"].startswith("distiller")], summary, time.perf_counter() - started,
             {"scheduler_decisions": scheduler_decisions(result.run_dir)}))
     return results
+
+
+def chosen(variants: dict[str, Any], only: tuple[str, ...]) -> dict[str, Any]:
+    """The variants named in `only` (all when empty), in the bench's order."""
+    unknown = set(only) - set(variants)
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(sorted(unknown))}; this bench has {', '.join(variants)}")
+    return {name: variant for name, variant in variants.items() if not only or name in only}
 
 
 def _removing(config: Path, overrides: dict[str, Any], name: str,
@@ -207,9 +215,10 @@ def smooth(values: list[float]) -> list[float]:
 # ---------------------------------------------------------------------- the benches
 
 
-def bench_staleness(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG) -> dict:
+def bench_staleness(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG,
+                only: tuple[str, ...] = ()) -> dict:
     console = Console()
-    results = run_variants("staleness", staleness_variants(config), steps, extra, console)
+    results = run_variants("staleness", staleness_variants(config), steps, extra, console, only)
     columns = [("variant", lambda r: r.name), ("accept_len start", lambda r: r.edge("accept_len", False)),
                ("accept_len end", lambda r: r.edge("accept_len", True)),
                ("end / start", lambda r: _ratio(r.edge("accept_len", True), r.edge("accept_len", False))),
@@ -228,9 +237,10 @@ def _form_keys(results: list[VariantResult]) -> list[str]:
     return sorted(keys - {"form_other"})
 
 
-def bench_quality(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG) -> dict:
+def bench_quality(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG,
+                only: tuple[str, ...] = ()) -> dict:
     console = Console()
-    results = run_variants("quality", quality_variants(config), steps, extra, console)
+    results = run_variants("quality", quality_variants(config), steps, extra, console, only)
     columns = [("variant", lambda r: r.name), ("reward start", lambda r: r.edge("reward_mean", False)),
                ("reward end", lambda r: r.edge("reward_mean", True)), ("held-out accuracy start -> end", _accuracy),
                ("accept_len mean", lambda r: r.summary.get("accept_len_mean"))]
@@ -239,9 +249,10 @@ def bench_quality(json_file: Path, steps: int, extra: dict[str, Any], config: Pa
                   {"steps": steps})
 
 
-def bench_interval(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG) -> dict:
+def bench_interval(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG,
+                only: tuple[str, ...] = ()) -> dict:
     console = Console()
-    results = run_variants("interval", interval_variants(config), steps, extra, console)
+    results = run_variants("interval", interval_variants(config), steps, extra, console, only)
     columns = [("variant", lambda r: r.name), ("accept_len start", lambda r: r.edge("accept_len", False)),
                ("accept_len end", lambda r: r.edge("accept_len", True)), ("draft updates", lambda r: len(r.distiller)),
                ("distill s", lambda r: round(sum(d.get("distill_s", 0.0) for d in r.distiller), 1)),
@@ -251,9 +262,9 @@ def bench_interval(json_file: Path, steps: int, extra: dict[str, Any], config: P
 
 
 def bench_e2e(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG,
-              baseline: Path = SYNC_BASELINE) -> dict:
+              only: tuple[str, ...] = (), baseline: Path = SYNC_BASELINE) -> dict:
     console = Console()
-    results = run_variants("e2e", e2e_variants(config, baseline), steps, extra, console)
+    results = run_variants("e2e", e2e_variants(config, baseline), steps, extra, console, only)
     base = _run_time(results[0])
     columns = [("variant", lambda r: r.name), ("time to last step s", lambda r: round(_run_time(r), 1)),
                ("speedup vs sync_nosd", lambda r: _ratio(base, _run_time(r))),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from rich.console import Console
 
 from respec.bench import rl_runs
@@ -75,3 +76,13 @@ def test_staleness_reports_the_share_of_each_form_the_task_tells_apart(tmp_path,
     frozen = payload["variants"]["frozen"]
     assert frozen["form_rare start -> end"] == "0.275 -> 0.775" and "form_other start -> end" not in frozen
     assert payload["config"] == str(tmp_path / "run.yaml")
+
+
+def test_a_bench_runs_only_the_variants_named(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(RUN)
+    variants = staleness_variants(path)
+    assert list(rl_runs.chosen(variants, ("kd_reward", "frozen"))) == ["frozen", "kd_reward"]  # the bench's order
+    assert list(rl_runs.chosen(variants, ())) == ["frozen", "kd_none", "kd_reward"]
+    with pytest.raises(ValueError, match="unknown variant.*kd_fast.*this bench has frozen"):
+        rl_runs.chosen(variants, ("kd_fast",))
