@@ -35,6 +35,7 @@ from respec.engine.tokenizer import load_tokenizer  # noqa: E402
 from respec.prepare import EVAL_SEED, TASK, TASK_PARAMS  # noqa: E402
 from respec.rl.evaluate import evaluate  # noqa: E402
 from respec.rl.loss import PPOConfig  # noqa: E402
+from respec.rl.step_metrics import form_shares  # noqa: E402
 from respec.rl.trainer import GRPOTrainer, TrainerConfig, TrainSample  # noqa: E402
 from respec.tasks import make_task  # noqa: E402
 
@@ -43,7 +44,7 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    task = make_task(TASK, **TASK_PARAMS)
+    task = make_task(args.task, **(json.loads(args.task_params) if args.task_params else TASK_PARAMS))
     policy = make_policy(args.make_policy, task, args.sft_steps) if args.make_policy else args.policy
     model, tokenizer = load_model(policy), load_tokenizer(policy)
     trainer = make_trainer(model, args, policy)
@@ -59,7 +60,9 @@ def main() -> None:
         history.append((stats["reward_mean"], sum(len(s.response) for s in samples) / len(samples)))
         if step % 10 == 0:
             recent = history[-10:]
-            emit({"step": step, "reward_last10": sum(r for r, _ in recent) / len(recent),
+            emit({"step": step, **form_shares([task.form_of(tokenizer.decode(s.response.tolist())) for s in samples],
+                                             task.forms),
+                  "reward_last10": sum(r for r, _ in recent) / len(recent),
                   "response_len_last10": sum(n for _, n in recent) / len(recent),
                   "grad_norm": stats["grad_norm"], "wall_s": time.perf_counter() - started})
         if step % args.eval_every == 0:
@@ -69,6 +72,9 @@ def main() -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy", default="models/tiny/policy")
+    parser.add_argument("--task", default=TASK, help="a built-in task (format_shift: see --task-params)")
+    parser.add_argument("--task-params", default="", help='JSON, e.g. \'{"reward_format": "rare"}\' '
+                                                          "(default: the embedded task's)")
     parser.add_argument("--make-policy", default="", help="ls:<smoothing> or guess:<fraction>:<right>")
     parser.add_argument("--sft-steps", type=int, default=600)
     parser.add_argument("--lr", type=float, default=5e-5)

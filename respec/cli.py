@@ -226,12 +226,23 @@ def prepare(
     seed: Annotated[int, typer.Option()] = 0,
     force: Annotated[bool, typer.Option(help="retrain what already exists")] = False,
     threads: Annotated[int, typer.Option(help="torch threads (0: torch's default)")] = 0,
+    task: Annotated[str, typer.Option(help="the built-in task to train on (default: the embedded one)")] = "",
+    task_param: Annotated[list[str], typer.Option(help="KEY=VALUE task parameter (repeatable; replaces the "
+                                                       "default task's parameters)")] = [],  # noqa: B006
+    head_sampled: Annotated[float, typer.Option(help="share of the head's training completions sampled at "
+                                                     "T = 1 (the rest greedy)")] = 0.5,
 ) -> None:
     """Train the built-in tiny policy (supervised) and its EAGLE head (distilled) from scratch."""
+    from respec.prepare import TASK, TASK_PARAMS
     from respec.prepare import prepare as run_prepare
 
+    params = _overrides(task_param) if task_param or task else dict(TASK_PARAMS)
     try:
-        report = run_prepare(out, sft_steps, eagle_steps, seed, force, threads)
+        report = run_prepare(out, sft_steps, eagle_steps, seed, force, threads, task_name=task or TASK,
+                             task_params=params, head_sampled=head_sampled)
+    except ValueError as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(2) from None
     except OSError as error:
         typer.secho(f"error: {error}", fg="red", err=True)
         raise typer.Exit(2) from None
@@ -327,6 +338,7 @@ def _rl_bench(which: str):
         lr: Annotated[float, typer.Option(help="the trainer's learning rate (0: the run file's)")] = 0.0,
         config: Annotated[Path, typer.Option(help="the asynchronous SD run file the variants change")]
             = Path("configs/tiny.yaml"),
+        variants: Annotated[str, typer.Option(help="comma-separated variants to run (default: all)")] = "",
         seeds: Annotated[str, typer.Option(help="e2e only: comma-separated run seeds, every variant runs once "
                                                   "per seed (accuracy within noise over seeds); empty: the file's")]
             = "",
@@ -341,7 +353,12 @@ def _rl_bench(which: str):
         except ValueError:
             raise typer.BadParameter(f"not a comma-separated list of whole numbers: {seeds!r}",
                                      param_hint="--seeds") from None
-        getattr(rl_runs, f"bench_{which}")(json_file, steps, extra, config, **repeat)
+        try:
+            only = tuple(name.strip() for name in variants.split(",") if name.strip())
+            getattr(rl_runs, f"bench_{which}")(json_file, steps, extra, config, only, **repeat)
+        except ValueError as error:
+            typer.secho(f"error: {error}", fg="red", err=True)
+            raise typer.Exit(2) from None
         typer.echo(f"wrote {json_file} and {json_file.with_suffix('.png')}")
 
     command.__doc__ = {

@@ -49,20 +49,27 @@ HEAD_SEQUENCES = 2048
 
 
 def prepare(out_dir: str | Path = "models/tiny", sft_steps: int = 600, eagle_steps: int = 600,
-            seed: int = 0, force: bool = False, threads: int = 0, head_sequences: int = HEAD_SEQUENCES) -> dict:
+            seed: int = 0, force: bool = False, threads: int = 0, head_sequences: int = HEAD_SEQUENCES,
+            task_name: str = TASK, task_params: dict | None = None, head_sampled: float = 0.5) -> dict:
+    """`task_name`/`task_params` pick the task the policy is supervised on and the head's
+    prompts come from (another built-in task, or the same one with other parameters: e.g.
+    `format_shift`, the staleness bench's variant); the default is the embedded one.
+    `head_sampled`: the share of the head's training completions sampled at T = 1, the rest
+    greedy (less: the head sees less of what the policy only samples now and then)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
     report_path = out / "prepare.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() and not force else {}
-    task = make_task(TASK, **TASK_PARAMS)
+    task = make_task(task_name, **(TASK_PARAMS if task_params is None else task_params))
+    report["task"] = {"name": task_name, "params": TASK_PARAMS if task_params is None else task_params}
     policy_dir, eagle_dir = out / "policy", out / "eagle"
     if force or not (policy_dir / "config.json").is_file():
         report["policy"] = _train_policy(policy_dir, task, sft_steps, seed)
         shutil.rmtree(eagle_dir, ignore_errors=True)  # a head belongs to one policy
     if force or not (eagle_dir / "eagle_head.json").is_file():
-        report["eagle"] = _train_head(policy_dir, eagle_dir, task, eagle_steps, seed, head_sequences)
+        report["eagle"] = _train_head(policy_dir, eagle_dir, task, eagle_steps, seed, head_sequences, head_sampled)
     report_path.write_text(json.dumps(report, indent=2))
     return report
 
@@ -91,6 +98,7 @@ def _train_policy(policy_dir: Path, task, steps: int, seed: int) -> dict:
 
 
 def _train_head(policy_dir: Path, eagle_dir: Path, task, steps: int, seed: int, sequences: int = HEAD_SEQUENCES,
+                sampled: float = 0.5,
                 batch: int = 32, unroll: int = 4) -> dict:
     """Distil the head; `unroll` drafting steps are trained at once (EAGLE-3's training-time
     test, ``distill_loss(steps=...)``). Measured at 300 steps on 256 completions: greedy
@@ -99,7 +107,8 @@ def _train_head(policy_dir: Path, eagle_dir: Path, task, steps: int, seed: int, 
     model, tokenizer = load_model(policy_dir), load_tokenizer(policy_dir)
     torch.manual_seed(seed)
     head = EagleHead.for_target(model)
-    completions = _policy_completions(model, tokenizer, task, count=sequences, seed=seed)
+    rows = _policy_rows(model, tokenizer, task, count=sequences, seed=seed, sampled=sampled)
+    completions = [prompt + response for prompt, response in rows]
     optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.05, 1 - s / max(steps, 1)))
     rng, losses = random.Random(seed), []
@@ -118,20 +127,40 @@ def _train_head(policy_dir: Path, eagle_dir: Path, task, steps: int, seed: int, 
             losses.append(float(loss.detach()))
             progress.update(bar, advance=1, note=f"KL {losses[-1]:.3f}")
     head.save(eagle_dir)
-    return {"steps": steps, "unroll": unroll, "sequences": len(completions), "kl_first": losses[0], "kl_last": losses[-1],
+    return {"steps": steps, "unroll": unroll, "sequences": len(completions), "sampled": sampled, **_form_shares(tokenizer, task, rows),
+            "kl_first": losses[0], "kl_last": losses[-1],
             "accept_len_s4": _acceptance(model, tokenizer, head, task), "wall_s": round(time.perf_counter() - started, 1)}
 
 
 def _policy_completions(model: CausalLM, tokenizer: TextTokenizer, task, count: int, seed: int) -> list[list[int]]:
     """Prompt + the policy's own sampled completion, `count` of them (half greedy)."""
+    return [prompt + response for prompt, response in _policy_rows(model, tokenizer, task, count, seed)]
+
+
+def _policy_rows(model: CausalLM, tokenizer: TextTokenizer, task, count: int, seed: int,
+                 sampled: float = 0.5) -> list[tuple[list[int], list[int]]]:
+    """(prompt, the policy's completion) token lists, `count` of them: the `sampled` share
+    sampled at T = 1, the rest greedy."""
     rng = random.Random(f"eagle/{seed}")
     prompts = [torch.tensor([tokenizer.bos_id, *tokenizer.encode(task.sample(rng).prompt)]) for _ in range(count)]
-    sequences = []
-    for temperature, part in ((1.0, prompts[: count // 2]), (0.0, prompts[count // 2:])):
+    rows = []
+    split = round(count * sampled)
+    for temperature, part in ((1.0, prompts[:split]), (0.0, prompts[split:])):
+        if not part:
+            continue
         engine = SpeculativeEngine(model, None, max_rows=64, max_len=96, seed=seed)
-        rows = engine.generate(part, Sampling(temperature, max_new_tokens=48, stop_token_ids=(tokenizer.eos_id,)))
-        sequences += [row.prompt.tolist() + row.tokens for row in rows]
-    return sequences
+        done = engine.generate(part, Sampling(temperature, max_new_tokens=48, stop_token_ids=(tokenizer.eos_id,)))
+        rows += [(row.prompt.tolist(), row.tokens) for row in done]
+    return rows
+
+
+def _form_shares(tokenizer: TextTokenizer, task, rows: list[tuple[list[int], list[int]]]) -> dict:
+    """Share of each response layout among the head's training completions, for tasks that
+    tell layouts apart (format_shift: how much of the rare format the head saw)."""
+    forms = [task.form_of(tokenizer.decode([t for t in response if t != tokenizer.eos_id])) for _, response in rows]
+    if not any(forms):
+        return {}
+    return {"form_shares": {form: round(forms.count(form) / len(forms), 4) for form in sorted(set(forms))}}
 
 
 def _acceptance(model: CausalLM, tokenizer: TextTokenizer, head: EagleHead, task, count: int = 32) -> float:

@@ -24,7 +24,7 @@ from respec.messages import DraftWeights, Envelope, PolicyWeights, ScoredRollout
 from respec.rl import checkpoints
 from respec.rl.evaluate import evaluate
 from respec.rl.loss import PPOConfig
-from respec.rl.step_metrics import group_index, step_metrics
+from respec.rl.step_metrics import form_shares, group_index, step_metrics
 from respec.rl.trainer import GRPOTrainer, TrainerConfig, TrainSample
 from respec.runtime import Actor, handles, weights_transfer
 from respec.runtime.weight_files import WeightFiles
@@ -128,6 +128,12 @@ class PolicyTrainer(Actor):
             batch, self.ready = self.ready[: self.params.groups_per_step], self.ready[self.params.groups_per_step:]
             await self._update(batch, envelope.sent_at)
 
+    def _form_shares(self, scored: list[ScoredRollout]) -> dict[str, float]:
+        if not self.task.forms:
+            return {}  # decoding every response costs time: only for tasks that tell forms apart
+        forms = [self.task.form_of(self.tokenizer.decode(s.rollout.tokens.tolist())) for s in scored]
+        return form_shares(forms, self.task.forms)
+
     def _already_have(self, group_id: str) -> bool:
         return (group_index(group_id) in self.trained_groups
                 or any(group[0].rollout.prompt.group_id == group_id for group in self.ready))
@@ -145,7 +151,7 @@ class PolicyTrainer(Actor):
                         policy_version=version)
         train_s = time.perf_counter() - started
         self.report(version, policy_version=version, draft_version=self.draft_version,
-                    **step_metrics(scored, version), train_s=train_s, distill_s=self.distill_s,
+                    **step_metrics(scored, version), **self._form_shares(scored), train_s=train_s, distill_s=self.distill_s,
                     loss=stats["loss"], grad_norm=stats["grad_norm"], groups=trained)
         self.distill_s = 0.0
         if self.params.checkpoint_every and version % self.params.checkpoint_every == 0:

@@ -106,10 +106,11 @@ def e2e_variants(config: Path, baseline: Path) -> dict[str, tuple[Path, dict]]:
 
 
 def run_variants(bench: str, variants: dict[str, tuple[Path, dict]], steps: int, extra: dict[str, Any],
-                 console: Console, seed: int | None = None) -> list[VariantResult]:
-    """Each variant once, with `seed` as the run's seed if given (then the run is named after it)."""
+                 console: Console, only: tuple[str, ...] = (), seed: int | None = None) -> list[VariantResult]:
+    """Each variant (or the `only` ones) once, with `seed` as the run's seed if given (then
+    the run is named after it)."""
     results = []
-    for name, (config, overrides) in variants.items():
+    for name, (config, overrides) in chosen(variants, only).items():
         run_name = f"bench_{bench}_{name}" + (f"_s{seed}" if seed is not None else "")
         console.print(f"[bold]{bench}[/]: {name}" + (f" seed {seed}" if seed is not None else "")
                       + f" ({steps} RL steps, {config})")
@@ -128,6 +129,14 @@ def run_variants(bench: str, variants: dict[str, tuple[Path, dict]], steps: int,
             [r for r in rows if r["source"].startswith("distiller")], summary, time.perf_counter() - started,
             {"scheduler_decisions": scheduler_decisions(result.run_dir)}, seed))
     return results
+
+
+def chosen(variants: dict[str, Any], only: tuple[str, ...]) -> dict[str, Any]:
+    """The variants named in `only` (all when empty), in the bench's order."""
+    unknown = set(only) - set(variants)
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(sorted(unknown))}; this bench has {', '.join(variants)}")
+    return {name: variant for name, variant in variants.items() if not only or name in only}
 
 
 def _removing(config: Path, overrides: dict[str, Any], name: str,
@@ -215,21 +224,32 @@ def smooth(values: list[float]) -> list[float]:
 # ---------------------------------------------------------------------- the benches
 
 
-def bench_staleness(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG) -> dict:
+def bench_staleness(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG,
+                only: tuple[str, ...] = ()) -> dict:
     console = Console()
-    results = run_variants("staleness", staleness_variants(config), steps, extra, console)
+    results = run_variants("staleness", staleness_variants(config), steps, extra, console, only)
     columns = [("variant", lambda r: r.name), ("accept_len start", lambda r: r.edge("accept_len", False)),
                ("accept_len end", lambda r: r.edge("accept_len", True)),
                ("end / start", lambda r: _ratio(r.edge("accept_len", True), r.edge("accept_len", False))),
                ("draft updates", lambda r: len(r.distiller)),
                ("held-out accuracy start -> end", _accuracy)]
-    return report("staleness", results, columns, json_file, [("accept_len", "acceptance length"),
-                                                             ("reward_mean", "reward")], console, {"steps": steps})
+    forms = _form_keys(results)  # a task that tells layouts apart (format_shift): where the policy went
+    columns += [(f"{key} start -> end", lambda r, k=key: f"{r.edge(k, False)} -> {r.edge(k, True)}") for key in forms]
+    curves = [("accept_len", "acceptance length"), ("reward_mean", "reward"),
+              *[(key, f"share of responses in {key.removeprefix('form_')} form") for key in forms]]
+    return report("staleness", results, columns, json_file, curves, console, {"steps": steps, "config": str(config)})
 
 
-def bench_quality(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG) -> dict:
+def _form_keys(results: list[VariantResult]) -> list[str]:
+    """The `form_<name>` metrics the runs' trainer reported (Task.forms), "other" left out."""
+    keys = {key for r in results for row in r.trainer for key in row if key.startswith("form_")}
+    return sorted(keys - {"form_other"})
+
+
+def bench_quality(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG,
+                only: tuple[str, ...] = ()) -> dict:
     console = Console()
-    results = run_variants("quality", quality_variants(config), steps, extra, console)
+    results = run_variants("quality", quality_variants(config), steps, extra, console, only)
     columns = [("variant", lambda r: r.name), ("reward start", lambda r: r.edge("reward_mean", False)),
                ("reward end", lambda r: r.edge("reward_mean", True)), ("held-out accuracy start -> end", _accuracy),
                ("accept_len mean", lambda r: r.summary.get("accept_len_mean"))]
@@ -238,9 +258,10 @@ def bench_quality(json_file: Path, steps: int, extra: dict[str, Any], config: Pa
                   {"steps": steps})
 
 
-def bench_interval(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG) -> dict:
+def bench_interval(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG,
+                only: tuple[str, ...] = ()) -> dict:
     console = Console()
-    results = run_variants("interval", interval_variants(config), steps, extra, console)
+    results = run_variants("interval", interval_variants(config), steps, extra, console, only)
     columns = [("variant", lambda r: r.name), ("accept_len start", lambda r: r.edge("accept_len", False)),
                ("accept_len end", lambda r: r.edge("accept_len", True)), ("draft updates", lambda r: len(r.distiller)),
                ("distill s", lambda r: round(sum(d.get("distill_s", 0.0) for d in r.distiller), 1)),
@@ -250,12 +271,16 @@ def bench_interval(json_file: Path, steps: int, extra: dict[str, Any], config: P
 
 
 def bench_e2e(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG,
-              baseline: Path = SYNC_BASELINE, seeds: tuple[int | None, ...] = (None,)) -> dict:
-    """Every variant once per seed; speedups against the same seed's baseline, and (with
-    several seeds) a table over seeds: does each variant reach the baseline's accuracy?"""
+              only: tuple[str, ...] = (), baseline: Path = SYNC_BASELINE,
+              seeds: tuple[int | None, ...] = (None,)) -> dict:
+    """Every variant (or the `only` ones, the baseline among them) once per seed; speedups
+    against the same seed's baseline, and (with several seeds) a table over seeds: does
+    each variant reach the baseline's accuracy?"""
+    if only and "sync_nosd" not in only:
+        raise ValueError("e2e compares every variant with sync_nosd: name it in --variants too")
     console = Console()
     results = [r for seed in seeds for r in run_variants("e2e", e2e_variants(config, baseline), steps, extra,
-                                                         console, seed)]
+                                                         console, only, seed)]
     base = {r.seed: _run_time(r) for r in results if r.name == "sync_nosd"}
     columns = [("variant", lambda r: r.name), ("seed", lambda r: r.seed),
                ("time to last step s", lambda r: round(_run_time(r), 1)),

@@ -41,6 +41,12 @@ def step_metrics(scored: list[ScoredRollout], version: int) -> dict[str, float]:
     }
 
 
+def form_shares(forms: list[str], known: tuple[str, ...]) -> dict[str, float]:
+    """`form_<name>`: the share of the step's responses in each layout the task knows
+    (Task.forms; format_shift: how far RL has moved the policy to the rewarded format)."""
+    return {f"form_{name}": forms.count(name) / len(forms) for name in known} if forms else {}
+
+
 def _accept_len(rollouts, lengths: np.ndarray) -> float:
     """Tokens per verification step over the whole batch (each rollout's first token comes
     from prefill, not from a step)."""

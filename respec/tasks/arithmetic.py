@@ -31,7 +31,7 @@ class Arithmetic(Task):
         count = rng.randint(self.min_operands, self.max_operands)
         numbers = [rng.randint(1, self.max_value) for _ in range(count)]
         operators = [rng.choice(self.operators) for _ in range(count - 1)]
-        text = "".join(f"{n}{o}" for n, o in zip(numbers, operators, strict=False)) + str(numbers[-1])
+        text = _expression(numbers, operators)
         steps, answer = worked_steps(numbers, operators)
         return Problem(prompt=f"{text}=", answer=str(answer), solution=";".join([*steps, f"A:{answer}"]))
 
@@ -45,16 +45,36 @@ class Arithmetic(Task):
 
 def worked_steps(numbers: list[int], operators: list[str]) -> tuple[list[str], int]:
     """Evaluate by precedence, one operation per step: products first, then left to right."""
-    numbers, operators, steps = list(numbers), list(operators), []
+    steps = [f"{left}{op}{right}={value}" for left, op, right, value, _ in _reductions(numbers, operators)]
+    return steps, _value(numbers, operators)
+
+
+def reduction_stages(numbers: list[int], operators: list[str]) -> list[str]:
+    """The expression before and after each step of `worked_steps`: `12+7*3`, `12+21`, `33`."""
+    stages = [_expression(numbers, operators)]
+    return stages + [stage for *_, stage in _reductions(numbers, operators)]
+
+
+def _reductions(numbers: list[int], operators: list[str]):
+    """(left, op, right, value, the remaining expression) for each step, by precedence."""
+    numbers, operators = list(numbers), list(operators)
     for pass_operators in ("*", "+-"):
         index = 0
         while index < len(operators):
             if operators[index] in pass_operators:
                 left, right, op = numbers[index], numbers[index + 1], operators[index]
                 value = left * right if op == "*" else left + right if op == "+" else left - right
-                steps.append(f"{left}{op}{right}={value}")
                 numbers[index : index + 2] = [value]
                 del operators[index]
+                yield left, op, right, value, _expression(numbers, operators)
             else:
                 index += 1
-    return steps, numbers[0]
+
+
+def _value(numbers: list[int], operators: list[str]) -> int:
+    reductions = list(_reductions(numbers, operators))
+    return reductions[-1][3] if reductions else numbers[0]
+
+
+def _expression(numbers: list[int], operators: list[str]) -> str:
+    return "".join(f"{n}{o}" for n, o in zip(numbers, operators, strict=False)) + str(numbers[-1])

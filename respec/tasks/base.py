@@ -24,6 +24,7 @@ class CheckResult:
 
 class Task(abc.ABC):
     name: str = "task"
+    forms: tuple[str, ...] = ()  # the layouts form_of tells apart (none: it does not)
 
     @abc.abstractmethod
     def sample(self, rng: random.Random) -> Problem:
@@ -32,6 +33,11 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def check(self, response: str, problem: Problem) -> CheckResult:
         """Judge a response; must not raise on any string."""
+
+    def form_of(self, response: str) -> str:
+        """The layout a response is in, for tasks that tell layouts apart (runs report the
+        share of each per RL step); "" where the task does not."""
+        return ""
 
     def heldout(self, count: int, seed: int = 12345) -> list[Problem]:
         """A fixed evaluation set, the same for every run with this seed."""

@@ -8,10 +8,11 @@ from respec.tasks.arithmetic import Arithmetic
 from respec.tasks.base import Task
 from respec.tasks.countdown import Countdown
 from respec.tasks.dataset import Dataset
+from respec.tasks.format_shift import FormatShift
 from respec.tasks.mixture import Mixture
 from respec.tasks.user_reward import UserReward
 
-BUILT_IN = {"arithmetic": Arithmetic, "countdown": Countdown, "dataset": Dataset}
+BUILT_IN = {"arithmetic": Arithmetic, "countdown": Countdown, "dataset": Dataset, "format_shift": FormatShift}
 
 
 def make_task(name: str, reward_fn: str = "", **params: Any) -> Task:

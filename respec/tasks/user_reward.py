@@ -36,12 +36,16 @@ class UserReward(Task):
         self.problems = problems
         self.function = load_function(reward_fn)
         self.name = f"{problems.name}+{reward_fn}"
+        self.forms = problems.forms
 
     def sample(self, rng: random.Random) -> Problem:
         return self.problems.sample(rng)
 
     def heldout(self, count: int, seed: int = 12345) -> list[Problem]:
         return self.problems.heldout(count, seed)
+
+    def form_of(self, response: str) -> str:
+        return self.problems.form_of(response)
 
     def check(self, response: str, problem: Problem) -> CheckResult:
         result = self.function(response, problem.answer, problem.prompt)

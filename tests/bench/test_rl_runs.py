@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from rich.console import Console
 
 from respec.bench import rl_runs
@@ -91,3 +92,26 @@ def test_seeds_are_refused_where_they_are_not_used_and_when_not_numbers():
     assert refused.exit_code == 2 and "is for `respec bench e2e` only" in refused.output
     garbled = CliRunner().invoke(app, ["bench", "e2e", "--seeds", "0,x"])
     assert garbled.exit_code == 2 and "not a comma-separated list of whole numbers" in garbled.output
+    without_baseline = CliRunner().invoke(app, ["bench", "e2e", "--variants", "respec"])
+    assert without_baseline.exit_code == 2 and "name it in --variants too" in without_baseline.output
+
+
+def test_staleness_reports_the_share_of_each_form_the_task_tells_apart(tmp_path, monkeypatch):
+    rows = [{"step": s, "source": "trainer", "reward_mean": 0.1, "accept_len": 2.0, "form_common": 1 - s / 20,
+             "form_rare": s / 20, "form_other": 0.0} for s in range(1, 21)]
+    (tmp_path / "run.yaml").write_text(RUN)
+    monkeypatch.setattr(rl_runs, "run_variants", lambda *args: [VariantResult("frozen", rows, [], {}, 1.0)])
+    payload = rl_runs.bench_staleness(tmp_path / "s.json", 20, {}, tmp_path / "run.yaml")
+    frozen = payload["variants"]["frozen"]
+    assert frozen["form_rare start -> end"] == "0.275 -> 0.775" and "form_other start -> end" not in frozen
+    assert payload["config"] == str(tmp_path / "run.yaml")
+
+
+def test_a_bench_runs_only_the_variants_named(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(RUN)
+    variants = staleness_variants(path)
+    assert list(rl_runs.chosen(variants, ("kd_reward", "frozen"))) == ["frozen", "kd_reward"]  # the bench's order
+    assert list(rl_runs.chosen(variants, ())) == ["frozen", "kd_none", "kd_reward"]
+    with pytest.raises(ValueError, match="unknown variant.*kd_fast.*this bench has frozen"):
+        rl_runs.chosen(variants, ("kd_fast",))
