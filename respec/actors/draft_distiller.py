@@ -119,8 +119,14 @@ class DraftDistiller(Actor):
 
     @handles(PolicyWeights, optional=True)
     async def on_policy(self, weights: PolicyWeights, envelope: Envelope) -> None:
-        with loaded_tensors(weights.handle, weights.version) as tensors:
-            self.policy.load_state_dict(tensors, strict=False)
+        try:
+            with loaded_tensors(weights.handle, weights.version) as tensors:
+                self.policy.load_state_dict(tensors, strict=False)
+        except FileNotFoundError:
+            # The trainer keeps its latest few weight files; a distiller that fell this far
+            # behind (a long update at low priority) has newer versions queued after this one.
+            self.log.info("policy_weights_superseded", version=weights.version)
+            return
         self.policy_version = weights.version
         if (weights.version - self.updated_at >= self.params.update_interval
                 and len(self.buffer.samples) >= self.params.min_buffer):

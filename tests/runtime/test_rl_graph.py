@@ -105,3 +105,32 @@ def test_a_niced_distiller_sharing_a_process_is_refused(run_graph, policy_dir):
 
     with pytest.raises(ConfigError, match="params.nice 10 would lower the priority of generator, prompts, scorer"):
         run_graph(distill_graph(str(policy_dir), distiller_group="main", nice=10), name="rl_distill_nice")
+
+
+def test_a_distiller_behind_the_trainers_kept_weight_files_skips_the_gone_version(policy_dir, tmp_path):
+    """The trainer keeps its latest few weight files; a PolicyWeights whose file is gone (the
+    distiller fell behind) is skipped, not an error: newer versions are queued after it."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import structlog
+    from safetensors.torch import save_file
+
+    from respec.actors.draft_distiller import DraftDistiller
+    from respec.engine.checkpoint import load_model
+    from respec.messages import PolicyWeights, WeightsHandle
+
+    actor = DraftDistiller(DraftDistiller.Params(model_path=str(policy_dir), weights_dir=str(tmp_path / "draft")),
+                           SimpleNamespace(instance="distiller/0", log=structlog.get_logger()))
+    asyncio.run(actor.on_start())
+    gone = PolicyWeights(version=3, handle=WeightsHandle(kind="file", location=str(tmp_path / "policy-v3.safetensors")))
+    asyncio.run(actor.on_policy(gone, None))
+    assert actor.policy_version == 0
+    newer = load_model(policy_dir)
+    with torch.no_grad():
+        newer.model.norm.weight.add_(1.0)
+    save_file({k: v.contiguous() for k, v in newer.state_dict().items()}, tmp_path / "policy-v4.safetensors")
+    asyncio.run(actor.on_policy(PolicyWeights(version=4, handle=WeightsHandle(
+        kind="file", location=str(tmp_path / "policy-v4.safetensors"))), None))
+    assert actor.policy_version == 4 and torch.equal(actor.policy.model.norm.weight, newer.model.norm.weight)
+    asyncio.run(actor.on_stop())
