@@ -43,7 +43,7 @@ class TraceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class RunSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
-    seed: int = 0
+    seed: int = 0  # every actor whose Params have a `seed` and whose params do not set it gets this one
     runs_dir: str = "runs"
     placement: Literal["local", "ray"] = "local"  # processes here, or Ray actors (see `ray:`)
     transport: Literal["ipc", "tcp"] = "ipc"  # between process groups

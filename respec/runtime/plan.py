@@ -89,7 +89,7 @@ class GraphPlan:
 
 
 def build_plan(config: GraphConfig, source: str = "<config>", ipc_dir: str = "") -> GraphPlan:
-    actors = {name: _plan_actor(name, spec, source) for name, spec in config.actors.items()}
+    actors = {name: _plan_actor(name, spec, source, config.run.seed) for name, spec in config.actors.items()}
     plan = GraphPlan(config, actors)
     _check_routes(plan, source)
     _check_actors(plan, source)
@@ -98,18 +98,26 @@ def build_plan(config: GraphConfig, source: str = "<config>", ipc_dir: str = "")
     return plan
 
 
-def _plan_actor(name: str, spec: ActorSpec, source: str) -> ActorPlan:
+def _plan_actor(name: str, spec: ActorSpec, source: str, run_seed: int) -> ActorPlan:
     where = f"{source}: actors.{name}"
     cls = _import_class(spec.cls, f"{where}.class")
     if not (isinstance(cls, type) and issubclass(cls, Actor)):
         raise ConfigError(f"{where}.class: {spec.cls!r} is not an Actor (respec.runtime.Actor)")
     try:
-        params = msgspec.convert(spec.params, cls.Params)
+        params = msgspec.convert(_seeded(spec.params, cls, run_seed), cls.Params)
     except msgspec.ValidationError as error:
         detail = readable_error(str(error))
         raise ConfigError(f"{where}.params.{detail}" if ": " in detail else f"{where}.params: {detail}") from None
     return ActorPlan(name, spec, cls, params, cls.handled_types(),
                       (*cls.sends, *cls.optional_sends))  # an optional output still gets its sockets
+
+
+def _seeded(params: dict[str, Any], cls: type, run_seed: int) -> dict[str, Any]:
+    """`run.seed` for an actor that takes a seed and is not given its own: one number in the
+    run file varies the data order, sampling and initialisations of a whole run."""
+    if "seed" in getattr(cls.Params, "__struct_fields__", ()) and "seed" not in params:
+        return {**params, "seed": run_seed}
+    return params
 
 
 def _import_class(path: str, where: str) -> Any:

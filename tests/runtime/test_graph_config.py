@@ -163,3 +163,14 @@ def test_prompt_source_and_trainer_must_agree_on_the_group_shape(tmp_path):
 def test_generator_rows_must_fit_the_verifier_cache(tmp_path):
     message = check(tmp_path, rl_graph(generator_rows=16))
     assert "actors.generator: params.max_rows 16 is more than actors.verifier.params.max_rows (8)" in message
+
+
+def test_run_seed_seeds_every_actor_that_takes_one_unless_it_sets_its_own(tmp_path):
+    graph = rl_graph(prompts={"seed": 7})
+    graph["run"]["seed"] = 3
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(graph))
+    actors = build_plan(load_config(path), str(path)).actors
+    assert actors["prompts"].params.seed == 7  # its own
+    assert actors["trainer"].params.seed == 3 and actors["verifier"].params.seed == 3
+    assert not hasattr(actors["scorer"].params, "seed")  # takes none, is given none
