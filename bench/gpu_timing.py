@@ -8,8 +8,11 @@ import time
 
 import torch
 
+from respec.engine.drafters.base import DraftShape
 from respec.engine.fast import FastGenerator
 from respec.engine.model import CausalLM
+from respec.sched.cost_model import geometric_accept_len
+from respec.sched.profile import NOSD
 
 
 def copy_bandwidth(device: str, gib: float = 1.0, repeats: int = 20) -> dict:
@@ -128,7 +131,8 @@ def chain_acceptance(chains: dict[int, int], accepted: int) -> float:
     length -> chains drafted): a chain of k accepts a + a^2 + ... + a^k drafts in expectation
     (each draft accepted with probability a, given its predecessors were). Bisection."""
     def expected(a: float) -> float:
-        return sum(n * sum(a ** i for i in range(1, k + 1)) for k, n in chains.items() if k)
+        per_chain = accepted_per_chain(a, chains)
+        return sum(n * per_chain[k] for k, n in chains.items())
 
     if expected(1.0) <= 0:
         return 0.0
@@ -140,5 +144,7 @@ def chain_acceptance(chains: dict[int, int], accepted: int) -> float:
 
 
 def accepted_per_chain(rate: float, lengths) -> dict[int, float]:
-    """Expected accepted drafts per step for each draft length, at acceptance rate `rate`."""
-    return {k: sum(rate ** i for i in range(1, k + 1)) for k in lengths}
+    """Expected accepted drafts per step for each draft length, at acceptance rate `rate`:
+    the Scheduler's geometric model (a chain of k accepts rate + ... + rate^k), less the
+    bonus token it counts."""
+    return {k: geometric_accept_len(DraftShape.chain(k).name if k else NOSD, rate) - 1 for k in lengths}

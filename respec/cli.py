@@ -240,10 +240,7 @@ def prepare(
     try:
         report = run_prepare(out, sft_steps, eagle_steps, seed, force, threads, task_name=task or TASK,
                              task_params=params, head_sampled=head_sampled)
-    except ValueError as error:
-        typer.secho(f"error: {error}", fg="red", err=True)
-        raise typer.Exit(2) from None
-    except OSError as error:
+    except (ValueError, OSError) as error:  # a bad task parameter, a directory that cannot be written
         typer.secho(f"error: {error}", fg="red", err=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps(report, indent=2))

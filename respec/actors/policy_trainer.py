@@ -45,7 +45,8 @@ class PolicyTrainer(Actor):
         kl_coef: float = 0.0
         max_steps: int = 0  # end the run after this many updates (0: never)
         weights_dir: str = ""  # where file handles go (default: a temp dir, removed at the end)
-        keep_weight_files: int = 4  # file handles kept: receivers are at most max_staleness versions behind
+        keep_weight_files: int = 4  # file handles kept: Generators and Verifiers are at most max_staleness
+        # versions behind; a DraftDistiller further behind skips versions whose file is gone
         share_by_reference: bool = True  # in-process Verifiers get the tensors themselves
         seed: int = 0
         # held-out evaluation (0 problems: none)

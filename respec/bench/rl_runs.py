@@ -308,10 +308,10 @@ def over_seeds(results: list[VariantResult], base: dict[int | None, float], eval
     names = list(dict.fromkeys(r.name for r in results))
     by_name = {name: [r for r in results if r.name == name] for name in names}
     accuracy = {name: [float(r.summary.get("accuracy_end", 0.0)) for r in runs] for name, runs in by_name.items()}
+    base_mean, base_spread = _mean_sd(accuracy["sync_nosd"])
     rows = []
     for name, runs in by_name.items():
         mean, spread = _mean_sd(accuracy[name])
-        base_mean, base_spread = _mean_sd(accuracy["sync_nosd"])
         sampling = (mean * (1 - mean) + base_mean * (1 - base_mean)) / evaluations
         error = ((spread ** 2 + base_spread ** 2 + sampling) / len(runs)) ** 0.5
         rows.append({"variant": name, "seeds": len(runs),

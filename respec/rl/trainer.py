@@ -36,8 +36,9 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     micro_batch: int = 8
     # Pad each micro-batch's length up to a multiple of this: on a GPU every new length is a
-    # new set of kernel shapes, and an update of shapes not seen before ran up to 2x slower
-    # (bench/gpu_rl.py); a few lengths are soon all seen. Padding changes no real position.
+    # new set of kernel shapes. Unpadded, one GPU update's time was bimodal from step to step;
+    # padded to 32, the baseline's median agreed within 20% across a run (one run:
+    # docs/PERFORMANCE.md). Padding changes no real position.
     length_multiple: int = 1
     epochs: int = 1
     scale_by_std: bool = True

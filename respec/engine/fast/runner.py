@@ -142,13 +142,14 @@ class FastGenerator:
         live = self.state.done[:b].tolist().count(False)  # rows not done before the next step (as of the last check)
         while True:
             for _ in range(check_every):
-                self.step(b, choose(b))
-                self.chains[choose(b)] = self.chains.get(choose(b), 0) + live
+                k = choose(b)
+                self.step(b, k)
+                self.chains[k] = self.chains.get(k, 0) + live
             done = self.state.done[:b].tolist()  # the one host synchronisation per check
             live = done.count(False)
-            if all(done):
+            if live == 0:
                 break
-            if compact and self.bucket_for(done.count(False)) < b:
+            if compact and self.bucket_for(live) < b:
                 b, owner = self._compact(b, done, owner)
         return self._results(owner, len(prompts))
 
