@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpu_report import markdown  # noqa: E402
-from gpu_rl import rl_section  # noqa: E402
+from gpu_rl import KNOWN_VARIANTS, VARIANTS, Variant, rl_section  # noqa: E402
 from gpu_timing import (  # noqa: E402
     choose_draft_lengths,
     compare,
@@ -91,6 +91,11 @@ def parse_args() -> argparse.Namespace:
                         "with the same folder (and task) loads them instead of training again")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="which of " + ",".join(SECTIONS))
     parser.add_argument("--rl-lr", type=float, default=1e-5)
+    parser.add_argument("--rl-variants", default=",".join(VARIANTS), help="RL variants in the order run, the first "
+                        "the baseline (bench/gpu_rl.py); those ending in _2gpu update on a second GPU: "
+                        + ",".join(sorted(KNOWN_VARIANTS)))
+    parser.add_argument("--max-value", type=int, default=TASK[1]["max_value"], help="largest operand of the "
+                        "task's problems (9 with many operands: long completions a small policy gets right)")
     args = parser.parse_args()
     if args.smoke:
         args.sft_steps, args.head_steps, args.batches, args.max_new = 30, 20, "1,4", 24
@@ -99,6 +104,11 @@ def parse_args() -> argparse.Namespace:
     args.rl_groups = [int(g) for g in args.rl_groups.split(",")]
     args.operands = tuple(int(n) for n in args.operands.split(","))
     args.sections = args.sections.split(",")
+    args.rl_variants = tuple(args.rl_variants.split(","))
+    if unknown := set(args.rl_variants) - KNOWN_VARIANTS:
+        parser.error(f"--rl-variants: unknown {sorted(unknown)}; choose from {', '.join(sorted(KNOWN_VARIANTS))}")
+    if any(Variant(v).two_gpus for v in args.rl_variants) and "rl" in args.sections and torch.cuda.device_count() < 2:
+        parser.error(f"--rl-variants: the _2gpu variants need two GPUs; this machine has {torch.cuda.device_count()}")
     if unknown := set(args.sections) - set(SECTIONS):
         parser.error(f"--sections: unknown {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     return args
@@ -110,14 +120,15 @@ def parse_args() -> argparse.Namespace:
 def full_run(args, device: str) -> dict:
     shape = "smoke" if args.smoke else "0.5b"
     low, high = args.operands
-    task = make_task(TASK[0], **{**TASK[1], "min_operands": low, "max_operands": high})
+    settings = {**TASK[1], "max_value": args.max_value, "min_operands": low, "max_operands": high}
+    task = make_task(TASK[0], **settings)
     tokenizer = char_tokenizer()
     heldout = task.heldout(256 if not args.smoke else 16, seed=12345)
     model, head, policy_report, head_report = trained_models(args, task, heldout, shape, device)
     prompts = [[tokenizer.bos_id, *tokenizer.encode(p.prompt)] for p in heldout]
     calibration = [[tokenizer.bos_id, *tokenizer.encode(task.sample(random.Random(f"calib{i}")).prompt)]
                    for i in range(64)]
-    out = {"shape": shape, "task": {"name": TASK[0], **TASK[1], "min_operands": low, "max_operands": high},
+    out = {"shape": shape, "task": {"name": TASK[0], **settings},
            "policy": policy_report, "head": head_report}
     if "decode" in args.sections:
         out["decode"] = decode_section(model, prompts[0], device, args)
@@ -130,7 +141,7 @@ def full_run(args, device: str) -> dict:
         out["greedy_equality"] = greedy_section(model, head, prompts[:64], device, args)
     if "rl" in args.sections:
         out["rl"] = [rl_section(model, head, task, profile, args.rl_steps, groups, 8, args.max_new,
-                                args.rl_lr, log) for groups in args.rl_groups]
+                                args.rl_lr, log, args.rl_variants) for groups in args.rl_groups]
     out["profile"] = profile
     return out
 
@@ -161,7 +172,8 @@ def trained_models(args, task, heldout, shape: str, device: str):
 
 
 def generator_for(model, head, device: str, args, rows: int, temperature: float) -> FastGenerator:
-    return FastGenerator(model, head, max_rows=rows, max_len=48 + args.max_new + max(DRAFT_LENGTHS) + 2,
+    # 80: the longest prompt of the task settings used here (30 one-digit operands: 61 tokens).
+    return FastGenerator(model, head, max_rows=rows, max_len=80 + args.max_new + max(DRAFT_LENGTHS) + 2,
                          max_new=args.max_new, max_k=max(DRAFT_LENGTHS) if head is not None else 0,
                          temperature=temperature, eos_ids=(char_tokenizer().eos_id,))
 

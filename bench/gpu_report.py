@@ -68,28 +68,36 @@ def greedy_table(report: dict) -> str:
 def rl_table(rl: dict | list) -> str:
     if isinstance(rl, list):  # one table per RL batch size
         return "\n\n".join(rl_table(section) for section in rl)
-    if "sync_sd" not in rl:  # reports before the asynchronous variant (e740849)
+    if "sync_sd" not in rl and "variants" not in rl:  # reports before the asynchronous variant (e740849)
         return _rl_table_before_async(rl)
     rows = rl["groups"] * rl["group_size"]
-    live = "k_full" in rl["sync_sd"]["steps"][0]  # the live scheduler (after 2eec63c)
+    drafted = next(v for v in rl.get("variants", ["sync_sd"]) if "nosd" not in v)
+    live = "k_full" in rl[drafted]["steps"][0]  # the live scheduler (after 2eec63c)
     lines = [f"{rows} rollouts per step ({rl['groups']} prompts x {rl['group_size']}), max_new {rl['max_new']}:", "",
-             "| variant | step s (wall / steps) | x sync no-SD | generation s | update s | distillation s | "
+             f"| variant | step s (wall / steps) | x {rl.get('variants', ['sync_nosd'])[0]} | generation s | update s | distillation s | "
              "tokens / longest | drafts accepted per step | reward first third -> last third |"
              + (" k full batch / 1 row, first -> last step |" if live else ""),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if live else "")]
-    for variant in ("sync_nosd", "sync_sd", "respec", "respec_switch_5ms", "sync_nosd_again"):
-        if variant not in rl:  # reports before 720c4d3 have the first three only
+    # Reports before the two-GPU variants have no "variants" list (and not all of these before 720c4d3).
+    variants = rl.get("variants", ["sync_nosd", "sync_sd", "respec", "respec_switch_5ms", "sync_nosd_again"])
+    for variant in variants:
+        if variant not in rl:
             continue
         v, mean = rl[variant], rl[variant]["mean"]
-        ratio = 1.0 if variant == "sync_nosd" else rl[f"{variant}_step_time_over_sync_nosd"]
+        ratio = 1.0 if variant == variants[0] else rl[f"{variant}_step_time_over_{variants[0]}"]
         first, last = v["steps"][0], v["steps"][-1]
         lines.append(f"| {variant} | {v['step_s']:.3f} | {ratio:.2f} | {mean['gen_s']:.3f} | {mean['train_s']:.3f} | "
-                     f"{mean['distill_s']:.3f} | {mean['tokens']:.0f} / {mean['longest']:.0f} | "
+                     f"{mean['distill_s']:.3f}{_publish(mean)} | {mean['tokens']:.0f} / {mean['longest']:.0f} | "
                      f"{mean['accepted_per_step']:.2f} | {v['reward_first_third']:.3f} -> {v['reward_last_third']:.3f} |"
                      + (f" {first['k_full']}/{first['k_one']} -> {last['k_full']}/{last['k_one']} |" if live else ""))
     sync = rl["sync_nosd"]["mean"]
     lines += ["", f"Generation is {sync['gen_s'] / (sync['gen_s'] + sync['train_s']):.0%} of a synchronous no-SD step."]
     return "\n".join(lines)
+
+
+def _publish(mean: dict) -> str:
+    """The weight copy's seconds beside the distillation's, where the report has them."""
+    return f" (+ {mean['publish_s']:.3f} publish)" if mean.get("publish_s") else ""
 
 
 def _rl_table_before_async(rl: dict) -> str:

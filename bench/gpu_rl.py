@@ -27,6 +27,16 @@ GPU update of 16 rows is bimodal from step to step, docs/PERFORMANCE.md.)
 5 ms, for comparison): the update thread holds the GIL through thousands of eager kernel
 launches, and with the default interval the generation thread waits up to 5 ms for it at
 every step of ~2 ms.
+
+On two GPUs (names with ``_2gpu``): generation stays on the first GPU, the update and
+the head's distillation run on the second (the actors' deployment: Generator + Verifier
+on one device, PolicyTrainer + DraftDistiller on another), and publishing copies the
+trained weights across (peer to peer). ``sync_nosd_2gpu`` is the synchronous baseline on
+the same two GPUs (generate on one, update on the other, one after the other),
+``async_nosd_2gpu`` the overlap without drafting, ``respec_2gpu`` the overlap with drafting
+and distillation. ``sync_nosd_half`` generates and updates half the rollouts on one GPU: a
+data-parallel synchronous baseline on two GPUs (each GPU half the rows, gradients
+all-reduced) can be no faster than it, so it bounds that baseline from below.
 """
 
 from __future__ import annotations
@@ -53,35 +63,67 @@ from respec.rl.trainer import GRPOTrainer, TrainerConfig, TrainSample
 DISTILL_SAMPLES = 128  # rollouts per distillation: the latest ones (one pass, one batch)
 DISTILL_EVERY = 3  # policy versions per head update (the DraftDistiller's update_interval)
 VARIANTS = ("sync_nosd", "sync_sd", "respec", "respec_switch_5ms", "sync_nosd_again")
+VARIANTS_2GPU = ("sync_nosd", "sync_nosd_half", "sync_nosd_2gpu", "async_nosd_2gpu", "respec_2gpu", "sync_nosd_again")
+KNOWN_VARIANTS = frozenset(VARIANTS + VARIANTS_2GPU + ("sync_sd_2gpu", "async_nosd", "sync_nosd_2gpu_again"))
 WARM_STEPS = 3
 LENGTH_MULTIPLE = 32  # update lengths padded to a multiple: few kernel shapes (TrainerConfig.length_multiple)
 SWITCH_INTERVAL_S = 5e-4
 
 
 def rl_section(model: CausalLM, head: EagleHead, task, profile: dict, steps: int, groups: int,
-               group_size: int, max_new: int, lr: float, log) -> dict:
-    out = {"groups": groups, "group_size": group_size, "max_new": max_new}
-    for variant in ("warm_sync", "warm_async", *VARIANTS):
-        choice = LiveChoice.from_profile(profile, groups * group_size)
+               group_size: int, max_new: int, lr: float, log, variants=VARIANTS) -> dict:
+    """Each variant from the same starting weights and prompts; `variants` in the order run."""
+    if unknown := set(variants) - KNOWN_VARIANTS:
+        raise ValueError(f"unknown RL variants {sorted(unknown)}; known: {', '.join(sorted(KNOWN_VARIANTS))}")
+    two_gpus = any(Variant(v).two_gpus for v in variants)
+    out = {"groups": groups, "group_size": group_size, "max_new": max_new, "variants": list(variants)}
+    warm = ("warm_sync", "warm_async") + (("warm_async_2gpu",) if two_gpus else ())
+    for name in (*warm, *variants):
+        variant = Variant(name)
+        choice = LiveChoice.from_profile(profile, groups * group_size) if variant.drafting else None
         setup = Setup.build(variant, model, head, task, choice, groups, group_size, max_new, lr)
-        if variant.startswith("warm"):  # untimed: the process's first updates are slow
-            (run_async if variant == "warm_async" else run_sync)(setup, WARM_STEPS, log)
-            del setup
-            continue
-        if variant.startswith("respec"):
-            interval = SWITCH_INTERVAL_S if variant == "respec" else sys.getswitchinterval()
-            out[variant] = summarise(_with_switch_interval(interval, run_async, setup, steps, log))
+        run = run_async if variant.overlapped else run_sync
+        if name.startswith("warm"):  # untimed: the process's (and each GPU's) first updates are slow
+            run(setup, WARM_STEPS, log)
         else:
-            out[variant] = summarise(run_sync(setup, steps, log))
-        log(f"rl {variant}: {out[variant]['step_s']:.3f} s per step, reward "
-            f"{out[variant]['reward_first']:.3f} -> {out[variant]['reward_last']:.3f}")
+            out[name] = summarise(_with_switch_interval(variant.switch_interval, run, setup, steps, log))
+            log(f"rl {name}: {out[name]['step_s']:.3f} s per step, reward "
+                f"{out[name]['reward_first']:.3f} -> {out[name]['reward_last']:.3f}")
         del setup
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    base = out["sync_nosd"]["step_s"]
-    for variant in VARIANTS[1:]:
-        out[f"{variant}_step_time_over_sync_nosd"] = out[variant]["step_s"] / base
+    base = out[variants[0]]["step_s"]
+    for name in variants[1:]:
+        out[f"{name}_step_time_over_{variants[0]}"] = out[name]["step_s"] / base
     return out
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What a variant's name says: drafting unless it has ``nosd``; asynchronous if it starts
+    with ``respec`` or ``async``; update on a second GPU if it has ``_2gpu``; half the
+    prompts per step with ``_half``."""
+    name: str
+
+    @property
+    def drafting(self) -> bool:
+        return "nosd" not in self.name
+
+    @property
+    def overlapped(self) -> bool:
+        return self.name.startswith(("respec", "async", "warm_async"))
+
+    @property
+    def two_gpus(self) -> bool:
+        return "_2gpu" in self.name
+
+    @property
+    def half(self) -> bool:
+        return "_half" in self.name
+
+    @property
+    def switch_interval(self) -> float:
+        return SWITCH_INTERVAL_S if self.overlapped and not self.name.endswith("_switch_5ms") else sys.getswitchinterval()
 
 
 class LiveChoice:
@@ -132,18 +174,22 @@ class Setup:
     buffer: list[TrainSample] = field(default_factory=list)
 
     @staticmethod
-    def build(variant, model, head, task, choice, groups, group_size, max_new, lr) -> Setup:
+    def build(variant: Variant, model, head, task, choice, groups, group_size, max_new, lr) -> Setup:
+        """Generation on `model`'s device; the update there too, or on the second GPU."""
         eos = char_tokenizer().eos_id
+        groups = max(1, groups // 2) if variant.half else groups
+        train_device = torch.device("cuda", 1) if variant.two_gpus else next(model.parameters()).device
         infer = copy.deepcopy(model)
-        master = copy.deepcopy(model).float().train()
-        drafting = "nosd" not in variant
-        draft = _head_for(infer, head) if drafting else None
-        draft_master = _head_for(infer, head).float().train() if drafting else None
-        generator = FastGenerator(infer, draft, max_rows=groups * group_size, max_len=64 + max_new + 8,
-                                  max_new=max_new, max_k=6 if drafting else 0, temperature=1.0, eos_ids=(eos,))
-        return Setup(variant, task, infer, master, GRPOTrainer(master, TrainerConfig(lr=lr, micro_batch=64, length_multiple=LENGTH_MULTIPLE)),
-                     generator, choice if drafting else None, groups, group_size, draft, draft_master,
-                     torch.optim.AdamW(draft_master.parameters(), lr=3e-4) if drafting else None)
+        master = copy.deepcopy(model).float().train().to(train_device)
+        draft = _head_for(infer, head) if variant.drafting else None
+        # The trained head reads the trainer's own embeddings and output head (same device).
+        draft_master = _head_for(master, head).float().train() if variant.drafting else None
+        generator = FastGenerator(infer, draft, max_rows=groups * group_size, max_len=80 + max_new + 8,
+                                  max_new=max_new, max_k=6 if variant.drafting else 0, temperature=1.0, eos_ids=(eos,))
+        trainer = GRPOTrainer(master, TrainerConfig(lr=lr, micro_batch=64, length_multiple=LENGTH_MULTIPLE))
+        return Setup(variant.name, task, infer, master, trainer, generator, choice if variant.drafting else None,
+                     groups, group_size, draft, draft_master,
+                     torch.optim.AdamW(draft_master.parameters(), lr=3e-4) if variant.drafting else None)
 
     @property
     def drafting(self) -> bool:
@@ -224,9 +270,11 @@ def run_sync(setup: Setup, steps: int, log) -> list[dict]:
     for step in range(1, steps + 1):
         _, samples, record = setup.generate(step)
         record.update(setup.update(step, samples))
+        published = time.perf_counter()
         setup.publish()
         setup.generator.refresh_weights()
         _sync(setup.infer)
+        record["publish_s"] = time.perf_counter() - published  # across GPUs too in the _2gpu variants
         record["wall_s"] = time.perf_counter() - started
         history.append(record)
         log(f"rl {setup.variant} step {step}: " + _fmt(record))
@@ -234,11 +282,13 @@ def run_sync(setup: Setup, steps: int, log) -> list[dict]:
 
 
 def run_async(setup: Setup, steps: int, log) -> list[dict]:
-    """Generation of step j (weights after update j - 2) beside update j - 1."""
+    """Generation of step j (weights after update j - 2) beside update j - 1: two threads,
+    each on its own stream of its own GPU (the same GPU unless the variant has two)."""
     setup.warm_up()
-    cuda = next(setup.infer.parameters()).is_cuda
-    gen_stream = torch.cuda.Stream(priority=-1) if cuda else None  # generation first when both wait
-    train_stream = torch.cuda.Stream(priority=0) if cuda else None
+    gen_device, train_device = _device(setup.infer), _device(setup.master)
+    cuda = gen_device.type == "cuda"
+    gen_stream = torch.cuda.Stream(gen_device, priority=-1) if cuda else None  # generation first when both wait
+    train_stream = torch.cuda.Stream(train_device, priority=0) if cuda else None
     rollouts: queue.Queue = queue.Queue()
     published: queue.Queue = queue.Queue()  # (version, event): weights written into infer
     consumed: queue.Queue = queue.Queue()  # event: the generator has copied them
@@ -248,7 +298,7 @@ def run_async(setup: Setup, steps: int, log) -> list[dict]:
     started = time.perf_counter()
 
     def generating():
-        with _on(gen_stream):
+        with _on(gen_device, gen_stream):
             for step in range(1, steps + 1):
                 if step >= 3:  # the weights after update step - 2
                     version, written = published.get()
@@ -263,7 +313,7 @@ def run_async(setup: Setup, steps: int, log) -> list[dict]:
                 rollouts.put((step, samples))
 
     def training():
-        with _on(train_stream):
+        with _on(train_device, train_stream):
             for step in range(1, steps + 1):
                 _, samples = rollouts.get()
                 if samples is None:  # the generating thread failed
@@ -273,9 +323,8 @@ def run_async(setup: Setup, steps: int, log) -> list[dict]:
                 if step <= steps - 2:  # versions a later generation reads
                     if step >= 2:
                         _wait(train_stream, consumed.get())
-                    setup.publish()
-                    published.put((step, _record(train_stream)))
-                log(f"rl respec step {step}: " + _fmt(history[step]))
+                    published.put((step, _publish(setup, train_stream, history[step])))
+                log(f"rl {setup.variant} step {step}: " + _fmt(history[step]))
 
     threads = [threading.Thread(target=_guard(fn, failures, published, rollouts)) for fn in (generating, training)]
     for thread in threads:
@@ -285,6 +334,18 @@ def run_async(setup: Setup, steps: int, log) -> list[dict]:
     if failures:
         raise failures[0]
     return [history[step] for step in range(1, steps + 1)]
+
+
+def _publish(setup: Setup, stream, record: dict):
+    """Write the trained weights into the generator's source copies on `stream` (across
+    GPUs: a peer copy); returns the event the generator waits for before reading them."""
+    started = time.perf_counter()
+    setup.publish()
+    event = _record(stream)
+    if stream is not None:
+        event.synchronize()  # only to time it: the generator waits on the event, not on this
+    record["publish_s"] = time.perf_counter() - started
+    return event
 
 
 def _with_switch_interval(seconds: float, run, *args):
@@ -298,8 +359,8 @@ def _with_switch_interval(seconds: float, run, *args):
 
 def summarise(history: list[dict]) -> dict:
     n = len(history)
-    mean = {key: sum(h[key] for h in history) / n for key in ("gen_s", "train_s", "distill_s", "tokens", "longest",
-                                                             "accepted_per_step")}
+    mean = {key: sum(h.get(key, 0.0) for h in history) / n for key in ("gen_s", "train_s", "distill_s", "publish_s",
+                                                                      "tokens", "longest", "accepted_per_step")}
     head = history[: max(1, n // 3)]
     tail = history[-max(1, n // 3):]
     return {"steps": history, "step_s": history[-1]["wall_s"] / n, "mean": mean,
@@ -321,8 +382,15 @@ def _guard(fn, failures, *queues):
     return run
 
 
-def _on(stream):
-    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+@contextlib.contextmanager
+def _on(device: torch.device, stream):
+    """This thread's work on `device` (the current device is per thread) and `stream`."""
+    if stream is None:
+        yield
+        return
+    torch.cuda.set_device(device)
+    with torch.cuda.stream(stream):
+        yield
 
 
 def _record(stream):
@@ -343,9 +411,14 @@ def _fmt(record: dict) -> str:
 
 
 def _sync(model: torch.nn.Module) -> None:
-    """Waits for this thread's stream only (the other thread's work goes on)."""
-    if next(model.parameters()).is_cuda:
-        torch.cuda.current_stream().synchronize()
+    """Waits for this thread's stream on the model's GPU only (the other thread's work goes on)."""
+    device = _device(model)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _autocast(device: torch.device):

@@ -45,3 +45,20 @@ def test_live_choice_drafts_less_when_the_head_goes_stale():
 def test_live_choice_refuses_a_profile_without_the_runs_batch():
     with pytest.raises(ValueError, match="16 rows"):
         LiveChoice.from_profile(profile(8), 16)
+
+
+def test_variant_names_say_what_runs_where():
+    from gpu_rl import Variant
+
+    baseline, respec_two, half = Variant("sync_nosd_2gpu"), Variant("respec_2gpu"), Variant("sync_nosd_half")
+    assert (baseline.drafting, baseline.overlapped, baseline.two_gpus) == (False, False, True)
+    assert (respec_two.drafting, respec_two.overlapped, respec_two.two_gpus) == (True, True, True)
+    assert half.half and not half.two_gpus and not half.overlapped
+    assert Variant("respec").switch_interval < Variant("respec_switch_5ms").switch_interval
+
+
+def test_unknown_variant_is_refused_before_anything_runs():
+    from gpu_rl import rl_section
+
+    with pytest.raises(ValueError, match="unknown RL variants"):
+        rl_section(None, None, None, profile(), 1, 1, 8, 8, 1e-5, print, ("sync_nosd", "respec_3gpu"))
