@@ -63,7 +63,7 @@ from respec.rl.trainer import GRPOTrainer, TrainerConfig, TrainSample
 DISTILL_SAMPLES = 128  # rollouts per distillation: the latest ones (one pass, one batch)
 DISTILL_EVERY = 3  # policy versions per head update (the DraftDistiller's update_interval)
 VARIANTS = ("sync_nosd", "sync_sd", "respec", "respec_switch_5ms", "sync_nosd_again")
-VARIANTS_2GPU = ("sync_nosd", "sync_nosd_half", "sync_nosd_2gpu", "async_nosd_2gpu", "respec_2gpu", "sync_nosd_again")
+VARIANTS_2GPU = ("sync_nosd_2gpu", "sync_nosd_half", "sync_nosd", "async_nosd_2gpu", "respec_2gpu", "sync_nosd_2gpu_again")
 KNOWN_VARIANTS = frozenset(VARIANTS + VARIANTS_2GPU + ("sync_sd_2gpu", "async_nosd", "sync_nosd_2gpu_again"))
 WARM_STEPS = 3
 LENGTH_MULTIPLE = 32  # update lengths padded to a multiple: few kernel shapes (TrainerConfig.length_multiple)
