@@ -168,6 +168,7 @@ class Setup:
     live: LiveChoice | None  # None: plain decoding
     groups: int
     group_size: int
+    flat_pairs: list[tuple[torch.Tensor, torch.Tensor]]  # (generator's weights, trainer's), each one flat tensor
     draft: EagleHead | None = None
     draft_master: EagleHead | None = None
     draft_optimizer: torch.optim.Optimizer | None = None
@@ -181,15 +182,19 @@ class Setup:
         train_device = torch.device("cuda", 1) if variant.two_gpus else next(model.parameters()).device
         infer = copy.deepcopy(model)
         master = copy.deepcopy(model).float().train().to(train_device)
-        draft = _head_for(infer, head) if variant.drafting else None
-        # The trained head reads the trainer's own embeddings and output head (same device).
-        draft_master = _head_for(master, head).float().train() if variant.drafting else None
+        pairs = [(flatten_parameters(infer), flatten_parameters(master))]  # before anything keeps a parameter
+        draft = draft_master = draft_optimizer = None
+        if variant.drafting:
+            draft = _head_for(infer, head)
+            # The trained head reads the trainer's own embeddings and output head (same device).
+            draft_master = _head_for(master, head).float().train()
+            pairs.append((flatten_parameters(draft), flatten_parameters(draft_master)))
+            draft_optimizer = torch.optim.AdamW(draft_master.parameters(), lr=3e-4)
         generator = FastGenerator(infer, draft, max_rows=groups * group_size, max_len=80 + max_new + 8,
                                   max_new=max_new, max_k=6 if variant.drafting else 0, temperature=1.0, eos_ids=(eos,))
         trainer = GRPOTrainer(master, TrainerConfig(lr=lr, micro_batch=64, length_multiple=LENGTH_MULTIPLE))
         return Setup(variant.name, task, infer, master, trainer, generator, choice if variant.drafting else None,
-                     groups, group_size, draft, draft_master,
-                     torch.optim.AdamW(draft_master.parameters(), lr=3e-4) if variant.drafting else None)
+                     groups, group_size, pairs, draft, draft_master, draft_optimizer)
 
     @property
     def drafting(self) -> bool:
@@ -256,10 +261,13 @@ class Setup:
         return {"train_s": trained - started, "distill_s": time.perf_counter() - trained}
 
     def publish(self) -> None:
-        """Write the master weights (and head) into the generator's source copies."""
-        _copy_weights(self.master, self.infer)
-        if self.drafting:
-            _copy_weights(self.draft_master, self.draft)
+        """Write the master weights (and head) into the generator's source copies: one cast
+        and copy per model (across GPUs, peer to peer), in place (the fast path's graphs read
+        these tensors). One call, not one per tensor: beside the generation thread each of
+        ~290 copies waited for the GIL, and a publish took 0.17-0.28 s instead of 0.007."""
+        with torch.no_grad():
+            for ours, theirs in self.flat_pairs:
+                ours.copy_(theirs)
 
 
 def run_sync(setup: Setup, steps: int, log) -> list[dict]:
@@ -431,11 +439,20 @@ def _head_for(target: CausalLM, trained: EagleHead) -> EagleHead:
     return head.eval()
 
 
-def _copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
-    """In place (the fast path's graphs read these tensors), cast to the target's dtype."""
+def flatten_parameters(module: torch.nn.Module) -> torch.Tensor:
+    """Moves every parameter of `module` into one flat tensor (each parameter becomes a view
+    of it, same values) and returns it: a whole model is then copied with one call. Must run
+    before anything keeps a parameter's storage (fused copies, optimisers, captured graphs)."""
+    parameters = list(module.parameters())
+    flat = torch.empty(sum(p.numel() for p in parameters), dtype=parameters[0].dtype, device=parameters[0].device)
+    offset = 0
     with torch.no_grad():
-        for ours, theirs in zip(target.parameters(), source.parameters(), strict=True):
-            ours.copy_(theirs)
+        for parameter in parameters:
+            view = flat[offset: offset + parameter.numel()].view_as(parameter)
+            view.copy_(parameter)
+            parameter.data = view
+            offset += parameter.numel()
+    return flat
 
 
 def distill(target: CausalLM, head: EagleHead, optimizer, samples: list[TrainSample], rewards: list[float],

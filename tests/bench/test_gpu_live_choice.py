@@ -62,3 +62,24 @@ def test_unknown_variant_is_refused_before_anything_runs():
 
     with pytest.raises(ValueError, match="unknown RL variants"):
         rl_section(None, None, None, profile(), 1, 1, 8, 8, 1e-5, print, ("sync_nosd", "respec_3gpu"))
+
+
+def test_flattened_parameters_keep_the_model_and_publish_in_one_copy():
+    import torch
+    from gpu_rl import flatten_parameters
+
+    from respec.engine.config import ModelConfig
+    from respec.engine.model import CausalLM
+
+    torch.manual_seed(0)
+    config = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=32, hidden_size=16, head_dim=4, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True, tie_word_embeddings=True)
+    source, target = CausalLM(config).eval(), CausalLM(config).eval()
+    tokens = torch.randint(0, 32, (2, 5))
+    before = source(tokens).logits
+    flat_source, flat_target = flatten_parameters(source), flatten_parameters(target)
+    assert torch.equal(source(tokens).logits, before)
+    assert all(p.untyped_storage().data_ptr() == flat_source.untyped_storage().data_ptr() for p in source.parameters())
+    assert flat_source.numel() == sum(p.numel() for p in source.parameters())
+    flat_target.copy_(flat_source)
+    assert torch.equal(target(tokens).logits, before)
