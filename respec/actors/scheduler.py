@@ -36,7 +36,8 @@ class Scheduler(Actor):
         ema: float = 0.2  # weight of a new live observation (step time, acceptance)
         stale_after: int = 50  # SD steps after which a config's own acceptance gives way to prior x drift
         probe_every: int = 50  # every N decisions, run a config not seen lately for one step (0: never)
-        probe_within: float = 0.2  # ... if predicted at most this much slower; also what is explored per bucket
+        probe_within: float = 0.2  # how far a profile's prediction is assumed off until explorations measure it
+        confidence: float = 1.0  # a measured gain must exceed margin + this many standard errors of its noise
         probe_budget: float = 0.03  # a probe (its step and two switches) costs at most this share of probe_every steps
         report_every: int = 200  # decisions between metrics rows (0: never)
 
@@ -68,7 +69,8 @@ class Scheduler(Actor):
         self.policy = SchedulerPolicy(model, params.candidates, params.margin, params.patience,
                                       probe_every=params.probe_every, probe_within=params.probe_within,
                                       min_dwell=params.min_dwell, explore_steps=params.explore_steps,
-                                      switch_cost_s=params.switch_cost_s, probe_budget=params.probe_budget)
+                                      switch_cost_s=params.switch_cost_s, probe_budget=params.probe_budget,
+                                      confidence=params.confidence)
         self.decisions = 0
 
     @handles(GenerationStats)
@@ -132,6 +134,8 @@ def param_problems(params: Scheduler.Params) -> list[str]:
         problems.append(f"probe_every: {params.probe_every}; 0 (never) or more decisions")
     if not 0 <= params.probe_within < 1:
         problems.append(f"probe_within: {params.probe_within}; a relative slowdown in [0, 1)")
+    if params.confidence < 0:
+        problems.append(f"confidence: {params.confidence}; standard errors, >= 0")
     if params.min_dwell < 0:
         problems.append(f"min_dwell: {params.min_dwell}; 0 or more decisions")
     if params.explore_steps < 1:

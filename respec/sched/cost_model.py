@@ -16,15 +16,17 @@ project (1.4x at batch 1, 3.7x at batch 64), plus drafting at a fixed fraction o
 target step per drafting level.
 
 Online refresh (`OnlineCorrection`): every live step timing updates an EMA of
-log(observed / predicted), kept per (config, batch octave), per batch octave, per config
-and overall; a prediction is multiplied by the most specific one seen. A foreign or
+log(observed / predicted), kept per (config, batch octave), per (SD, batch octave) for the
+SD shapes, per batch octave, per config and overall; a prediction is multiplied by the
+most specific one seen. A foreign or
 stale profile therefore converges to the live timings of what runs, an error common to
 all configs carries over to those not running, and an error of one config alone is found
 by the decision rule's occasional probes.
 
 Acceptance (`AcceptanceEstimate`): E[accepted + 1] per config, an EMA of the live values
-while that config runs; for a config not seen lately, its prior (profile-measured or a
-geometric model) scaled by the live drift, the EMA of (observed - 1) / (prior - 1) over
+while that config runs (per batch bucket: a mean over its last rows, `RowMean`); for a
+config not seen lately, its prior (profile-measured or a geometric model) scaled by the
+live drift, the EMA of (observed - 1) / (prior - 1) over
 what did run. A drafter that goes stale lowers every SD config's estimate at once.
 """
 
@@ -42,6 +44,7 @@ from respec.sched.profile import NOSD, Profile, ProfilePoint
 PRIOR_T0, PRIOR_POWER, PRIOR_DRAFT_FRACTION = 19.9, 0.72, 0.15
 PRIOR_ALPHA = 0.5  # per-token acceptance assumed before anything is measured
 CONTEXT_STEP = 4  # contexts closer than this share a memoised step time
+SD_KIND = "sd"  # the correction level every SD shape shares (per bucket)
 
 
 def verified_tokens(config: str) -> int:
@@ -147,7 +150,8 @@ class Ema:
 
 class OnlineCorrection:
     """log(observed / predicted) step time, seeded at 0 (trust the profile until steps say
-    otherwise), kept per (config, batch octave), per batch octave, per config and overall;
+    otherwise), kept per (config, batch octave), per (SD, batch octave) for the SD shapes,
+    per batch octave, per config and overall;
     a prediction takes the most specific one seen. A config not run at this batch size
     takes what the configs that did run here learned: what a live rollout adds to a
     profile's clean steps (rows admitted and prefilled, scattered cache slots) depends
@@ -191,7 +195,13 @@ class OnlineCorrection:
     @staticmethod
     def _keys(config: str, batch: float) -> tuple[tuple, ...]:
         bucket = octave(batch)
-        return (config, bucket), (bucket,), (config,), ()
+        if config == NOSD:
+            return (config, bucket), (bucket,), (config,), ()
+        # An SD shape not run here inherits what the SD shapes that ran here learned before
+        # what plain decoding did: on the quiet host a live SD step at 2 rows cost 1.2x its
+        # profiled time and a plain one 0.96x (drafting, tree verification, a row's rebuild),
+        # and with only the per-bucket level every SD shape looked 25% better than it ran.
+        return (config, bucket), (SD_KIND, bucket), (bucket,), (config,), ()
 
 
 @functools.lru_cache(maxsize=4096)  # asked ~20 times per decision, for a handful of batch sizes
@@ -212,6 +222,24 @@ def geometric_accept_len(config: str, alpha: float) -> float:
     return sum(level**i for i in range(depth + 1))
 
 
+class RowMean:
+    """A mean of per-row values over the last ~`memory` rows: a step's value counts by the
+    rows it averaged. One step at 1 row is one draw of a row's acceptance (1 to n + 1
+    tokens, +-40% around the mean); one at 64 rows is the mean of 64. A per-step EMA let
+    one row's luck at 1-2 rows swing a bucket's estimate by 20-50% (an s6 step that accepted
+    nothing made it look useless, one that accepted 7 made it the best), and the rule
+    switched among shapes a few percent apart on it. Starts at a seed worth `seed_rows`
+    rows (what is believed elsewhere), so the first rows refine it instead of replacing it."""
+
+    def __init__(self, memory: float, seed: float, seed_rows: float) -> None:
+        self.memory, self.value, self.rows = memory, seed, seed_rows
+
+    def add(self, value: float, rows: float) -> None:
+        share = rows / (min(self.rows, self.memory) + rows)  # a running mean, then a memory of ~memory rows
+        self.value += share * (value - self.value)
+        self.rows += rows
+
+
 class AcceptanceEstimate:
     """E[accepted + 1 | config], live where measured, prior x drift elsewhere.
 
@@ -219,19 +247,21 @@ class AcceptanceEstimate:
     rows are left in a bucket is itself a workload (a rollout's tail is its few longest rows,
     which draft past their answer at 1.5-2.3 tokens per step where a full batch of fresh
     prompts gets 2.3-3.4), and one acceptance for every bucket made the tail's small
-    buckets decide with what the large ones measured. Fresh means seen within
-    `bucket_memory` steps of any config (plain ones included): a few rollouts' tails, so
-    the next tail finds the last one's value, but not what a long phase of other work
-    measured there (the next observation then starts the bucket over, and until then the
-    config's overall value, the latest SD steps anywhere, stands in)."""
+    buckets decide with what the large ones measured. A bucket's value is a `RowMean` over
+    its last `bucket_rows` rows, started from the config's overall value (worth `seed_rows`
+    rows). Fresh means seen within `bucket_memory` steps of any config (plain ones
+    included): a few rollouts' tails, so the next tail finds the last one's value, but not
+    what a long phase of other work measured there (the next observation then starts the
+    bucket over from the overall value, which stands in until then)."""
 
     def __init__(self, prior: dict[str, float], weight: float = 0.2, stale_after: int = 50,
-                 bucket_memory: int = 200) -> None:
+                 bucket_memory: int = 200, bucket_rows: float = 64, seed_rows: float = 8) -> None:
         self.prior = dict(prior)
         self.weight, self.stale_after, self.bucket_memory = weight, stale_after, bucket_memory
+        self.bucket_rows, self.seed_rows = bucket_rows, seed_rows
         self.own: dict[str, Ema] = {}
         self.last_seen: dict[str, int] = {}
-        self.by_bucket: dict[tuple[str, int], Ema] = {}  # no seed: a bucket's first steps count fully
+        self.by_bucket: dict[tuple[str, int], RowMean] = {}
         self.bucket_seen: dict[tuple[str, int], int] = {}
         self.drift = Ema(weight, seed=1.0)
         self.observations = 0  # SD steps
@@ -241,17 +271,17 @@ class AcceptanceEstimate:
         self.steps += 1
         if config == NOSD or not math.isfinite(accept_len) or accept_len < 1.0:
             return
+        if batch is not None:  # before the overall value moves: it seeds a bucket (re)started now
+            key = (config, octave(batch))
+            if not self._bucket_fresh(key):  # what it held was another phase's: start over
+                self.by_bucket[key] = RowMean(self.bucket_rows, self.estimate(config), self.seed_rows)
+            self.by_bucket[key].add(accept_len, max(batch, 1.0))
+            self.bucket_seen[key] = self.steps
         if config not in self.own:  # seeded with what was believed: one step is a noisy sample
             self.own[config] = Ema(self.weight, seed=self.estimate(config))
         self.observations += 1
         self.own[config].add(accept_len)
         self.last_seen[config] = self.observations
-        if batch is not None:
-            key = (config, octave(batch))
-            if not self._bucket_fresh(key):  # what it held was another phase's: start over
-                self.by_bucket[key] = Ema(self.weight)
-            self.by_bucket[key].add(accept_len)
-            self.bucket_seen[key] = self.steps
         prior = self.prior.get(config, 1.0)
         if prior > 1.01:
             self.drift.add((accept_len - 1) / (prior - 1))

@@ -8,12 +8,20 @@ live RL run, where the batch changes every step and single step timings are nois
 - **Per bucket, measured.** Everything is learned and compared per batch octave (the
   bucket: 6-11 rows, 12-22, ...). A config's prediction in a bucket is only trusted once
   it has run `explore_steps` steps there (its own live correction); before that it is
-  explored. Explored in each bucket, once: plain decoding (always: the baseline SD must
-  beat, so SD is chosen only where it measured faster than plain decoding *in this
-  bucket*), and every SD shape predicted within `probe_within` of the best measured one.
-  The cost is bounded (a few steps per config per bucket) and paid once per run.
+  explored. Explored in each bucket: plain decoding (always: the baseline SD must beat),
+  then an SD shape only if it is *worth it*: were its prediction off in its favour by the
+  spread predictions have shown on this machine (learned from every exploration, starting
+  at `probe_within`), it would beat the best measured config by the margin, and that
+  gain over as long again as the bucket has run pays for its steps and switches. An
+  exploration once begun is finished, and a close call (within the noise of the best
+  other) is measured longer, up to the steps an estimate averages, instead of being
+  decided by three noisy steps. After it the rule settles on what the bucket settled on
+  before (plain decoding the first time) unless the fastest measured config beats that by
+  the margin plus `confidence` standard errors.
 - **Hysteresis** among measured configs: leave the current one only for a predicted gain
-  above `margin`, and only if the time the gain saves over `min_dwell` steps exceeds what
+  above `margin` plus `confidence` standard errors (the bucket's measured step-time
+  noise over the steps each estimate averages; a step off by more than 3 sigma is held
+  to 3 sigma before it is learned, so a stall does not move an estimate), and only if the time the gain saves over `min_dwell` steps exceeds what
   a switch costs. Within a bucket the gain must also be seen by `patience` consecutive
   decisions, at least `min_dwell` decisions after the last switch: there a change of
   prediction is noise until repeated. On entering another bucket it need not: the batch
@@ -37,6 +45,7 @@ live RL run, where the batch changes every step and single step timings are nois
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -70,6 +79,9 @@ def check_candidates(candidates: list[str] | tuple[str, ...]) -> list[str]:
     return seen
 
 
+DEFAULT_NOISE = 0.1  # a step's timing noise (log) assumed until a bucket has measured its own
+
+
 def _kind(config: str) -> str:
     return "nosd" if config == NOSD else "sd"
 
@@ -78,12 +90,12 @@ class SchedulerPolicy:
     def __init__(self, model: CostModel, candidates: list[str] | tuple[str, ...], margin: float = 0.05,
                  patience: int = 2, initial: str | None = None, probe_every: int = 50,
                  probe_within: float = 0.2, min_dwell: int = 8, explore_steps: int = 3,
-                 switch_cost_s: float = 0.0, probe_budget: float = 0.03) -> None:
+                 switch_cost_s: float = 0.0, probe_budget: float = 0.03, confidence: float = 1.0) -> None:
         if probe_every < 0 or not 0 <= probe_within < 1 or probe_budget < 0:
             raise ValueError(f"probe_every must be >= 0 (0: never), probe_within in [0, 1) and probe_budget >= 0, "
                              f"got {probe_every}, {probe_within} and {probe_budget}")
-        if margin < 0:
-            raise ValueError(f"margin must be >= 0 (a relative gain), got {margin}")
+        if margin < 0 or confidence < 0:
+            raise ValueError(f"margin must be >= 0 (a relative gain) and confidence >= 0, got {margin} and {confidence}")
         if patience < 1 or min_dwell < 0 or explore_steps < 1:
             raise ValueError(f"patience must be >= 1 decision, min_dwell >= 0, explore_steps >= 1; got "
                              f"{patience}, {min_dwell}, {explore_steps}")
@@ -91,24 +103,34 @@ class SchedulerPolicy:
         self.configs = check_candidates([NOSD, *candidates])
         self.margin, self.patience, self.min_dwell, self.explore_steps = margin, patience, min_dwell, explore_steps
         self.probe_every, self.probe_within, self.probe_budget = probe_every, probe_within, probe_budget
+        self.confidence = confidence
         self.current = initial
         self.pending, self.streak = None, 0
         self.decisions = self.since_switch = 0
         self.bucket: int | None = None  # the batch bucket of the last decision
         self.settled: set[int] = set()  # buckets whose exploration is over and acted on
+        self.home: dict[int, str] = {}  # bucket -> what its last exploration settled on
         self.last_run: dict[tuple[str, int], int] = {}  # (config, bucket) -> decision count when it last ran
         self.last_config: str | None = None  # what the last decision told to run (a probe, maybe)
         self.last_observed: str | None = None  # the config of the last step observed
         # seconds per row in the step: a switch into SD rebuilds every row's drafter features
         self.switch_cost = {k: Ema(0.2, seed=switch_cost_s, seed_counts=False) for k in ("nosd", "sd")}
+        # How far a config's prediction was from what it measured once explored, |log ratio|:
+        # how much to hope for from a config not measured yet. Starts at probe_within.
+        self.spread = Ema(0.2, seed=probe_within, seed_counts=False)
+        self.exploring: set[tuple[str, int]] = set()  # (config, bucket) being explored
+        self.hoped: dict[tuple[str, int], float] = {}  # (config, bucket) -> tokens/s predicted when explored
+        self.noise: dict[int, Ema] = {}  # bucket -> squared log error of a measured config's step time
+        self.bucket_s: Counter[int] = Counter()  # seconds of steps run per bucket: how long it lasts
         self.kinds: Counter[str] = Counter()  # decisions by kind, for the trace and benches
 
     # ------------------------------------------------------------------ learning
 
     def observe(self, config: str, batch: float, context: float, step_s: float, accept_len: float) -> None:
         """A live step of `config`; the first after a switch also measures the switch cost."""
-        if self.last_observed is not None and config != self.last_observed and batch >= 1:
-            cost = self.switch_cost[_kind(config)]
+        kind = _switch_kind(self.last_observed, config)
+        if kind is not None and batch >= 1:
+            cost = self.switch_cost[kind]
             if self.measured(config, batch):  # else its prediction's own error would pass for a switch cost
                 excess = step_s - self.model.step_time(config, batch, context)
                 cost.add(min(excess, step_s) / batch)  # unclipped below: noise either way averages out
@@ -116,14 +138,48 @@ class SchedulerPolicy:
                 step_s = 0.0
             step_s -= min(max(cost.value, 0.0) * batch, 0.5 * step_s)  # what the step costs without the switch
         self.last_observed = config
+        bucket = octave(batch)
         if step_s > 0:
+            step_s = self._learn_noise(config, batch, context, step_s)
             self.model.observe(config, batch, context, step_s, accept_len)
+            self.bucket_s[bucket] += step_s
         else:
             self.model.acceptance.observe(config, accept_len, batch)
-        self.last_run[(config, octave(batch))] = self.decisions
+        self.last_run[(config, bucket)] = self.decisions
+        self._learn_spread(config, batch, context)
 
     def measured(self, config: str, batch: float) -> bool:
         return self.model.correction.count(config, batch) >= self.explore_steps
+
+    def _learn_noise(self, config: str, batch: float, context: float, step_s: float) -> float:
+        """A measured config's step against its own estimate: the bucket's timing noise,
+        which sets how big a measured gain must be before it is believed (the mean absolute
+        log error, x 1.25: sigma for a normal). Returns the step time to learn from, held
+        within 3 sigma of the estimate: a step another process stalled 3x moved the
+        current config's estimate by 13% (an EMA step, clipped at 2x), and a rival measured
+        a few steps long ago then looked 15-30% better. A real change still gets through,
+        3 sigma a step."""
+        if not self.measured(config, batch):
+            return step_s
+        noise = self.noise.setdefault(octave(batch), Ema(0.1))
+        expected = self.model.step_time(config, batch, context)
+        error = math.log(step_s / expected)
+        noise.add(min(abs(error), 0.5))
+        if noise.count < 3:
+            return step_s
+        bound = 3 * self._sigma(octave(batch))
+        return expected * math.exp(min(max(error, -bound), bound))
+
+    def _sigma(self, bucket: int) -> float:
+        noise = self.noise.get(bucket)
+        return 1.25 * noise.value if noise is not None and noise.count >= 3 else DEFAULT_NOISE
+
+    def _learn_spread(self, config: str, batch: float, context: float) -> None:
+        """Once an explored config is measured: how far off its prediction was."""
+        key = (config, octave(batch))
+        if key in self.hoped and self.measured(config, batch):
+            hoped = self.hoped.pop(key)
+            self.spread.add(abs(math.log(self.model.tokens_per_s(config, batch, context) / hoped)))
 
     # ------------------------------------------------------------------ deciding
 
@@ -136,8 +192,10 @@ class SchedulerPolicy:
         if self.current is None or self.current not in predicted:
             kind, target = "start", max(predicted, key=predicted.get)
             reason = f"start: {target} fastest at batch {batch}"
+            if not self.measured(target, batch):
+                self._begin(target, self.bucket, predicted)
         else:
-            kind, target, reason = self._choose(batch, predicted, entering)
+            kind, target, reason = self._choose(batch, context, predicted, entering)
         if target != self.current:
             self.current, self.since_switch, self.pending, self.streak = target, 0, None, 0
         config = self._probe(batch, context, predicted)
@@ -147,46 +205,117 @@ class SchedulerPolicy:
         switched, self.last_config = config != self.last_config, config
         return Decision(config, switched, batch, predicted, reason, kind)
 
-    def _choose(self, batch: int, predicted: dict[str, float], entering: bool) -> tuple[str, str, str]:
+    def _choose(self, batch: int, context: float, predicted: dict[str, float],
+                entering: bool) -> tuple[str, str, str]:
         """(kind, config to run, reason)."""
-        measured = [c for c in self.configs if self.measured(c, batch)]
-        explore = self._to_explore(batch, predicted, measured)
-        if explore:
+        target = self._to_explore(batch, context, predicted)
+        if target is not None:
             self.settled.discard(self.bucket)
-            target = self.current if self.current in explore else explore[0]
+            self._begin(target, self.bucket, predicted)
             verb = "exploring" if target == self.current else f"explore {target}:"
             return "explore", target, (f"{verb} {self.model.correction.count(target, batch)}/{self.explore_steps} "
                                        f"steps measured at bucket {octave(batch)} (batch {batch})")
+        measured = [c for c in self.configs if self.measured(c, batch)]
         best = max(measured, key=predicted.get)
         if self.current not in measured or self.bucket not in self.settled:  # exploration over: go by what it measured
             self.settled.add(self.bucket)
-            return "settle", best, f"settle on {best}: fastest measured at bucket {octave(batch)} (batch {batch})"
+            home = self._home(best, predicted, batch)
+            self.home[self.bucket] = home
+            return "settle", home, f"settle on {home}: fastest measured at bucket {octave(batch)} (batch {batch})"
         return self._hysteresis(best, predicted, batch, entering)
 
-    def _to_explore(self, batch: int, predicted: dict[str, float], measured: list[str]) -> list[str]:
-        """Configs to measure in this bucket: plain decoding, and SD shapes predicted within
-        probe_within of the best measured config (of the best prediction, before any)."""
-        reference = max((predicted[c] for c in measured), default=max(predicted.values()))
-        floor = (1 - self.probe_within) * reference
-        wanted = [c for c in self.configs if c not in measured and (c == NOSD or predicted[c] >= floor)]
-        return sorted(wanted, key=lambda c: (c != NOSD, -predicted[c]))
+    def _home(self, best: str, predicted: dict[str, float], batch: int) -> str:
+        """What to settle on after an exploration: what the bucket settled on before (plain
+        decoding the first time), unless the fastest measured config beats it by more than
+        the margin and the noise. Taking the fastest of a few noisy steps each, as before,
+        settled on whichever of configs a few percent apart had the luckiest steps, and the
+        next exploration's settle moved again."""
+        home = self.home.get(self.bucket, NOSD)
+        if home not in predicted or not self.measured(home, batch):
+            return best
+        needed = self.margin + self.confidence * self._noise(home, best, batch)
+        return best if predicted[best] / predicted[home] - 1 > needed else home
+
+    def _to_explore(self, batch: int, context: float, predicted: dict[str, float]) -> str | None:
+        """The config to measure next in this bucket, if any. One begun is finished (its
+        first steps are noisy; dropping it after one step paid its switch for nothing, and
+        the next rollout began it again). Then plain decoding: the baseline SD must beat
+        here, cheap to measure. Then the SD shape predicted fastest among those worth it."""
+        bucket = octave(batch)
+        if (self.current, bucket) in self.exploring:
+            if self._undecided(self.current, batch, predicted):
+                return self.current
+            self.exploring.discard((self.current, bucket))
+        if not self.measured(NOSD, batch):
+            return NOSD
+        measured = [c for c in self.configs if self.measured(c, batch)]
+        best = max(measured, key=predicted.get)
+        worth = [c for c in self.configs if c not in measured
+                 and self._worth_exploring(c, best, batch, context, predicted)]
+        return max(worth, key=predicted.get, default=None)
+
+    def _begin(self, config: str, bucket: int, predicted: dict[str, float]) -> None:
+        if (config, bucket) not in self.exploring:
+            self.exploring.add((config, bucket))
+            self.hoped[(config, bucket)] = predicted[config]
+
+    def _undecided(self, config: str, batch: int, predicted: dict[str, float]) -> bool:
+        """Is the config being explored still to be measured: fewer than explore_steps steps,
+        or, up to the steps its estimate averages, within the noise of the best other one?
+        A close call is settled by measuring longer, not by a coin toss: the steps it takes
+        cost little, the two being close."""
+        steps = self.model.correction.count(config, batch)
+        if steps < self.explore_steps:
+            return True
+        others = [c for c in self.configs if c != config and self.measured(c, batch)]
+        if not others or steps >= self._averaged_steps():
+            return False
+        best = max(others, key=predicted.get)
+        gap = abs(math.log(predicted[config] / predicted[best]))
+        return gap < self.confidence * self._noise(config, best, batch)
+
+    def _averaged_steps(self) -> float:
+        """How many steps a config's step-time estimate averages: an EMA with weight w, about (2 - w) / w."""
+        weight = self.model.correction.weight
+        return (2 - weight) / weight
+
+    def _worth_exploring(self, config: str, best: str, batch: int, context: float,
+                         predicted: dict[str, float]) -> bool:
+        """Were its prediction off in its favour by the usual spread, would `config` beat the
+        best measured one by the margin, and would that gain, over as much time in this
+        bucket as it has run so far, pay for exploring it (its steps' loss, if it is as
+        predicted, and the switches into it and back)? Close configs fail the first test
+        once predictions prove accurate; dear ones (SD at 64 rows: a switch rebuilds every
+        row's features, 40-80 ms on the CPU) fail the second in a bucket that lasts a few
+        steps, and pass it only where the bucket keeps coming back."""
+        hope = predicted[config] * math.exp(self.spread.value) / predicted[best] - 1 - self.margin
+        if hope <= 0:
+            return False
+        step_best = self.model.step_time(best, batch, context)
+        step = self.model.step_time(config, batch, context)
+        tokens = batch * self.model.acceptance.estimate(config, batch)
+        loss = self.explore_steps * max(step - tokens / predicted[best], 0.0)
+        switches = self._switch_s(self.current, config, batch) + self._switch_s(config, best, batch)
+        horizon = max(self.bucket_s[octave(batch)], self.min_dwell * step_best)
+        return hope * horizon > loss + switches
 
     def _hysteresis(self, best: str, predicted: dict[str, float], batch: int,
                     entering: bool) -> tuple[str, str, str]:
         current = self.current
         gain = predicted[best] / max(predicted[current], 1e-12) - 1
-        if best == current or gain <= self.margin:
+        needed = self.margin + self.confidence * self._noise(current, best, batch)
+        if best == current or gain <= needed:
             self.pending, self.streak = None, 0
             if best == current:
                 return "keep", current, f"keep {current}: fastest at batch {batch}"
-            return "keep", current, f"keep {current}: {best} only {gain:+.1%} at batch {batch} (margin {self.margin:.0%})"
+            return "keep", current, f"keep {current}: {best} only {gain:+.1%} at batch {batch} (needs {needed:.1%})"
         self.streak = self.streak + 1 if self.pending == best else 1
         self.pending = best
         if self.streak < self.patience and not entering:
             return "keep", current, f"keep {current}: {best} {gain:+.1%} at batch {batch}, {self.streak}/{self.patience}"
         if self.since_switch < self.min_dwell and not entering:
             return "keep", current, f"keep {current}: {best} {gain:+.1%}, dwell {self.since_switch}/{self.min_dwell}"
-        saved, cost = self._saving(current, best, batch, predicted), self._switch_s(best, batch)
+        saved, cost = self._saving(current, best, batch, predicted), self._switch_s(current, best, batch)
         if saved <= cost:
             return "keep", current, (f"keep {current}: {best} {gain:+.1%} saves {saved * 1e3:.2f} ms over "
                                      f"{self.min_dwell} steps, a switch costs {cost * 1e3:.2f} ms")
@@ -194,14 +323,23 @@ class SchedulerPolicy:
             return "bucket", best, f"switch {current} -> {best}: {gain:+.1%} measured at bucket {octave(batch)} (batch {batch})"
         return "switch", best, f"switch {current} -> {best}: {gain:+.1%} at batch {batch}, {self.streak} decisions agree"
 
+    def _noise(self, current: str, best: str, batch: int) -> float:
+        """The standard error of log(best / current) as measured: the bucket's step-time
+        noise over the steps each estimate averages. Acceptance is averaged over rows
+        (`RowMean`) and left out."""
+        sigma = self._sigma(octave(batch))
+        steps = [min(self.model.correction.count(c, batch), self._averaged_steps()) for c in (current, best)]
+        return sigma * math.sqrt(sum(1 / max(n, 1) for n in steps))
+
     def _saving(self, current: str, best: str, batch: int, predicted: dict[str, float]) -> float:
         """Seconds saved by emitting min_dwell steps' worth of `best`'s tokens with it, not `current`."""
         tokens = max(self.min_dwell, 1) * batch * self.model.acceptance.estimate(best, batch)
         return tokens / predicted[current] - tokens / predicted[best]
 
-    def _switch_s(self, into: str, batch: int) -> float:
-        """What a switch into `into` is expected to cost at this batch (measured per row)."""
-        return max(self.switch_cost[_kind(into)].value, 0.0) * batch
+    def _switch_s(self, source: str | None, into: str, batch: int) -> float:
+        """What a switch from `source` into `into` is expected to cost at this batch (measured per row)."""
+        kind = _switch_kind(source, into)
+        return 0.0 if kind is None else max(self.switch_cost[kind].value, 0.0) * batch
 
     def _probe(self, batch: int, context: float, predicted: dict[str, float]) -> str:
         """The config to run this step: the current one, or now and then one worth re-measuring."""
@@ -213,5 +351,16 @@ class SchedulerPolicy:
         step = self.model.step_time(self.current, batch, context)
         budget = self.probe_budget * self.probe_every * step
         affordable = [c for c in due if self.model.step_time(c, batch, context) - step
-                      + self._switch_s(c, batch) + self._switch_s(self.current, batch) <= budget]
+                      + self._switch_s(self.current, c, batch) + self._switch_s(c, self.current, batch) <= budget]
         return max(affordable, key=predicted.get, default=self.current)
+
+
+def _switch_kind(source: str | None, into: str) -> str | None:
+    """Which measured switch cost a step of `into` after `source` pays: "sd" from plain
+    decoding into SD (every row's drafter features rebuilt), "nosd" from SD into plain
+    decoding, none between SD shapes (the features and the head's cache carry over) or
+    without a change. Before, a change of shape counted as a switch into SD, and its ~0
+    excess halved the measured cost of a real one."""
+    if source is None or source == into or (source != NOSD and into != NOSD):
+        return None
+    return _kind(into)

@@ -110,20 +110,36 @@ def test_acceptance_of_a_bucket_is_its_own_while_fresh():
     """A rollout's tail (few rows left, drafting past their answers) accepts less than a full
     batch: each bucket decides with what was measured in it; a bucket never run takes the
     config's overall value; a bucket's value older than bucket_memory steps (plain ones
-    count) gives way to it too, and its next observation starts it over."""
-    acceptance = AcceptanceEstimate({"s2_t1_n2": 2.5}, weight=0.5, stale_after=50, bucket_memory=4)
+    count) gives way to it too, and its next observation starts it over. seed_rows=0: a
+    bucket's first rows count fully (a running mean over rows, then a memory of bucket_rows)."""
+    acceptance = AcceptanceEstimate({"s2_t1_n2": 2.5}, weight=0.5, stale_after=50, bucket_memory=4, seed_rows=0)
     acceptance.observe("s2_t1_n2", 2.8, batch=64)
     acceptance.observe("s2_t1_n2", 1.5, batch=2)
     acceptance.observe("s2_t1_n2", 2.6, batch=48)
     assert acceptance.estimate("s2_t1_n2", 2) == pytest.approx(1.5)
-    assert acceptance.estimate("s2_t1_n2", 64) == pytest.approx(2.7)  # 48 rows: the same bucket as 64
+    assert acceptance.estimate("s2_t1_n2", 64) == pytest.approx((64 * 2.8 + 48 * 2.6) / 112)  # 48 rows: bucket of 64
     overall = acceptance.estimate("s2_t1_n2")
     assert acceptance.estimate("s2_t1_n2", 8) == pytest.approx(overall)  # no steps at 8: the overall value
     for _ in range(3):
         acceptance.observe("nosd", 1.0, batch=64)
     assert acceptance.estimate("s2_t1_n2", 2) == pytest.approx(overall)  # 4 steps since: stale
     acceptance.observe("s2_t1_n2", 1.9, batch=2)
-    assert acceptance.estimate("s2_t1_n2", 2) == pytest.approx(1.9)  # started over, not 1.5's EMA
+    assert acceptance.estimate("s2_t1_n2", 2) == pytest.approx(1.9)  # started over, not 1.5's mean
+
+
+def test_acceptance_of_a_bucket_counts_rows_not_steps():
+    """At 1 row a step's acceptance is one row's luck (an s4 step accepts 0-4 drafts): ten
+    steps that alternate 1 and 5 tokens at 1 row leave the bucket near its seed and near the
+    mean, where a per-step EMA swung 40% with each; one step of 64 rows moves it half way."""
+    acceptance = AcceptanceEstimate({"s4_t1_n4": 3.0}, weight=0.2, bucket_rows=64, seed_rows=8)
+    seen = []
+    for value in [1.0, 5.0] * 5:
+        acceptance.observe("s4_t1_n4", value, batch=1)
+        seen.append(acceptance.estimate("s4_t1_n4", 1))
+    assert max(seen) - min(seen) < 0.5 and acceptance.estimate("s4_t1_n4", 1) == pytest.approx(3.0, abs=0.2)
+    acceptance.observe("s4_t1_n4", 2.0, batch=64)
+    before = acceptance.estimate("s4_t1_n4", 64)  # seeded from the overall value, then 64 rows of 2.0
+    assert before < 2.3
 
 
 def test_geometric_prior_and_prior_cost_have_the_right_shape():

@@ -52,13 +52,17 @@ def test_first_decision_is_the_predicted_fastest_with_every_candidate_in_it():
 
 def test_each_bucket_measures_plain_decoding_and_the_promising_shapes_then_settles():
     """At batch 1 the profile says s4; live SD steps are 3x slower than profiled, so plain
-    decoding is truly fastest there. The rule measures s4 (running), then nosd, then
-    settles on nosd, and does not come back to SD: never worse than plain decoding."""
+    decoding is truly fastest there. The rule measures s4 (running), then nosd, then at
+    most s2 (the SD slowdown s4 measured carries to it, but a profile may be off by the
+    spread, 20% until measured: at 1 row three steps are cheap), settles on nosd and does
+    not come back to SD: never worse than plain decoding."""
     rule = policy(explore_steps=3, probe_every=0)
     ran = simulate(rule, [1] * 60, slowdown={"s2_t1_n2": 3.0, "s4_t1_n4": 3.0})
     assert ran[:6] == ["s4_t1_n4"] * 3 + ["nosd"] * 3  # the start step is measured too
-    assert set(ran[10:]) == {"nosd"}
-    assert rule.kinds["settle"] == 1 and rule.kinds["switch"] == 0
+    # at most explore_steps + 1: the first step after a switch of unknown cost measures nothing
+    assert set(ran[6:]) <= {"nosd", "s2_t1_n2"} and ran[6:].count("s2_t1_n2") <= 4
+    assert set(ran[16:]) == {"nosd"}
+    assert rule.kinds["switch"] == 0
 
 
 @pytest.mark.parametrize("slow", [1.0, 1.6])
@@ -122,9 +126,11 @@ def test_a_gain_smaller_than_the_switch_cost_is_not_taken():
 def test_probes_notice_a_drafter_that_got_better():
     """Plain decoding is chosen at batch 8 while the drafter is poor (acceptance 1.2); then
     it is distilled (2.5 / 3.5). Probes run the SD shapes for one step now and then, their
-    acceptance is refreshed, and the rule goes back to SD. Without probes it never does."""
+    acceptance is refreshed, and the rule goes back to SD (s4, 6% behind s2 there: the
+    probe that refreshed s4 showed it clearly better than plain decoding, and s2's
+    estimate stays the poor drafter's until it runs). Without probes it never does."""
     poor = {"nosd": 1.0, "s2_t1_n2": 1.2, "s4_t1_n4": 1.3}
-    for probe_every, expected in ((10, "s2_t1_n2"), (0, "nosd")):
+    for probe_every, expected in ((10, "s4_t1_n4"), (0, "nosd")):
         rule = SchedulerPolicy(CostModel.build(CANDIDATES, synthetic_profile(), ema=0.5), CANDIDATES,
                                probe_every=probe_every, probe_budget=0.1)  # a probe costs ~1 step in 10
         simulate(rule, [8] * 40, accept=poor)
