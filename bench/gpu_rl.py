@@ -48,7 +48,7 @@ import random
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from gpu_timing import accepted_per_chain, chain_acceptance, choose_draft_lengths
@@ -60,8 +60,12 @@ from respec.engine.tokenizer import char_tokenizer
 from respec.rl.distill import pad_right
 from respec.rl.trainer import GRPOTrainer, TrainerConfig, TrainSample
 
-DISTILL_SAMPLES = 128  # rollouts per distillation: the latest ones (one pass, one batch)
+DISTILL_SAMPLES = 128  # rollouts per head update at most: the latest ones (one pass)
 DISTILL_EVERY = 3  # policy versions per head update (the DraftDistiller's update_interval)
+# The head update's gradient is computed a slice per version (that version's rollouts,
+# against that version's weights) and applied every DISTILL_EVERY versions: the same
+# amount of work spread evenly. In one piece (597254b) it took 0.54-0.67 s every third
+# version, longer than a generation, and the generation waiting for that version stalled.
 VARIANTS = ("sync_nosd", "sync_sd", "respec", "respec_switch_5ms", "sync_nosd_again")
 VARIANTS_2GPU = ("sync_nosd_2gpu", "sync_nosd_half", "sync_nosd", "async_nosd_2gpu", "respec_2gpu", "sync_nosd_2gpu_again")
 KNOWN_VARIANTS = frozenset(VARIANTS + VARIANTS_2GPU + ("sync_sd_2gpu", "async_nosd", "sync_nosd_2gpu_again"))
@@ -172,7 +176,6 @@ class Setup:
     draft: EagleHead | None = None
     draft_master: EagleHead | None = None
     draft_optimizer: torch.optim.Optimizer | None = None
-    buffer: list[TrainSample] = field(default_factory=list)
 
     @staticmethod
     def build(variant: Variant, model, head, task, choice, groups, group_size, max_new, lr) -> Setup:
@@ -252,11 +255,10 @@ class Setup:
             self.trainer.step(samples)
         _sync(self.master)
         trained = time.perf_counter()
-        self.buffer += samples
-        if self.drafting and step % DISTILL_EVERY == 0:
-            recent = self.buffer[-DISTILL_SAMPLES:]
-            distill(self.master, self.draft_master, self.draft_optimizer, recent, [s.reward for s in recent])
-            self.buffer = []
+        if self.drafting:
+            recent = samples[-(DISTILL_SAMPLES // DISTILL_EVERY):]
+            distill(self.master, self.draft_master, self.draft_optimizer, recent, [s.reward for s in recent],
+                    scale=1 / DISTILL_EVERY, apply=step % DISTILL_EVERY == 0)
         _sync(self.master)
         return {"train_s": trained - started, "distill_s": time.perf_counter() - trained}
 
@@ -456,10 +458,12 @@ def flatten_parameters(module: torch.nn.Module) -> torch.Tensor:
 
 
 def distill(target: CausalLM, head: EagleHead, optimizer, samples: list[TrainSample], rewards: list[float],
-            batch: int = 128, unroll: int = 4) -> None:
-    """One pass over the buffered rollouts, each weighted by its reward over the mean reward
-    (the DraftDistiller's "reward" weighting, clipped to [0.1, 5]). The targets come from
-    `target`: the trainer's own (newest) weights under autocast."""
+            batch: int = 128, unroll: int = 4, scale: float = 1.0, apply: bool = True) -> None:
+    """One pass over `samples`, each weighted by its reward over their mean reward (the
+    DraftDistiller's "reward" weighting, clipped to [0.1, 5]). The targets come from
+    `target`: the trainer's own (newest) weights under autocast. The loss, times `scale`,
+    adds to the head's gradients; `apply`: take the optimiser step (and clear them) after
+    each batch, else keep accumulating for a later call."""
     device = next(target.parameters()).device
     mean = sum(rewards) / len(rewards)
     weights = torch.tensor([r / mean if mean > 0 else 1.0 for r in rewards]).clamp(0.1, 5.0)
@@ -472,6 +476,7 @@ def distill(target: CausalLM, head: EagleHead, optimizer, samples: list[TrainSam
         with _autocast(device):
             loss = distill_loss(head, torch.cat(output.captured, dim=-1).float(), tokens, output.logits.float(),
                                 weights=weights[start:start + batch].to(device), valid=valid, steps=unroll)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        (loss * scale).backward()
+        if apply:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)

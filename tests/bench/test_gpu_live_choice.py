@@ -83,3 +83,45 @@ def test_flattened_parameters_keep_the_model_and_publish_in_one_copy():
     assert flat_source.numel() == sum(p.numel() for p in source.parameters())
     flat_target.copy_(flat_source)
     assert torch.equal(target(tokens).logits, before)
+
+
+def test_head_update_in_slices_is_the_update_in_one_piece():
+    """Three calls that accumulate a third of the loss each, the last one applying it, move
+    the head exactly as one call over the same rollouts (fails if a slice clears the
+    gradients of the one before, or applies early)."""
+    import copy
+
+    import torch
+    from gpu_rl import distill
+
+    from respec.engine.config import ModelConfig
+    from respec.engine.drafters.eagle import EagleHead
+    from respec.engine.model import CausalLM
+    from respec.engine.tokenizer import char_tokenizer
+    from respec.rl.trainer import TrainSample
+
+    torch.manual_seed(0)
+    vocab = char_tokenizer().vocab_size
+    config = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=vocab, hidden_size=16, head_dim=4,
+                         intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         attention_bias=True)
+    target = CausalLM(config).eval()
+    samples = [TrainSample(torch.randint(3, vocab, (4,)), torch.randint(3, vocab, (6,)), torch.zeros(6), r, "g")
+               for r in (1.0, 0.0, 1.0, 0.5)]
+    rewards = [s.reward for s in samples]
+
+    def trained(calls):
+        head = EagleHead.for_target(target).train()
+        head.load_state_dict(base.state_dict())
+        optimizer = torch.optim.SGD(head.parameters(), lr=0.5)
+        for scale, apply in calls:
+            distill(target, head, optimizer, samples, rewards, scale=scale, apply=apply)
+        return head
+
+    base = copy.deepcopy(EagleHead.for_target(target))
+    whole = trained([(1.0, True)])
+    sliced = trained([(1 / 3, False), (1 / 3, False), (1 / 3, True)])
+    early = trained([(1 / 3, True), (1 / 3, True), (1 / 3, True)])
+    for a, b in zip(whole.parameters(), sliced.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert any(not torch.allclose(a, b) for a, b in zip(whole.parameters(), early.parameters(), strict=True))
