@@ -1,12 +1,13 @@
-"""bench/gpu.py's RL part: GRPO steps on one GPU, rollouts by the fast path.
+"""bench/gpu.py's RL part: GRPO steps on one GPU (or two), rollouts by the fast path.
 
-Three variants from the same weights and the same prompts per step:
+The variants start from the same weights and get the same prompts per step:
 
 - ``sync_nosd`` (the baseline): generate (no drafting), score, one GRPO update;
 - ``sync_sd``: the same with the live scheduler's per-bucket draft lengths (step costs
   from the profile, acceptance from the run's own latest rollouts: `LiveChoice`), and
-  every third step the head distilled on the latest rollouts (reward-weighted KL, the
-  DraftDistiller's update_interval 3) so it follows the policy;
+  the head distilled on the rollouts so it follows the policy (reward-weighted KL; its
+  gradient computed a slice per step and applied every third, the DraftDistiller's
+  update_interval 3);
 - ``respec``: ``sync_sd`` made asynchronous as respec's actors are: generation runs on a
   high-priority CUDA stream in one thread while the update (and the distillation) of the
   previous step's rollouts runs on another stream in a second thread. Rollouts are at
