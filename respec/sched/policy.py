@@ -41,6 +41,11 @@ live RL run, where the batch changes every step and single step timings are nois
   cost 5.6 plain steps (SD's step there, every row's rebuild), a tenth of a long-tail
   rollout; at a few rows it costs about one step, and what it measures (acceptance) is
   shared with the large buckets.
+- **A budget per visit** (the steps from entering a bucket to leaving it): the explorations
+  and probes begun in it may cost, together, `visit_budget` of its expected length (as
+  long again as it has lasted), or `visit_floor_steps` steps, whichever is more. "Worth
+  it" weighs a gain over the bucket's whole past; this is what one rollout can afford: a
+  tail passes 23-64 rows in ~15 steps, where an SD exploration costs ~10 plain steps.
 """
 
 from __future__ import annotations
