@@ -41,6 +41,11 @@ live RL run, where the batch changes every step and single step timings are nois
   cost 5.6 plain steps (SD's step there, every row's rebuild), a tenth of a long-tail
   rollout; at a few rows it costs about one step, and what it measures (acceptance) is
   shared with the large buckets.
+- **A budget per visit** (the steps from entering a bucket to leaving it): the explorations
+  and probes begun in it may cost, together, `visit_budget` of its expected length (as
+  long again as it has lasted), or `visit_floor_steps` steps, whichever is more. "Worth
+  it" weighs a gain over the bucket's whole past; this is what one rollout can afford: a
+  tail passes 23-64 rows in ~15 steps, where an SD exploration costs ~10 plain steps.
 """
 
 from __future__ import annotations
@@ -90,10 +95,11 @@ class SchedulerPolicy:
     def __init__(self, model: CostModel, candidates: list[str] | tuple[str, ...], margin: float = 0.05,
                  patience: int = 2, initial: str | None = None, probe_every: int = 50,
                  probe_within: float = 0.2, min_dwell: int = 8, explore_steps: int = 3,
-                 switch_cost_s: float = 0.0, probe_budget: float = 0.03, confidence: float = 1.0) -> None:
-        if probe_every < 0 or not 0 <= probe_within < 1 or probe_budget < 0:
-            raise ValueError(f"probe_every must be >= 0 (0: never), probe_within in [0, 1) and probe_budget >= 0, "
-                             f"got {probe_every}, {probe_within} and {probe_budget}")
+                 switch_cost_s: float = 0.0, probe_budget: float = 0.03, confidence: float = 1.0,
+                 visit_budget: float = 0.03, visit_floor_steps: float = 2.0) -> None:
+        if probe_every < 0 or not 0 <= probe_within < 1 or probe_budget < 0 or visit_budget < 0:
+            raise ValueError(f"probe_every must be >= 0 (0: never), probe_within in [0, 1), probe_budget >= 0 and "
+                             f"visit_budget >= 0, got {probe_every}, {probe_within}, {probe_budget} and {visit_budget}")
         if margin < 0 or confidence < 0:
             raise ValueError(f"margin must be >= 0 (a relative gain) and confidence >= 0, got {margin} and {confidence}")
         if patience < 1 or min_dwell < 0 or explore_steps < 1:
@@ -103,7 +109,7 @@ class SchedulerPolicy:
         self.configs = check_candidates([NOSD, *candidates])
         self.margin, self.patience, self.min_dwell, self.explore_steps = margin, patience, min_dwell, explore_steps
         self.probe_every, self.probe_within, self.probe_budget = probe_every, probe_within, probe_budget
-        self.confidence = confidence
+        self.confidence, self.visit_budget, self.visit_floor_steps = confidence, visit_budget, visit_floor_steps
         self.current = initial
         self.pending, self.streak = None, 0
         self.decisions = self.since_switch = 0
@@ -122,12 +128,17 @@ class SchedulerPolicy:
         self.hoped: dict[tuple[str, int], float] = {}  # (config, bucket) -> tokens/s predicted when explored
         self.noise: dict[int, Ema] = {}  # bucket -> squared log error of a measured config's step time
         self.bucket_s: Counter[int] = Counter()  # seconds of steps run per bucket: how long it lasts
+        # A visit: the steps from entering a bucket to leaving it (a rollout's full batch, one
+        # stretch of its tail). What explorations and probes may cost is capped per visit.
+        self.visit_s = 0.0  # seconds of steps run in the current visit so far
+        self.visit_spent = 0.0  # predicted cost of the explorations and probes begun in it
         self.kinds: Counter[str] = Counter()  # decisions by kind, for the trace and benches
 
     # ------------------------------------------------------------------ learning
 
     def observe(self, config: str, batch: float, context: float, step_s: float, accept_len: float) -> None:
         """A live step of `config`; the first after a switch also measures the switch cost."""
+        raw_s = step_s
         kind = _switch_kind(self.last_observed, config)
         if kind is not None and batch >= 1:
             cost = self.switch_cost[kind]
@@ -139,6 +150,8 @@ class SchedulerPolicy:
             step_s -= min(max(cost.value, 0.0) * batch, 0.5 * step_s)  # what the step costs without the switch
         self.last_observed = config
         bucket = octave(batch)
+        if bucket == self.bucket:
+            self.visit_s += raw_s
         if step_s > 0:
             step_s = self._learn_noise(config, batch, context, step_s)
             self.model.observe(config, batch, context, step_s, accept_len)
@@ -188,7 +201,9 @@ class SchedulerPolicy:
         predicted = {c: self.model.tokens_per_s(c, batch, context) for c in self.configs}
         self.decisions += 1
         self.since_switch += 1
-        entering, self.bucket = octave(batch) != self.bucket, octave(batch)
+        entering = octave(batch) != self.bucket
+        if entering:
+            self._enter(octave(batch))
         if self.current is None or self.current not in predicted:
             kind, target = "start", max(predicted, key=predicted.get)
             reason = f"start: {target} fastest at batch {batch}"
@@ -204,6 +219,25 @@ class SchedulerPolicy:
         self.kinds[kind] += 1
         switched, self.last_config = config != self.last_config, config
         return Decision(config, switched, batch, predicted, reason, kind)
+
+    def _enter(self, bucket: int) -> None:
+        """A visit of `bucket` begins: its time and what its explorations cost start over."""
+        self.bucket, self.visit_s, self.visit_spent = bucket, 0.0, 0.0
+
+    def _visit_left(self, step_s: float) -> float:
+        """Seconds the explorations and probes of this visit may still cost: `visit_budget` of
+        the visit's expected length, less what those begun in it cost. Expected: as long again
+        as it has lasted so far. Not the bucket's past visits: a rollout's tail passes through
+        the buckets of its full batch in a few steps each, and the first tail after a long
+        phase at 64 rows would count on another long one. `_worth_exploring` asks whether an
+        exploration pays over the bucket's life; this, what the current visit can afford. On
+        the quiet host one SD step at 30-60 rows costs 3-4 plain steps and a switch into SD
+        ~0.7 ms a row, so one exploration with its switches costs ~10 plain steps at 64 rows:
+        a fifth of a one-second tail. At least `visit_floor_steps` of the running config's
+        steps (`step_s`) are allowed: at a few rows an exploration costs about a step, it is
+        how SD's wins there are found, and a visit's first steps say little of its length."""
+        expected = 2 * self.visit_s
+        return max(self.visit_budget * expected, self.visit_floor_steps * step_s) - self.visit_spent
 
     def _choose(self, batch: int, context: float, predicted: dict[str, float],
                 entering: bool) -> tuple[str, str, str]:
@@ -250,9 +284,14 @@ class SchedulerPolicy:
             return NOSD
         measured = [c for c in self.configs if self.measured(c, batch)]
         best = max(measured, key=predicted.get)
-        worth = [c for c in self.configs if c not in measured
-                 and self._worth_exploring(c, best, batch, context, predicted)]
-        return max(worth, key=predicted.get, default=None)
+        costs = {c: self._explore_cost(c, best, batch, context, predicted) for c in self.configs if c not in measured}
+        step_best = self.model.step_time(best, batch, context)
+        worth = [c for c, cost in costs.items()
+                 if cost <= self._visit_left(step_best) and self._worth_exploring(c, best, batch, cost, predicted)]
+        target = max(worth, key=predicted.get, default=None)
+        if target is not None:
+            self.visit_spent += costs[target]
+        return target
 
     def _begin(self, config: str, bucket: int, predicted: dict[str, float]) -> None:
         if (config, bucket) not in self.exploring:
@@ -279,7 +318,16 @@ class SchedulerPolicy:
         weight = self.model.correction.weight
         return (2 - weight) / weight
 
-    def _worth_exploring(self, config: str, best: str, batch: int, context: float,
+    def _explore_cost(self, config: str, best: str, batch: int, context: float,
+                      predicted: dict[str, float]) -> float:
+        """Seconds exploring `config` is expected to cost: its steps' loss against `best`, if it
+        is as predicted, and the switches into it and back."""
+        step = self.model.step_time(config, batch, context)
+        tokens = batch * self.model.acceptance.estimate(config, batch)
+        loss = self.explore_steps * max(step - tokens / predicted[best], 0.0)
+        return loss + self._switch_s(self.current, config, batch) + self._switch_s(config, best, batch)
+
+    def _worth_exploring(self, config: str, best: str, batch: int, cost: float,
                          predicted: dict[str, float]) -> bool:
         """Were its prediction off in its favour by the usual spread, would `config` beat the
         best measured one by the margin, and would that gain, over as much time in this
@@ -291,13 +339,9 @@ class SchedulerPolicy:
         hope = predicted[config] * math.exp(self.spread.value) / predicted[best] - 1 - self.margin
         if hope <= 0:
             return False
-        step_best = self.model.step_time(best, batch, context)
-        step = self.model.step_time(config, batch, context)
-        tokens = batch * self.model.acceptance.estimate(config, batch)
-        loss = self.explore_steps * max(step - tokens / predicted[best], 0.0)
-        switches = self._switch_s(self.current, config, batch) + self._switch_s(config, best, batch)
+        step_best = batch * self.model.acceptance.estimate(best, batch) / predicted[best]
         horizon = max(self.bucket_s[octave(batch)], self.min_dwell * step_best)
-        return hope * horizon > loss + switches
+        return hope * horizon > cost
 
     def _hysteresis(self, best: str, predicted: dict[str, float], batch: int,
                     entering: bool) -> tuple[str, str, str]:
@@ -349,10 +393,13 @@ class SchedulerPolicy:
         due = [c for c in predicted if c != self.current
                and self.decisions - self.last_run.get((c, bucket), -self.probe_every) >= self.probe_every]
         step = self.model.step_time(self.current, batch, context)
-        budget = self.probe_budget * self.probe_every * step
-        affordable = [c for c in due if self.model.step_time(c, batch, context) - step
-                      + self._switch_s(self.current, c, batch) + self._switch_s(c, self.current, batch) <= budget]
-        return max(affordable, key=predicted.get, default=self.current)
+        costs = {c: self.model.step_time(c, batch, context) - step + self._switch_s(self.current, c, batch)
+                 + self._switch_s(c, self.current, batch) for c in due}
+        budget, left = self.probe_budget * self.probe_every * step, self._visit_left(step)
+        probe = max((c for c in due if costs[c] <= min(budget, left)), key=predicted.get, default=self.current)
+        if probe != self.current:
+            self.visit_spent += max(costs[probe], 0.0)
+        return probe
 
 
 def _switch_kind(source: str | None, into: str) -> str | None:

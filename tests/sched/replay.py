@@ -222,11 +222,24 @@ SCENARIOS = {
 def main() -> None:
     data = quiet_host()
     for scenario, kwargs in SCENARIOS.items():
+        medians: dict = {}
         for seed in range(3):
             result = replay(Machine(data, **kwargs), quiet_rule(data), seed=seed)
             cells = "  ".join(f"{name}: {statistics.median(r['ratios']):.2f} ({min(r['ratios']):.2f}, {r['best']})"
                               for name, r in result.items())
             print(f"{scenario:8} seed {seed}  {cells}")
+            for name, r in result.items():
+                medians.setdefault(name, []).append(statistics.median(r["ratios"]))
+        print(summary(scenario, medians))
+
+
+def summary(scenario: str, medians: dict) -> str:
+    """The table's line: cells under 0.95, min and mean over every (cell, seed), and the long
+    tail's cells apart (a few dear steps there show in it alone)."""
+    cells = [m for values in medians.values() for m in values]
+    tail = "/".join(f"{m:.2f}" for m in medians["tail"])
+    return (f"{scenario:8} summary  cells < 0.95: {sum(m < 0.95 for m in cells)} / {len(cells)}, "
+            f"min {min(cells):.2f}, mean {statistics.mean(cells):.3f}; long tail per seed {tail}")
 
 
 if __name__ == "__main__":

@@ -181,3 +181,26 @@ def test_bad_rule_parameters_are_refused(kwargs, message):
 def test_a_bad_candidate_name_is_refused_by_name():
     with pytest.raises(ValueError, match="'s4-t1-n4' is not of the form"):
         SchedulerPolicy(CostModel.build([], None), ["s4-t1-n4"])
+
+
+TAIL = [max(1, int(64 * 0.93**i)) for i in range(60)]  # a rollout's tail: 64 rows down to 1 in 60 steps
+
+
+def big_sd_steps(ran: list[str], batches: list[int]) -> int:
+    return sum(1 for config, batch in zip(ran, batches, strict=True) if batch >= 23 and config != "nosd")
+
+
+def test_large_batch_explorations_fit_in_what_one_visit_can_afford():
+    """Rollout tails, one after another: 64 rows down to 1 in 60 steps, so a tail passes
+    through 23-64 rows in ~15 steps. A switch into SD costs 0.7 ms a row (45 ms at 64 rows,
+    ~5 plain steps there), and SD at large batch is as fast as plain decoding: exploring it
+    cannot pay within a visit. The rule before explored it once the buckets' history (the
+    time of every tail so far) made a hoped-for gain look worth the switches, in a tail
+    whose visit of bucket 6 lasts ~10 steps (11 SD steps at 23-64 rows in the third tail).
+    Now a visit affords at most 3% of its expected length (or 2 steps): none, and the
+    tail's last rows still run SD, which wins at 1-3 rows."""
+    rule = policy(probe_every=50, switch_cost_s=0.7e-3)
+    for seed in range(40):
+        ran = simulate(rule, TAIL, switch_s=0.7e-3, noise=0.1, seed=seed)
+        assert big_sd_steps(ran, TAIL) == 0, f"tail {seed}"
+    assert "nosd" not in ran[-5:]
