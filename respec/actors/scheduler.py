@@ -39,6 +39,8 @@ class Scheduler(Actor):
         probe_within: float = 0.2  # how far a profile's prediction is assumed off until explorations measure it
         confidence: float = 1.0  # a measured gain must exceed margin + this many standard errors of its noise
         probe_budget: float = 0.03  # a probe (its step and two switches) costs at most this share of probe_every steps
+        visit_budget: float = 0.03  # explorations and probes in one stay in a bucket cost at most this share of it
+        visit_floor_steps: float = 2.0  # ... or this many of the running config's steps, whichever is more
         report_every: int = 200  # decisions between metrics rows (0: never)
 
     sends = (SchedulerDecision,)
@@ -70,7 +72,8 @@ class Scheduler(Actor):
                                       probe_every=params.probe_every, probe_within=params.probe_within,
                                       min_dwell=params.min_dwell, explore_steps=params.explore_steps,
                                       switch_cost_s=params.switch_cost_s, probe_budget=params.probe_budget,
-                                      confidence=params.confidence)
+                                      confidence=params.confidence, visit_budget=params.visit_budget,
+                                      visit_floor_steps=params.visit_floor_steps)
         self.decisions = 0
 
     @handles(GenerationStats)
@@ -136,6 +139,10 @@ def param_problems(params: Scheduler.Params) -> list[str]:
         problems.append(f"probe_within: {params.probe_within}; a relative slowdown in [0, 1)")
     if params.confidence < 0:
         problems.append(f"confidence: {params.confidence}; standard errors, >= 0")
+    if params.visit_budget < 0:
+        problems.append(f"visit_budget: {params.visit_budget}; a share of a bucket visit's time, >= 0")
+    if params.visit_floor_steps < 0:
+        problems.append(f"visit_floor_steps: {params.visit_floor_steps}; 0 or more steps")
     if params.min_dwell < 0:
         problems.append(f"min_dwell: {params.min_dwell}; 0 or more decisions")
     if params.explore_steps < 1:

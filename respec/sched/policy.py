@@ -233,7 +233,7 @@ class SchedulerPolicy:
         exploration pays over the bucket's life; this, what the current visit can afford. On
         the quiet host one SD step at 30-60 rows costs 3-4 plain steps and a switch into SD
         ~0.7 ms a row, so one exploration with its switches costs ~10 plain steps at 64 rows:
-        a fifth of a one-second tail. At least `visit_floor_steps` of the running config's
+        about a tenth of a one-second tail. At least `visit_floor_steps` of the running config's
         steps (`step_s`) are allowed: at a few rows an exploration costs about a step, it is
         how SD's wins there are found, and a visit's first steps say little of its length."""
         expected = 2 * self.visit_s

@@ -68,6 +68,8 @@ def test_scheduler_without_a_profile_learns_that_sd_does_not_pay(run_graph, tmp_
     ({"probe_within": 1.5}, "params.probe_within: 1.5; a relative slowdown in [0, 1)"),
     ({"min_dwell": -2}, "params.min_dwell: -2; 0 or more decisions"),
     ({"explore_steps": 0}, "params.explore_steps: 0; at least 1 step"),
+    ({"visit_budget": -0.1}, "params.visit_budget: -0.1; a share of a bucket visit's time"),
+    ({"visit_floor_steps": -1.0}, "params.visit_floor_steps: -1.0; 0 or more steps"),
     ({"margin": "big"}, "margin"),
 ])
 def test_bad_params_stop_the_run_before_it_starts_with_the_key_named(run_graph, tmp_path, params, message):
