@@ -106,6 +106,20 @@ class Scheduler(Actor):
                         **{f"scheduler_switch_cost_{k}_ms": 1e3 * e.value for k, e in self.policy.switch_cost.items()})
 
 
+# (parameter, smallest allowed value, what it is): the checks that are a lower bound alone.
+_LOWER_BOUNDS = (
+    ("patience", 1, "at least 1 decision"),
+    ("probe_budget", 0, "a share of probe_every steps' time, >= 0"),
+    ("probe_every", 0, "0 (never) or more decisions"),
+    ("confidence", 0, "standard errors, >= 0"),
+    ("visit_budget", 0, "a share of a bucket visit's time, >= 0"),
+    ("visit_floor_steps", 0, "0 or more steps"),
+    ("min_dwell", 0, "0 or more decisions"),
+    ("explore_steps", 1, "at least 1 step"),
+    ("stale_after", 1, "at least 1 step"),
+)
+
+
 def param_problems(params: Scheduler.Params) -> list[str]:
     """Each bad parameter, named with its value and what it should be."""
     problems = []
@@ -127,26 +141,11 @@ def param_problems(params: Scheduler.Params) -> list[str]:
         problems.append(f"candidates: {error}")
     if params.margin < 0:
         problems.append(f"margin: {params.margin} is negative; a relative gain such as 0.05")
-    if params.patience < 1:
-        problems.append(f"patience: {params.patience}; at least 1 decision")
     if not 0 < params.ema <= 1:
         problems.append(f"ema: {params.ema}; a weight in (0, 1]")
-    if params.probe_budget < 0:
-        problems.append(f"probe_budget: {params.probe_budget}; a share of probe_every steps' time, >= 0")
-    if params.probe_every < 0:
-        problems.append(f"probe_every: {params.probe_every}; 0 (never) or more decisions")
     if not 0 <= params.probe_within < 1:
         problems.append(f"probe_within: {params.probe_within}; a relative slowdown in [0, 1)")
-    if params.confidence < 0:
-        problems.append(f"confidence: {params.confidence}; standard errors, >= 0")
-    if params.visit_budget < 0:
-        problems.append(f"visit_budget: {params.visit_budget}; a share of a bucket visit's time, >= 0")
-    if params.visit_floor_steps < 0:
-        problems.append(f"visit_floor_steps: {params.visit_floor_steps}; 0 or more steps")
-    if params.min_dwell < 0:
-        problems.append(f"min_dwell: {params.min_dwell}; 0 or more decisions")
-    if params.explore_steps < 1:
-        problems.append(f"explore_steps: {params.explore_steps}; at least 1 step")
-    if params.stale_after < 1:
-        problems.append(f"stale_after: {params.stale_after}; at least 1 step")
+    for name, least, meaning in _LOWER_BOUNDS:
+        if getattr(params, name) < least:
+            problems.append(f"{name}: {getattr(params, name)}; {meaning}")
     return problems
