@@ -71,15 +71,15 @@ def rl_table(rl: dict | list) -> str:
     if "sync_sd" not in rl and "variants" not in rl:  # reports before the asynchronous variant (e740849)
         return _rl_table_before_async(rl)
     rows = rl["groups"] * rl["group_size"]
-    drafted = next(v for v in rl.get("variants", ["sync_sd"]) if "nosd" not in v)
+    # Reports before the two-GPU variants have no "variants" list (and not all of these before 720c4d3).
+    variants = rl.get("variants", ["sync_nosd", "sync_sd", "respec", "respec_switch_5ms", "sync_nosd_again"])
+    drafted = next(v for v in variants if "nosd" not in v and v in rl)
     live = "k_full" in rl[drafted]["steps"][0]  # the live scheduler (after 2eec63c)
     lines = [f"{rows} rollouts per step ({rl['groups']} prompts x {rl['group_size']}), max_new {rl['max_new']}:", "",
-             f"| variant | step s (wall / steps) | x {rl.get('variants', ['sync_nosd'])[0]} | generation s | update s | distillation s | "
+             f"| variant | step s (wall / steps) | x {variants[0]} | generation s | update s | distillation s | "
              "tokens / longest | drafts accepted per step | reward first third -> last third |"
              + (" k full batch / 1 row, first -> last step |" if live else ""),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if live else "")]
-    # Reports before the two-GPU variants have no "variants" list (and not all of these before 720c4d3).
-    variants = rl.get("variants", ["sync_nosd", "sync_sd", "respec", "respec_switch_5ms", "sync_nosd_again"])
     for variant in variants:
         if variant not in rl:
             continue
