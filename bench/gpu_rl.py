@@ -60,6 +60,7 @@ from respec.engine.model import CausalLM
 from respec.engine.tokenizer import char_tokenizer
 from respec.rl.distill import pad_right
 from respec.rl.trainer import GRPOTrainer, TrainerConfig, TrainSample
+from respec.runtime.weights_transfer import flatten, unflatten
 
 DISTILL_SAMPLES = 128  # rollouts per head update at most: the latest ones (one pass)
 DISTILL_EVERY = 3  # policy versions per head update (the DraftDistiller's update_interval)
@@ -444,18 +445,16 @@ def _head_for(target: CausalLM, trained: EagleHead) -> EagleHead:
 
 def flatten_parameters(module: torch.nn.Module) -> torch.Tensor:
     """Moves every parameter of `module` into one flat tensor (each parameter becomes a view
-    of it, same values) and returns it: a whole model is then copied with one call. Must run
-    before anything keeps a parameter's storage (fused copies, optimisers, captured graphs)."""
-    parameters = list(module.parameters())
-    flat = torch.empty(sum(p.numel() for p in parameters), dtype=parameters[0].dtype, device=parameters[0].device)
-    offset = 0
-    with torch.no_grad():
-        for parameter in parameters:
-            view = flat[offset: offset + parameter.numel()].view_as(parameter)
-            view.copy_(parameter)
-            parameter.data = view
-            offset += parameter.numel()
-    return flat
+    of it, same values: the runtime's weight packing, `flatten` / `unflatten`) and returns
+    it: a whole model is then copied with one call. Must run before anything keeps a
+    parameter's storage (fused copies, optimisers, captured graphs)."""
+    parameters = dict(module.named_parameters())
+    specs, buffers = flatten({name: p.detach() for name, p in parameters.items()})
+    if len(buffers) != 1:
+        raise ValueError(f"parameters of {len(buffers)} dtypes; one flat tensor needs one")
+    for name, view in unflatten(specs, buffers).items():
+        parameters[name].data = view
+    return buffers[0]
 
 
 def distill(target: CausalLM, head: EagleHead, optimizer, samples: list[TrainSample], rewards: list[float],
