@@ -75,7 +75,10 @@ def rl_table(rl: dict | list) -> str:
     variants = rl.get("variants", ["sync_nosd", "sync_sd", "respec", "respec_switch_5ms", "sync_nosd_again"])
     drafted = next(v for v in variants if "nosd" not in v and v in rl)
     live = "k_full" in rl[drafted]["steps"][0]  # the live scheduler (after 2eec63c)
-    lines = [f"{rows} rollouts per step ({rl['groups']} prompts x {rl['group_size']}), max_new {rl['max_new']}:", "",
+    distill = rl.get("distill")  # recorded since the head's lr was lowered (after bfe7031)
+    head = (f"; head update every {distill['every']} versions, {distill['samples']} rollouts, lr {distill['lr']:g}"
+            if distill else "")
+    lines = [f"{rows} rollouts per step ({rl['groups']} prompts x {rl['group_size']}), max_new {rl['max_new']}{head}:", "",
              f"| variant | step s (wall / steps) | x {variants[0]} | generation s | update s | distillation s | "
              "tokens / longest | drafts accepted per step | reward first third -> last third |"
              + (" k full batch / 1 row, first -> last step |" if live else ""),

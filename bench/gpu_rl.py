@@ -62,8 +62,14 @@ from respec.rl.distill import pad_right
 from respec.rl.trainer import GRPOTrainer, TrainerConfig, TrainSample
 from respec.runtime.weights_transfer import flatten, unflatten
 
-DISTILL_SAMPLES = 128  # rollouts per head update at most: the latest ones (one pass)
+DISTILL_SAMPLES = 64  # rollouts per head update at most: the latest ones (one pass). A slice of 128
+# took ~0.2 s per version beside a ~0.2 s update (597254b): the training lane then outran the generation.
 DISTILL_EVERY = 3  # policy versions per head update (the DraftDistiller's update_interval)
+# The head's online learning rate: where its training ended (bench/gpu_train.train_head decays
+# 1e-3 to 5e-5). A fresh AdamW's first step moves every parameter by about lr whatever the
+# gradient's size; at 3e-4 on the 0.5B shape's 896-wide head, every GPU run up to 597254b
+# accepted 13-45% fewer drafts per step right after the first head update than before it.
+DISTILL_LR = 5e-5
 # The head update's gradient is computed a slice per version (that version's rollouts,
 # against that version's weights) and applied every DISTILL_EVERY versions: the same
 # amount of work spread evenly. In one piece (597254b) it took 0.54-0.67 s every third
@@ -82,7 +88,8 @@ def rl_section(model: CausalLM, head: EagleHead, task, profile: dict, steps: int
     if unknown := set(variants) - KNOWN_VARIANTS:
         raise ValueError(f"unknown RL variants {sorted(unknown)}; known: {', '.join(sorted(KNOWN_VARIANTS))}")
     two_gpus = any(Variant(v).two_gpus for v in variants)
-    out = {"groups": groups, "group_size": group_size, "max_new": max_new, "variants": list(variants)}
+    out = {"groups": groups, "group_size": group_size, "max_new": max_new, "variants": list(variants),
+           "distill": {"lr": DISTILL_LR, "samples": DISTILL_SAMPLES, "every": DISTILL_EVERY}}
     warm = ("warm_sync", "warm_async") + (("warm_async_2gpu",) if two_gpus else ())
     for name in (*warm, *variants):
         variant = Variant(name)
@@ -194,7 +201,7 @@ class Setup:
             # The trained head reads the trainer's own embeddings and output head (same device).
             draft_master = _head_for(master, head).float().train()
             pairs.append((flatten_parameters(draft), flatten_parameters(draft_master)))
-            draft_optimizer = torch.optim.AdamW(draft_master.parameters(), lr=3e-4)
+            draft_optimizer = torch.optim.AdamW(draft_master.parameters(), lr=DISTILL_LR)
         generator = FastGenerator(infer, draft, max_rows=groups * group_size, max_len=80 + max_new + 8,
                                   max_new=max_new, max_k=6 if variant.drafting else 0, temperature=1.0, eos_ids=(eos,))
         trainer = GRPOTrainer(master, TrainerConfig(lr=lr, micro_batch=64, length_multiple=LENGTH_MULTIPLE))
