@@ -93,8 +93,11 @@ def rl_table(rl: dict | list) -> str:
                      f"{mean['distill_s']:.3f}{_publish(mean)} | {mean['tokens']:.0f} / {mean['longest']:.0f} | "
                      f"{mean['accepted_per_step']:.2f} | {v['reward_first_third']:.3f} -> {v['reward_last_third']:.3f} |"
                      + (f" {first['k_full']}/{first['k_one']} -> {last['k_full']}/{last['k_one']} |" if live else ""))
-    sync = rl["sync_nosd"]["mean"]
-    lines += ["", f"Generation is {sync['gen_s'] / (sync['gen_s'] + sync['train_s']):.0%} of a synchronous no-SD step."]
+    sync = rl[variants[0]]["mean"]  # the baseline: sync_nosd, or sync_nosd_2gpu
+    lines += ["", f"Generation is {sync['gen_s'] / (sync['gen_s'] + sync['train_s']):.0%} of a "
+              f"{variants[0]} step."]
+    if skipped := {v: rl[v]["skipped_updates"] for v in variants if rl.get(v, {}).get("skipped_updates")}:
+        lines.append("Updates skipped for a non-finite gradient: " + ", ".join(f"{v} {n}" for v, n in skipped.items()))
     return "\n".join(lines)
 
 

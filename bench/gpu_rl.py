@@ -261,7 +261,7 @@ class Setup:
         """One GRPO update of the master weights, and the head's distillation when due."""
         started = time.perf_counter()
         with _autocast(next(self.master.parameters()).device):
-            self.trainer.step(samples)
+            stats = self.trainer.step(samples)
         _sync(self.master)
         trained = time.perf_counter()
         if self.drafting:
@@ -269,7 +269,8 @@ class Setup:
             distill(self.master, self.draft_master, self.draft_optimizer, recent, [s.reward for s in recent],
                     scale=1 / DISTILL_EVERY, apply=step % DISTILL_EVERY == 0)
         _sync(self.master)
-        return {"train_s": trained - started, "distill_s": time.perf_counter() - trained}
+        return {"train_s": trained - started, "distill_s": time.perf_counter() - trained,
+                **{key: stats.get(key, 0.0) for key in ("grad_norm", "skipped", "behaviour_weight_mean", "loss")}}
 
     def publish(self) -> None:
         """Write the master weights (and head) into the generator's source copies: one cast
@@ -386,7 +387,8 @@ def summarise(history: list[dict]) -> dict:
             "reward_first": head[0]["reward"], "reward_last": tail[-1]["reward"],
             "reward_first_third": sum(h["reward"] for h in head) / len(head),
             "reward_last_third": sum(h["reward"] for h in tail) / len(tail),
-            "reward_mean": sum(h["reward"] for h in history) / n}
+            "reward_mean": sum(h["reward"] for h in history) / n,
+            "skipped_updates": int(sum(h.get("skipped", 0.0) for h in history))}
 
 
 def _guard(fn, failures, *queues):

@@ -57,7 +57,7 @@ class GRPOTrainer:
     def step(self, samples: list[TrainSample]) -> dict[str, float]:
         if not samples:  # nothing to learn from (every rollout failed): a new version, same weights
             self.version += 1
-            return {"loss": 0.0, "grad_norm": 0.0, "reward_mean": 0.0, "advantage_abs_mean": 0.0}
+            return {"loss": 0.0, "grad_norm": 0.0, "reward_mean": 0.0, "advantage_abs_mean": 0.0, "skipped": 0.0}
         device = next(self.model.parameters()).device
         rewards = torch.tensor([s.reward for s in samples])
         advantages = group_advantages(rewards, [s.group_id for s in samples], self.config.scale_by_std).to(device)
@@ -79,11 +79,15 @@ class GRPOTrainer:
                                        None if reference is None else reference[i])
                 (loss * part.mask.sum() / total_tokens).backward()  # token-mean over the whole batch
             grad_norm = torch.nn.utils.clip_grad_norm_(self._trained, self.config.max_grad_norm)
-            self.optimizer.step()
+            skipped = not torch.isfinite(grad_norm)
+            if skipped:  # one NaN step would poison AdamW's moments, and every later step with them
+                self.optimizer.zero_grad(set_to_none=True)
+            else:
+                self.optimizer.step()
         self.model.eval()
         self.version += 1
         return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "reward_mean": float(rewards.mean()),
-                "advantage_abs_mean": float(advantages.abs().mean()), **stats}
+                "advantage_abs_mean": float(advantages.abs().mean()), "skipped": float(skipped), **stats}
 
     @staticmethod
     def _logprobs(model: CausalLM, batch: _Batch) -> torch.Tensor:

@@ -73,6 +73,25 @@ def test_a_step_with_no_samples_publishes_a_version_and_leaves_the_weights(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
+def test_a_non_finite_gradient_skips_the_step_and_leaves_the_optimiser_usable(tmp_path):
+    """A NaN behaviour log-prob (or any non-finite loss) must not reach the weights, nor
+    AdamW's moments: with them poisoned every later step would write NaN too."""
+    model = tiny(tmp_path)
+    prompt, good, bad = torch.tensor([1, 2, 3]), torch.tensor([5, 6]), torch.tensor([7, 8])
+    trainer = GRPOTrainer(model, TrainerConfig(lr=3e-3, micro_batch=2))
+    poisoned = samples_for(model, prompt, [good, bad], [1.0, 0.0])
+    poisoned[0] = TrainSample(prompt, good, torch.full((2,), float("nan")), 1.0, "g")
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = trainer.step(poisoned)
+    assert stats["skipped"] == 1.0 and trainer.version == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    was = response_logprob(model, prompt, good)
+    for _ in range(3):
+        stats = trainer.step(samples_for(model, prompt, [good, bad], [1.0, 0.0]))
+    assert stats["skipped"] == 0.0 and response_logprob(model, prompt, good) > was + 0.5
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 @pytest.mark.parametrize("speculative", [False, True])
 def test_trainer_recomputes_the_engines_behaviour_logprobs(tmp_path, temperature, speculative):
