@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from respec.engine.config import ModelConfig, RopeScaling
 from respec.engine.cpu_linear import Linear
@@ -130,6 +131,13 @@ class AttentionMask:
         self.additive = additive.repeat(1, 1, group, 1) if group > 1 else additive
 
 
+# SDPA's backends without cuDNN's: on H100/H200 under torch 2.11 its backward returns NaN
+# grad_q for an explicit mask at sequence lengths of 64 mod 128 (pytorch/pytorch#196678).
+# The GRPO update most likely met it: non-finite gradients in 1-3 of 15 steps per variant of
+# the 2-GPU bench at 37d2bab (lengths padded to multiples of 32, so 192 and 320 occur).
+_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | AttentionMask | None) -> Tensor:
     """q [B, H, T, D]; k, v [B, Hkv, S, D]; mask bool [B, 1, T, S], prepared, or None (every
     query sees every key) -> [B, H, T, D].
@@ -145,7 +153,11 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | AttentionM
         mask = mask.repeat(1, 1, group, 1)
     if group > 1:
         q = q.reshape(b, k.shape[1], group * t, d)
-    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+    if q.is_cuda:
+        with sdpa_kernel(_ATTENTION_BACKENDS):
+            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+    else:
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
     return out.reshape(b, h, t, d)
 
 
