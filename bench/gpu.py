@@ -80,6 +80,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shapes", default="", help="comma-separated shapes (3b,7b) for the step-cost mode")
     parser.add_argument("--sft-steps", type=int, default=1500)
     parser.add_argument("--head-steps", type=int, default=1500)
+    parser.add_argument("--head-sequences", type=int, default=4096, help="the policy's completions the head is "
+                        "distilled on (half sampled, half greedy)")
     parser.add_argument("--sft-batch", type=int, default=128, help="problems per SFT step (64 fits an H100's 80 GB "
                         "with --operands 2,14)")
     parser.add_argument("--batches", default="1,2,4,8,16,32,64,128,256")
@@ -163,7 +165,7 @@ def trained_models(args, task, heldout, shape: str, device: str):
     policy_report["accuracy_greedy"] = accuracy(model, task, heldout, 0.0, args.max_new)
     log(f"policy: {policy_report}")
     head, head_report = train_head(model, task, device, args.head_steps, max_new=args.max_new,
-                                   sequences=4096 if not args.smoke else 64, batch=64 if not args.smoke else 8)
+                                   sequences=args.head_sequences if not args.smoke else 64, batch=64 if not args.smoke else 8)
     head = head if device == "cuda" else head.float()
     _release_cached_memory(device)
     log(f"head: {head_report}")
