@@ -58,6 +58,19 @@ def test_greedy_fast_path_equals_the_reference_engine(model_and_head, batch, k):
         assert ours.steps == theirs.steps  # the same drafts were accepted at every step
 
 
+def test_long_greedy_rollouts_with_drafting_equal_plain_decoding(model_and_head):
+    """Rollouts as long as the GPU bench's (200 tokens past the prompt, no stop): drafting
+    changes no token at any position, so on a GPU only bf16 rounding can make them differ."""
+    model, head = model_and_head
+    prompts = prompts_of(3)
+    outputs = {}
+    for k in (0, 1, 3):
+        fast = FastGenerator(model, head if k else None, max_rows=4, max_len=232, max_new=200, max_k=3)
+        outputs[k] = [r.tokens for r in fast.generate(prompts, k)]
+    assert all(len(tokens) == 200 for tokens in outputs[0])
+    assert outputs[1] == outputs[0] and outputs[3] == outputs[0]
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_the_fast_head_drafts_what_the_reference_drafter_drafts(model_and_head, k):
     """Equal acceptance per row is only possible if the drafts agree at every step."""
