@@ -17,8 +17,10 @@ reward-weighted distillation (bench/gpu_rl.py). Prints tables and writes JSON; d
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
+import math
 import platform
 import random
 import sys
@@ -254,14 +256,36 @@ def greedy_section(model, head, prompts, device: str, args) -> dict:
     """(d): greedy SD against greedy plain decoding on the same prompts."""
     plain = generator_for(model, None, device, args, len(prompts), 0.0).generate(prompts, 0)
     drafted = generator_for(model, head, device, args, len(prompts), 0.0)
+    reference = copy.deepcopy(model).float()  # where the two runs part: how close the call was
     out = {}
     for k in (1, 4, 6):
         results = drafted.generate(prompts, k)
         differ = [i for i, (a, b) in enumerate(zip(plain, results, strict=True)) if a.tokens != b.tokens]
         out[f"k{k}"] = {"rows": len(prompts), "rows_differing": len(differ),
-                        "first_divergence": [first_divergence(plain[i].tokens, results[i].tokens) for i in differ[:5]]}
+                        "first_divergence": [first_divergence(plain[i].tokens, results[i].tokens) for i in differ[:5]],
+                        "margins": [divergence_margin(reference, prompts[i], plain[i].tokens, results[i].tokens)
+                                    for i in differ]}
+    del reference
     log(f"greedy equality: {out}")
     return out
+
+
+def divergence_margin(reference, prompt: list[int], plain: list[int], drafted: list[int]) -> dict | None:
+    """At the first token where the two runs differ: the float32 policy's logits of the token
+    each run chose, their gap, and bf16's spacing at that logit's size. A gap of a few
+    spacings is a tie that bf16 rounding of a different kernel shape can flip; a large one
+    would be a bug. None where one run merely ended first."""
+    d = first_divergence(plain, drafted)
+    if d >= min(len(plain), len(drafted)):
+        return None
+    device = next(reference.parameters()).device
+    with torch.no_grad():
+        logits = reference(torch.tensor([prompt + plain[:d]], device=device)).logits[0, -1].float()
+    ours, theirs = float(logits[plain[d]]), float(logits[drafted[d]])
+    spacing = 2.0 ** (math.floor(math.log2(max(abs(ours), 1e-30))) - 7)  # bf16: 8 significant bits
+    return {"at": d, "plain_logit": round(ours, 4), "drafted_logit": round(theirs, 4),
+            "gap": round(ours - theirs, 4), "bf16_spacing": spacing,
+            "top_gap": round(float(logits.topk(2).values.diff().abs()), 4)}
 
 
 def first_divergence(a: list[int], b: list[int]) -> int:

@@ -62,7 +62,19 @@ def greedy_table(report: dict) -> str:
     rows = report["greedy_equality"]
     return "Greedy SD vs greedy plain decoding: " + "; ".join(
         f"{k}: {v['rows_differing']} of {v['rows']} rows differ (first divergence at token "
-        f"{v['first_divergence']})" for k, v in rows.items()) + "."
+        f"{v['first_divergence']})" for k, v in rows.items()) + "." + _margins(rows)
+
+
+def _margins(rows: dict) -> str:
+    """The float32 logit gap between the two runs' tokens where they part (since 2026-11-26)."""
+    margins = [m for v in rows.values() for m in v.get("margins", []) if m is not None]
+    if not margins:
+        return ""
+    widest = max(margins, key=lambda m: abs(m["gap"]) / m["bf16_spacing"])
+    return (f" Where they part, the float32 policy's logits of the two chosen tokens differ by "
+            f"{min(abs(m['gap']) for m in margins):.3f}-{max(abs(m['gap']) for m in margins):.3f} "
+            f"(at most {abs(widest['gap']) / widest['bf16_spacing']:.1f} bf16 spacings at that logit's size, "
+            f"{len(margins)} divergences).")
 
 
 def rl_table(rl: dict | list) -> str:
