@@ -210,14 +210,16 @@ class Generator(Actor):
         done = []
         for b, row in enumerate(new_rows):  # one by one: each keeps exactly its own prompt's features
             done += self.book.apply([row], _select(verified, slice(b, b + 1), result.feature_counts), is_step=False)
+        before = [len(row.tokens) for row in rows]
         done += self.book.apply(rows, _select(verified, slice(len(admitted), None)))
+        kept = [len(row.tokens) - length for row, length in zip(rows, before, strict=True)]
         for row in new_rows + rows:
             self.versions[row.row_id] += [version] * (len(row.tokens) - len(self.versions[row.row_id]))
         for row in done:
             await self._finish(row)
         self.step_count += 1
         if rows and self.params.stats_every and self.step_count % self.params.stats_every == 0:
-            await self._stats(rows, _select(verified, slice(len(admitted), None)), time.perf_counter() - started)
+            await self._stats(rows, kept, time.perf_counter() - started)
 
     def _hold(self, prompts: list[Prompt], loaded: int) -> None:
         """Prompts the Verifier held back (they need a newer policy than it has loaded) go
@@ -268,15 +270,15 @@ class Generator(Actor):
         self.log.warning("prompt_rejected", prompt_id=prompt.prompt_id, error=rejected.error)
         await self.send(Rollout.refused(prompt, rejected.error), correlation_id=prompt.prompt_id)
 
-    async def _stats(self, rows: list[Row], verified: Verified, seconds: float) -> None:
+    async def _stats(self, rows: list[Row], kept: list[int], seconds: float) -> None:
         """The step just timed: `rows` are the rows that were drafted for and verified (not
         the ones admitted this step, which emit one prefill token, nor the batch after
-        finished rows left)."""
+        finished rows left); `kept`, the tokens each kept (what was accepted past a row's
+        stop token or budget is dropped, and counting it would flatter drafting)."""
         await self.send(GenerationStats(
             active_rows=len(rows), waiting_prompts=len(self.waiting),
             config=self.shape.name if self.shape else "nosd", step_time_s=seconds,
-            tokens_emitted=int(verified.num_tokens.sum()),
-            mean_accept_len=float(verified.num_tokens.float().mean()) if len(verified.num_tokens) else 0.0,
+            tokens_emitted=sum(kept), mean_accept_len=sum(kept) / len(kept) if kept else 0.0,
             context_len_mean=float(np.mean([len(r.prompt) + len(r.tokens) for r in rows])) if rows else 0.0,
         ))
 

@@ -52,7 +52,7 @@ class Row:
 @dataclass
 class StepStats:
     rows: int
-    tokens: int  # emitted this step over all rows
+    tokens: int  # emitted (kept) this step over all rows
     accepted: int  # draft tokens accepted over all rows
 
 
@@ -197,8 +197,11 @@ class SpeculativeEngine:
         tree, draft_probs = self.book.draft(rows, shape)
         roots = torch.tensor([row.tokens[-1] for row in rows])
         verified = self.target.verify([r.slot for r in rows], roots, tree, draft_probs, [r.sampling for r in rows])
+        before = sum(len(r.tokens) for r in rows)
         self._release(self.book.apply(rows, verified))
-        return StepStats(len(rows), int(verified.num_tokens.sum()), int(verified.num_accepted.sum()))
+        # Tokens kept, not verified: a row that stops (or meets its budget) inside a step
+        # drops what was accepted past that point, and counting it flatters drafting.
+        return StepStats(len(rows), sum(len(r.tokens) for r in rows) - before, int(verified.num_accepted.sum()))
 
     def _capture(self, drafting: bool) -> None:
         """Capture features in the coming passes (this step's, and prefills until the next

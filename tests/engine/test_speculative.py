@@ -47,6 +47,32 @@ def test_greedy_sd_equals_greedy_decoding(model, batch, shape):
     assert tokens > steps  # drafts were accepted: this is not plain decoding in disguise
 
 
+def test_a_steps_token_count_is_what_the_rows_kept(model):
+    """Budgets of 3-6 tokens end rows inside a step whose drafts were accepted past the end:
+    the step reports what the rows kept (what the Scheduler's acceptance must learn from)."""
+    prompts = [torch.tensor([5, 1, 5, 1, 5, 1, 5]), torch.arange(9) % 4, torch.tensor([2, 3, 2, 3, 2])]
+    engine = SpeculativeEngine(model, NgramDrafter(min_n=1), max_rows=3, max_len=64)
+    ids = engine.add(prompts, Sampling(temperature=0.0, max_new_tokens=6))
+    for row_id, budget in zip(ids, (3, 4, 6), strict=True):
+        engine.rows[row_id].sampling = Sampling(temperature=0.0, max_new_tokens=budget)
+    rows = {row.row_id: row for row in engine.rows.values()}
+    reported, verified = 0, 0
+    original = engine.target.verify
+
+    def counting(*args, **kwargs):
+        nonlocal verified
+        out = original(*args, **kwargs)
+        verified += int(out.num_tokens.sum())
+        return out
+
+    engine.target.verify = counting
+    while engine.rows:
+        reported += engine.step(DraftShape(4, 1, 4)).tokens
+    assert [len(rows[i].tokens) for i in ids] == [3, 4, 6]
+    assert reported == 3 + 4 + 6 - 3  # every token past each row's prefill token
+    assert verified > reported  # drafts were accepted past a budget: the case that matters
+
+
 def test_generate_returns_rows_in_prompt_order_when_equal_lengths_are_not_adjacent(model):
     # prefill groups equal-length prompts; the rows must still come back in prompt order
     generator = torch.Generator().manual_seed(7)
