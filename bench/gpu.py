@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import math
 import platform
@@ -40,6 +39,7 @@ from gpu_timing import (  # noqa: E402
     compare,
     copy_bandwidth,
     hf_decode_seconds,
+    release_cached_memory,
     step_seconds,
     throughput,
     weight_bytes,
@@ -162,28 +162,20 @@ def trained_models(args, task, heldout, shape: str, device: str):
         return model, head, {**policy_report, "loaded_from_cache": True}, head_report
     policy, policy_report = train_policy(task, shape, device, args.sft_steps, batch=args.sft_batch if not args.smoke else 8)
     model = policy.to(torch.bfloat16) if device == "cuda" else policy
-    _release_cached_memory(device)  # SFT's activations and optimiser: the generators' graphs need the room
+    release_cached_memory(device)  # SFT's activations and optimiser: the generators' graphs need the room
     policy_report["accuracy_sampled"] = accuracy(model, task, heldout, 1.0, args.max_new)
     policy_report["accuracy_greedy"] = accuracy(model, task, heldout, 0.0, args.max_new)
     log(f"policy: {policy_report}")
     head, head_report = train_head(model, task, device, args.head_steps, max_new=args.max_new,
                                    sequences=args.head_sequences if not args.smoke else 64, batch=64 if not args.smoke else 8)
     head = head if device == "cuda" else head.float()
-    _release_cached_memory(device)
+    release_cached_memory(device)
     log(f"head: {head_report}")
     if cache is not None:
         save_model(model, cache / "policy")
         head.save(cache / "head")
         (cache / "reports.json").write_text(json.dumps([policy_report, head_report]))
     return model, head, policy_report, head_report
-
-
-def _release_cached_memory(device: str) -> None:
-    """Give the allocator's cached blocks back: a long-sequence SFT left so little free memory
-    that the next CUDA stream could not be created (out of memory at the accuracy check)."""
-    if device == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
 
 
 def generator_for(model, head, device: str, args, rows: int, temperature: float) -> FastGenerator:
@@ -312,8 +304,7 @@ def step_cost_curves(shapes: list[str], device: str, batches: list[int], ks=(0, 
             log(f"{shape} batch {b}: " + " ".join(f"k{k} {curve[b][f'k{k}_s'] * 1e3:.2f} ms" for k in ks))
         out[shape] = {"weight_bytes": weight_bytes(model), "curve": curve}
         del model, head, generator
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        release_cached_memory(device)
     return out
 
 

@@ -52,7 +52,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-from gpu_timing import accepted_per_chain, chain_acceptance, choose_draft_lengths
+from gpu_timing import (
+    accepted_per_chain,
+    chain_acceptance,
+    choose_draft_lengths,
+    release_cached_memory,
+)
 
 from respec.engine.drafters.eagle import EagleHead, distill_loss
 from respec.engine.fast import FastGenerator
@@ -103,8 +108,7 @@ def rl_section(model: CausalLM, head: EagleHead, task, profile: dict, steps: int
             log(f"rl {name}: {out[name]['step_s']:.3f} s per step, reward "
                 f"{out[name]['reward_first']:.3f} -> {out[name]['reward_last']:.3f}")
         del setup
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_cached_memory("cuda" if torch.cuda.is_available() else "cpu")
     base = out[variants[0]]["step_s"]
     for name in variants[1:]:
         out[f"{name}_step_time_over_{variants[0]}"] = out[name]["step_s"] / base

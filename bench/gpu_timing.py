@@ -3,6 +3,7 @@ transformers' eager decoding as the peer, and the scheduler's choice from a prof
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 
@@ -42,6 +43,14 @@ def timed(work, device: str, repeats: int) -> float:
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def release_cached_memory(device: str) -> None:
+    """Give the allocator's cached blocks back: a long-sequence SFT left so little free memory
+    that the next CUDA stream could not be created (out of memory at the accuracy check)."""
+    if device == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def weight_bytes(model: CausalLM) -> int:
