@@ -1,4 +1,4 @@
-"""What one online head update costs on a GPU, and where: bench/gpu_rl.py's `distill` on a
+"""What one online head update costs on a GPU, and where: bench/gpu_rl.py's `distill_rollouts` on a
 random model of a Qwen2.5 shape (float32 master under bf16 autocast, as the RL section
 trains it), for a slice of rollouts of one length, timed call by call and profiled once.
 
@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu_rl import distill  # noqa: E402
+from gpu_rl import distill_rollouts  # noqa: E402
 from gpu_train import random_model, shape_config  # noqa: E402
 
 from respec.engine.drafters.eagle import EagleHead  # noqa: E402
@@ -48,12 +48,12 @@ def main() -> None:
     for call in range(args.calls):
         _sync(device)
         started = time.perf_counter()
-        distill(master, head, optimizer, samples, rewards, scale=1 / 3, apply=call % 3 == 2)
+        distill_rollouts(master, head, optimizer, samples, rewards, scale=1 / 3, apply=call % 3 == 2)
         _sync(device)
         print(f"call {call}: {(time.perf_counter() - started) * 1e3:.1f} ms", flush=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
-        distill(master, head, optimizer, samples, rewards, scale=1 / 3, apply=True)
+        distill_rollouts(master, head, optimizer, samples, rewards, scale=1 / 3, apply=True)
         _sync(device)
     sort = "device_time_total" if device == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=20))

@@ -29,6 +29,12 @@ GPU update of 16 rows is bimodal from step to step, docs/PERFORMANCE.md.)
 launches, and with the default interval the generation thread waits up to 5 ms for it at
 every step of ~2 ms.
 
+In the asynchronous variants a version is published as soon as the policy's update is done,
+and the head's share of distillation runs after it: the generation waiting for that version
+does not wait for the head (whose update reaches the generator with the next version).
+``_whole`` (``respec_whole``, ``respec_2gpu_whole``): the head's update in one call every third
+version instead of a slice per version (one call's fixed cost paid once, not three times).
+
 On two GPUs (names with ``_2gpu``): generation stays on the first GPU, the update and
 the head's distillation run on the second (the actors' deployment: Generator + Verifier
 on one device, PolicyTrainer + DraftDistiller on another), and publishing copies the
@@ -49,7 +55,7 @@ import random
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from gpu_timing import (
@@ -81,7 +87,8 @@ DISTILL_LR = 5e-5
 # version, longer than a generation, and the generation waiting for that version stalled.
 VARIANTS = ("sync_nosd", "sync_sd", "respec", "respec_switch_5ms", "sync_nosd_again")
 VARIANTS_2GPU = ("sync_nosd_2gpu", "sync_nosd_half", "sync_nosd", "async_nosd_2gpu", "respec_2gpu", "sync_nosd_2gpu_again")
-KNOWN_VARIANTS = frozenset(VARIANTS + VARIANTS_2GPU + ("sync_sd_2gpu", "async_nosd", "sync_nosd_2gpu_again"))
+KNOWN_VARIANTS = frozenset(VARIANTS + VARIANTS_2GPU + ("sync_sd_2gpu", "async_nosd", "sync_nosd_2gpu_again",
+                                                       "respec_whole", "respec_2gpu_whole"))
 WARM_STEPS = 3
 LENGTH_MULTIPLE = 32  # update lengths padded to a multiple: few kernel shapes (TrainerConfig.length_multiple)
 SWITCH_INTERVAL_S = 5e-4
@@ -139,6 +146,11 @@ class Variant:
         return "_half" in self.name
 
     @property
+    def whole_distill(self) -> bool:
+        """``_whole``: the head's update in one call every DISTILL_EVERY versions, not a slice per version."""
+        return self.name.endswith("_whole")
+
+    @property
     def switch_interval(self) -> float:
         return SWITCH_INTERVAL_S if self.overlapped and not self.name.endswith("_switch_5ms") else sys.getswitchinterval()
 
@@ -189,6 +201,8 @@ class Setup:
     draft: EagleHead | None = None
     draft_master: EagleHead | None = None
     draft_optimizer: torch.optim.Optimizer | None = None
+    whole_distill: bool = False
+    pending: list[TrainSample] = field(default_factory=list)  # rollouts of the versions since the last head update
 
     @staticmethod
     def build(variant: Variant, model, head, task, choice, groups, group_size, max_new, lr) -> Setup:
@@ -210,7 +224,7 @@ class Setup:
                                   max_new=max_new, max_k=6 if variant.drafting else 0, temperature=1.0, eos_ids=(eos,))
         trainer = GRPOTrainer(master, TrainerConfig(lr=lr, micro_batch=64, length_multiple=LENGTH_MULTIPLE))
         return Setup(variant.name, task, infer, master, trainer, generator, choice if variant.drafting else None,
-                     groups, group_size, pairs, draft, draft_master, draft_optimizer)
+                     groups, group_size, pairs, draft, draft_master, draft_optimizer, variant.whole_distill)
 
     @property
     def drafting(self) -> bool:
@@ -263,18 +277,37 @@ class Setup:
 
     def update(self, step: int, samples: list[TrainSample]) -> dict:
         """One GRPO update of the master weights, and the head's distillation when due."""
+        return {**self.train(samples), **self.distill(step, samples)}
+
+    def train(self, samples: list[TrainSample]) -> dict:
+        """One GRPO update of the master weights."""
         started = time.perf_counter()
         with _autocast(next(self.master.parameters()).device):
             stats = self.trainer.step(samples)
         _sync(self.master)
-        trained = time.perf_counter()
-        if self.drafting:
-            recent = samples[-(DISTILL_SAMPLES // DISTILL_EVERY):]
-            distill(self.master, self.draft_master, self.draft_optimizer, recent, [s.reward for s in recent],
-                    scale=1 / DISTILL_EVERY, apply=step % DISTILL_EVERY == 0)
-        _sync(self.master)
-        return {"train_s": trained - started, "distill_s": time.perf_counter() - trained,
+        return {"train_s": time.perf_counter() - started,
                 **{key: stats.get(key, 0.0) for key in ("grad_norm", "skipped", "behaviour_weight_mean", "loss")}}
+
+    def distill(self, step: int, samples: list[TrainSample]) -> dict:
+        """The head's share of distillation for this version: a slice of its gradient (the
+        latest rollouts, against the newest weights), applied every DISTILL_EVERY versions;
+        or, with `whole_distill`, all of it in one call every DISTILL_EVERY versions."""
+        started = time.perf_counter()
+        if self.drafting:
+            per_version = DISTILL_SAMPLES // DISTILL_EVERY
+            due = step % DISTILL_EVERY == 0
+            if not self.whole_distill:
+                recent = samples[-per_version:]
+                distill_rollouts(self.master, self.draft_master, self.draft_optimizer, recent,
+                                 [s.reward for s in recent], scale=1 / DISTILL_EVERY, apply=due)
+            else:
+                self.pending += samples[-per_version:]
+                if due:
+                    distill_rollouts(self.master, self.draft_master, self.draft_optimizer, self.pending,
+                                     [s.reward for s in self.pending])
+                    self.pending = []
+            _sync(self.master)
+        return {"distill_s": time.perf_counter() - started}
 
     def publish(self) -> None:
         """Write the master weights (and head) into the generator's source copies: one cast
@@ -342,12 +375,15 @@ def run_async(setup: Setup, steps: int, log) -> list[dict]:
                 _, samples = rollouts.get()
                 if samples is None:  # the generating thread failed
                     return
-                history[step].update(setup.update(step, samples))
-                history[step]["wall_s"] = time.perf_counter() - started
+                history[step].update(setup.train(samples))
                 if step <= steps - 2:  # versions a later generation reads
                     if step >= 2:
                         _wait(train_stream, consumed.get())
                     published.put((step, _publish(setup, train_stream, history[step])))
+                # After the publish: the generation waiting for this version need not wait for
+                # the head too (its update reaches the generator with the next version).
+                history[step].update(setup.distill(step, samples))
+                history[step]["wall_s"] = time.perf_counter() - started
                 log(f"rl {setup.variant} step {step}: " + _fmt(history[step]))
 
     threads = [threading.Thread(target=_guard(fn, failures, published, rollouts)) for fn in (generating, training)]
@@ -470,7 +506,7 @@ def flatten_parameters(module: torch.nn.Module) -> torch.Tensor:
     return buffers[0]
 
 
-def distill(target: CausalLM, head: EagleHead, optimizer, samples: list[TrainSample], rewards: list[float],
+def distill_rollouts(target: CausalLM, head: EagleHead, optimizer, samples: list[TrainSample], rewards: list[float],
             batch: int = 128, unroll: int = 4, scale: float = 1.0, apply: bool = True) -> None:
     """One pass over `samples`, each weighted by its reward over their mean reward (the
     DraftDistiller's "reward" weighting, clipped to [0.1, 5]). The targets come from

@@ -55,6 +55,7 @@ def test_variant_names_say_what_runs_where():
     assert (respec_two.drafting, respec_two.overlapped, respec_two.two_gpus) == (True, True, True)
     assert half.half and not half.two_gpus and not half.overlapped
     assert Variant("respec").switch_interval < Variant("respec_switch_5ms").switch_interval
+    assert Variant("respec_2gpu_whole").whole_distill and not respec_two.whole_distill
 
 
 def test_unknown_variant_is_refused_before_anything_runs():
@@ -92,7 +93,7 @@ def test_head_update_in_slices_is_the_update_in_one_piece():
     import copy
 
     import torch
-    from gpu_rl import distill
+    from gpu_rl import distill_rollouts
 
     from respec.engine.config import ModelConfig
     from respec.engine.drafters.eagle import EagleHead
@@ -115,7 +116,7 @@ def test_head_update_in_slices_is_the_update_in_one_piece():
         head.load_state_dict(base.state_dict())
         optimizer = torch.optim.SGD(head.parameters(), lr=0.5)
         for scale, apply in calls:
-            distill(target, head, optimizer, samples, rewards, scale=scale, apply=apply)
+            distill_rollouts(target, head, optimizer, samples, rewards, scale=scale, apply=apply)
         return head
 
     base = copy.deepcopy(EagleHead.for_target(target))
