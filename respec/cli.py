@@ -130,6 +130,8 @@ def bench_adaptive(
         = None,
     repeats: Annotated[int, typer.Option(help="runs per measurement (median kept)")] = 5,
     plot: Annotated[Path | None, typer.Option(help="PNG (default: beside the JSON)")] = None,
+    tail: Annotated[str, typer.Option(help="long tail: lognormal (forced lengths) or natural (each row to its "
+                                           "EOS: for a policy whose answers vary in length)")] = "lognormal",
 ) -> None:
     """Throughput of the Scheduler's choice against no-SD and every static draft shape, per batch size
     and over a long-tail rollout phase."""
@@ -141,7 +143,8 @@ def bench_adaptive(
     try:
         results = run_benchmark(str(model), draft, tuple(_ints(batches)), tuple(_names(configs)),
                                 str(profile_file) if profile_file else None,
-                                str(json_file.with_name(json_file.stem + "_profile.json")), repeats)
+                                str(json_file.with_name(json_file.stem + "_profile.json")), repeats,
+                                tail_kind=tail)
     except (ValueError, OSError) as error:
         typer.secho(f"error: {error}", fg="red", err=True)
         raise typer.Exit(2) from None

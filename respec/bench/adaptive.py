@@ -14,7 +14,9 @@ draft shape, in one run, on the prepared tiny policy (ReSpec Fig. 7 and its long
 3. Long tail: 64 prompts start together with lengths drawn from a log-normal (median 16
    tokens, clipped to [4, 128]: most rows short, a few long, as RL rollouts are), no
    stop token, so the batch shrinks from 64 to 1 as rows reach their length. Tokens past
-   a row's answer are the policy's own greedy continuation.
+   a row's answer are the policy's own greedy continuation. `tail_kind="natural"`
+   (`--tail natural`): every row stops at its own EOS instead, so the lengths are the
+   policy's answers (with a policy that writes answers of many lengths).
 Each measurement is repeated (configs interleaved) and the median kept; greedy, and every
 run is checked to emit exactly the tokens plain decoding emits. Throughput is emitted
 (accepted + bonus) tokens over the wall time of the whole rollout, prefill included.
@@ -49,6 +51,10 @@ ADAPTIVE = "adaptive"
 # column was "nosd+features", 0.91-0.98 of nosd); now it captures none and rebuilds a
 # row's features when SD comes back on, so this should match nosd.
 NOSD_READY = "nosd+drafter"
+# The long tail's lengths: drawn from a log-normal and forced (no stop token), or each row's
+# own answer (stop at EOS; a policy whose answers vary in length, e.g. prepared on 2-8 operands).
+TAIL_KINDS = ("lognormal", "natural")
+NATURAL_MAX_NEW = 160
 PROFILE_CONTEXTS = (16, 64, 144)
 
 
@@ -158,6 +164,7 @@ def compare(model, drafter, prompts, budgets, max_rows, stop, configs, adaptive:
             runs[name].append(result)
             advance()
     summary = {name: _median_run(results) for name, results in runs.items()}
+    summary[NOSD]["lengths"] = [len(tokens) for tokens in reference]  # every config emitted these (checked)
     for name in names:
         summary[name]["vs_nosd"] = _paired(runs[name], runs[NOSD])
     return summary
@@ -183,7 +190,9 @@ def run_benchmark(model_dir: str = "models/tiny/policy", draft: str = "models/ti
                   profile_path: str | None = None, profile_out: str | None = None, repeats: int = 5,
                   long_tail_rows: int = 64, margin: float = 0.05, patience: int = 2, probe_every: int = 50,
                   probe_within: float = 0.2, min_dwell: int = 8, explore_steps: int = 3,
-                  threads: int = 1, seed: int = 0) -> dict:
+                  threads: int = 1, seed: int = 0, tail_kind: str = "lognormal") -> dict:
+    if tail_kind not in TAIL_KINDS:
+        raise ValueError(f"tail {tail_kind!r}: choose from {', '.join(TAIL_KINDS)}")
     torch.set_num_threads(threads)  # one thread: the 2-core machine is shared; ratios are what count
     setup = ModelSetup(model_dir, "ngram" if draft == "ngram" else "eagle", "" if draft == "ngram" else draft)
     model = load_model(Path(model_dir))
@@ -202,9 +211,12 @@ def run_benchmark(model_dir: str = "models/tiny/policy", draft: str = "models/ti
             results = compare(model, drafter, prompts, [64] * len(prompts), batch, stop, configs, adaptive, repeats,
                               lambda: progress.advance(task))
             sweep.append({"batch": batch, "results": results})
-        prompts, _ = task_prompts(model_dir, long_tail_rows, seed + 7)
-        budgets = long_tail_budgets(long_tail_rows, seed)
-        tail = compare(model, drafter, prompts, budgets, long_tail_rows, (), configs, adaptive, repeats,
+        prompts, eos = task_prompts(model_dir, long_tail_rows, seed + 7)
+        if tail_kind == "natural":  # every row to its own stop token: the lengths are the policy's answers
+            budgets, stop = [NATURAL_MAX_NEW] * long_tail_rows, eos
+        else:
+            budgets, stop = long_tail_budgets(long_tail_rows, seed), ()
+        tail = compare(model, drafter, prompts, budgets, long_tail_rows, stop, configs, adaptive, repeats,
                        lambda: progress.advance(task))
     results = {"model": model_dir, "draft": draft, "profile": key, "profile_source": profile_path or "measured",
                "profile_wall_s": measured.wall_s, "profile_accept_len": measured.accept_len, "configs": list(configs),
@@ -214,7 +226,7 @@ def run_benchmark(model_dir: str = "models/tiny/policy", draft: str = "models/ti
                "switch_cost_ms": {k: round(1e3 * e.value, 3) for k, e in adaptive.policy.switch_cost.items()},
                "repeats": repeats, "threads": threads,
                "sweep": [_summarise_batch(entry) for entry in sweep],
-               "long_tail": _summarise_tail(tail, budgets)}
+               "long_tail": {**_summarise_tail(tail), "kind": tail_kind}}
     return results
 
 
@@ -246,10 +258,11 @@ def _summarise_batch(entry: dict) -> dict:
     return {"batch": entry["batch"], "results": entry["results"], "best_static": best, "adaptive_vs_best": ratio}
 
 
-def _summarise_tail(results: dict, budgets: list[int]) -> dict:
+def _summarise_tail(results: dict) -> dict:
     best, ratio = _versus_best(results)
-    return {"rows": len(budgets), "lengths": {"median": int(np.median(budgets)), "p90": int(np.percentile(budgets, 90)),
-                                              "max": max(budgets), "total": sum(budgets)},
+    lengths = results[NOSD]["lengths"]
+    return {"rows": len(lengths), "lengths": {"median": int(np.median(lengths)), "p90": int(np.percentile(lengths, 90)),
+                                              "max": max(lengths), "total": sum(lengths)},
             "results": results, "best_static": best, "adaptive_vs_best": ratio,
             "adaptive_beats_every_static": ratio > 1.0}
 

@@ -34,15 +34,26 @@ def bench_prompts(model_dir: Path, count: int, seed: int = 0) -> tuple[list[torc
         import random
 
         from respec.engine.tokenizer import load_tokenizer
-        from respec.prepare import TASK, TASK_PARAMS  # the task the built-in policy was trained on
+        from respec.prepare import TASK, TASK_PARAMS  # the default; prepare.json may name another
         from respec.tasks import make_task
 
-        tokenizer, task, rng = load_tokenizer(model_dir), make_task(TASK, **TASK_PARAMS), random.Random(seed)
+        name, params = _prepared_task(model_dir) or (TASK, TASK_PARAMS)
+        tokenizer, task, rng = load_tokenizer(model_dir), make_task(name, **params), random.Random(seed)
         prompts = [torch.tensor(tokenizer.encode(task.sample(rng).prompt, add_bos=True)) for _ in range(count)]
         return prompts, () if tokenizer.eos_id is None else (tokenizer.eos_id,)
     generator = torch.Generator().manual_seed(seed)
     vocab = load_model(model_dir).config.vocab_size
     return [torch.randint(0, vocab, (4,), generator=generator).repeat(3) for _ in range(count)], ()
+
+
+def _prepared_task(model_dir: Path) -> tuple[str, dict] | None:
+    """The task `respec prepare` trained this policy on, from the prepare.json beside it
+    (`respec prepare --out DIR` writes DIR/policy and DIR/prepare.json); None if it says none."""
+    report = model_dir.parent / "prepare.json"
+    if not report.is_file():
+        return None
+    task = json.loads(report.read_text()).get("task")
+    return (task["name"], task.get("params") or {}) if task else None
 
 
 def measure(model, drafter, prompts, shape: DraftShape | None, max_new_tokens: int,
