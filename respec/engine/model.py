@@ -133,7 +133,7 @@ class AttentionMask:
 
 # SDPA's backends without cuDNN's: on H100/H200 under torch 2.11 its backward returns NaN
 # grad_q for an explicit mask at sequence lengths of 64 mod 128 (pytorch/pytorch#196678).
-# The GRPO update most likely met it: non-finite gradients in 1-3 of 15 steps per variant of
+# The GRPO update most likely met it: non-finite gradients in 0-3 of 15 steps per variant of
 # the 2-GPU bench at 37d2bab (lengths padded to multiples of 32, so 192 and 320 occur).
 _ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
