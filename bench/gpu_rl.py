@@ -85,6 +85,8 @@ DISTILL_LR = 5e-5
 # against that version's weights) and applied every DISTILL_EVERY versions: the same
 # amount of work spread evenly. In one piece (597254b) it took 0.54-0.67 s every third
 # version, longer than a generation, and the generation waiting for that version stalled.
+# Most of that turned out to be a per-call cost (cuDNN's attention, gone since 40c837a: any
+# call took 0.5-0.7 s), which slices pay three times: the ``_whole`` variants measure one piece.
 VARIANTS = ("sync_nosd", "sync_sd", "respec", "respec_switch_5ms", "sync_nosd_again")
 VARIANTS_2GPU = ("sync_nosd_2gpu", "sync_nosd_half", "sync_nosd", "async_nosd_2gpu", "respec_2gpu", "sync_nosd_2gpu_again")
 KNOWN_VARIANTS = frozenset(VARIANTS + VARIANTS_2GPU + ("sync_sd_2gpu", "async_nosd", "sync_nosd_2gpu_again",
