@@ -65,7 +65,7 @@ class GRPOTrainer:
         batch = _pad(samples, multiple).to(device)
         micro_batches = [batch.select(rows, multiple) for rows in _by_length(samples, self.config.micro_batch, device)]
         with torch.no_grad():
-            proximal = [self._logprobs(self.model, part) for part in micro_batches]
+            proximal = [self._logprobs(self.model, part) for part in micro_batches] if self._proximal_pass() else None
             reference = ([self._logprobs(self.reference, part) for part in micro_batches]
                          if self.reference is not None else None)
         total_tokens = batch.mask.sum().clamp(min=1)
@@ -74,7 +74,8 @@ class GRPOTrainer:
         for _ in range(self.config.epochs):
             self.optimizer.zero_grad(set_to_none=True)
             for i, part in enumerate(micro_batches):
-                loss, stats = ppo_loss(self._logprobs(self.model, part), proximal[i], part.behaviour,
+                logprobs = self._logprobs(self.model, part)
+                loss, stats = ppo_loss(logprobs, logprobs.detach() if proximal is None else proximal[i], part.behaviour,
                                        advantages[part.rows], part.mask, self.config.ppo,
                                        None if reference is None else reference[i])
                 (loss * part.mask.sum() / total_tokens).backward()  # token-mean over the whole batch
@@ -88,6 +89,13 @@ class GRPOTrainer:
         self.version += 1
         return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "reward_mean": float(rewards.mean()),
                 "advantage_abs_mean": float(advantages.abs().mean()), "skipped": float(skipped), **stats}
+
+    def _proximal_pass(self) -> bool:
+        """Whether the proximal log-probs need a pass of their own. With one epoch there is one
+        optimiser step, after every micro-batch: the weights being trained are the proximal
+        ones throughout, so their log-probs (detached) are the proximal log-probs, and the
+        update saves a forward pass."""
+        return self.config.epochs > 1
 
     @staticmethod
     def _logprobs(model: CausalLM, batch: _Batch) -> torch.Tensor:

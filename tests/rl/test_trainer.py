@@ -64,6 +64,27 @@ def test_first_step_is_on_policy_and_micro_batching_does_not_change_the_update(t
     assert all(torch.allclose(results[0], other, atol=1e-6) for other in results[1:])
 
 
+def test_one_epoch_updates_as_with_a_pass_for_the_proximal_logprobs(tmp_path, monkeypatch):
+    """With one epoch the proximal log-probs are the trained weights' own (detached): the
+    update without their extra pass equals the one with it, also with stale behaviour
+    log-probs (ratio clipping and the behaviour weight both in play)."""
+    prompt = torch.tensor([1, 2, 3])
+    responses = [torch.tensor([5, 6, 7]), torch.tensor([9]), torch.tensor([4, 4]), torch.tensor([8, 2, 2, 2])]
+    results = []
+    for separate_pass in (False, True):
+        model = tiny(tmp_path)
+        samples = samples_for(model, prompt, responses, [1.0, 0.0, 0.5, 0.2])
+        stale = [TrainSample(s.prompt, s.response, s.behaviour_logprobs - 0.3, s.reward, s.group_id) for s in samples]
+        trainer = GRPOTrainer(model, TrainerConfig(lr=1e-2, micro_batch=2))
+        monkeypatch.setattr(trainer, "_proximal_pass", lambda separate_pass=separate_pass: separate_pass)
+        for _ in range(3):
+            stats = trainer.step(stale)
+        results.append((torch.cat([p.detach().flatten() for p in model.parameters()]), stats))
+    (ours, our_stats), (theirs, their_stats) = results
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+    assert our_stats["behaviour_weight_mean"] == pytest.approx(their_stats["behaviour_weight_mean"], abs=1e-5)
+
+
 def test_a_step_with_no_samples_publishes_a_version_and_leaves_the_weights(tmp_path):
     model = tiny(tmp_path)
     before = [p.detach().clone() for p in model.parameters()]
