@@ -204,7 +204,7 @@ class Setup:
     draft_master: EagleHead | None = None
     draft_optimizer: torch.optim.Optimizer | None = None
     whole_distill: bool = False
-    pending: list[TrainSample] = field(default_factory=list)  # rollouts of the versions since the last head update
+    pending: list[TrainSample] = field(default_factory=list)  # rollouts not yet distilled (``_whole``: since the last update)
 
     @staticmethod
     def build(variant: Variant, model, head, task, choice, groups, group_size, max_new, lr) -> Setup:
@@ -295,19 +295,13 @@ class Setup:
         latest rollouts, against the newest weights), applied every DISTILL_EVERY versions;
         or, with `whole_distill`, all of it in one call every DISTILL_EVERY versions."""
         started = time.perf_counter()
+        due = step % DISTILL_EVERY == 0
         if self.drafting:
-            per_version = DISTILL_SAMPLES // DISTILL_EVERY
-            due = step % DISTILL_EVERY == 0
-            if not self.whole_distill:
-                recent = samples[-per_version:]
-                distill_rollouts(self.master, self.draft_master, self.draft_optimizer, recent,
-                                 [s.reward for s in recent], scale=1 / DISTILL_EVERY, apply=due)
-            else:
-                self.pending += samples[-per_version:]
-                if due:
-                    distill_rollouts(self.master, self.draft_master, self.draft_optimizer, self.pending,
-                                     [s.reward for s in self.pending])
-                    self.pending = []
+            self.pending += samples[-(DISTILL_SAMPLES // DISTILL_EVERY):]
+        if self.pending and (due or not self.whole_distill):
+            batch, self.pending = self.pending, []
+            distill_rollouts(self.master, self.draft_master, self.draft_optimizer, batch, [s.reward for s in batch],
+                             scale=1.0 if self.whole_distill else 1 / DISTILL_EVERY, apply=due)
             _sync(self.master)
         return {"distill_s": time.perf_counter() - started}
 

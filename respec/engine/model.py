@@ -20,6 +20,7 @@ into the query length instead of repeating K and V, so the cache is never copied
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -153,10 +154,7 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | AttentionM
         mask = mask.repeat(1, 1, group, 1)
     if group > 1:
         q = q.reshape(b, k.shape[1], group * t, d)
-    if q.is_cuda:
-        with sdpa_kernel(_ATTENTION_BACKENDS):
-            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
-    else:
+    with sdpa_kernel(_ATTENTION_BACKENDS) if q.is_cuda else contextlib.nullcontext():
         out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
     return out.reshape(b, h, t, d)
 
