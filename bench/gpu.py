@@ -190,6 +190,11 @@ def decode_section(model, prompt: list[int], device: str, args) -> dict:
     bandwidth = copy_bandwidth(device, gib=1.0 if device == "cuda" else 0.05)
     plain = generator_for(model, None, device, args, 1, 0.0)
     graphed = step_seconds(plain, 1, 0, device, steps=200 if device == "cuda" else 5)
+    # The same graphed step with every layer in PyTorch's kernels (the fused path): what
+    # the Triton kernels (respec/engine/fast/kernels.py) are worth.
+    no_kernels = FastGenerator(model, None, max_rows=1, max_len=plain.state.max_len, max_new=args.max_new,
+                               kernels=False)
+    graphed_no_kernels = step_seconds(no_kernels, 1, 0, device, steps=200 if device == "cuda" else 5)
     eager = FastGenerator(model, None, max_rows=1, max_len=plain.state.max_len, max_new=args.max_new, graphs=False)
     eager_s = step_seconds(eager, 1, 0, device, steps=20 if device == "cuda" else 3)
     weights = weight_bytes(model)
@@ -201,6 +206,7 @@ def decode_section(model, prompt: list[int], device: str, args) -> dict:
     same = ours[: len(hf["greedy_tokens"])] == hf["greedy_tokens"][: len(ours)]
     section = {"weight_bytes": weights, "bandwidth": bandwidth, "hbm_floor_s": floor,
                "hbm_floor_one_way_s": weights / bandwidth["one_way_bytes_per_s"], "graphed_step_s": graphed,
+               "kernels": plain.kernels_on, "graphed_step_no_kernels_s": graphed_no_kernels,
                "eager_step_s": eager_s, "hf_eager_step_s": hf["seconds_per_token"],
                "graphed_over_floor": graphed / floor, "hf_over_graphed": hf["seconds_per_token"] / graphed,
                "greedy_matches_transformers": same}

@@ -35,7 +35,10 @@ def decode_table(report: dict) -> str:
         ("weight bytes", f"{d['weight_bytes'] / 1e6:.0f} MB"),
         ("copy bandwidth (read + write)", f"{bandwidth:.2f} TB/s"),
         ("HBM floor (weight bytes / bandwidth)", f"{d['hbm_floor_s'] * 1e3:.3f} ms"),
-        ("respec decode step, CUDA graph", f"{d['graphed_step_s'] * 1e3:.3f} ms = {d['graphed_over_floor']:.1f}x the floor"),
+        ("respec decode step, CUDA graph" + (" (Triton kernels)" if d.get("kernels") else ""),
+         f"{d['graphed_step_s'] * 1e3:.3f} ms = {d['graphed_over_floor']:.1f}x the floor"),
+        *([("respec decode step, CUDA graph, layers in PyTorch's kernels (no Triton)",
+            f"{d['graphed_step_no_kernels_s'] * 1e3:.3f} ms")] if "graphed_step_no_kernels_s" in d else []),
         ("respec decode step, eager (same fused code)", f"{d['eager_step_s'] * 1e3:.3f} ms"),
         ("transformers eager `generate`, per token", f"{d['hf_eager_step_s'] * 1e3:.3f} ms = "
                                                      f"{d['hf_over_graphed']:.1f}x respec's graphed step"),

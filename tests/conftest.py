@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# The fast path's Triton kernels run on the CPU under Triton's interpreter. Triton decides
+# that when it is imported (transformers may import it while tests import checkpoints),
+# so the choice is made here, before any test module is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="module")

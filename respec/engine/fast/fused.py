@@ -20,14 +20,16 @@ from torch import Tensor
 
 from respec.engine.config import ModelConfig
 from respec.engine.drafters.eagle import EagleHead
+from respec.engine.fast.kernel_layer import KernelLayer
 from respec.engine.fast.state import StaticKV
 from respec.engine.model import CausalLM, DecoderLayer
 
 
 class FusedLayer:
-    """A DecoderLayer's forward over [b, T, hidden] with a static KV store."""
+    """A DecoderLayer's forward over [b, T, hidden] with a static KV store; passes of a few
+    tokens go through the Triton kernels (kernel_layer.py) where they run."""
 
-    def __init__(self, layer: DecoderLayer) -> None:
+    def __init__(self, layer: DecoderLayer, kernels: bool = False) -> None:
         attention = layer.self_attn
         self.layer = layer
         self.heads, self.kv_heads, self.head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
@@ -38,6 +40,7 @@ class FusedLayer:
             self.gate_up_weight = torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight])
             mlp_biases = [layer.mlp.gate_proj.bias, layer.mlp.up_proj.bias]
             self.gate_up_bias = torch.cat(mlp_biases) if mlp_biases[0] is not None else None
+        self.kernel_layer = KernelLayer(self) if kernels else None
 
     def refresh(self) -> None:
         attention, mlp = self.layer.self_attn, self.layer.mlp
@@ -50,6 +53,8 @@ class FusedLayer:
                 torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias], out=self.gate_up_bias)
 
     def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, kv: StaticKV, index: int) -> Tensor:
+        if self.kernel_layer is not None and self.kernel_layer.takes(x):
+            return self.kernel_layer(x, rope, mask, kv, index)
         layer, (b, t, hidden) = self.layer, x.shape
         normed = F.rms_norm(x, (hidden,), layer.input_layernorm.weight, layer.input_layernorm.eps)
         qkv = F.linear(normed, self.qkv_weight, self.qkv_bias).view(b, t, self.heads + 2 * self.kv_heads, self.head_dim)
@@ -130,9 +135,9 @@ class FusedModel:
     """CausalLM's cached pass with fused layers: ``run`` returns logits [b, T, V] and the
     hidden states after ``capture`` layers, concatenated ([b, T, len(capture) * hidden])."""
 
-    def __init__(self, model: CausalLM) -> None:
+    def __init__(self, model: CausalLM, kernels: bool = False) -> None:
         self.model = model
-        self.layers = [FusedLayer(layer) for layer in model.model.layers]
+        self.layers = [FusedLayer(layer, kernels) for layer in model.model.layers]
         self.inputs = PassInputs(model.config, model.rotary.inv_freq, next(model.parameters()))
 
     def refresh(self) -> None:
@@ -158,9 +163,9 @@ class FusedModel:
 class FusedHead:
     """EagleHead.forward with its decoder layer fused (the head's other parts as they are)."""
 
-    def __init__(self, head: EagleHead) -> None:
+    def __init__(self, head: EagleHead, kernels: bool = False) -> None:
         self.head = head
-        self.layer = FusedLayer(head.layer)
+        self.layer = FusedLayer(head.layer, kernels)
         self.inputs = PassInputs(head.config, head.rotary.inv_freq, next(head.parameters()))
 
     def refresh(self) -> None:

@@ -24,6 +24,7 @@ from torch import Tensor
 from respec.engine.drafters.eagle import EagleHead
 from respec.engine.fast.chain_step import StepConfig, chain_step
 from respec.engine.fast.fused import FusedHead, FusedModel
+from respec.engine.fast.kernel_layer import kernels_usable
 from respec.engine.fast.prefill import prefill_rows
 from respec.engine.fast.state import FastState
 from respec.engine.model import CausalLM
@@ -52,11 +53,13 @@ class FastGenerator:
 
     def __init__(self, model: CausalLM, head: EagleHead | None = None, max_rows: int = 64, max_len: int = 256,
                  max_new: int = 128, max_k: int = 8, temperature: float = 0.0, eos_ids: Sequence[int] = (),
-                 graphs: bool | None = None) -> None:
+                 graphs: bool | None = None, kernels: bool | None = None) -> None:
         parameter = next(model.parameters())
         self.model, self.head, self.device = model, head, parameter.device
-        self.fused = FusedModel(model)
-        self.fused_head = FusedHead(head) if head is not None else None
+        # Triton kernels for passes of a few tokens: by default wherever they run (CUDA).
+        self.kernels_on = kernels_usable(self.device) if kernels is None else kernels
+        self.fused = FusedModel(model, self.kernels_on)
+        self.fused_head = FusedHead(head, self.kernels_on) if head is not None else None
         self.buckets = buckets_up_to(max_rows)
         self.max_new, self.max_k, self.temperature = max_new, max_k if head is not None else 0, temperature
         self.eos_ids = tuple(eos_ids)

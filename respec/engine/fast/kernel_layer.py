@@ -1,0 +1,60 @@
+"""A fused decoder layer's forward through the Triton kernels of ``kernels.py``: six
+kernels per layer for passes of up to ``MAX_ROWS`` tokens (decoding, verification and
+drafting at small batch), where a layer is bound by kernel count, not by arithmetic.
+
+It reads the FusedLayer's own tensors (the stacked qkv and gate-up matrices, the norms),
+so ``FusedLayer.refresh`` keeps it current and captured graphs stay valid.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from respec.engine.fast.state import StaticKV
+
+
+def kernels_usable(device: torch.device) -> bool:
+    """The default: on CUDA when Triton imports (RESPEC_KERNELS=0 turns them off). On a CPU
+    they run only when asked for, under Triton's interpreter (the tests)."""
+    if os.environ.get("RESPEC_KERNELS", "1") == "0" or device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class KernelLayer:
+    """Same call as FusedLayer (x [b, T, hidden] -> [b, T, hidden]) over the kernels."""
+
+    def __init__(self, fused) -> None:
+        from respec.engine.fast import kernels  # Triton: imported only where it runs
+
+        self.kernels, self.fused = kernels, fused
+        layer = fused.layer
+        self.input_norm = (layer.input_layernorm.weight, layer.input_layernorm.eps)
+        self.post_norm = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
+        self.o_proj, self.down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
+        self.intermediate = layer.mlp.down_proj.in_features
+
+    def takes(self, x: Tensor) -> bool:
+        return x.shape[0] * x.shape[1] <= self.kernels.MAX_ROWS
+
+    def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, kv: StaticKV, index: int) -> Tensor:
+        kernels, fused = self.kernels, self.fused
+        b, t, hidden = x.shape
+        flat = x.reshape(b * t, hidden)
+        qkv = kernels.gemv(flat, fused.qkv_weight, fused.qkv_weight.shape[0], norm=self.input_norm,
+                           bias=fused.qkv_bias)
+        k_store, v_store = kv.k_store[index], kv.v_store[index]
+        q = kernels.rope_store(qkv, *rope, kv.write_at, k_store, v_store, t, fused.heads, fused.kv_heads)
+        attended = kernels.attend(q, k_store, v_store, mask, t)
+        flat = kernels.gemv(attended, self.o_proj.weight, hidden, bias=self.o_proj.bias, residual=flat)
+        act = kernels.gemv(flat, fused.gate_up_weight, self.intermediate, norm=self.post_norm,
+                           bias=fused.gate_up_bias, gated=True)
+        flat = kernels.gemv(act, self.down_proj.weight, hidden, bias=self.down_proj.bias, residual=flat)
+        return flat.view(b, t, hidden)

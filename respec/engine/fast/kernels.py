@@ -1,0 +1,255 @@
+"""Triton kernels for a decoder layer over a few tokens (decoding, short verification):
+six kernels per layer instead of the fused path's ~20 PyTorch ones.
+
+At a few rows a layer's matrix products are matrix-vector products that should run at the
+speed of reading the weights; cuBLAS takes 4-7 us for each of them at the 0.5B shape (a
+0.4-us read) and the elementwise kernels between them ~2 us each. Here every product is a
+GEMV split over many programs (one block of output features each, all rows at once) with
+the work around it folded in: the RMSNorm before it, the bias, SiLU-and-multiply and the
+residual add after it. RoPE and the KV-store write are one kernel, attention one more.
+
+Numerics follow the PyTorch layer where it rounds (the normalised input, each product and
+the gate are rounded to the activations' dtype) and accumulate in float32. On a CPU these
+run under Triton's interpreter (TRITON_INTERPRET=1), which is how the tests check them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+SMALL_ROWS = 8  # up to this many rows a product is a broadcast-and-sum; above, tl.dot
+MAX_ROWS = 16  # the most rows (batch x tokens) a layer takes through these kernels
+
+
+@triton.jit
+def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, rows, n, k, eps,
+          NORM: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[m, j] = epilogue(sum_i w[j, i] * prologue(x)[m, i]) for this program's block of j.
+    GATED: w holds the gate's n rows, then the up projection's n; out = silu(gate) * up."""
+    m = tl.arange(0, BLOCK_M)
+    j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, j_ok = m < rows, j < n
+    dtype = out_ptr.dtype.element_ty
+    if NORM:  # RMSNorm's scale per row: one extra read of x, which is small and in cache
+        squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, k, BLOCK_K):
+            i = start + tl.arange(0, BLOCK_K)
+            xs = tl.load(x_ptr + m[:, None] * k + i[None, :], mask=m_ok[:, None] & (i < k)[None, :], other=0.0)
+            xs = xs.to(tl.float32)
+            squares += tl.sum(xs * xs, axis=1)
+        scale = 1.0 / tl.sqrt(squares / k + eps)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start in range(0, k, BLOCK_K):
+        i = start + tl.arange(0, BLOCK_K)
+        i_ok = i < k
+        xs = tl.load(x_ptr + m[:, None] * k + i[None, :], mask=m_ok[:, None] & i_ok[None, :], other=0.0)
+        if NORM:
+            weight = tl.load(norm_ptr + i, mask=i_ok, other=0.0).to(tl.float32)
+            xs = ((xs.to(tl.float32) * scale[:, None]).to(dtype).to(tl.float32) * weight[None, :]).to(dtype)
+        w_mask = j_ok[:, None] & i_ok[None, :]
+        ws = tl.load(w_ptr + j[:, None] * k + i[None, :], mask=w_mask, other=0.0)
+        acc += _product(xs, ws, BLOCK_M)
+        if GATED:
+            ws_up = tl.load(w_ptr + (j + n)[:, None] * k + i[None, :], mask=w_mask, other=0.0)
+            acc_up += _product(xs, ws_up, BLOCK_M)
+    if BIAS:
+        acc += tl.load(bias_ptr + j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_up += tl.load(bias_ptr + n + j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
+    out = acc.to(dtype).to(tl.float32)
+    if GATED:
+        out = (out * tl.sigmoid(out)).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
+    offsets = m[:, None] * n + j[None, :]
+    out_mask = m_ok[:, None] & j_ok[None, :]
+    if RESIDUAL:
+        out += tl.load(residual_ptr + offsets, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offsets, out.to(dtype), mask=out_mask)
+
+
+@triton.jit
+def _product(xs, ws, BLOCK_M: tl.constexpr):
+    """[M, K] x [N, K] -> [M, N] in float32: a broadcast-and-sum for a few rows (tl.dot
+    needs 16), tensor cores above."""
+    if BLOCK_M <= 8:
+        result = tl.sum(xs.to(tl.float32)[:, None, :] * ws.to(tl.float32)[None, :, :], axis=2)
+    else:
+        result = tl.dot(xs, tl.trans(ws), out_dtype=tl.float32)
+    return result
+
+
+@triton.jit
+def _rope_store(qkv_ptr, cos_ptr, sin_ptr, write_at_ptr, q_ptr, k_store_ptr, v_store_ptr,
+                tokens_per_row, heads, kv_heads, store_row, store_head, store_pos,
+                HALF: tl.constexpr):
+    """One program per (token, q or k head): RoPE on that head (HF pairs channel i with
+    i + D/2). A q head goes to q [tokens, heads, D]; a k head, and the v head beside it,
+    into the KV store at the token's write position."""
+    token, head = tl.program_id(0), tl.program_id(1)
+    d = tl.arange(0, HALF)
+    width = (heads + 2 * kv_heads) * 2 * HALF
+    source = qkv_ptr + token * width + head * 2 * HALF
+    low, high = tl.load(source + d).to(tl.float32), tl.load(source + HALF + d).to(tl.float32)
+    table = token * 2 * HALF
+    cos_low, cos_high = tl.load(cos_ptr + table + d).to(tl.float32), tl.load(cos_ptr + table + HALF + d).to(tl.float32)
+    sin_low, sin_high = tl.load(sin_ptr + table + d).to(tl.float32), tl.load(sin_ptr + table + HALF + d).to(tl.float32)
+    dtype = q_ptr.dtype.element_ty
+    # x cos + swap(x) sin' (sin' carries rotate_half's sign), each product rounded as the
+    # PyTorch layer rounds it.
+    new_low = (low * cos_low).to(dtype).to(tl.float32) + (high * sin_low).to(dtype).to(tl.float32)
+    new_high = (high * cos_high).to(dtype).to(tl.float32) + (low * sin_high).to(dtype).to(tl.float32)
+    if head < heads:
+        target = q_ptr + (token * heads + head) * 2 * HALF
+        tl.store(target + d, new_low.to(dtype))
+        tl.store(target + HALF + d, new_high.to(dtype))
+    else:
+        kv_head = head - heads
+        slot = tl.load(write_at_ptr + token)
+        offset = (token // tokens_per_row) * store_row + kv_head * store_head + slot * store_pos
+        tl.store(k_store_ptr + offset + d, new_low.to(dtype))
+        tl.store(k_store_ptr + offset + HALF + d, new_high.to(dtype))
+        value = qkv_ptr + token * width + (heads + kv_heads + kv_head) * 2 * HALF
+        tl.store(v_store_ptr + offset + d, tl.load(value + d))
+        tl.store(v_store_ptr + offset + HALF + d, tl.load(value + HALF + d))
+
+
+@triton.jit
+def _attend(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, tokens_per_row, heads, kv_heads, keys, scale,
+            store_row, store_head, store_pos,
+            BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, DIM: tl.constexpr):
+    """One program per (row, query head): softmax(q k^T scale + mask) v over the row's
+    whole KV store, a block of keys at a time (online softmax). The additive mask has the
+    fused path's layout, [rows * kv_heads, group * T, S] (see fused.additive_mask)."""
+    row, head = tl.program_id(0), tl.program_id(1)
+    group = heads // kv_heads
+    kv_head, member = head // group, head % group
+    t = tl.arange(0, BLOCK_T)
+    d = tl.arange(0, DIM)
+    t_ok = t < tokens_per_row
+    token = row * tokens_per_row + t
+    q = tl.load(q_ptr + (token[:, None] * heads + head) * DIM + d[None, :], mask=t_ok[:, None], other=0.0)
+    q = q.to(tl.float32)
+    mask_rows = mask_ptr + ((row * kv_heads + kv_head) * group * tokens_per_row + member * tokens_per_row + t) * keys
+    store = row * store_row + kv_head * store_head
+    best = tl.full([BLOCK_T], -1.0e30, dtype=tl.float32)  # finite: a fully masked block adds exp(-inf) = 0
+    total = tl.zeros([BLOCK_T], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_T, DIM], dtype=tl.float32)
+    for start in range(0, keys, BLOCK_S):
+        s = start + tl.arange(0, BLOCK_S)
+        s_ok = s < keys
+        k = tl.load(k_ptr + store + s[:, None] * store_pos + d[None, :], mask=s_ok[:, None], other=0.0).to(tl.float32)
+        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
+        scores += tl.load(mask_rows[:, None] + s[None, :], mask=t_ok[:, None] & s_ok[None, :], other=float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, axis=1))
+        weights = tl.exp(scores - new_best[:, None])
+        shrink = tl.exp(best - new_best)
+        v = tl.load(v_ptr + store + s[:, None] * store_pos + d[None, :], mask=s_ok[:, None], other=0.0).to(tl.float32)
+        acc = acc * shrink[:, None] + tl.sum(weights[:, :, None] * v[None, :, :], axis=1)
+        total = total * shrink + tl.sum(weights, axis=1)
+        best = new_best
+    out = acc / tl.maximum(total, 1.0e-30)[:, None]  # padding rows (beyond T) have none
+    tl.store(out_ptr + (token[:, None] * heads + head) * DIM + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=t_ok[:, None])
+
+
+def _block_n(n: int, rows: int) -> int:
+    """Output features per program: enough programs (~256) to keep every SM reading."""
+    block = 4
+    while block < 64 and n // (block * 2) >= 256:
+        block *= 2
+    return max(block, 16) if rows > SMALL_ROWS else block
+
+
+def _block_k(block_m: int, block_n: int) -> int:
+    """Inputs per loop iteration: a broadcast product holds M x N x K values in registers."""
+    if block_m > SMALL_ROWS:
+        return 64
+    return min(1024, max(32, 4096 // (block_m * block_n)))
+
+
+# (BLOCK_N, BLOCK_K, warps) tried for the products of decoding at one or two rows, the
+# ones the per-step floor is about; a product's best is kept per shape (see _tuned).
+TUNED_ROWS = 2
+CANDIDATES = ((2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4))
+_chosen: dict[tuple, tuple[int, int, int]] = {}
+
+
+def gemv(x: Tensor, weight: Tensor, out_features: int, norm: tuple[Tensor, float] | None = None,
+         bias: Tensor | None = None, residual: Tensor | None = None, gated: bool = False) -> Tensor:
+    """x [rows, k] -> [rows, out_features]: (RMSNorm(x) if norm) @ weight.T (+ bias), then
+    silu(gate) * up if gated (weight stacks gate and up), then (+ residual)."""
+    rows, k = x.shape
+    if not (x.is_contiguous() and weight.is_contiguous()):
+        raise ValueError("gemv reads x and weight as row-major: pass contiguous tensors")
+    out = x.new_empty(rows, out_features)
+    block_m = max(1, triton.next_power_of_2(rows))
+    block_m = block_m if block_m <= SMALL_ROWS else max(block_m, 16)
+    norm_weight, eps = norm if norm is not None else (x, 0.0)
+    flags = dict(NORM=norm is not None, BIAS=bias is not None, RESIDUAL=residual is not None, GATED=gated,
+                 BLOCK_M=block_m)
+    arguments = (x, weight, out, norm_weight, bias if bias is not None else x,
+                 residual if residual is not None else x, rows, out_features, k, eps)
+
+    def launch(config: tuple[int, int, int]) -> None:
+        block_n, block_k, warps = config
+        _gemv[(triton.cdiv(out_features, block_n),)](*arguments, **flags, BLOCK_N=block_n,
+                                                      BLOCK_K=min(block_k, triton.next_power_of_2(k)), num_warps=warps)
+
+    block_n = _block_n(out_features, rows)
+    launch(_tuned(launch, (out_features, k, *flags.values()), x, (block_n, _block_k(block_m, block_n), 4)))
+    return out
+
+
+def _tuned(launch, key: tuple, x: Tensor, heuristic: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The fastest of CANDIDATES for this product on this GPU, timed on first use (outside
+    graph capture: the fast path warms every step up first); the heuristic elsewhere."""
+    if key in _chosen:
+        return _chosen[key]
+    block_m = key[-1]
+    if not x.is_cuda or block_m > TUNED_ROWS or torch.cuda.is_current_stream_capturing():
+        return heuristic
+    timings = {}
+    for config in (heuristic, *CANDIDATES):
+        launch(config)  # compiles
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            launch(config)
+        end.record()
+        end.synchronize()
+        timings[config] = start.elapsed_time(end)
+    _chosen[key] = min(timings, key=timings.get)
+    return _chosen[key]
+
+
+def rope_store(qkv: Tensor, cos: Tensor, signed_sin: Tensor, write_at: Tensor, k_store: Tensor, v_store: Tensor,
+               tokens_per_row: int, heads: int, kv_heads: int) -> Tensor:
+    """qkv [tokens, (heads + 2 kv_heads) * D] -> rotated q [tokens, heads, D]; rotated k and
+    v written into the layer's stores [rows, kv_heads, S, D] at write_at [rows, T]."""
+    dim = k_store.shape[-1]
+    q = qkv.new_empty(qkv.shape[0], heads, dim)
+    _rope_store[(qkv.shape[0], heads + kv_heads)](
+        qkv, cos.contiguous(), signed_sin.contiguous(), write_at.contiguous(), q, k_store, v_store, tokens_per_row, heads, kv_heads,
+        k_store.stride(0), k_store.stride(1), k_store.stride(2), HALF=dim // 2,
+    )
+    return q
+
+
+def attend(q: Tensor, k_store: Tensor, v_store: Tensor, mask: Tensor, tokens_per_row: int) -> Tensor:
+    """q [tokens, heads, D] against the layer's stores [rows, kv_heads, S, D] under the
+    additive mask -> [tokens, heads * D]."""
+    tokens, heads, dim = q.shape
+    rows = tokens // tokens_per_row
+    kv_heads, keys = k_store.shape[1], k_store.shape[2]
+    out = q.new_empty(tokens, heads * dim)
+    block_t = triton.next_power_of_2(tokens_per_row)
+    _attend[(rows, heads)](
+        q, k_store, v_store, mask.contiguous(), out, tokens_per_row, heads, kv_heads, keys, dim**-0.5,
+        k_store.stride(0), k_store.stride(1), k_store.stride(2),
+        BLOCK_T=block_t, BLOCK_S=max(16, 64 // block_t), DIM=dim,
+    )
+    return out

@@ -1,0 +1,95 @@
+"""The fast path's Triton kernels (respec/engine/fast/kernels.py), run on the CPU under
+Triton's interpreter: each kernel against the PyTorch it replaces, and the fast path with
+kernels generating exactly what it generates without them."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from respec.engine.checkpoint import load_model
+from respec.engine.drafters.eagle import EagleHead
+from respec.engine.fast import FastGenerator
+from respec.engine.fast.fused import FusedModel
+from respec.engine.fast.state import FastState, StaticKV, visible_up_to
+from tests.checkpoints import small_qwen2
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    # Under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before any import).
+    pytest.importorskip("triton")  # a dev dependency (pyproject.toml): absent only where it cannot install
+    return importlib.import_module("respec.engine.fast.kernels")
+
+
+def rms_norm(x, weight, eps):
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 12])  # broadcast products up to 8 rows, tl.dot above
+def test_gemv_with_norm_and_bias_is_the_normalised_product(kernels, rows):
+    torch.manual_seed(rows)
+    x, weight, bias, norm = torch.randn(rows, 40), torch.randn(72, 40), torch.randn(72), torch.rand(40) + 0.5
+    out = kernels.gemv(x, weight, 72, norm=(norm, 1e-6), bias=bias)
+    torch.testing.assert_close(out, F.linear(rms_norm(x, norm, 1e-6), weight, bias), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [2, 16])
+def test_gated_gemv_is_silu_gate_times_up(kernels, rows):
+    torch.manual_seed(rows)
+    x, gate, up = torch.randn(rows, 24), torch.randn(36, 24), torch.randn(36, 24)
+    out = kernels.gemv(x, torch.cat([gate, up]), 36, gated=True)
+    torch.testing.assert_close(out, F.silu(x @ gate.T) * (x @ up.T), atol=1e-4, rtol=1e-4)
+
+
+def test_gemv_adds_the_residual(kernels):
+    torch.manual_seed(0)
+    x, weight, residual = torch.randn(5, 300), torch.randn(20, 300), torch.randn(5, 20)
+    out = kernels.gemv(x, weight, 20, residual=residual)
+    torch.testing.assert_close(out, residual + x @ weight.T, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def model_and_head(tmp_path_factory):
+    model = load_model(small_qwen2(tmp_path_factory.mktemp("kernels") / "m", vocab=8, layers=3, std=0.5, seed=2))
+    torch.manual_seed(0)
+    return model, EagleHead.for_target(model, capture_layers=(0, 1, 2))
+
+
+def cached_pass(model, kernels, tokens, positions, state):
+    fused = FusedModel(model, kernels=kernels)
+    kv = StaticKV(state.k, state.v, positions)
+    return fused.run(tokens, positions, visible_up_to(positions, state.max_len + 1), kv, capture=(0, 2))
+
+
+@pytest.mark.parametrize("b, t", [(1, 1), (2, 3), (4, 4)])  # 16 tokens: the dot products' path
+def test_a_pass_through_the_kernels_equals_the_fused_pass(kernels, model_and_head, b, t):
+    """Logits, captured features and the KV store written, after a prefix already cached."""
+    model, _ = model_and_head
+    states = [FastState(model.config, 4, 24, 8, torch.float32, torch.device("cpu")) for _ in range(2)]
+    prefix = torch.randint(0, 8, (b, 5))
+    for state in states:  # the same prefix in both stores, through the fused path
+        cached_pass(model, False, prefix, torch.arange(5).repeat(b, 1), state)
+    tokens, positions = torch.randint(0, 8, (b, t)), 5 + torch.arange(t).repeat(b, 1)
+    (logits, features), (expected_logits, expected_features) = (
+        cached_pass(model, use, tokens, positions, state) for use, state in zip((True, False), states, strict=True))
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(features, expected_features, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(states[0].k, states[1].k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(states[0].v, states[1].v, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_generation_with_kernels_is_generation_without(kernels, model_and_head, k):
+    """Greedy, drafting or not, with rows finishing and the batch compacting."""
+    model, head = model_and_head
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 1], [2, 2]]
+    outputs = []
+    for use in (True, False):
+        fast = FastGenerator(model, head, max_rows=4, max_len=24, max_new=8, max_k=3, eos_ids=(7,), kernels=use)
+        assert all(layer.kernel_layer is not None for layer in fast.fused.layers) == use
+        outputs.append([(r.tokens, r.steps) for r in fast.generate(prompts, k)])
+    assert outputs[0] == outputs[1]
