@@ -31,13 +31,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="0.5b")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--no-kernels", action="store_true", help="the layers in PyTorch's kernels, not Triton's")
     args = parser.parse_args()
+    use_kernels = not args.no_kernels
     model = random_model(shape_config(args.shape, char_tokenizer().vocab_size), "cuda")
     head = EagleHead.for_target(model).eval()
     b = args.batch
     for k in (0, 4):
-        eager = FastGenerator(model, head if k else None, max_rows=b, max_len=256, max_new=128, max_k=4, graphs=False)
-        graphed = FastGenerator(model, head if k else None, max_rows=b, max_len=256, max_new=128, max_k=4)
+        eager = FastGenerator(model, head if k else None, max_rows=b, max_len=256, max_new=128, max_k=4, graphs=False,
+                              kernels=use_kernels)
+        graphed = FastGenerator(model, head if k else None, max_rows=b, max_len=256, max_new=128, max_k=4,
+                                kernels=use_kernels)
         print(f"k={k}: graphed {step_seconds(graphed, b, k, 'cuda') * 1e3:.3f} ms, "
               f"eager {step_seconds(eager, b, k, 'cuda', steps=10) * 1e3:.3f} ms")
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

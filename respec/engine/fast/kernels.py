@@ -20,8 +20,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-SMALL_ROWS = 8  # up to this many rows a product is a broadcast-and-sum; above, tl.dot
-MAX_ROWS = 16  # the most rows (batch x tokens) a layer takes through these kernels
+MAX_ROWS = 16  # the most rows (batch x tokens) a layer takes through these kernels; one
+# row is a multiply-and-sum on the CUDA cores, 2-16 rows one tl.dot on tensor cores (padded
+# to 16 rows: the arithmetic is free, the weights are read once either way)
 
 
 @triton.jit
@@ -73,10 +74,10 @@ def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, rows, n, k, e
 
 @triton.jit
 def _product(xs, ws, BLOCK_M: tl.constexpr):
-    """[M, K] x [N, K] -> [M, N] in float32: a broadcast-and-sum for a few rows (tl.dot
-    needs 16), tensor cores above."""
-    if BLOCK_M <= 8:
-        result = tl.sum(xs.to(tl.float32)[:, None, :] * ws.to(tl.float32)[None, :, :], axis=2)
+    """[M, K] x [N, K] -> [M, N] in float32: for one row a 2-D multiply-and-sum (a 3-D
+    broadcast makes Triton shuffle layouts through shared memory), tl.dot for 16."""
+    if BLOCK_M == 1:
+        result = tl.sum(ws.to(tl.float32) * xs.to(tl.float32), axis=1)[None, :]
     else:
         result = tl.dot(xs, tl.trans(ws), out_dtype=tl.float32)
     return result
@@ -119,62 +120,53 @@ def _rope_store(qkv_ptr, cos_ptr, sin_ptr, write_at_ptr, q_ptr, k_store_ptr, v_s
 
 @triton.jit
 def _attend(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, tokens_per_row, heads, kv_heads, keys, scale,
-            store_row, store_head, store_pos,
-            BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, DIM: tl.constexpr):
-    """One program per (row, query head): softmax(q k^T scale + mask) v over the row's
-    whole KV store, a block of keys at a time (online softmax). The additive mask has the
-    fused path's layout, [rows * kv_heads, group * T, S] (see fused.additive_mask)."""
-    row, head = tl.program_id(0), tl.program_id(1)
+            store_row, store_head, store_pos, BLOCK_S: tl.constexpr, DIM: tl.constexpr):
+    """One program per (row, query head, token): softmax(q k^T scale + mask) v over the row's
+    whole KV store, a block of keys at a time (online softmax), in 2-D blocks only. The
+    additive mask has the fused path's layout, [rows * kv_heads, group * T, S]
+    (fused.additive_mask)."""
+    row, head, t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     group = heads // kv_heads
     kv_head, member = head // group, head % group
-    t = tl.arange(0, BLOCK_T)
     d = tl.arange(0, DIM)
-    t_ok = t < tokens_per_row
     token = row * tokens_per_row + t
-    q = tl.load(q_ptr + (token[:, None] * heads + head) * DIM + d[None, :], mask=t_ok[:, None], other=0.0)
-    q = q.to(tl.float32)
-    mask_rows = mask_ptr + ((row * kv_heads + kv_head) * group * tokens_per_row + member * tokens_per_row + t) * keys
+    q = tl.load(q_ptr + (token * heads + head) * DIM + d).to(tl.float32)
+    mask_row = mask_ptr + ((row * kv_heads + kv_head) * group * tokens_per_row + member * tokens_per_row + t) * keys
     store = row * store_row + kv_head * store_head
-    best = tl.full([BLOCK_T], -1.0e30, dtype=tl.float32)  # finite: a fully masked block adds exp(-inf) = 0
-    total = tl.zeros([BLOCK_T], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_T, DIM], dtype=tl.float32)
+    zero = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
+    best = zero - 1.0e30  # finite: a fully masked block adds exp(-inf) = 0, never nan
+    total = zero
+    acc = tl.zeros([DIM], dtype=tl.float32)
     for start in range(0, keys, BLOCK_S):
         s = start + tl.arange(0, BLOCK_S)
         s_ok = s < keys
-        k = tl.load(k_ptr + store + s[:, None] * store_pos + d[None, :], mask=s_ok[:, None], other=0.0).to(tl.float32)
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
-        scores += tl.load(mask_rows[:, None] + s[None, :], mask=t_ok[:, None] & s_ok[None, :], other=float("-inf"))
-        new_best = tl.maximum(best, tl.max(scores, axis=1))
-        weights = tl.exp(scores - new_best[:, None])
+        k = tl.load(k_ptr + store + s[:, None] * store_pos + d[None, :], mask=s_ok[:, None], other=0.0)
+        scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale
+        scores += tl.load(mask_row + s, mask=s_ok, other=float("-inf")).to(tl.float32)
+        new_best = tl.maximum(best, tl.max(scores, axis=0))
+        weights = tl.exp(scores - new_best)
         shrink = tl.exp(best - new_best)
-        v = tl.load(v_ptr + store + s[:, None] * store_pos + d[None, :], mask=s_ok[:, None], other=0.0).to(tl.float32)
-        acc = acc * shrink[:, None] + tl.sum(weights[:, :, None] * v[None, :, :], axis=1)
-        total = total * shrink + tl.sum(weights, axis=1)
+        v = tl.load(v_ptr + store + s[:, None] * store_pos + d[None, :], mask=s_ok[:, None], other=0.0)
+        acc = acc * shrink + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
+        total = total * shrink + tl.sum(weights, axis=0)
         best = new_best
-    out = acc / tl.maximum(total, 1.0e-30)[:, None]  # padding rows (beyond T) have none
-    tl.store(out_ptr + (token[:, None] * heads + head) * DIM + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=t_ok[:, None])
+    tl.store(out_ptr + (token * heads + head) * DIM + d, (acc / total).to(out_ptr.dtype.element_ty))
 
 
-def _block_n(n: int, rows: int) -> int:
+def _block_n(n: int, block_m: int) -> int:
     """Output features per program: enough programs (~256) to keep every SM reading."""
     block = 4
     while block < 64 and n // (block * 2) >= 256:
         block *= 2
-    return max(block, 16) if rows > SMALL_ROWS else block
+    return block if block_m == 1 else max(block, 16)
 
 
-def _block_k(block_m: int, block_n: int) -> int:
-    """Inputs per loop iteration: a broadcast product holds M x N x K values in registers."""
-    if block_m > SMALL_ROWS:
-        return 64
-    return min(1024, max(32, 4096 // (block_m * block_n)))
-
-
-# (BLOCK_N, BLOCK_K, warps) tried for the products of decoding at one or two rows, the
-# ones the per-step floor is about; a product's best is kept per shape (see _tuned).
-TUNED_ROWS = 2
-CANDIDATES = ((2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4))
+# (BLOCK_N, BLOCK_K, warps) tried per product on the GPU (one row; 2-16 rows), timed on
+# first use; the fastest is kept per shape (see _tuned).
+CANDIDATES = {1: ((2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 2048, 8), (8, 512, 4), (8, 1024, 8),
+                  (16, 256, 4), (16, 512, 8)),
+              16: ((16, 64, 4), (16, 128, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8),
+                   (64, 128, 4))}
 _chosen: dict[tuple, tuple[int, int, int]] = {}
 
 
@@ -186,8 +178,7 @@ def gemv(x: Tensor, weight: Tensor, out_features: int, norm: tuple[Tensor, float
     if not (x.is_contiguous() and weight.is_contiguous()):
         raise ValueError("gemv reads x and weight as row-major: pass contiguous tensors")
     out = x.new_empty(rows, out_features)
-    block_m = max(1, triton.next_power_of_2(rows))
-    block_m = block_m if block_m <= SMALL_ROWS else max(block_m, 16)
+    block_m = 1 if rows == 1 else 16
     norm_weight, eps = norm if norm is not None else (x, 0.0)
     flags = dict(NORM=norm is not None, BIAS=bias is not None, RESIDUAL=residual is not None, GATED=gated,
                  BLOCK_M=block_m)
@@ -199,8 +190,8 @@ def gemv(x: Tensor, weight: Tensor, out_features: int, norm: tuple[Tensor, float
         _gemv[(triton.cdiv(out_features, block_n),)](*arguments, **flags, BLOCK_N=block_n,
                                                       BLOCK_K=min(block_k, triton.next_power_of_2(k)), num_warps=warps)
 
-    block_n = _block_n(out_features, rows)
-    launch(_tuned(launch, (out_features, k, *flags.values()), x, (block_n, _block_k(block_m, block_n), 4)))
+    block_n = _block_n(out_features, block_m)
+    launch(_tuned(launch, (out_features, k, *flags.values()), x, (block_n, 512 if block_m == 1 else 128, 4)))
     return out
 
 
@@ -209,11 +200,10 @@ def _tuned(launch, key: tuple, x: Tensor, heuristic: tuple[int, int, int]) -> tu
     graph capture: the fast path warms every step up first); the heuristic elsewhere."""
     if key in _chosen:
         return _chosen[key]
-    block_m = key[-1]
-    if not x.is_cuda or block_m > TUNED_ROWS or torch.cuda.is_current_stream_capturing():
+    if not x.is_cuda or torch.cuda.is_current_stream_capturing():
         return heuristic
     timings = {}
-    for config in (heuristic, *CANDIDATES):
+    for config in (heuristic, *CANDIDATES[key[-1]]):
         launch(config)  # compiles
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -246,10 +236,9 @@ def attend(q: Tensor, k_store: Tensor, v_store: Tensor, mask: Tensor, tokens_per
     rows = tokens // tokens_per_row
     kv_heads, keys = k_store.shape[1], k_store.shape[2]
     out = q.new_empty(tokens, heads * dim)
-    block_t = triton.next_power_of_2(tokens_per_row)
-    _attend[(rows, heads)](
+    _attend[(rows, heads, tokens_per_row)](
         q, k_store, v_store, mask.contiguous(), out, tokens_per_row, heads, kv_heads, keys, dim**-0.5,
         k_store.stride(0), k_store.stride(1), k_store.stride(2),
-        BLOCK_T=block_t, BLOCK_S=max(16, 64 // block_t), DIM=dim,
+        BLOCK_S=128, DIM=dim,
     )
     return out

@@ -1,0 +1,115 @@
+"""The fast path's Triton kernels on a GPU: do they compute what the fused PyTorch layers
+compute (bf16), and what do they save per step? A random model of a Qwen2.5 shape with
+the built-in vocabulary (the bench's policy shape), with and without the kernels.
+
+    python3 bench/kernels_check.py --json f.json [--shape 0.5b]
+
+Prints, per (batch, tokens per row), the largest logit difference against the logits'
+spread and how often the argmax agrees; then the graphed step time with and without the
+kernels for decoding and SD steps at small batch, and the HBM floor at batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpu_timing import copy_bandwidth, step_seconds, weight_bytes  # noqa: E402
+from gpu_train import log, random_model, shape_config  # noqa: E402
+
+from respec.engine.drafters.eagle import EagleHead  # noqa: E402
+from respec.engine.fast import FastGenerator  # noqa: E402
+from respec.engine.fast.fused import FusedModel  # noqa: E402
+from respec.engine.fast.state import FastState, StaticKV, visible_up_to  # noqa: E402
+from respec.engine.tokenizer import char_tokenizer  # noqa: E402
+
+DEVICE = "cuda"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--shape", default="0.5b")
+    parser.add_argument("--batches", default="1,2,4,8")
+    parser.add_argument("--ks", default="0,3,6")
+    parser.add_argument("--device", default="cuda", help="cpu: a check of the script (TRITON_INTERPRET=1, --shape smoke)")
+    args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    model = random_model(shape_config(args.shape, tokenizer=char_tokenizer()), DEVICE,
+                         dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32)
+    head = EagleHead.for_target(model).to(next(model.parameters()).dtype).eval()
+    report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "shape": args.shape,
+              "agreement": [agreement(model, b, t) for b, t in ((1, 1), (2, 4), (4, 4), (1, 7), (16, 1))]}
+    bandwidth = copy_bandwidth(DEVICE, gib=1.0 if DEVICE == "cuda" else 0.05)
+    floor = weight_bytes(model) / bandwidth["read_write_bytes_per_s"]
+    report["hbm_floor_s"], report["bandwidth"] = floor, bandwidth
+    report["steps"] = step_times(model, head, [int(b) for b in args.batches.split(",")],
+                                 [int(k) for k in args.ks.split(",")])
+    if DEVICE == "cuda":
+        from respec.engine.fast import kernels
+
+        report["tuned"] = {repr(key): config for key, config in kernels._chosen.items()}  # (n, k, flags) -> choice
+        log(f"tuned: {report['tuned']}")
+    decode = report["steps"]["1"]["k0"]
+    report["decode_over_floor"] = {name: seconds / floor for name, seconds in decode.items()}
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    log(f"floor {floor * 1e3:.3f} ms; decode at batch 1 over the floor: {report['decode_over_floor']}")
+
+
+def agreement(model, b: int, t: int) -> dict:
+    """One cached pass of t tokens per row after a 40-token prefix, kernels against the
+    fused layers, on identical stores."""
+    generator = torch.Generator(device=DEVICE).manual_seed(b * 100 + t)
+    vocab = model.config.vocab_size
+    prefix = torch.randint(0, vocab, (b, 40), device=DEVICE, generator=generator)
+    tokens = torch.randint(0, vocab, (b, t), device=DEVICE, generator=generator)
+    logits = []
+    for kernels in (True, False):
+        state = FastState(model.config, b, 64, 8, next(model.parameters()).dtype, torch.device(DEVICE))
+        fused = FusedModel(model, kernels=False)
+        with torch.no_grad():
+            run(fused, prefix, torch.arange(40, device=DEVICE).repeat(b, 1), state)
+            out = run(FusedModel(model, kernels=kernels), tokens, 40 + torch.arange(t, device=DEVICE).repeat(b, 1),
+                      state)
+        logits.append(out.float())
+    ours, theirs = logits
+    result = {"b": b, "t": t, "max_abs_diff": (ours - theirs).abs().max().item(), "logit_std": theirs.std().item(),
+              "argmax_agrees": (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()}
+    log(f"agreement: {result}")
+    return result
+
+
+def run(fused: FusedModel, tokens, positions, state: FastState):
+    kv = StaticKV(state.k, state.v, positions)
+    return fused.run(tokens, positions, visible_up_to(positions, state.max_len + 1), kv)[0]
+
+
+def step_times(model, head, batches: list[int], ks: list[int]) -> dict:
+    """Graphed step seconds per batch and k, with the kernels and without."""
+    out = {}
+    for b in batches:
+        out[str(b)] = {}
+        for k in ks:
+            times = {}
+            for kernels in (True, False):
+                generator = FastGenerator(model, head if k else None, max_rows=b, max_len=256, max_new=128,
+                                          max_k=max(ks), kernels=kernels)
+                times["kernels" if kernels else "pytorch"] = step_seconds(generator, b, k, DEVICE, steps=100 if DEVICE == "cuda" else 2)
+                del generator
+            times["kernels_over_pytorch"] = times["kernels"] / times["pytorch"]
+            out[str(b)][f"k{k}"] = times
+            log(f"batch {b} k {k}: kernels {times['kernels'] * 1e3:.3f} ms, pytorch {times['pytorch'] * 1e3:.3f} ms "
+                f"({times['kernels_over_pytorch']:.2f}x)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
