@@ -30,39 +30,40 @@ def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, rows, n, k, e
           NORM: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[m, j] = epilogue(sum_i w[j, i] * prologue(x)[m, i]) for this program's block of j.
-    GATED: w holds the gate's n rows, then the up projection's n; out = silu(gate) * up."""
+    GATED: w holds the gate's n rows, then the up projection's n; out = silu(gate) * up.
+    RMSNorm's per-row scale multiplies the sums at the end (it is constant along i), so
+    the weights stream from the first instruction: one pass, no separate norm pass."""
     m = tl.arange(0, BLOCK_M)
     j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, j_ok = m < rows, j < n
     dtype = out_ptr.dtype.element_ty
-    if NORM:  # RMSNorm's scale per row: one extra read of x, which is small and in cache
-        squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for start in range(0, k, BLOCK_K):
-            i = start + tl.arange(0, BLOCK_K)
-            xs = tl.load(x_ptr + m[:, None] * k + i[None, :], mask=m_ok[:, None] & (i < k)[None, :], other=0.0)
-            xs = xs.to(tl.float32)
-            squares += tl.sum(xs * xs, axis=1)
-        scale = 1.0 / tl.sqrt(squares / k + eps)
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start in range(0, k, BLOCK_K):
         i = start + tl.arange(0, BLOCK_K)
         i_ok = i < k
-        xs = tl.load(x_ptr + m[:, None] * k + i[None, :], mask=m_ok[:, None] & i_ok[None, :], other=0.0)
-        if NORM:
-            weight = tl.load(norm_ptr + i, mask=i_ok, other=0.0).to(tl.float32)
-            xs = ((xs.to(tl.float32) * scale[:, None]).to(dtype).to(tl.float32) * weight[None, :]).to(dtype)
         w_mask = j_ok[:, None] & i_ok[None, :]
         ws = tl.load(w_ptr + j[:, None] * k + i[None, :], mask=w_mask, other=0.0)
-        acc += _product(xs, ws, BLOCK_M)
         if GATED:
             ws_up = tl.load(w_ptr + (j + n)[:, None] * k + i[None, :], mask=w_mask, other=0.0)
+        xs = tl.load(x_ptr + m[:, None] * k + i[None, :], mask=m_ok[:, None] & i_ok[None, :], other=0.0)
+        if NORM:
+            xs = xs.to(tl.float32)
+            squares += tl.sum(xs * xs, axis=1)
+            xs = (xs * tl.load(norm_ptr + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]).to(ws.dtype)
+        acc += _product(xs, ws, BLOCK_M)
+        if GATED:
             acc_up += _product(xs, ws_up, BLOCK_M)
+    if NORM:
+        scale = 1.0 / tl.sqrt(squares / k + eps)
+        acc *= scale[:, None]
+        acc_up *= scale[:, None]
     if BIAS:
         acc += tl.load(bias_ptr + j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
         if GATED:
             acc_up += tl.load(bias_ptr + n + j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
-    out = acc.to(dtype).to(tl.float32)
+    out = acc.to(dtype).to(tl.float32)  # rounded where the PyTorch layer rounds its products
     if GATED:
         out = (out * tl.sigmoid(out)).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
     offsets = m[:, None] * n + j[None, :]
@@ -120,37 +121,42 @@ def _rope_store(qkv_ptr, cos_ptr, sin_ptr, write_at_ptr, q_ptr, k_store_ptr, v_s
 
 @triton.jit
 def _attend(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, tokens_per_row, heads, kv_heads, keys, scale,
-            store_row, store_head, store_pos, BLOCK_S: tl.constexpr, DIM: tl.constexpr):
-    """One program per (row, query head, token): softmax(q k^T scale + mask) v over the row's
-    whole KV store, a block of keys at a time (online softmax), in 2-D blocks only. The
-    additive mask has the fused path's layout, [rows * kv_heads, group * T, S]
-    (fused.additive_mask)."""
-    row, head, t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+            store_row, store_head, store_pos, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, DIM: tl.constexpr):
+    """One program per (row, KV head): the query heads sharing that KV head, for every
+    token of the row, are one block of group x T query rows (padded to 16 for tl.dot), in
+    the fused path's mask layout [rows * kv_heads, group * T, S] (fused.additive_mask);
+    softmax(q k^T scale + mask) v over the row's whole store, a block of keys at a time
+    (online softmax), both products on tensor cores."""
+    program = tl.program_id(0)
+    row, kv_head = program // kv_heads, program % kv_heads
     group = heads // kv_heads
-    kv_head, member = head // group, head % group
+    r = tl.arange(0, BLOCK_Q)
+    member, t = r // tokens_per_row, r % tokens_per_row
+    r_ok = r < group * tokens_per_row
     d = tl.arange(0, DIM)
-    token = row * tokens_per_row + t
-    q = tl.load(q_ptr + (token * heads + head) * DIM + d).to(tl.float32)
-    mask_row = mask_ptr + ((row * kv_heads + kv_head) * group * tokens_per_row + member * tokens_per_row + t) * keys
+    q_rows = ((row * tokens_per_row + t) * heads + kv_head * group + member) * DIM
+    q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=r_ok[:, None], other=0.0)
+    mask_rows = mask_ptr + (program * group * tokens_per_row + r) * keys
     store = row * store_row + kv_head * store_head
-    zero = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
-    best = zero - 1.0e30  # finite: a fully masked block adds exp(-inf) = 0, never nan
-    total = zero
-    acc = tl.zeros([DIM], dtype=tl.float32)
+    best = tl.full([BLOCK_Q], -1.0e30, dtype=tl.float32)  # finite: a fully masked block adds exp(-inf) = 0
+    total = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q, DIM], dtype=tl.float32)
     for start in range(0, keys, BLOCK_S):
         s = start + tl.arange(0, BLOCK_S)
         s_ok = s < keys
         k = tl.load(k_ptr + store + s[:, None] * store_pos + d[None, :], mask=s_ok[:, None], other=0.0)
-        scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale
-        scores += tl.load(mask_row + s, mask=s_ok, other=float("-inf")).to(tl.float32)
-        new_best = tl.maximum(best, tl.max(scores, axis=0))
-        weights = tl.exp(scores - new_best)
+        scores = tl.dot(q, tl.trans(k), out_dtype=tl.float32) * scale
+        visible = tl.load(mask_rows[:, None] + s[None, :], mask=r_ok[:, None] & s_ok[None, :], other=float("-inf"))
+        scores += visible.to(tl.float32)
+        new_best = tl.maximum(best, tl.max(scores, axis=1))
+        weights = tl.exp(scores - new_best[:, None])
         shrink = tl.exp(best - new_best)
         v = tl.load(v_ptr + store + s[:, None] * store_pos + d[None, :], mask=s_ok[:, None], other=0.0)
-        acc = acc * shrink + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
-        total = total * shrink + tl.sum(weights, axis=0)
+        acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v, out_dtype=tl.float32)
+        total = total * shrink + tl.sum(weights, axis=1)
         best = new_best
-    tl.store(out_ptr + (token * heads + head) * DIM + d, (acc / total).to(out_ptr.dtype.element_ty))
+    out = acc / tl.maximum(total, 1.0e-30)[:, None]  # padding rows have none
+    tl.store(out_ptr + q_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
 
 
 def _block_n(n: int, block_m: int) -> int:
@@ -236,9 +242,9 @@ def attend(q: Tensor, k_store: Tensor, v_store: Tensor, mask: Tensor, tokens_per
     rows = tokens // tokens_per_row
     kv_heads, keys = k_store.shape[1], k_store.shape[2]
     out = q.new_empty(tokens, heads * dim)
-    _attend[(rows, heads, tokens_per_row)](
+    _attend[(rows * kv_heads,)](
         q, k_store, v_store, mask.contiguous(), out, tokens_per_row, heads, kv_heads, keys, dim**-0.5,
         k_store.stride(0), k_store.stride(1), k_store.stride(2),
-        BLOCK_S=128, DIM=dim,
+        BLOCK_Q=max(16, triton.next_power_of_2(heads // kv_heads * tokens_per_row)), BLOCK_S=64, DIM=dim,
     )
     return out
