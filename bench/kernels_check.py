@@ -51,6 +51,8 @@ def main() -> None:
     bandwidth = copy_bandwidth(DEVICE, gib=1.0 if DEVICE == "cuda" else 0.05)
     floor = weight_bytes(model) / bandwidth["read_write_bytes_per_s"]
     report["hbm_floor_s"], report["bandwidth"] = floor, bandwidth
+    if DEVICE == "cuda":
+        report["products"] = product_times(model)
     report["steps"] = step_times(model, head, [int(b) for b in args.batches.split(",")],
                                  [int(k) for k in args.ks.split(",")])
     if DEVICE == "cuda":
@@ -90,6 +92,57 @@ def agreement(model, b: int, t: int) -> dict:
 def run(fused: FusedModel, tokens, positions, state: FastState):
     kv = StaticKV(state.k, state.v, positions)
     return fused.run(tokens, positions, visible_up_to(positions, state.max_len + 1), kv)[0]
+
+
+def product_times(model) -> dict:
+    """Each product of a layer at one row alone, 50 in a CUDA graph: microseconds and the
+    bandwidth it reaches, Triton's GEMV against cuBLAS (F.linear) on the same weights."""
+    from respec.engine.fast import kernels
+    from respec.engine.fast.fused import FusedLayer
+
+    fused = FusedLayer(model.model.layers[0])
+    layer = fused.layer
+    hidden, inter = model.config.hidden_size, layer.mlp.down_proj.in_features
+    x, act = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16), torch.randn(1, inter, device="cuda",
+                                                                                        dtype=torch.bfloat16)
+    norm = (layer.input_layernorm.weight, 1e-6)
+    products = {
+        "qkv": (lambda: kernels.gemv(x, fused.qkv_weight, fused.qkv_weight.shape[0], norm=norm, bias=fused.qkv_bias),
+                lambda: torch.nn.functional.linear(x, fused.qkv_weight, fused.qkv_bias), fused.qkv_weight),
+        "o": (lambda: kernels.gemv(x, layer.self_attn.o_proj.weight, hidden, residual=x),
+              lambda: torch.nn.functional.linear(x, layer.self_attn.o_proj.weight), layer.self_attn.o_proj.weight),
+        "gate_up": (lambda: kernels.gemv(x, fused.gate_up_weight, inter, norm=norm, gated=True),
+                    lambda: torch.nn.functional.linear(x, fused.gate_up_weight), fused.gate_up_weight),
+        "down": (lambda: kernels.gemv(act, layer.mlp.down_proj.weight, hidden, residual=x),
+                 lambda: torch.nn.functional.linear(act, layer.mlp.down_proj.weight), layer.mlp.down_proj.weight),
+    }
+    out = {}
+    for name, (ours, theirs, weight) in products.items():
+        bytes_read = weight.numel() * weight.element_size()
+        out[name] = {"bytes": bytes_read, **{label: graphed_us(work) for label, work in (("triton_us", ours),
+                                                                                     ("cublas_us", theirs))}}
+        out[name]["triton_tb_per_s"] = bytes_read / out[name]["triton_us"] / 1e6
+        log(f"product {name}: {out[name]}")
+    return out
+
+
+def graphed_us(work, calls: int = 50) -> float:
+    for _ in range(3):
+        work()  # compiles and tunes
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            work()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (10 * calls)
 
 
 def step_times(model, head, batches: list[int], ks: list[int]) -> dict:

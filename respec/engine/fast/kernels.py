@@ -169,8 +169,8 @@ def _block_n(n: int, block_m: int) -> int:
 
 # (BLOCK_N, BLOCK_K, warps) tried per product on the GPU (one row; 2-16 rows), timed on
 # first use; the fastest is kept per shape (see _tuned).
-CANDIDATES = {1: ((2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 2048, 8), (8, 512, 4), (8, 1024, 8),
-                  (16, 256, 4), (16, 512, 8)),
+CANDIDATES = {1: ((1, 1024, 2), (1, 2048, 4), (2, 1024, 4), (2, 2048, 8), (4, 512, 4), (4, 1024, 4),
+                  (4, 2048, 8), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (32, 128, 4)),
               16: ((16, 64, 4), (16, 128, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8),
                    (64, 128, 4))}
 _chosen: dict[tuple, tuple[int, int, int]] = {}
