@@ -20,9 +20,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_ROWS = 16  # the most rows (batch x tokens) a layer takes through these kernels; one
-# row is a multiply-and-sum on the CUDA cores, 2-16 rows one tl.dot on tensor cores (padded
-# to 16 rows: the arithmetic is free, the weights are read once either way)
+MAX_ROWS = 16  # the most rows (batch x tokens) a layer takes through these kernels: up to
+# 8 a multiply-and-sum per row on the CUDA cores, 9-16 one tl.dot on tensor cores (padded to
+# 16 rows: the arithmetic is free, the weights are read once either way)
 
 
 @triton.jit
@@ -47,14 +47,30 @@ def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, rows, n, k, e
         ws = tl.load(w_ptr + j[:, None] * k + i[None, :], mask=w_mask, other=0.0)
         if GATED:
             ws_up = tl.load(w_ptr + (j + n)[:, None] * k + i[None, :], mask=w_mask, other=0.0)
-        xs = tl.load(x_ptr + m[:, None] * k + i[None, :], mask=m_ok[:, None] & i_ok[None, :], other=0.0)
         if NORM:
-            xs = xs.to(tl.float32)
-            squares += tl.sum(xs * xs, axis=1)
-            xs = (xs * tl.load(norm_ptr + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]).to(ws.dtype)
-        acc += _product(xs, ws, BLOCK_M)
-        if GATED:
-            acc_up += _product(xs, ws_up, BLOCK_M)
+            weight = tl.load(norm_ptr + i, mask=i_ok, other=0.0).to(tl.float32)
+        if BLOCK_M <= 8:
+            # A few rows: one 2-D multiply-and-sum per row over the weights already loaded
+            # (a 3-D broadcast makes Triton shuffle layouts through shared memory).
+            for row in tl.static_range(BLOCK_M):
+                # Rows past `rows` (padding) reread the last row; their sums are never stored.
+                xs = tl.load(x_ptr + tl.minimum(rows - 1, row) * k + i, mask=i_ok, other=0.0).to(tl.float32)
+                if NORM:
+                    squares += tl.where(m == row, tl.sum(xs * xs, axis=0), 0.0)
+                    xs = xs * weight
+                acc += tl.where(m[:, None] == row, tl.sum(ws.to(tl.float32) * xs[None, :], axis=1)[None, :], 0.0)
+                if GATED:
+                    acc_up += tl.where(m[:, None] == row, tl.sum(ws_up.to(tl.float32) * xs[None, :], axis=1)[None, :],
+                                       0.0)
+        else:  # 16 rows (fewer padded): tensor cores
+            xs = tl.load(x_ptr + m[:, None] * k + i[None, :], mask=m_ok[:, None] & i_ok[None, :], other=0.0)
+            if NORM:
+                xs = xs.to(tl.float32)
+                squares += tl.sum(xs * xs, axis=1)
+                xs = xs * weight[None, :]
+            acc += tl.dot(xs.to(ws.dtype), tl.trans(ws), out_dtype=tl.float32)
+            if GATED:
+                acc_up += tl.dot(xs.to(ws.dtype), tl.trans(ws_up), out_dtype=tl.float32)
     if NORM:
         scale = 1.0 / tl.sqrt(squares / k + eps)
         acc *= scale[:, None]
@@ -71,17 +87,6 @@ def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, rows, n, k, e
     if RESIDUAL:
         out += tl.load(residual_ptr + offsets, mask=out_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offsets, out.to(dtype), mask=out_mask)
-
-
-@triton.jit
-def _product(xs, ws, BLOCK_M: tl.constexpr):
-    """[M, K] x [N, K] -> [M, N] in float32: for one row a 2-D multiply-and-sum (a 3-D
-    broadcast makes Triton shuffle layouts through shared memory), tl.dot for 16."""
-    if BLOCK_M == 1:
-        result = tl.sum(ws.to(tl.float32) * xs.to(tl.float32), axis=1)[None, :]
-    else:
-        result = tl.dot(xs, tl.trans(ws), out_dtype=tl.float32)
-    return result
 
 
 @triton.jit
@@ -164,16 +169,18 @@ def _block_n(n: int, block_m: int) -> int:
     block = 4
     while block < 64 and n // (block * 2) >= 256:
         block *= 2
-    return block if block_m == 1 else max(block, 16)
+    return block if block_m <= 8 else max(block, 16)
 
 
 # (BLOCK_N, BLOCK_K, warps) tried per product on the GPU (one row; 2-16 rows), timed on
 # first use; the fastest is kept per shape (see _tuned).
 CANDIDATES = {1: ((1, 1024, 2), (1, 2048, 4), (2, 1024, 4), (2, 2048, 8), (4, 512, 4), (4, 1024, 4),
                   (4, 2048, 8), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (32, 128, 4)),
+              2: ((2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 512, 4), (8, 1024, 8)),
               16: ((16, 64, 4), (16, 128, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8),
                    (64, 128, 4))}
-_chosen: dict[tuple, tuple[int, int, int]] = {}
+ATTENTION_CANDIDATES = ((64, 4), (128, 4), (128, 8), (256, 8))  # (BLOCK_S, warps)
+_chosen: dict[tuple, tuple] = {}
 
 
 def gemv(x: Tensor, weight: Tensor, out_features: int, norm: tuple[Tensor, float] | None = None,
@@ -184,7 +191,7 @@ def gemv(x: Tensor, weight: Tensor, out_features: int, norm: tuple[Tensor, float
     if not (x.is_contiguous() and weight.is_contiguous()):
         raise ValueError("gemv reads x and weight as row-major: pass contiguous tensors")
     out = x.new_empty(rows, out_features)
-    block_m = 1 if rows == 1 else 16
+    block_m = triton.next_power_of_2(rows) if rows <= 8 else 16
     norm_weight, eps = norm if norm is not None else (x, 0.0)
     flags = dict(NORM=norm is not None, BIAS=bias is not None, RESIDUAL=residual is not None, GATED=gated,
                  BLOCK_M=block_m)
@@ -197,27 +204,33 @@ def gemv(x: Tensor, weight: Tensor, out_features: int, norm: tuple[Tensor, float
                                                       BLOCK_K=min(block_k, triton.next_power_of_2(k)), num_warps=warps)
 
     block_n = _block_n(out_features, block_m)
-    launch(_tuned(launch, (out_features, k, *flags.values()), x, (block_n, 512 if block_m == 1 else 128, 4)))
+    candidates = CANDIDATES[min(block_m, 2) if block_m <= 8 else 16]
+    launch(_tuned(launch, ("gemv", out_features, k, *flags.values()), x, (block_n, 512 if block_m <= 8 else 128, 4),
+                  candidates))
     return out
 
 
-def _tuned(launch, key: tuple, x: Tensor, heuristic: tuple[int, int, int]) -> tuple[int, int, int]:
-    """The fastest of CANDIDATES for this product on this GPU, timed on first use (outside
-    graph capture: the fast path warms every step up first); the heuristic elsewhere."""
+def _tuned(launch, key: tuple, x: Tensor, heuristic: tuple, candidates: tuple) -> tuple:
+    """The fastest of the candidate configurations for this launch on this GPU, timed on
+    first use (outside graph capture: the fast path warms every step up first); the
+    heuristic elsewhere. Each timed launch follows a write of 64 MB, more than an H100's
+    L2, so the weights come from HBM as they do in a step, not from the cache."""
     if key in _chosen:
         return _chosen[key]
     if not x.is_cuda or torch.cuda.is_current_stream_capturing():
         return heuristic
+    flush = torch.empty(64 << 20, dtype=torch.uint8, device=x.device)
     timings = {}
-    for config in (heuristic, *CANDIDATES[key[-1]]):
+    for config in (heuristic, *candidates):
         launch(config)  # compiles
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(20):
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(10)]
+        for start, end in events:
+            flush.zero_()
+            start.record()
             launch(config)
-        end.record()
-        end.synchronize()
-        timings[config] = start.elapsed_time(end)
+            end.record()
+        events[-1][1].synchronize()
+        timings[config] = sorted(start.elapsed_time(end) for start, end in events)[len(events) // 2]
     _chosen[key] = min(timings, key=timings.get)
     return _chosen[key]
 
@@ -242,9 +255,15 @@ def attend(q: Tensor, k_store: Tensor, v_store: Tensor, mask: Tensor, tokens_per
     rows = tokens // tokens_per_row
     kv_heads, keys = k_store.shape[1], k_store.shape[2]
     out = q.new_empty(tokens, heads * dim)
-    _attend[(rows * kv_heads,)](
-        q, k_store, v_store, mask.contiguous(), out, tokens_per_row, heads, kv_heads, keys, dim**-0.5,
-        k_store.stride(0), k_store.stride(1), k_store.stride(2),
-        BLOCK_Q=max(16, triton.next_power_of_2(heads // kv_heads * tokens_per_row)), BLOCK_S=64, DIM=dim,
-    )
+    mask = mask.contiguous()
+    block_q = max(16, triton.next_power_of_2(heads // kv_heads * tokens_per_row))
+
+    def launch(config: tuple[int, int]) -> None:
+        _attend[(rows * kv_heads,)](
+            q, k_store, v_store, mask, out, tokens_per_row, heads, kv_heads, keys, dim**-0.5,
+            k_store.stride(0), k_store.stride(1), k_store.stride(2),
+            BLOCK_Q=block_q, BLOCK_S=config[0], DIM=dim, num_warps=config[1],
+        )
+
+    launch(_tuned(launch, ("attend", rows, heads, kv_heads, keys, dim, block_q), q, (64, 4), ATTENTION_CANDIDATES))
     return out
