@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 MAX_ROWS = 16  # the most rows (batch x tokens) a layer takes through these kernels: up to
 # 8 a multiply-and-sum per row on the CUDA cores, 9-16 one tl.dot on tensor cores (padded to
@@ -224,7 +225,7 @@ def _tuned(launch, key: tuple, x: Tensor, heuristic: tuple, candidates: tuple) -
     for config in (heuristic, *candidates):
         try:
             launch(config)  # compiles
-        except triton.runtime.errors.OutOfResources:  # too big a block for this shape: not a candidate
+        except OutOfResources:  # too big a block for this shape: not a candidate
             continue
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(10)]
         for start, end in events:
