@@ -21,9 +21,10 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
-MAX_ROWS = 16  # the most rows (batch x tokens) a layer takes through these kernels: up to
-# 8 a multiply-and-sum per row on the CUDA cores, 9-16 one tl.dot on tensor cores (padded to
-# 16 rows: the arithmetic is free, the weights are read once either way)
+MAX_ROWS = 16  # the most rows (batch x tokens) a layer takes through these kernels: one row
+# is a multiply-and-sum on the CUDA cores, 2-16 one tl.dot on tensor cores (padded to 16
+# rows: the arithmetic is free, the weights are read once either way; a loop over the rows
+# took 1.5-2x as long on an H100)
 
 
 @triton.jit
@@ -50,20 +51,15 @@ def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, rows, n, k, e
             ws_up = tl.load(w_ptr + (j + n)[:, None] * k + i[None, :], mask=w_mask, other=0.0)
         if NORM:
             weight = tl.load(norm_ptr + i, mask=i_ok, other=0.0).to(tl.float32)
-        if BLOCK_M <= 8:
-            # A few rows: one 2-D multiply-and-sum per row over the weights already loaded
-            # (a 3-D broadcast makes Triton shuffle layouts through shared memory).
-            for row in tl.static_range(BLOCK_M):
-                # Rows past `rows` (padding) reread the last row; their sums are never stored.
-                xs = tl.load(x_ptr + tl.minimum(rows - 1, row) * k + i, mask=i_ok, other=0.0).to(tl.float32)
-                if NORM:
-                    squares += tl.where(m == row, tl.sum(xs * xs, axis=0), 0.0)
-                    xs = xs * weight
-                acc += tl.where(m[:, None] == row, tl.sum(ws.to(tl.float32) * xs[None, :], axis=1)[None, :], 0.0)
-                if GATED:
-                    acc_up += tl.where(m[:, None] == row, tl.sum(ws_up.to(tl.float32) * xs[None, :], axis=1)[None, :],
-                                       0.0)
-        else:  # 16 rows (fewer padded): tensor cores
+        if BLOCK_M == 1:  # a 2-D multiply-and-sum (a 3-D broadcast shuffles layouts through shared memory)
+            xs = tl.load(x_ptr + i, mask=i_ok, other=0.0).to(tl.float32)
+            if NORM:
+                squares += tl.sum(xs * xs, axis=0)
+                xs = xs * weight
+            acc += tl.sum(ws.to(tl.float32) * xs[None, :], axis=1)[None, :]
+            if GATED:
+                acc_up += tl.sum(ws_up.to(tl.float32) * xs[None, :], axis=1)[None, :]
+        else:  # 2-16 rows, padded to 16: tensor cores
             xs = tl.load(x_ptr + m[:, None] * k + i[None, :], mask=m_ok[:, None] & i_ok[None, :], other=0.0)
             if NORM:
                 xs = xs.to(tl.float32)
@@ -126,14 +122,17 @@ def _rope_store(qkv_ptr, cos_ptr, sin_ptr, write_at_ptr, q_ptr, k_store_ptr, v_s
 
 
 @triton.jit
-def _attend(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, tokens_per_row, heads, kv_heads, keys, scale,
-            store_row, store_head, store_pos, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, DIM: tl.constexpr):
-    """One program per (row, KV head): the query heads sharing that KV head, for every
-    token of the row, are one block of group x T query rows (padded to 16 for tl.dot), in
-    the fused path's mask layout [rows * kv_heads, group * T, S] (fused.additive_mask);
-    softmax(q k^T scale + mask) v over the row's whole store, a block of keys at a time
-    (online softmax), both products on tensor cores."""
-    program = tl.program_id(0)
+def _attend(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, partial_ptr, arrivals_ptr, tokens_per_row, heads, kv_heads,
+            keys, scale, store_row, store_head, store_pos,
+            SPLITS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, DIM: tl.constexpr):
+    """Programs (row x KV head, split of the keys). A program takes the query heads sharing
+    its KV head, for every token of the row, as one block of group x T query rows (padded
+    to 16 for tl.dot; the fused path's mask layout [rows * kv_heads, group * T, S], see
+    fused.additive_mask) against one block of BLOCK_S keys: softmax(q k^T scale + mask) v,
+    both products on tensor cores. Its partial result (max, sum, weighted values) goes to
+    `partial`; the last program of a (row, KV head) to arrive combines them (split-K
+    attention in one kernel: a loop over the keys in one program took 8 us on an H100)."""
+    program, split = tl.program_id(0), tl.program_id(1)
     row, kv_head = program // kv_heads, program % kv_heads
     group = heads // kv_heads
     r = tl.arange(0, BLOCK_Q)
@@ -142,27 +141,45 @@ def _attend(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, tokens_per_row, heads, kv_he
     d = tl.arange(0, DIM)
     q_rows = ((row * tokens_per_row + t) * heads + kv_head * group + member) * DIM
     q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=r_ok[:, None], other=0.0)
-    mask_rows = mask_ptr + (program * group * tokens_per_row + r) * keys
+    s = split * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_ok = s < keys
     store = row * store_row + kv_head * store_head
-    best = tl.full([BLOCK_Q], -1.0e30, dtype=tl.float32)  # finite: a fully masked block adds exp(-inf) = 0
-    total = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_Q, DIM], dtype=tl.float32)
-    for start in range(0, keys, BLOCK_S):
-        s = start + tl.arange(0, BLOCK_S)
-        s_ok = s < keys
-        k = tl.load(k_ptr + store + s[:, None] * store_pos + d[None, :], mask=s_ok[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k), out_dtype=tl.float32) * scale
-        visible = tl.load(mask_rows[:, None] + s[None, :], mask=r_ok[:, None] & s_ok[None, :], other=float("-inf"))
-        scores += visible.to(tl.float32)
-        new_best = tl.maximum(best, tl.max(scores, axis=1))
-        weights = tl.exp(scores - new_best[:, None])
-        shrink = tl.exp(best - new_best)
-        v = tl.load(v_ptr + store + s[:, None] * store_pos + d[None, :], mask=s_ok[:, None], other=0.0)
-        acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v, out_dtype=tl.float32)
-        total = total * shrink + tl.sum(weights, axis=1)
-        best = new_best
-    out = acc / tl.maximum(total, 1.0e-30)[:, None]  # padding rows have none
-    tl.store(out_ptr + q_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
+    k = tl.load(k_ptr + store + s[:, None] * store_pos + d[None, :], mask=s_ok[:, None], other=0.0)
+    v = tl.load(v_ptr + store + s[:, None] * store_pos + d[None, :], mask=s_ok[:, None], other=0.0)
+    visible = tl.load(mask_ptr + (program * group * tokens_per_row + r)[:, None] * keys + s[None, :],
+                      mask=r_ok[:, None] & s_ok[None, :], other=float("-inf"))
+    scores = tl.dot(q, tl.trans(k), out_dtype=tl.float32) * scale + visible.to(tl.float32)
+    best = tl.maximum(tl.max(scores, axis=1), -1.0e30)  # finite: a fully masked block adds exp(-inf) = 0
+    weights = tl.exp(scores - best[:, None])
+    total = tl.sum(weights, axis=1)
+    acc = tl.dot(weights.to(v.dtype), v, out_dtype=tl.float32)
+    out_offsets = q_rows[:, None] + d[None, :]
+    if SPLITS == 1:
+        tl.store(out_ptr + out_offsets, (acc / tl.maximum(total, 1.0e-30)[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=r_ok[:, None])
+    else:
+        slot = partial_ptr + (program * SPLITS + split) * BLOCK_Q * (DIM + 2)
+        tl.store(slot + r[:, None] * DIM + d[None, :], acc)
+        tl.store(slot + BLOCK_Q * DIM + r, best)
+        tl.store(slot + BLOCK_Q * DIM + BLOCK_Q + r, total)
+        tl.debug_barrier()  # every thread's partial is written before the arrival is counted
+        arrived = tl.atomic_add(arrivals_ptr + program, 1, sem="acq_rel")
+        if arrived == SPLITS - 1:  # the last one here: combine every split's partial
+            tl.atomic_xchg(arrivals_ptr + program, 0)  # ready for the next launch (graph replays too)
+            first = partial_ptr + program * SPLITS * BLOCK_Q * (DIM + 2)
+            overall = tl.full([BLOCK_Q], -1.0e30, dtype=tl.float32)
+            for other in tl.static_range(SPLITS):
+                part = first + other * BLOCK_Q * (DIM + 2)
+                overall = tl.maximum(overall, tl.load(part + BLOCK_Q * DIM + r, cache_modifier=".cg"))
+            summed = tl.zeros([BLOCK_Q, DIM], dtype=tl.float32)
+            norm = tl.zeros([BLOCK_Q], dtype=tl.float32)
+            for other in tl.static_range(SPLITS):
+                part = first + other * BLOCK_Q * (DIM + 2)
+                factor = tl.exp(tl.load(part + BLOCK_Q * DIM + r, cache_modifier=".cg") - overall)
+                summed += tl.load(part + r[:, None] * DIM + d[None, :], cache_modifier=".cg") * factor[:, None]
+                norm += tl.load(part + BLOCK_Q * DIM + BLOCK_Q + r, cache_modifier=".cg") * factor
+            tl.store(out_ptr + out_offsets, (summed / tl.maximum(norm, 1.0e-30)[:, None]).to(out_ptr.dtype.element_ty),
+                     mask=r_ok[:, None])
 
 
 def _block_n(n: int, block_m: int) -> int:
@@ -170,17 +187,16 @@ def _block_n(n: int, block_m: int) -> int:
     block = 4
     while block < 64 and n // (block * 2) >= 256:
         block *= 2
-    return block if block_m <= 8 else max(block, 16)
+    return block if block_m == 1 else max(block, 16)
 
 
 # (BLOCK_N, BLOCK_K, warps) tried per product on the GPU (one row; 2-16 rows), timed on
 # first use; the fastest is kept per shape (see _tuned).
 CANDIDATES = {1: ((1, 1024, 2), (1, 2048, 4), (2, 1024, 4), (2, 2048, 8), (4, 512, 4), (4, 1024, 4),
                   (4, 2048, 8), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (32, 128, 4)),
-              2: ((2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 512, 4), (8, 1024, 8)),
               16: ((16, 64, 4), (16, 128, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8),
                    (64, 128, 4))}
-ATTENTION_CANDIDATES = ((64, 4), (128, 4), (128, 8), (256, 8))  # (BLOCK_S, warps)
+ATTENTION_CANDIDATES = ((16, 4), (32, 4), (64, 4), (128, 4), (128, 8))  # (keys per program, warps)
 _chosen: dict[tuple, tuple] = {}
 
 
@@ -192,7 +208,7 @@ def gemv(x: Tensor, weight: Tensor, out_features: int, norm: tuple[Tensor, float
     if not (x.is_contiguous() and weight.is_contiguous()):
         raise ValueError("gemv reads x and weight as row-major: pass contiguous tensors")
     out = x.new_empty(rows, out_features)
-    block_m = triton.next_power_of_2(rows) if rows <= 8 else 16
+    block_m = 1 if rows == 1 else 16
     norm_weight, eps = norm if norm is not None else (x, 0.0)
     flags = dict(NORM=norm is not None, BIAS=bias is not None, RESIDUAL=residual is not None, GATED=gated,
                  BLOCK_M=block_m)
@@ -205,9 +221,8 @@ def gemv(x: Tensor, weight: Tensor, out_features: int, norm: tuple[Tensor, float
                                                       BLOCK_K=min(block_k, triton.next_power_of_2(k)), num_warps=warps)
 
     block_n = _block_n(out_features, block_m)
-    candidates = CANDIDATES[min(block_m, 2) if block_m <= 8 else 16]
-    launch(_tuned(launch, ("gemv", out_features, k, *flags.values()), x, (block_n, 512 if block_m <= 8 else 128, 4),
-                  candidates))
+    launch(_tuned(launch, ("gemv", out_features, k, *flags.values()), x, (block_n, 512 if block_m == 1 else 128, 4),
+                  CANDIDATES[block_m]))
     return out
 
 
@@ -261,13 +276,29 @@ def attend(q: Tensor, k_store: Tensor, v_store: Tensor, mask: Tensor, tokens_per
     out = q.new_empty(tokens, heads * dim)
     mask = mask.contiguous()
     block_q = max(16, triton.next_power_of_2(heads // kv_heads * tokens_per_row))
+    arrivals = _arrivals(q.device, rows * kv_heads)
 
     def launch(config: tuple[int, int]) -> None:
-        _attend[(rows * kv_heads,)](
-            q, k_store, v_store, mask, out, tokens_per_row, heads, kv_heads, keys, dim**-0.5,
+        block_s, warps = config
+        splits = triton.cdiv(keys, block_s)
+        partial = torch.empty(rows * kv_heads * splits * block_q * (dim + 2), dtype=torch.float32, device=q.device)
+        _attend[(rows * kv_heads, splits)](
+            q, k_store, v_store, mask, out, partial, arrivals, tokens_per_row, heads, kv_heads, keys, dim**-0.5,
             k_store.stride(0), k_store.stride(1), k_store.stride(2),
-            BLOCK_Q=block_q, BLOCK_S=config[0], DIM=dim, num_warps=config[1],
+            SPLITS=splits, BLOCK_Q=block_q, BLOCK_S=block_s, DIM=dim, num_warps=warps,
         )
 
     launch(_tuned(launch, ("attend", rows, heads, kv_heads, keys, dim, block_q), q, (64, 4), ATTENTION_CANDIDATES))
     return out
+
+
+_arrival_counts: dict[torch.device, Tensor] = {}
+
+
+def _arrivals(device: torch.device, programs: int) -> Tensor:
+    """Zeroed int32 counters, one per (row, KV head), that outlive every launch: attention's
+    last program to arrive resets its own, so no launch (or graph replay) has to clear them."""
+    counts = _arrival_counts.get(device)
+    if counts is None or counts.numel() < programs:
+        counts = _arrival_counts[device] = torch.zeros(max(programs, 1024), dtype=torch.int32, device=device)
+    return counts
