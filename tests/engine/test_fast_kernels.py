@@ -113,3 +113,20 @@ def test_attention_split_over_key_blocks_combines_to_softmax_attention(kernels, 
     for _ in range(2):
         torch.testing.assert_close(kernels.attend(q, k_store, v_store, mask, t), expected, atol=1e-5, rtol=1e-5)
         assert not kernels._arrivals(q.device, rows * kv_heads).any()
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_a_product_split_over_the_inputs_adds_the_shares_up(kernels, rows):
+    """Three programs per block of outputs, each summing a share of the 40 inputs (the last
+    share shorter), the last to arrive finishing: norm, bias, gate and residual as unsplit;
+    twice, since the arrival counters must be back at zero for the next launch."""
+    torch.manual_seed(rows)
+    x, gate, up, norm = torch.randn(rows, 40), torch.randn(24, 40), torch.randn(24, 40), torch.rand(40) + 0.5
+    bias, residual = torch.randn(48), torch.randn(rows, 24)
+    normed = rms_norm(x, norm, 1e-6)
+    expected = residual + F.silu(normed @ gate.T + bias[:24]) * (normed @ up.T + bias[24:])
+    for _ in range(2):
+        out = kernels.gemv(x, torch.cat([gate, up]), 24, norm=(norm, 1e-6), bias=bias, residual=residual, gated=True,
+                           config=(16 if rows > 1 else 4, 16, 4, 3))
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+        assert not kernels._arrivals(x.device, 8).any()

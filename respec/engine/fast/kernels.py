@@ -28,21 +28,24 @@ MAX_ROWS = 16  # the most rows (batch x tokens) a layer takes through these kern
 
 
 @triton.jit
-def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, rows, n, k, eps,
+def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, partial_ptr, arrivals_ptr, rows, n, k, eps,
           NORM: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[m, j] = epilogue(sum_i w[j, i] * prologue(x)[m, i]) for this program's block of j.
-    GATED: w holds the gate's n rows, then the up projection's n; out = silu(gate) * up.
-    RMSNorm's per-row scale multiplies the sums at the end (it is constant along i), so
-    the weights stream from the first instruction: one pass, no separate norm pass."""
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr):
+    """out[m, j] = epilogue(sum_i w[j, i] * prologue(x)[m, i]), programs (block of j, split
+    of i). GATED: w holds the gate's n rows, then the up projection's n; out = silu(gate) *
+    up. RMSNorm's per-row scale multiplies the sums at the end (it is constant along i), so
+    the weights stream from the first instruction. With SPLITS > 1 each program sums its
+    share of i and the last of a block to arrive adds the shares up and finishes: more
+    programs reading at once where a block of j alone would leave SMs idle."""
+    block, split = tl.program_id(0), tl.program_id(1)
     m = tl.arange(0, BLOCK_M)
-    j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    j = block * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, j_ok = m < rows, j < n
-    dtype = out_ptr.dtype.element_ty
     squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for start in range(0, k, BLOCK_K):
+    share = tl.cdiv(tl.cdiv(k, SPLITS), BLOCK_K) * BLOCK_K
+    for start in range(split * share, tl.minimum(k, (split + 1) * share), BLOCK_K):
         i = start + tl.arange(0, BLOCK_K)
         i_ok = i < k
         w_mask = j_ok[:, None] & i_ok[None, :]
@@ -68,6 +71,37 @@ def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, rows, n, k, e
             acc += tl.dot(xs.to(ws.dtype), tl.trans(ws), out_dtype=tl.float32)
             if GATED:
                 acc_up += tl.dot(xs.to(ws.dtype), tl.trans(ws_up), out_dtype=tl.float32)
+    if SPLITS == 1:
+        _finish(acc, acc_up, squares, m, j, rows, n, k, eps, out_ptr, bias_ptr, residual_ptr, NORM, BIAS, RESIDUAL,
+                GATED)
+    else:
+        size = 2 * BLOCK_M * BLOCK_N + BLOCK_M
+        tile = m[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        slot = partial_ptr + (block * SPLITS + split) * size
+        tl.store(slot + tile, acc)
+        tl.store(slot + BLOCK_M * BLOCK_N + tile, acc_up)
+        tl.store(slot + 2 * BLOCK_M * BLOCK_N + m, squares)
+        tl.debug_barrier()  # every thread's share is written before the arrival is counted
+        if tl.atomic_add(arrivals_ptr + block, 1, sem="acq_rel") == SPLITS - 1:  # the last: add up, finish
+            tl.atomic_xchg(arrivals_ptr + block, 0)  # ready for the next launch (graph replays too)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for other in tl.static_range(SPLITS):
+                part = partial_ptr + (block * SPLITS + other) * size
+                acc += tl.load(part + tile, cache_modifier=".cg")
+                acc_up += tl.load(part + BLOCK_M * BLOCK_N + tile, cache_modifier=".cg")
+                squares += tl.load(part + 2 * BLOCK_M * BLOCK_N + m, cache_modifier=".cg")
+            _finish(acc, acc_up, squares, m, j, rows, n, k, eps, out_ptr, bias_ptr, residual_ptr, NORM, BIAS,
+                    RESIDUAL, GATED)
+
+
+@triton.jit
+def _finish(acc, acc_up, squares, m, j, rows, n, k, eps, out_ptr, bias_ptr, residual_ptr,
+            NORM: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr):
+    """The product's epilogue: the norm's scale, bias, SiLU-and-multiply, residual, store."""
+    m_ok, j_ok = m < rows, j < n
+    dtype = out_ptr.dtype.element_ty
     if NORM:
         scale = 1.0 / tl.sqrt(squares / k + eps)
         acc *= scale[:, None]
@@ -190,20 +224,23 @@ def _block_n(n: int, block_m: int) -> int:
     return block if block_m == 1 else max(block, 16)
 
 
-# (BLOCK_N, BLOCK_K, warps) tried per product on the GPU (one row; 2-16 rows), timed on
-# first use; the fastest is kept per shape (see _tuned).
-CANDIDATES = {1: ((1, 1024, 2), (1, 2048, 4), (2, 1024, 4), (2, 2048, 8), (4, 512, 4), (4, 1024, 4),
-                  (4, 2048, 8), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (32, 128, 4)),
-              16: ((16, 64, 4), (16, 128, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8),
-                   (64, 128, 4))}
+# (BLOCK_N, BLOCK_K, warps, splits of k) tried per product on the GPU (one row; 2-16 rows),
+# timed on first use; the fastest is kept per shape (see _tuned).
+CANDIDATES = {1: ((1, 1024, 2, 1), (2, 1024, 4, 1), (2, 2048, 8, 1), (4, 512, 4, 1), (4, 1024, 4, 1),
+                  (8, 512, 4, 1), (8, 1024, 8, 1), (16, 256, 4, 1), (4, 512, 4, 2), (8, 512, 4, 2),
+                  (8, 256, 4, 4), (16, 256, 4, 4)),
+              16: ((16, 128, 4, 1), (32, 128, 4, 1), (16, 128, 4, 4), (16, 128, 4, 8), (16, 256, 4, 4),
+                   (32, 128, 4, 4), (32, 128, 4, 8), (64, 64, 4, 8), (16, 64, 4, 16))}
 ATTENTION_CANDIDATES = ((16, 4), (32, 4), (64, 4), (128, 4), (128, 8))  # (keys per program, warps)
 _chosen: dict[tuple, tuple] = {}
 
 
 def gemv(x: Tensor, weight: Tensor, out_features: int, norm: tuple[Tensor, float] | None = None,
-         bias: Tensor | None = None, residual: Tensor | None = None, gated: bool = False) -> Tensor:
+         bias: Tensor | None = None, residual: Tensor | None = None, gated: bool = False,
+         config: tuple[int, int, int, int] | None = None) -> Tensor:
     """x [rows, k] -> [rows, out_features]: (RMSNorm(x) if norm) @ weight.T (+ bias), then
-    silu(gate) * up if gated (weight stacks gate and up), then (+ residual)."""
+    silu(gate) * up if gated (weight stacks gate and up), then (+ residual). `config`
+    (BLOCK_N, BLOCK_K, warps, splits) overrides the tuned choice (the tests use it)."""
     rows, k = x.shape
     if not (x.is_contiguous() and weight.is_contiguous()):
         raise ValueError("gemv reads x and weight as row-major: pass contiguous tensors")
@@ -212,17 +249,22 @@ def gemv(x: Tensor, weight: Tensor, out_features: int, norm: tuple[Tensor, float
     norm_weight, eps = norm if norm is not None else (x, 0.0)
     flags = dict(NORM=norm is not None, BIAS=bias is not None, RESIDUAL=residual is not None, GATED=gated,
                  BLOCK_M=block_m)
-    arguments = (x, weight, out, norm_weight, bias if bias is not None else x,
-                 residual if residual is not None else x, rows, out_features, k, eps)
+    tensors = (x, weight, out, norm_weight, bias if bias is not None else x, residual if residual is not None else x)
 
-    def launch(config: tuple[int, int, int]) -> None:
-        block_n, block_k, warps = config
-        _gemv[(triton.cdiv(out_features, block_n),)](*arguments, **flags, BLOCK_N=block_n,
-                                                      BLOCK_K=min(block_k, triton.next_power_of_2(k)), num_warps=warps)
+    def launch(config: tuple[int, int, int, int]) -> None:
+        block_n, block_k, warps, splits = config
+        blocks = triton.cdiv(out_features, block_n)
+        partial = x.new_empty(blocks * splits * (2 * block_m * block_n + block_m) if splits > 1 else 1,
+                              dtype=torch.float32)
+        _gemv[(blocks, splits)](*tensors, partial, _arrivals(x.device, blocks), rows, out_features, k, eps, **flags,
+                                BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(k)), SPLITS=splits,
+                                num_warps=warps)
 
-    block_n = _block_n(out_features, block_m)
-    launch(_tuned(launch, ("gemv", out_features, k, *flags.values()), x, (block_n, 512 if block_m == 1 else 128, 4),
-                  CANDIDATES[block_m]))
+    if config is not None:
+        launch(config)
+        return out
+    heuristic = (_block_n(out_features, block_m), 512 if block_m == 1 else 128, 4, 1)
+    launch(_tuned(launch, ("gemv", out_features, k, *flags.values()), x, heuristic, CANDIDATES[block_m]))
     return out
 
 
@@ -292,13 +334,18 @@ def attend(q: Tensor, k_store: Tensor, v_store: Tensor, mask: Tensor, tokens_per
     return out
 
 
+ARRIVAL_COUNTERS = 1 << 16
 _arrival_counts: dict[torch.device, Tensor] = {}
 
 
 def _arrivals(device: torch.device, programs: int) -> Tensor:
-    """Zeroed int32 counters, one per (row, KV head), that outlive every launch: attention's
-    last program to arrive resets its own, so no launch (or graph replay) has to clear them."""
+    """Zeroed int32 counters, one per block of work whose programs share out a sum, that
+    outlive every launch: the last program of a block to arrive resets its counter, so no
+    launch (or graph replay) clears them. One buffer per device, allocated once (a graph
+    keeps its address): kernels on one stream use it one after another."""
+    if programs > ARRIVAL_COUNTERS:
+        raise ValueError(f"{programs} blocks of split work in one launch: more than {ARRIVAL_COUNTERS} counters")
     counts = _arrival_counts.get(device)
-    if counts is None or counts.numel() < programs:
-        counts = _arrival_counts[device] = torch.zeros(max(programs, 1024), dtype=torch.int32, device=device)
+    if counts is None:
+        counts = _arrival_counts[device] = torch.zeros(ARRIVAL_COUNTERS, dtype=torch.int32, device=device)
     return counts
