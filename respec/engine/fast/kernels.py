@@ -271,22 +271,23 @@ def gemv(x: Tensor, weight: Tensor, out_features: int, norm: tuple[Tensor, float
 def _tuned(launch, key: tuple, x: Tensor, heuristic: tuple, candidates: tuple) -> tuple:
     """The fastest of the candidate configurations for this launch on this GPU, timed on
     first use (outside graph capture: the fast path warms every step up first); the
-    heuristic elsewhere. Each timed launch follows a write of 64 MB, more than an H100's
-    L2, so the weights come from HBM as they do in a step, not from the cache."""
+    heuristic elsewhere. Each timed launch follows a read of 64 MB, more than an H100's
+    L2, so the weights come from HBM as they do in a step, not from the cache (a read, not
+    a write: written lines would still be draining to HBM during the timed launch)."""
     if key in _chosen:
         return _chosen[key]
     if not x.is_cuda or torch.cuda.is_current_stream_capturing():
         return heuristic
-    flush = torch.empty(64 << 20, dtype=torch.uint8, device=x.device)
+    flush = torch.ones(16 << 20, dtype=torch.float32, device=x.device)
     timings = {}
     for config in (heuristic, *candidates):
         try:
             launch(config)  # compiles
         except OutOfResources:  # too big a block for this shape: not a candidate
             continue
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(10)]
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(20)]
         for start, end in events:
-            flush.zero_()
+            flush.sum()
             start.record()
             launch(config)
             end.record()
