@@ -29,7 +29,7 @@ def rms_norm(x, weight, eps):
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16])  # one row: multiply-and-sum; more: tl.dot
+@pytest.mark.parametrize("rows", [1, 3, 16, 40])  # one row: multiply-and-sum; more: tl.dot on 16-64
 def test_gemv_with_norm_and_bias_is_the_normalised_product(kernels, rows):
     torch.manual_seed(rows)
     x, weight, bias, norm = torch.randn(rows, 40), torch.randn(72, 40), torch.randn(72), torch.rand(40) + 0.5
@@ -65,11 +65,11 @@ def cached_pass(model, kernels, tokens, positions, state):
     return fused.run(tokens, positions, visible_up_to(positions, state.max_len + 1), kv, capture=(0, 2))
 
 
-@pytest.mark.parametrize("b, t", [(1, 1), (2, 3), (4, 4)])  # 16 tokens: the dot products' path
+@pytest.mark.parametrize("b, t", [(1, 1), (2, 3), (8, 4)])  # 32 tokens: the 32-row dot products
 def test_a_pass_through_the_kernels_equals_the_fused_pass(kernels, model_and_head, b, t):
     """Logits, captured features and the KV store written, after a prefix already cached."""
     model, _ = model_and_head
-    states = [FastState(model.config, 4, 24, 8, torch.float32, torch.device("cpu")) for _ in range(2)]
+    states = [FastState(model.config, 8, 24, 8, torch.float32, torch.device("cpu")) for _ in range(2)]
     prefix = torch.randint(0, 8, (b, 5))
     for state in states:  # the same prefix in both stores, through the fused path
         cached_pass(model, False, prefix, torch.arange(5).repeat(b, 1), state)

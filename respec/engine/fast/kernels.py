@@ -21,10 +21,10 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
-MAX_ROWS = 16  # the most rows (batch x tokens) a layer takes through these kernels: one row
-# is a multiply-and-sum on the CUDA cores, 2-16 one tl.dot on tensor cores (padded to 16
-# rows: the arithmetic is free, the weights are read once either way; a loop over the rows
-# took 1.5-2x as long on an H100)
+MAX_ROWS = 64  # the most rows (batch x tokens) a layer takes through these kernels: one row
+# is a multiply-and-sum on the CUDA cores, 2-64 one tl.dot on tensor cores (padded to 16,
+# 32 or 64 rows: the arithmetic is free, the weights are read once either way; a loop over
+# the rows took 1.5-2x as long on an H100)
 
 
 @triton.jit
@@ -231,6 +231,7 @@ CANDIDATES = {1: ((1, 1024, 2, 1), (2, 1024, 4, 1), (2, 2048, 8, 1), (4, 512, 4,
                   (8, 256, 4, 4), (16, 256, 4, 4)),
               16: ((16, 128, 4, 1), (32, 128, 4, 1), (16, 128, 4, 4), (16, 128, 4, 8), (16, 256, 4, 4),
                    (32, 128, 4, 4), (32, 128, 4, 8), (64, 64, 4, 8), (16, 64, 4, 16))}
+CANDIDATES[32] = CANDIDATES[64] = ((16, 128, 4, 1), (32, 128, 4, 1), (16, 128, 4, 4), (32, 128, 4, 4), (16, 64, 4, 8))
 ATTENTION_CANDIDATES = ((16, 4), (32, 4), (64, 4), (128, 4), (128, 8))  # (keys per program, warps)
 _chosen: dict[tuple, tuple] = {}
 
@@ -245,7 +246,7 @@ def gemv(x: Tensor, weight: Tensor, out_features: int, norm: tuple[Tensor, float
     if not (x.is_contiguous() and weight.is_contiguous()):
         raise ValueError("gemv reads x and weight as row-major: pass contiguous tensors")
     out = x.new_empty(rows, out_features)
-    block_m = 1 if rows == 1 else 16
+    block_m = 1 if rows == 1 else max(16, triton.next_power_of_2(rows))
     norm_weight, eps = norm if norm is not None else (x, 0.0)
     flags = dict(NORM=norm is not None, BIAS=bias is not None, RESIDUAL=residual is not None, GATED=gated,
                  BLOCK_M=block_m)
