@@ -60,12 +60,21 @@ def server(served_dirs):
     from respec.serve.deployment import start
 
     policy, eagle = served_dirs
-    port = _free_port()
     started = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="respec-serve-tests")
     try:
         common = dict(max_rows=MAX_ROWS, max_len=MAX_LEN, num_cpus=0.5)
-        start(ServeOptions(str(policy), **common), "127.0.0.1", port, "/plain", "plain")
+        # A port free now may be taken before Serve's proxy binds it (Ray's own processes
+        # take ports as they start: CI lost a run to that), so a failed bind tries another.
+        for attempt in range(3):
+            port = _free_port()
+            try:
+                start(ServeOptions(str(policy), **common), "127.0.0.1", port, "/plain", "plain")
+                break
+            except Exception as error:  # ray.exceptions.RayTaskError from the proxy actor
+                if "bind" not in str(error) or attempt == 2:
+                    raise
+                serve.shutdown()
         start(ServeOptions(str(policy), str(eagle), shape="s4_t1_n4", **common), "127.0.0.1", port, "/eagle", "eagle")
         print(f"serve up in {time.perf_counter() - started:.1f}s")
         yield f"http://127.0.0.1:{port}"
