@@ -44,6 +44,8 @@ def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, partial_ptr, 
     squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # the tensor cores' sums, outputs x rows
+    acc_up_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     share = tl.cdiv(tl.cdiv(k, SPLITS), BLOCK_K) * BLOCK_K
     for start in range(split * share, tl.minimum(k, (split + 1) * share), BLOCK_K):
         i = start + tl.arange(0, BLOCK_K)
@@ -62,15 +64,20 @@ def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, partial_ptr, 
             acc += tl.sum(ws.to(tl.float32) * xs[None, :], axis=1)[None, :]
             if GATED:
                 acc_up += tl.sum(ws_up.to(tl.float32) * xs[None, :], axis=1)[None, :]
-        else:  # 2-16 rows, padded to 16: tensor cores
+        else:  # 2-64 rows, padded to 16-64: tensor cores
             xs = tl.load(x_ptr + m[:, None] * k + i[None, :], mask=m_ok[:, None] & i_ok[None, :], other=0.0)
             if NORM:
                 xs = xs.to(tl.float32)
                 squares += tl.sum(xs * xs, axis=1)
                 xs = xs * weight[None, :]
-            acc += tl.dot(xs.to(ws.dtype), tl.trans(ws), out_dtype=tl.float32)
+            # w @ x^T, not x @ w^T: the large weight tile enters the product in the layout it
+            # was loaded in, and only the few rows of x are transposed.
+            xs_t = tl.trans(xs.to(ws.dtype))
+            acc_t += tl.dot(ws, xs_t, out_dtype=tl.float32)
             if GATED:
-                acc_up += tl.dot(xs.to(ws.dtype), tl.trans(ws_up), out_dtype=tl.float32)
+                acc_up_t += tl.dot(ws_up, xs_t, out_dtype=tl.float32)
+    if BLOCK_M > 1:
+        acc, acc_up = tl.trans(acc_t), tl.trans(acc_up_t)
     if SPLITS == 1:
         _finish(acc, acc_up, squares, m, j, rows, n, k, eps, out_ptr, bias_ptr, residual_ptr, NORM, BIAS, RESIDUAL,
                 GATED)
