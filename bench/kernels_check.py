@@ -27,7 +27,7 @@ from gpu_train import log, random_model, shape_config  # noqa: E402
 from respec.engine.drafters.eagle import EagleHead  # noqa: E402
 from respec.engine.fast import FastGenerator  # noqa: E402
 from respec.engine.fast.fused import FusedModel  # noqa: E402
-from respec.engine.fast.state import FastState, StaticKV, visible_up_to  # noqa: E402
+from respec.engine.fast.state import FastState, StaticKV  # noqa: E402
 from respec.engine.tokenizer import char_tokenizer  # noqa: E402
 
 DEVICE = "cuda"
@@ -91,7 +91,7 @@ def agreement(model, b: int, t: int) -> dict:
 
 def run(fused: FusedModel, tokens, positions, state: FastState):
     kv = StaticKV(state.k, state.v, positions)
-    return fused.run(tokens, positions, visible_up_to(positions, state.max_len + 1), kv)[0]
+    return fused.run(tokens, positions, kv)[0]
 
 
 def product_times(model) -> dict:

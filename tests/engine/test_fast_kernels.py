@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from respec.engine.checkpoint import load_model
 from respec.engine.drafters.eagle import EagleHead
 from respec.engine.fast import FastGenerator
-from respec.engine.fast.fused import FusedModel, additive_mask
+from respec.engine.fast.fused import FusedModel
 from respec.engine.fast.state import FastState, StaticKV, visible_up_to
 from tests.checkpoints import small_qwen2
 
@@ -62,7 +62,7 @@ def model_and_head(tmp_path_factory):
 def cached_pass(model, kernels, tokens, positions, state):
     fused = FusedModel(model, kernels=kernels)
     kv = StaticKV(state.k, state.v, positions)
-    return fused.run(tokens, positions, visible_up_to(positions, state.max_len + 1), kv, capture=(0, 2))
+    return fused.run(tokens, positions, kv, capture=(0, 2))
 
 
 @pytest.mark.parametrize("b, t", [(1, 1), (2, 3), (8, 4)])  # 32 tokens: the 32-row dot products
@@ -97,21 +97,21 @@ def test_generation_with_kernels_is_generation_without(kernels, model_and_head, 
 
 @pytest.mark.parametrize("t", [1, 3])
 def test_attention_split_over_key_blocks_combines_to_softmax_attention(kernels, t):
-    """150 keys: three blocks of 64, combined by the last program to arrive; twice, since
-    the arrival counters must be back at zero for the next launch."""
+    """150 keys: three blocks of 64, combined by the last program to arrive; a token sees
+    the keys up to its position (row 0 ends in the first block, so the others are never
+    read for it). Twice: the arrival counters must be back at zero for the next launch."""
     torch.manual_seed(t)
     rows, heads, kv_heads, keys, dim = 2, 4, 2, 150, 16
     q = torch.randn(rows * t, heads, dim)
     k_store, v_store = torch.randn(rows, kv_heads, keys, dim), torch.randn(rows, kv_heads, keys, dim)
-    visible = torch.rand(rows, 1, t, keys) < 0.7
-    visible[..., 0] = True  # every query sees a key
-    mask = additive_mask(visible, kv_heads, heads // kv_heads, torch.float32)
+    positions = torch.tensor([[40], [130]]) + torch.arange(t)
     group = heads // kv_heads
     expected = F.scaled_dot_product_attention(
         q.view(rows, t, heads, dim).transpose(1, 2), k_store.repeat_interleave(group, 1),
-        v_store.repeat_interleave(group, 1), attn_mask=visible).transpose(1, 2).reshape(rows * t, heads * dim)
+        v_store.repeat_interleave(group, 1), attn_mask=visible_up_to(positions, keys),
+    ).transpose(1, 2).reshape(rows * t, heads * dim)
     for _ in range(2):
-        torch.testing.assert_close(kernels.attend(q, k_store, v_store, mask, t), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(kernels.attend(q, k_store, v_store, positions, t), expected, atol=1e-5, rtol=1e-5)
         assert not kernels._arrivals(q.device, rows * kv_heads).any()
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from respec.engine.fast.fused import FusedHead, FusedModel
-from respec.engine.fast.state import FastState, StaticKV, visible_up_to
+from respec.engine.fast.state import FastState, StaticKV
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def chain_step(model: FusedModel, head: FusedHead | None, state: FastState, b: i
     kv = StaticKV(state.k, state.v, positions.clamp(max=state.max_len))
     # With a head, plain steps keep its cache current too, so a later step may draft again.
     capture = head.head.capture_layers if head is not None else ()
-    logits, features = model.run(tokens, positions, visible_up_to(positions, state.max_len + 1), kv, capture)
+    logits, features = model.run(tokens, positions, kv, capture)
     logits = logits.float()
     accepted, bonus = _accept(logits, drafts, step.temperature)
     emitted = torch.cat([drafts, drafts.new_zeros(b, 1)], dim=1).scatter(1, accepted[:, None], bonus[:, None])
@@ -112,7 +112,7 @@ def _draft_chain(head: FusedHead, state: FastState, b: int, k: int) -> Tensor:
     for level in range(k - 1):
         position = state.head_lengths[:b, None] + level
         kv = StaticKV(state.head_k, state.head_v, position.clamp(max=state.max_len))
-        hidden = head(hidden, token, position, visible_up_to(position, state.max_len + 1), kv)
+        hidden = head(hidden, token, position, kv)
         token = head.head.argmax_tokens(hidden)
         drafted.append(token)
     return torch.cat(drafted, dim=1)
@@ -126,7 +126,7 @@ def _catch_up(head: FusedHead, state: FastState, b: int, features: Tensor, emitt
     positions = state.head_lengths[:b, None] + torch.arange(emitted.shape[1], device=emitted.device)
     kv = StaticKV(state.head_k, state.head_v, positions.clamp(max=state.max_len))
     inputs = head.head.fuse(features.to(state.root_h.dtype))
-    hidden = head(inputs, emitted, positions, visible_up_to(positions, state.max_len + 1), kv)
+    hidden = head(inputs, emitted, positions, kv)
     last = hidden.gather(1, accepted[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
     state.root_h[:b] = torch.where((grow > 0)[:, None], last, state.root_h[:b])
     state.head_lengths[:b] += grow

@@ -21,7 +21,7 @@ from torch import Tensor
 from respec.engine.config import ModelConfig
 from respec.engine.drafters.eagle import EagleHead
 from respec.engine.fast.kernel_layer import KernelLayer
-from respec.engine.fast.state import StaticKV
+from respec.engine.fast.state import StaticKV, visible_up_to
 from respec.engine.model import CausalLM, DecoderLayer
 
 
@@ -52,9 +52,16 @@ class FusedLayer:
             if self.gate_up_bias is not None:
                 torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias], out=self.gate_up_bias)
 
-    def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, kv: StaticKV, index: int) -> Tensor:
-        if self.kernel_layer is not None and self.kernel_layer.takes(x):
-            return self.kernel_layer(x, rope, mask, kv, index)
+    def takes(self, x: Tensor) -> bool:
+        """Whether a pass over x [b, T, hidden] runs through the Triton kernels."""
+        return self.kernel_layer is not None and self.kernel_layer.takes(x)
+
+    def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, kv: StaticKV, index: int,
+                 positions: Tensor) -> Tensor:
+        """mask: the additive mask for the PyTorch layers; None on the kernels' passes, which
+        read the visibility from `positions` (see PassInputs)."""
+        if mask is None:
+            return self.kernel_layer(x, rope, positions, kv, index)
         layer, (b, t, hidden) = self.layer, x.shape
         normed = F.rms_norm(x, (hidden,), layer.input_layernorm.weight, layer.input_layernorm.eps)
         qkv = F.linear(normed, self.qkv_weight, self.qkv_bias).view(b, t, self.heads + 2 * self.kv_heads, self.head_dim)
@@ -119,16 +126,22 @@ def additive_mask(visible: Tensor, kv_heads: int, group: int, dtype: torch.dtype
 
 
 class PassInputs:
-    """What a pass derives once from positions and visibility for all its layers: the RoPE
-    rows and the additive mask in the layout of the model's grouped-query attention."""
+    """What a pass derives once from its positions for all its layers: the RoPE rows, and,
+    for the PyTorch layers, the additive mask in the layout of the model's grouped-query
+    attention. Visibility on the fast path is always a causal prefix (key s is visible to a
+    token at position p iff s <= p: ``visible_up_to``), so the Triton kernels need no mask:
+    they read the positions."""
 
     def __init__(self, config: ModelConfig, inv_freq: Tensor, parameter: Tensor) -> None:
         self.kv_heads = config.num_key_value_heads
         self.group = config.num_attention_heads // self.kv_heads
         self.rope = RopeTable(inv_freq, config.max_position_embeddings, parameter.dtype, parameter.device)
 
-    def __call__(self, positions: Tensor, visible: Tensor, dtype: torch.dtype) -> tuple[tuple[Tensor, Tensor], Tensor]:
-        return self.rope(positions), additive_mask(visible, self.kv_heads, self.group, dtype)
+    def __call__(self, positions: Tensor, keys: int, dtype: torch.dtype,
+                 mask: bool) -> tuple[tuple[Tensor, Tensor], Tensor | None]:
+        if not mask:
+            return self.rope(positions), None
+        return self.rope(positions), additive_mask(visible_up_to(positions, keys), self.kv_heads, self.group, dtype)
 
 
 class FusedModel:
@@ -144,14 +157,16 @@ class FusedModel:
         for layer in self.layers:
             layer.refresh()
 
-    def run(self, tokens: Tensor, positions: Tensor, visible: Tensor, kv: StaticKV,
+    def run(self, tokens: Tensor, positions: Tensor, kv: StaticKV,
             capture: tuple[int, ...] = ()) -> tuple[Tensor, Tensor | None]:
+        """Tokens [b, T] at `positions` [b, T], each seeing the keys at positions up to its own."""
         model = self.model
         x = model.model.embed_tokens(tokens)
-        rope, mask = self.inputs(positions, visible, x.dtype)
+        kernels = self.layers[0].takes(x)
+        rope, mask = self.inputs(positions, kv.keys, x.dtype, mask=not kernels)
         captured: dict[int, Tensor] = {}
         for index, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, kv, index)
+            x = layer(x, rope, mask, kv, index, positions)
             if index in capture:
                 captured[index] = x
         norm = model.model.norm
@@ -171,8 +186,9 @@ class FusedHead:
     def refresh(self) -> None:
         self.layer.refresh()
 
-    def __call__(self, inputs: Tensor, tokens: Tensor, positions: Tensor, visible: Tensor, kv: StaticKV) -> Tensor:
+    def __call__(self, inputs: Tensor, tokens: Tensor, positions: Tensor, kv: StaticKV) -> Tensor:
         head = self.head
         embedded = F.embedding(tokens, head.target.embed.weight)
         x = head.input_proj(torch.cat([embedded.to(inputs.dtype), inputs], dim=-1))
-        return self.layer(x, *self.inputs(positions, visible, x.dtype), kv, 0)
+        rope, mask = self.inputs(positions, kv.keys, x.dtype, mask=not self.layer.takes(x))
+        return self.layer(x, rope, mask, kv, 0, positions)

@@ -29,7 +29,7 @@ def kernels_usable(device: torch.device) -> bool:
 
 
 class KernelLayer:
-    """Same call as FusedLayer (x [b, T, hidden] -> [b, T, hidden]) over the kernels."""
+    """FusedLayer's forward (x [b, T, hidden] -> [b, T, hidden]) over the kernels."""
 
     def __init__(self, fused) -> None:
         from respec.engine.fast import kernels  # Triton: imported only where it runs
@@ -44,7 +44,8 @@ class KernelLayer:
     def takes(self, x: Tensor) -> bool:
         return x.shape[0] * x.shape[1] <= self.kernels.MAX_ROWS
 
-    def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, kv: StaticKV, index: int) -> Tensor:
+    def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], positions: Tensor, kv: StaticKV, index: int) -> Tensor:
+        """As FusedLayer, each token seeing the keys at positions up to its own."""
         kernels, fused = self.kernels, self.fused
         b, t, hidden = x.shape
         flat = x.reshape(b * t, hidden)
@@ -52,7 +53,7 @@ class KernelLayer:
                            bias=fused.qkv_bias)
         k_store, v_store = kv.k_store[index], kv.v_store[index]
         q = kernels.rope_store(qkv, *rope, kv.write_at, k_store, v_store, t, fused.heads, fused.kv_heads)
-        attended = kernels.attend(q, k_store, v_store, mask, t)
+        attended = kernels.attend(q, k_store, v_store, positions, t)
         flat = kernels.gemv(attended, self.o_proj.weight, hidden, bias=self.o_proj.bias, residual=flat)
         act = kernels.gemv(flat, fused.gate_up_weight, self.intermediate, norm=self.post_norm,
                            bias=fused.gate_up_bias, gated=True)

@@ -163,14 +163,15 @@ def _rope_store(qkv_ptr, cos_ptr, sin_ptr, write_at_ptr, q_ptr, k_store_ptr, v_s
 
 
 @triton.jit
-def _attend(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, partial_ptr, arrivals_ptr, tokens_per_row, heads, kv_heads,
+def _attend(q_ptr, k_ptr, v_ptr, positions_ptr, out_ptr, partial_ptr, arrivals_ptr, tokens_per_row, heads, kv_heads,
             keys, scale, store_row, store_head, store_pos,
             SPLITS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, DIM: tl.constexpr):
     """Programs (row x KV head, split of the keys). A program takes the query heads sharing
-    its KV head, for every token of the row, as one block of group x T query rows (padded
-    to 16 for tl.dot; the fused path's mask layout [rows * kv_heads, group * T, S], see
-    fused.additive_mask) against one block of BLOCK_S keys: softmax(q k^T scale + mask) v,
-    both products on tensor cores. Its partial result (max, sum, weighted values) goes to
+    its KV head, for every token of the row, as one block of group x T query rows (query
+    row member * T + t; padded to 16 for tl.dot) against one block of BLOCK_S keys; a token
+    at position p sees the keys at positions <= p (fused.PassInputs), and keys past the
+    row's last position are never read. softmax(q k^T scale) v over the visible keys, both
+    products on tensor cores. Its partial result (max, sum, weighted values) goes to
     `partial`; the last program of a (row, KV head) to arrive combines them (split-K
     attention in one kernel: a loop over the keys in one program took 8 us on an H100)."""
     program, split = tl.program_id(0), tl.program_id(1)
@@ -182,14 +183,14 @@ def _attend(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, partial_ptr, arrivals_ptr, t
     d = tl.arange(0, DIM)
     q_rows = ((row * tokens_per_row + t) * heads + kv_head * group + member) * DIM
     q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=r_ok[:, None], other=0.0)
+    last = tl.load(positions_ptr + row * tokens_per_row + t, mask=r_ok, other=-1)  # each query row's position
     s = split * BLOCK_S + tl.arange(0, BLOCK_S)
-    s_ok = s < keys
+    s_ok = (s < keys) & (s <= tl.max(last, axis=0))  # a key no token of the row sees is not read
     store = row * store_row + kv_head * store_head
     k = tl.load(k_ptr + store + s[:, None] * store_pos + d[None, :], mask=s_ok[:, None], other=0.0)
     v = tl.load(v_ptr + store + s[:, None] * store_pos + d[None, :], mask=s_ok[:, None], other=0.0)
-    visible = tl.load(mask_ptr + (program * group * tokens_per_row + r)[:, None] * keys + s[None, :],
-                      mask=r_ok[:, None] & s_ok[None, :], other=float("-inf"))
-    scores = tl.dot(q, tl.trans(k), out_dtype=tl.float32) * scale + visible.to(tl.float32)
+    visible = s_ok[None, :] & (s[None, :] <= last[:, None])
+    scores = tl.where(visible, tl.dot(q, tl.trans(k), out_dtype=tl.float32) * scale, float("-inf"))
     best = tl.maximum(tl.max(scores, axis=1), -1.0e30)  # finite: a fully masked block adds exp(-inf) = 0
     weights = tl.exp(scores - best[:, None])
     total = tl.sum(weights, axis=1)
@@ -318,14 +319,14 @@ def rope_store(qkv: Tensor, cos: Tensor, signed_sin: Tensor, write_at: Tensor, k
     return q
 
 
-def attend(q: Tensor, k_store: Tensor, v_store: Tensor, mask: Tensor, tokens_per_row: int) -> Tensor:
-    """q [tokens, heads, D] against the layer's stores [rows, kv_heads, S, D] under the
-    additive mask -> [tokens, heads * D]."""
+def attend(q: Tensor, k_store: Tensor, v_store: Tensor, positions: Tensor, tokens_per_row: int) -> Tensor:
+    """q [tokens, heads, D] against the layer's stores [rows, kv_heads, S, D], the token at
+    positions [rows, T] seeing the keys at positions up to its own -> [tokens, heads * D]."""
     tokens, heads, dim = q.shape
     rows = tokens // tokens_per_row
     kv_heads, keys = k_store.shape[1], k_store.shape[2]
     out = q.new_empty(tokens, heads * dim)
-    mask = mask.contiguous()
+    positions = positions.contiguous()
     block_q = max(16, triton.next_power_of_2(heads // kv_heads * tokens_per_row))
     arrivals = _arrivals(q.device, rows * kv_heads)
 
@@ -334,7 +335,7 @@ def attend(q: Tensor, k_store: Tensor, v_store: Tensor, mask: Tensor, tokens_per
         splits = triton.cdiv(keys, block_s)
         partial = torch.empty(rows * kv_heads * splits * block_q * (dim + 2), dtype=torch.float32, device=q.device)
         _attend[(rows * kv_heads, splits)](
-            q, k_store, v_store, mask, out, partial, arrivals, tokens_per_row, heads, kv_heads, keys, dim**-0.5,
+            q, k_store, v_store, positions, out, partial, arrivals, tokens_per_row, heads, kv_heads, keys, dim**-0.5,
             k_store.stride(0), k_store.stride(1), k_store.stride(2),
             SPLITS=splits, BLOCK_Q=block_q, BLOCK_S=block_s, DIM=dim, num_warps=warps,
         )

@@ -9,16 +9,16 @@ import torch
 
 from respec.engine.fast.chain_step import StepConfig, _logprobs, _sample
 from respec.engine.fast.fused import FusedHead, FusedModel
-from respec.engine.fast.state import FastState, StaticKV, visible_up_to
+from respec.engine.fast.state import FastState, StaticKV
 
 
 def prefill_rows(model: FusedModel, head: FusedHead | None, state: FastState, b: int, width: int, max_new: int,
                  step: StepConfig) -> None:
     tokens, lengths = state.prompt[:b, :width], state.prompt_length[:b]
     positions = torch.arange(width, device=tokens.device).expand(b, width)
-    visible = visible_up_to(positions, state.max_len + 1)  # causal; padding is never seen by real tokens
     capture = head.head.capture_layers if head is not None else ()
-    logits, features = model.run(tokens, positions, visible, StaticKV(state.k, state.v, positions), capture)
+    # Causal: right padding sits after every real token, so no real token sees it.
+    logits, features = model.run(tokens, positions, StaticKV(state.k, state.v, positions), capture)
     last = logits.gather(1, (lengths - 1)[:, None, None].expand(-1, 1, logits.shape[-1])).float()
     first = last[:, 0].argmax(-1) if step.temperature == 0 else _sample(torch.softmax(last[:, 0] / step.temperature, -1))
     _start_rows(state, b, first, _logprobs(last, first[:, None], step.temperature)[:, 0], max_new, step.eos_ids)
@@ -27,7 +27,7 @@ def prefill_rows(model: FusedModel, head: FusedHead | None, state: FastState, b:
         # position reads the first sampled token, and its h is the root's.
         following = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).scatter(1, (lengths - 1)[:, None], first[:, None])
         inputs = head.head.fuse(features.to(state.root_h.dtype))
-        hidden = head(inputs, following, positions, visible, StaticKV(state.head_k, state.head_v, positions))
+        hidden = head(inputs, following, positions, StaticKV(state.head_k, state.head_v, positions))
         state.root_h[:b] = hidden.gather(1, (lengths - 1)[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
 
 

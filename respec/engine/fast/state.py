@@ -25,6 +25,7 @@ class StaticKV:
     def __init__(self, k_store: Tensor, v_store: Tensor, write_at: Tensor) -> None:
         self.k_store, self.v_store, self.write_at = k_store, v_store, write_at
         self.rows = torch.arange(write_at.shape[0], device=write_at.device)[:, None]
+        self.keys = k_store.shape[3]  # positions a row can attend over: max_len + 1
 
     def write_and_read(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """k, v [b, T, kv_heads, dim] -> the rows' keys and values [b, kv_heads, S, dim]."""
