@@ -16,10 +16,14 @@ from torch import Tensor
 from respec.engine.fast.state import StaticKV
 
 
-def kernels_usable(device: torch.device) -> bool:
-    """The default: on CUDA when Triton imports (RESPEC_KERNELS=0 turns them off). On a CPU
+def kernels_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """The default: on CUDA when Triton imports, for bf16/fp16 weights on a GPU with bf16
+    tensor cores (compute capability 8.0 on: tl.dot; float32 would go through TF32 there,
+    not the float32 the PyTorch layers compute). RESPEC_KERNELS=0 turns them off. On a CPU
     they run only when asked for, under Triton's interpreter (the tests)."""
     if os.environ.get("RESPEC_KERNELS", "1") == "0" or device.type != "cuda":
+        return False
+    if dtype not in (torch.bfloat16, torch.float16) or torch.cuda.get_device_capability(device) < (8, 0):
         return False
     try:
         import triton  # noqa: F401

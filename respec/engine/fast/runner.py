@@ -56,8 +56,8 @@ class FastGenerator:
                  graphs: bool | None = None, kernels: bool | None = None) -> None:
         parameter = next(model.parameters())
         self.model, self.head, self.device = model, head, parameter.device
-        # Triton kernels for passes of a few tokens: by default wherever they run (CUDA).
-        self.kernels_on = kernels_usable(self.device) if kernels is None else kernels
+        # Triton kernels for passes of a few tokens: by default wherever they run (CUDA, bf16).
+        self.kernels_on = kernels_usable(self.device, parameter.dtype) if kernels is None else kernels
         self.fused = FusedModel(model, self.kernels_on)
         self.fused_head = FusedHead(head, self.kernels_on) if head is not None else None
         self.buckets = buckets_up_to(max_rows)
