@@ -14,6 +14,7 @@ from respec.engine.checkpoint import load_model
 from respec.engine.drafters.eagle import EagleHead
 from respec.engine.fast import FastGenerator
 from respec.engine.fast.fused import FusedModel
+from respec.engine.fast.kernel_layer import kernels_usable
 from respec.engine.fast.state import FastState, StaticKV, visible_up_to
 from tests.checkpoints import small_qwen2
 
@@ -130,3 +131,11 @@ def test_a_product_split_over_the_inputs_adds_the_shares_up(kernels, rows):
                            config=(16 if rows > 1 else 4, 16, 4, 3))
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
         assert not kernels._arrivals(x.device, 8).any()
+
+
+def test_kernels_are_off_by_default_on_a_cpu_and_when_turned_off(model_and_head, monkeypatch):
+    model, head = model_and_head
+    assert not FastGenerator(model, head, max_rows=2, max_len=24, max_new=4).kernels_on
+    assert not kernels_usable(torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setenv("RESPEC_KERNELS", "0")
+    assert not kernels_usable(torch.device("cuda"), torch.bfloat16)
