@@ -39,27 +39,26 @@ class KernelLayer:
         from respec.engine.fast import kernels  # Triton: imported only where it runs
 
         self.kernels, self.fused = kernels, fused
-        layer = fused.layer
-        self.input_norm = (layer.input_layernorm.weight, layer.input_layernorm.eps)
-        self.post_norm = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
-        self.o_proj, self.down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
-        self.intermediate = layer.mlp.down_proj.in_features
 
     def takes(self, x: Tensor) -> bool:
         return x.shape[0] * x.shape[1] <= self.kernels.MAX_ROWS
 
     def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], positions: Tensor, kv: StaticKV, index: int) -> Tensor:
         """As FusedLayer, each token seeing the keys at positions up to its own."""
-        kernels, fused = self.kernels, self.fused
+        # The layer's own parameters are read at each call, as the PyTorch path reads them:
+        # a captured graph holds the tensors they were at capture.
+        kernels, fused, layer = self.kernels, self.fused, self.fused.layer
+        o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
+        input_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
         b, t, hidden = x.shape
         flat = x.reshape(b * t, hidden)
-        qkv = kernels.gemv(flat, fused.qkv_weight, fused.qkv_weight.shape[0], norm=self.input_norm,
+        qkv = kernels.gemv(flat, fused.qkv_weight, fused.qkv_weight.shape[0], norm=(input_norm.weight, input_norm.eps),
                            bias=fused.qkv_bias)
         k_store, v_store = kv.k_store[index], kv.v_store[index]
         q = kernels.rope_store(qkv, *rope, kv.write_at, k_store, v_store, t, fused.heads, fused.kv_heads)
         attended = kernels.attend(q, k_store, v_store, positions, t)
-        flat = kernels.gemv(attended, self.o_proj.weight, hidden, bias=self.o_proj.bias, residual=flat)
-        act = kernels.gemv(flat, fused.gate_up_weight, self.intermediate, norm=self.post_norm,
+        flat = kernels.gemv(attended, o_proj.weight, hidden, bias=o_proj.bias, residual=flat)
+        act = kernels.gemv(flat, fused.gate_up_weight, down_proj.in_features, norm=(post_norm.weight, post_norm.eps),
                            bias=fused.gate_up_bias, gated=True)
-        flat = kernels.gemv(act, self.down_proj.weight, hidden, bias=self.down_proj.bias, residual=flat)
+        flat = kernels.gemv(act, down_proj.weight, hidden, bias=down_proj.bias, residual=flat)
         return flat.view(b, t, hidden)
