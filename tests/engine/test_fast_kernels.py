@@ -139,3 +139,22 @@ def test_kernels_are_off_by_default_on_a_cpu_and_when_turned_off(model_and_head,
     assert not kernels_usable(torch.device("cpu"), torch.bfloat16)
     monkeypatch.setenv("RESPEC_KERNELS", "0")
     assert not kernels_usable(torch.device("cuda"), torch.bfloat16)
+
+
+def test_with_kernels_refreshed_weights_are_the_ones_generating(kernels, tmp_path):
+    """An RL update in place, then ``refresh_weights``: the kernels read the new weights
+    (the stacked copies and the layer's own), generating what the PyTorch layers do."""
+    model = load_model(small_qwen2(tmp_path / "m", vocab=8, layers=2, std=0.5, seed=3))
+    head = EagleHead.for_target(model, capture_layers=(0, 1))
+    generators = [FastGenerator(model, head, max_rows=2, max_len=24, max_new=8, max_k=2, kernels=use)
+                  for use in (True, False)]
+    prompts = [[1, 2, 3], [4, 5]]
+    before = [r.tokens for r in generators[0].generate(prompts, 2)]
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    for generator in generators:
+        generator.refresh_weights()
+    after, expected = ([r.tokens for r in generator.generate(prompts, 2)] for generator in generators)
+    assert after == expected
+    assert after != before
