@@ -61,9 +61,22 @@ def main() -> None:
         report["tuned"] = {repr(key): config for key, config in kernels._chosen.items()}  # (n, k, flags) -> choice
         log(f"tuned: {report['tuned']}")
     decode = report["steps"]["1"]["k0"]
-    report["decode_over_floor"] = {name: seconds / floor for name, seconds in decode.items()}
+    report["decode_over_floor"] = {name: decode[name] / floor for name in ("kernels", "pytorch")}
     Path(args.json).write_text(json.dumps(report, indent=2))
-    log(f"floor {floor * 1e3:.3f} ms; decode at batch 1 over the floor: {report['decode_over_floor']}")
+    print(table(report))
+    log(f"wrote {args.json}")
+
+
+def table(report: dict) -> str:
+    """Markdown: the graphed step per (batch, k) with and without the kernels, and the floor."""
+    lines = [f"{report['device']}, {report['shape']} shape, random weights; HBM floor at batch 1: "
+             f"{report['hbm_floor_s'] * 1e3:.3f} ms", "",
+             "| batch | k | kernels ms | PyTorch's kernels ms | ratio |", "| --- | --- | --- | --- | --- |"]
+    for b, by_k in report["steps"].items():
+        for k, times in by_k.items():
+            lines.append(f"| {b} | {k[1:]} | {times['kernels'] * 1e3:.3f} | {times['pytorch'] * 1e3:.3f} | "
+                         f"{times['kernels_over_pytorch']:.2f} |")
+    return "\n".join(lines)
 
 
 def agreement(model, b: int, t: int) -> dict:
