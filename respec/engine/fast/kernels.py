@@ -1,16 +1,17 @@
-"""Triton kernels for a decoder layer over a few tokens (decoding, short verification):
-six kernels per layer instead of the fused path's ~20 PyTorch ones.
+"""Triton kernels for a decoder layer over a few tokens (decoding, verification and
+drafting at small batch): six kernels per layer instead of the fused path's ~20.
 
 At a few rows a layer's matrix products are matrix-vector products that should run at the
 speed of reading the weights; cuBLAS takes 4-7 us for each of them at the 0.5B shape (a
-0.4-us read) and the elementwise kernels between them ~2 us each. Here every product is a
-GEMV split over many programs (one block of output features each, all rows at once) with
-the work around it folded in: the RMSNorm before it, the bias, SiLU-and-multiply and the
-residual add after it. RoPE and the KV-store write are one kernel, attention one more.
+0.5-us read) and the elementwise kernels between them ~2 us each. Here every product is a
+GEMV over many programs (a block of output features each, all rows at once, optionally a
+share of the inputs) with the work around it folded in: the RMSNorm before it, the bias,
+SiLU-and-multiply and the residual add after it. RoPE and the KV-store write are one
+kernel, attention one more. docs/ENGINE.md ("Triton kernels") gives the decisions.
 
-Numerics follow the PyTorch layer where it rounds (the normalised input, each product and
-the gate are rounded to the activations' dtype) and accumulate in float32. On a CPU these
-run under Triton's interpreter (TRITON_INTERPRET=1), which is how the tests check them.
+Sums are in float32; each product and the gate are rounded to the activations' dtype where
+the PyTorch layer rounds them. On a CPU these run under Triton's interpreter
+(TRITON_INTERPRET=1), which is how the tests check them.
 """
 
 from __future__ import annotations
