@@ -56,10 +56,10 @@ class FusedLayer:
         """Whether a pass over x [b, T, hidden] runs through the Triton kernels."""
         return self.kernel_layer is not None and self.kernel_layer.takes(x)
 
-    def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, kv: StaticKV, index: int,
-                 positions: Tensor) -> Tensor:
-        """mask: the additive mask for the PyTorch layers; None on the kernels' passes, which
-        read the visibility from `positions` (see PassInputs)."""
+    def __call__(self, x: Tensor, rope, mask: Tensor | None, kv: StaticKV, index: int, positions: Tensor) -> Tensor:
+        """rope, mask: what PassInputs gives. For the PyTorch layers the (cos, signed sin)
+        rows and the additive mask; on the kernels' passes the RoPE table and None: the
+        kernels read both the rotation and the visibility at `positions`."""
         if mask is None:
             return self.kernel_layer(x, rope, positions, kv, index)
         layer, (b, t, hidden) = self.layer, x.shape
@@ -138,9 +138,11 @@ class PassInputs:
         self.rope = RopeTable(inv_freq, config.max_position_embeddings, parameter.dtype, parameter.device)
 
     def __call__(self, positions: Tensor, keys: int, dtype: torch.dtype,
-                 mask: bool) -> tuple[tuple[Tensor, Tensor], Tensor | None]:
+                 mask: bool) -> tuple[tuple[Tensor, Tensor] | RopeTable, Tensor | None]:
+        """The PyTorch layers' (cos, signed sin) rows and additive mask; for the kernels'
+        passes (mask=False) the RoPE table itself, which they read at the positions."""
         if not mask:
-            return self.rope(positions), None
+            return self.rope, None
         return self.rope(positions), additive_mask(visible_up_to(positions, keys), self.kv_heads, self.group, dtype)
 
 

@@ -43,8 +43,9 @@ class KernelLayer:
     def takes(self, x: Tensor) -> bool:
         return x.shape[0] * x.shape[1] <= self.kernels.MAX_ROWS
 
-    def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], positions: Tensor, kv: StaticKV, index: int) -> Tensor:
-        """As FusedLayer, each token seeing the keys at positions up to its own."""
+    def __call__(self, x: Tensor, rope, positions: Tensor, kv: StaticKV, index: int) -> Tensor:
+        """As FusedLayer: rope is the RoPE table (fused.RopeTable), read at `positions`, and
+        each token sees the keys at positions up to its own."""
         # The layer's own parameters are read at each call, as the PyTorch path reads them:
         # a captured graph holds the tensors they were at capture.
         kernels, fused, layer = self.kernels, self.fused, self.fused.layer
@@ -55,7 +56,8 @@ class KernelLayer:
         qkv = kernels.gemv(flat, fused.qkv_weight, fused.qkv_weight.shape[0], norm=(input_norm.weight, input_norm.eps),
                            bias=fused.qkv_bias)
         k_store, v_store = kv.k_store[index], kv.v_store[index]
-        q = kernels.rope_store(qkv, *rope, kv.write_at, k_store, v_store, t, fused.heads, fused.kv_heads)
+        q = kernels.rope_store(qkv, rope.cos, rope.signed_sin, positions, kv.write_at, k_store, v_store, fused.heads,
+                               fused.kv_heads)
         attended = kernels.attend(q, k_store, v_store, positions, t)
         flat = kernels.gemv(attended, o_proj.weight, hidden, bias=o_proj.bias, residual=flat)
         act = kernels.gemv(flat, fused.gate_up_weight, down_proj.in_features, norm=(post_norm.weight, post_norm.eps),

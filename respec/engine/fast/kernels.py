@@ -129,18 +129,20 @@ def _finish(acc, acc_up, squares, m, j, rows, n, k, eps, out_ptr, bias_ptr, resi
 
 
 @triton.jit
-def _rope_store(qkv_ptr, cos_ptr, sin_ptr, write_at_ptr, q_ptr, k_store_ptr, v_store_ptr,
-                tokens_per_row, heads, kv_heads, store_row, store_head, store_pos,
+def _rope_store(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, write_at_ptr, q_ptr, k_store_ptr, v_store_ptr,
+                table_rows, tokens_per_row, heads, kv_heads, store_row, store_head, store_pos,
                 HALF: tl.constexpr):
     """One program per (token, q or k head): RoPE on that head (HF pairs channel i with
-    i + D/2). A q head goes to q [tokens, heads, D]; a k head, and the v head beside it,
-    into the KV store at the token's write position."""
+    i + D/2), its cos and signed sin read from the tables at the token's position (past the
+    tables' end, their last row: rows that are done keep stepping). A q head goes to q
+    [tokens, heads, D]; a k head, and the v head beside it, into the KV store at the
+    token's write position."""
     token, head = tl.program_id(0), tl.program_id(1)
     d = tl.arange(0, HALF)
     width = (heads + 2 * kv_heads) * 2 * HALF
     source = qkv_ptr + token * width + head * 2 * HALF
     low, high = tl.load(source + d).to(tl.float32), tl.load(source + HALF + d).to(tl.float32)
-    table = token * 2 * HALF
+    table = tl.minimum(tl.load(positions_ptr + token), table_rows - 1) * 2 * HALF
     cos_low, cos_high = tl.load(cos_ptr + table + d).to(tl.float32), tl.load(cos_ptr + table + HALF + d).to(tl.float32)
     sin_low, sin_high = tl.load(sin_ptr + table + d).to(tl.float32), tl.load(sin_ptr + table + HALF + d).to(tl.float32)
     dtype = q_ptr.dtype.element_ty
@@ -307,15 +309,16 @@ def _tuned(launch, key: tuple, x: Tensor, heuristic: tuple, candidates: tuple) -
     return _chosen[key]
 
 
-def rope_store(qkv: Tensor, cos: Tensor, signed_sin: Tensor, write_at: Tensor, k_store: Tensor, v_store: Tensor,
-               tokens_per_row: int, heads: int, kv_heads: int) -> Tensor:
+def rope_store(qkv: Tensor, cos: Tensor, signed_sin: Tensor, positions: Tensor, write_at: Tensor, k_store: Tensor,
+               v_store: Tensor, heads: int, kv_heads: int) -> Tensor:
     """qkv [tokens, (heads + 2 kv_heads) * D] -> rotated q [tokens, heads, D]; rotated k and
-    v written into the layer's stores [rows, kv_heads, S, D] at write_at [rows, T]."""
+    v written into the layer's stores [rows, kv_heads, S, D] at write_at [rows, T]. cos and
+    signed_sin are the RoPE tables [positions, D] (fused.RopeTable), read at positions [rows, T]."""
     dim = k_store.shape[-1]
     q = qkv.new_empty(qkv.shape[0], heads, dim)
     _rope_store[(qkv.shape[0], heads + kv_heads)](
-        qkv, cos.contiguous(), signed_sin.contiguous(), write_at.contiguous(), q, k_store, v_store, tokens_per_row, heads, kv_heads,
-        k_store.stride(0), k_store.stride(1), k_store.stride(2), HALF=dim // 2,
+        qkv, cos, signed_sin, positions.contiguous(), write_at.contiguous(), q, k_store, v_store, cos.shape[0],
+        positions.shape[1], heads, kv_heads, k_store.stride(0), k_store.stride(1), k_store.stride(2), HALF=dim // 2,
     )
     return q
 

@@ -24,12 +24,14 @@ class StaticKV:
 
     def __init__(self, k_store: Tensor, v_store: Tensor, write_at: Tensor) -> None:
         self.k_store, self.v_store, self.write_at = k_store, v_store, write_at
-        self.rows = torch.arange(write_at.shape[0], device=write_at.device)[:, None]
         self.keys = k_store.shape[3]  # positions a row can attend over: max_len + 1
+        self.rows: Tensor | None = None  # the store rows' indices, made on the first write
 
     def write_and_read(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """k, v [b, T, kv_heads, dim] -> the rows' keys and values [b, kv_heads, S, dim]."""
         k_layer, v_layer = self.k_store[layer], self.v_store[layer]
+        if self.rows is None:  # once per pass, and only on the PyTorch layers' passes (the kernels write their own)
+            self.rows = torch.arange(self.write_at.shape[0], device=self.write_at.device)[:, None]
         k_layer[self.rows, :, self.write_at] = k.to(k_layer.dtype)
         v_layer[self.rows, :, self.write_at] = v.to(v_layer.dtype)
         return k_layer[: k.shape[0]], v_layer[: k.shape[0]]
