@@ -81,6 +81,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny shape, CPU, few steps: check the script")
     parser.add_argument("--shapes", default="", help="comma-separated shapes (3b,7b) for the step-cost mode")
     parser.add_argument("--sft-steps", type=int, default=1500)
+    parser.add_argument("--sft-bucket-pool", type=int, default=1, help="SFT batches cut by length from this many "
+                        "batches' worth of examples (1: random batches; bucketing pads less but trains a worse "
+                        "policy: bench/sft_bucketing.py)")
     parser.add_argument("--head-steps", type=int, default=1500)
     parser.add_argument("--head-sequences", type=int, default=4096, help="the policy's completions the head is "
                         "distilled on (half sampled, half greedy)")
@@ -160,7 +163,8 @@ def trained_models(args, task, heldout, shape: str, device: str):
         policy_report, head_report = json.loads((cache / "reports.json").read_text())
         log(f"policy and head loaded from {cache} (trained by an earlier run: {policy_report}, {head_report})")
         return model, head, {**policy_report, "loaded_from_cache": True}, head_report
-    policy, policy_report = train_policy(task, shape, device, args.sft_steps, batch=args.sft_batch if not args.smoke else 8)
+    policy, policy_report = train_policy(task, shape, device, args.sft_steps, batch=args.sft_batch if not args.smoke else 8,
+                                         bucket_pool=args.sft_bucket_pool)
     model = policy.to(torch.bfloat16) if device == "cuda" else policy
     release_cached_memory(device)  # SFT's activations and optimiser: the generators' graphs need the room
     policy_report["accuracy_sampled"] = accuracy(model, task, heldout, 1.0, args.max_new)

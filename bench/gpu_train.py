@@ -61,8 +61,12 @@ def log(message: str) -> None:
 
 
 def train_policy(task, shape: str, device: str, steps: int, batch: int = 128, lr: float = 1e-3,
-                 seed: int = 0) -> tuple[CausalLM, dict]:
-    """Supervised training on worked solutions (as `respec prepare` does for the tiny policy)."""
+                 seed: int = 0, bucket_pool: int = 1) -> tuple[CausalLM, dict]:
+    """Supervised training on worked solutions (as `respec prepare` does for the tiny policy).
+    bucket_pool > 1 cuts batches of similar length from that many batches' worth of examples:
+    less padding, but a worse policy (bench/sft_bucketing.py on the CPU: 0.05-0.11 held-out
+    accuracy with a pool of 16 against 0.22-0.26 with random batches, 3 seeds each), so
+    batches are random by default."""
     tokenizer = char_tokenizer()
     model = random_model(shape_config(shape, tokenizer.vocab_size, tokenizer), device, torch.float32, seed).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98), fused=device == "cuda")
@@ -70,7 +74,8 @@ def train_policy(task, shape: str, device: str, steps: int, batch: int = 128, lr
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     rng, started, losses = random.Random(seed), time.perf_counter(), []
-    batches = length_bucketed(lambda: encode_example(tokenizer, *_worked(task.sample(rng))), batch, rng)
+    batches = length_bucketed(lambda: encode_example(tokenizer, *_worked(task.sample(rng))), batch, rng,
+                              pool_batches=bucket_pool)
     padded = real = 0
     for step in range(steps):
         examples = next(batches)
@@ -87,7 +92,8 @@ def train_policy(task, shape: str, device: str, steps: int, batch: int = 128, lr
             losses.append(float(loss.detach()))
             log(f"policy step {step + 1}/{steps}: loss {losses[-1]:.3f}")
     model.eval()
-    return model, {"steps": steps, "batch": batch, "lr": lr, "loss_first": losses[0], "loss_last": losses[-1],
+    return model, {"steps": steps, "batch": batch, "lr": lr, "bucket_pool": bucket_pool, "loss_first": losses[0],
+                   "loss_last": losses[-1],
                    "padding_share": round(1 - real / padded, 3), "wall_s": round(time.perf_counter() - started, 1)}
 
 
@@ -99,7 +105,8 @@ def length_bucketed(example, batch: int, rng: random.Random, pool_batches: int =
     """Endless batches of `batch` examples (each `example()` is (ids, start)): draw
     `pool_batches` batches' worth, sort them by length, cut, and shuffle the batches. Rows of
     one batch are padded to its longest; with the long-tail task (20 to 300 tokens) random
-    batches are about 45% padding (estimated), bucketed ones a few percent (tested)."""
+    batches (pool_batches=1) are about 45% padding (estimated), bucketed ones a few percent
+    (tested). Bucketed batches train a worse policy (see train_policy)."""
     while True:
         pool = sorted((example() for _ in range(batch * pool_batches)), key=lambda e: len(e[0]))
         batches = [pool[i: i + batch] for i in range(0, len(pool), batch)]
