@@ -158,3 +158,13 @@ def test_with_kernels_refreshed_weights_are_the_ones_generating(kernels, tmp_pat
     after, expected = ([r.tokens for r in generator.generate(prompts, 2)] for generator in generators)
     assert after == expected
     assert after != before
+
+
+def test_the_kernels_take_passes_that_fit_their_blocks(kernels, model_and_head):
+    """At most 64 tokens a pass, and at most 64 attention query rows (here 2 query heads per
+    KV head: up to 32 tokens a row); longer passes (prefill) stay on the PyTorch layers."""
+    model, _ = model_and_head
+    layer = FusedModel(model, kernels=True).layers[0]
+    hidden = model.config.hidden_size
+    assert layer.takes(torch.zeros(2, 32, hidden)) and layer.takes(torch.zeros(64, 1, hidden))
+    assert not layer.takes(torch.zeros(1, 33, hidden)) and not layer.takes(torch.zeros(65, 1, hidden))

@@ -41,7 +41,11 @@ class KernelLayer:
         self.kernels, self.fused = kernels, fused
 
     def takes(self, x: Tensor) -> bool:
-        return x.shape[0] * x.shape[1] <= self.kernels.MAX_ROWS
+        """Passes of at most MAX_ROWS tokens whose attention block (the query heads of a KV
+        head x the row's tokens) fits the one the kernel is built for."""
+        fused, (b, t) = self.fused, x.shape[:2]
+        group = fused.heads // fused.kv_heads
+        return b * t <= self.kernels.MAX_ROWS and group * t <= self.kernels.MAX_QUERY_ROWS
 
     def __call__(self, x: Tensor, rope, positions: Tensor, kv: StaticKV, index: int) -> Tensor:
         """As FusedLayer: rope is the RoPE table (fused.RopeTable), read at `positions`, and

@@ -22,6 +22,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
+MAX_QUERY_ROWS = 64  # attention's block of query rows: the query heads of a KV head x tokens
 MAX_ROWS = 64  # the most rows (batch x tokens) a layer takes through these kernels: one row
 # is a multiply-and-sum on the CUDA cores, 2-64 one tl.dot on tensor cores (padded to 16,
 # 32 or 64 rows: the arithmetic is free, the weights are read once either way; a loop over
