@@ -68,7 +68,12 @@ def main() -> None:
     if args.shapes:
         report["step_cost"] = step_cost_curves(args.shapes.split(","), device, args.batches)
     else:
-        report.update(full_run(args, device))
+        # Each finished section is written at once: a run cut off by the device's time limit
+        # still leaves what it measured (marked partial).
+        def save_partial(done: dict) -> None:
+            Path(args.json).write_text(json.dumps({**report, **done, "partial": True}, indent=2))
+
+        report.update(full_run(args, device, save_partial))
     report["wall_s"] = round(time.perf_counter() - started, 1)
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(markdown(report))
@@ -125,7 +130,7 @@ def parse_args() -> argparse.Namespace:
 # ---------------------------------------------------------------------- full mode
 
 
-def full_run(args, device: str) -> dict:
+def full_run(args, device: str, save_partial=lambda done: None) -> dict:
     shape = "smoke" if args.smoke else "0.5b"
     low, high = args.operands
     settings = {**TASK[1], "max_value": args.max_value, "min_operands": low, "max_operands": high}
@@ -138,19 +143,26 @@ def full_run(args, device: str) -> dict:
                    for i in range(64)]
     out = {"shape": shape, "task": {"name": TASK[0], **settings},
            "policy": policy_report, "head": head_report}
+    save_partial(out)
     if "decode" in args.sections:
         out["decode"] = decode_section(model, prompts[0], device, args)
+        save_partial(out)
     rl_rows = 8 * max(args.rl_groups) if "rl" in args.sections else 0
     profile = scheduler_profile(generator_for(model, head, device, args, max(*args.batches, rl_rows), 1.0),
                                 calibration, device)
+    out["profile"] = profile
     if "sweep" in args.sections:
         out["sweep"] = sweep_section(model, head, prompts, profile, device, args)
+        save_partial(out)
     if "greedy" in args.sections:
         out["greedy_equality"] = greedy_section(model, head, prompts[:64], device, args)
+        save_partial(out)
     if "rl" in args.sections:
-        out["rl"] = [rl_section(model, head, task, profile, args.rl_steps, groups, 8, args.max_new,
-                                args.rl_lr, log, args.rl_variants) for groups in args.rl_groups]
-    out["profile"] = profile
+        out["rl"] = []
+        for groups in args.rl_groups:
+            out["rl"].append(rl_section(model, head, task, profile, args.rl_steps, groups, 8, args.max_new,
+                                        args.rl_lr, log, args.rl_variants))
+            save_partial(out)
     return out
 
 
