@@ -503,7 +503,7 @@ def flatten_parameters(module: torch.nn.Module) -> torch.Tensor:
 
 
 def distill_rollouts(target: CausalLM, head: EagleHead, optimizer, samples: list[TrainSample], rewards: list[float],
-            batch: int = 128, unroll: int = 4, scale: float = 1.0, apply: bool = True) -> None:
+                     batch: int = 128, unroll: int = 4, scale: float = 1.0, apply: bool = True) -> None:
     """One pass over `samples`, each weighted by its reward over their mean reward (the
     DraftDistiller's "reward" weighting, clipped to [0.1, 5]). The targets come from
     `target`: the trainer's own (newest) weights under autocast. The loss, times `scale`,

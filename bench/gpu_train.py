@@ -30,6 +30,9 @@ SHAPES = {
                num_key_value_heads=2, head_dim=128, tie_word_embeddings=True, vocab_size=151936),
     "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                num_key_value_heads=4, head_dim=128, tie_word_embeddings=False, vocab_size=152064),
+    # bench/sft_bucketing.py's: small enough to train on two CPU cores in a minute.
+    "sft_ab": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, vocab_size=151936),
     # The shape `--smoke` runs on a CPU to check the script end to end.
     "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, vocab_size=151936),

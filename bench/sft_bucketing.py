@@ -21,12 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu_train import SHAPES, accuracy, train_policy  # noqa: E402
+from gpu_train import accuracy, train_policy  # noqa: E402
 
 from respec.tasks import make_task  # noqa: E402
-
-SHAPES["sft_ab"] = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, vocab_size=151936)
 
 
 def main() -> None:

@@ -90,9 +90,7 @@ def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, partial_ptr, 
         tl.store(slot + tile, acc)
         tl.store(slot + BLOCK_M * BLOCK_N + tile, acc_up)
         tl.store(slot + 2 * BLOCK_M * BLOCK_N + m, squares)
-        tl.debug_barrier()  # every thread's share is written before the arrival is counted
-        if tl.atomic_add(arrivals_ptr + block, 1, sem="acq_rel") == SPLITS - 1:  # the last: add up, finish
-            tl.atomic_xchg(arrivals_ptr + block, 0)  # ready for the next launch (graph replays too)
+        if _last_to_arrive(arrivals_ptr + block, SPLITS):  # add the shares up, finish
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             squares = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -103,6 +101,19 @@ def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, partial_ptr, 
                 squares += tl.load(part + 2 * BLOCK_M * BLOCK_N + m, cache_modifier=".cg")
             _finish(acc, acc_up, squares, m, j, rows, n, k, eps, out_ptr, bias_ptr, residual_ptr, NORM, BIAS,
                     RESIDUAL, GATED)
+
+
+@triton.jit
+def _last_to_arrive(counter_ptr, SPLITS: tl.constexpr):
+    """Called by each of SPLITS programs once its share is stored: True for the last to
+    arrive, which then resets the counter for the next launch (graph replays too). The
+    barrier puts every thread's stores before the count; the count is acquire-release, so
+    the last program sees every other program's shares."""
+    tl.debug_barrier()
+    last = tl.atomic_add(counter_ptr, 1, sem="acq_rel") == SPLITS - 1
+    if last:
+        tl.atomic_xchg(counter_ptr, 0)
+    return last
 
 
 @triton.jit
@@ -208,10 +219,7 @@ def _attend(q_ptr, k_ptr, v_ptr, positions_ptr, out_ptr, partial_ptr, arrivals_p
         tl.store(slot + r[:, None] * DIM + d[None, :], acc)
         tl.store(slot + BLOCK_Q * DIM + r, best)
         tl.store(slot + BLOCK_Q * DIM + BLOCK_Q + r, total)
-        tl.debug_barrier()  # every thread's partial is written before the arrival is counted
-        arrived = tl.atomic_add(arrivals_ptr + program, 1, sem="acq_rel")
-        if arrived == SPLITS - 1:  # the last one here: combine every split's partial
-            tl.atomic_xchg(arrivals_ptr + program, 0)  # ready for the next launch (graph replays too)
+        if _last_to_arrive(arrivals_ptr + program, SPLITS):  # combine every split's partial
             first = partial_ptr + program * SPLITS * BLOCK_Q * (DIM + 2)
             overall = tl.full([BLOCK_Q], -1.0e30, dtype=tl.float32)
             for other in tl.static_range(SPLITS):
