@@ -35,6 +35,13 @@ does not wait for the head (whose update reaches the generator with the next ver
 ``_whole`` (``respec_whole``, ``respec_2gpu_whole``): the head's update in one call every third
 version instead of a slice per version (one call's fixed cost paid once, not three times).
 
+The head distils from what the GRPO update's own forward pass computed for the rollouts
+(their hidden states at the head's layers and the logits: TrainerConfig.capture_layers),
+not from a target pass of its own, which was 58% of a head update's time on an H100
+(bench/train_lane.py); the targets are then the weights before the update, one version
+older. ``_target_pass`` (``respec_2gpu_target_pass``): the earlier way, a pass of the
+newest weights over the rollouts.
+
 On two GPUs (names with ``_2gpu``): generation stays on the first GPU, the update and
 the head's distillation run on the second (the actors' deployment: Generator + Verifier
 on one device, PolicyTrainer + DraftDistiller on another), and publishing copies the
@@ -70,7 +77,7 @@ from respec.engine.fast import FastGenerator
 from respec.engine.model import CausalLM
 from respec.engine.tokenizer import char_tokenizer
 from respec.rl.distill import pad_right
-from respec.rl.trainer import GRPOTrainer, TrainerConfig, TrainSample
+from respec.rl.trainer import CapturedPass, GRPOTrainer, TrainerConfig, TrainSample
 from respec.runtime.weights_transfer import flatten, unflatten
 
 DISTILL_SAMPLES = 64  # rollouts per head update at most: the latest ones (one pass). A slice of 128
@@ -90,7 +97,8 @@ DISTILL_LR = 5e-5
 VARIANTS = ("sync_nosd", "sync_sd", "respec", "respec_switch_5ms", "sync_nosd_again")
 VARIANTS_2GPU = ("sync_nosd_2gpu", "sync_nosd_half", "sync_nosd", "async_nosd_2gpu", "respec_2gpu", "sync_nosd_2gpu_again")
 KNOWN_VARIANTS = frozenset(VARIANTS + VARIANTS_2GPU + ("sync_sd_2gpu", "async_nosd", "sync_nosd_2gpu_again",
-                                                       "respec_whole", "respec_2gpu_whole"))
+                                                       "respec_whole", "respec_2gpu_whole", "respec_target_pass",
+                                                       "respec_2gpu_target_pass", "respec_2gpu_whole_target_pass"))
 WARM_STEPS = 3
 LENGTH_MULTIPLE = 32  # update lengths padded to a multiple: few kernel shapes (TrainerConfig.length_multiple)
 SWITCH_INTERVAL_S = 5e-4
@@ -150,7 +158,12 @@ class Variant:
     @property
     def whole_distill(self) -> bool:
         """``_whole``: the head's update in one call every DISTILL_EVERY versions, not a slice per version."""
-        return self.name.endswith("_whole")
+        return "_whole" in self.name
+
+    @property
+    def target_pass(self) -> bool:
+        """``_target_pass``: the head's targets from a pass of its own, not the update's."""
+        return self.name.endswith("_target_pass")
 
     @property
     def switch_interval(self) -> float:
@@ -204,7 +217,10 @@ class Setup:
     draft_master: EagleHead | None = None
     draft_optimizer: torch.optim.Optimizer | None = None
     whole_distill: bool = False
-    pending: list[TrainSample] = field(default_factory=list)  # rollouts not yet distilled (``_whole``: since the last update)
+    target_pass: bool = False  # the head's targets from a pass of their own (else the update's: ``captured``)
+    # Rollouts not yet distilled (``_whole``: since the last head update): samples with
+    # ``target_pass``, else the update's views of them with their rewards.
+    pending: list = field(default_factory=list)
 
     @staticmethod
     def build(variant: Variant, model, head, task, choice, groups, group_size, max_new, lr) -> Setup:
@@ -224,9 +240,12 @@ class Setup:
             draft_optimizer = torch.optim.AdamW(draft_master.parameters(), lr=DISTILL_LR)
         generator = FastGenerator(infer, draft, max_rows=groups * group_size, max_len=80 + max_new + 8,
                                   max_new=max_new, max_k=6 if variant.drafting else 0, temperature=1.0, eos_ids=(eos,))
-        trainer = GRPOTrainer(master, TrainerConfig(lr=lr, micro_batch=64, length_multiple=LENGTH_MULTIPLE))
+        captured = draft_master.capture_layers if variant.drafting and not variant.target_pass else ()
+        trainer = GRPOTrainer(master, TrainerConfig(lr=lr, micro_batch=64, length_multiple=LENGTH_MULTIPLE,
+                                                    capture_layers=captured))
         return Setup(variant.name, task, infer, master, trainer, generator, choice if variant.drafting else None,
-                     groups, group_size, pairs, draft, draft_master, draft_optimizer, variant.whole_distill)
+                     groups, group_size, pairs, draft, draft_master, draft_optimizer, variant.whole_distill,
+                     variant.target_pass)
 
     @property
     def drafting(self) -> bool:
@@ -292,16 +311,20 @@ class Setup:
 
     def distill(self, step: int, samples: list[TrainSample]) -> dict:
         """The head's share of distillation for this version: a slice of its gradient (the
-        latest rollouts, against the newest weights), applied every DISTILL_EVERY versions;
-        or, with `whole_distill`, all of it in one call every DISTILL_EVERY versions."""
+        latest rollouts, against the update's pass over them, or with `target_pass` a pass
+        of the newest weights), applied every DISTILL_EVERY versions; or, with
+        `whole_distill`, all of it in one call every DISTILL_EVERY versions. Call it after
+        `train` on the same samples."""
         started = time.perf_counter()
         due = step % DISTILL_EVERY == 0
         if self.drafting:
-            self.pending += samples[-(DISTILL_SAMPLES // DISTILL_EVERY):]
+            first = max(0, len(samples) - DISTILL_SAMPLES // DISTILL_EVERY)
+            self.pending += samples[first:] if self.target_pass else captured_views(self.trainer.captured, samples, first)
         if self.pending and (due or not self.whole_distill):
-            batch, self.pending = self.pending, []
-            distill_rollouts(self.master, self.draft_master, self.draft_optimizer, batch, [s.reward for s in batch],
-                             scale=1.0 if self.whole_distill else 1 / DISTILL_EVERY, apply=due)
+            pending, self.pending = self.pending, []
+            views = target_views(self.master, self.draft_master, pending) if self.target_pass else pending
+            distill_views(self.draft_master, self.draft_optimizer, views,
+                          scale=1.0 if self.whole_distill else 1 / DISTILL_EVERY, apply=due)
             _sync(self.master)
         return {"distill_s": time.perf_counter() - started}
 
@@ -508,20 +531,60 @@ def distill_rollouts(target: CausalLM, head: EagleHead, optimizer, samples: list
     DraftDistiller's "reward" weighting, clipped to [0.1, 5]). The targets come from
     `target`: the trainer's own (newest) weights under autocast. The loss, times `scale`,
     adds to the head's gradients; `apply`: take the optimiser step (and clear them) after
-    each batch, else keep accumulating for a later call."""
+    the pass, else keep accumulating for a later call."""
+    scored = [TrainSample(s.prompt, s.response, s.behaviour_logprobs, r, s.group_id) for s, r in zip(samples, rewards,
+                                                                                                  strict=True)]
+    distill_views(head, optimizer, target_views(target, head, scored, batch), unroll, scale, apply)
+
+
+def target_views(target: CausalLM, head: EagleHead, samples: list[TrainSample],
+                 batch: int = 128) -> list[tuple[CapturedPass, torch.Tensor]]:
+    """A pass of `target` (no gradients, autocast) over the samples, `batch` at a time: each
+    batch's view (tokens, hidden states at the head's layers, logits) and its rewards."""
     device = next(target.parameters()).device
-    mean = sum(rewards) / len(rewards)
-    weights = torch.tensor([r / mean if mean > 0 else 1.0 for r in rewards]).clamp(0.1, 5.0)
     sequences = [torch.cat([s.prompt, s.response]).tolist() for s in samples]
+    views = []
     for start in range(0, len(sequences), batch):
         tokens, valid = pad_right(sequences[start:start + batch], char_tokenizer().pad_id or 0)
         tokens, valid = tokens.to(device), valid.to(device)
         with torch.no_grad(), _autocast(device):
             output = target(tokens, capture_layers=head.capture_layers)
+        rows = torch.arange(start, start + len(tokens), device=device)
+        rewards = torch.tensor([s.reward for s in samples[start:start + batch]])
+        views.append((CapturedPass(rows, tokens, valid, torch.cat(output.captured, dim=-1), output.logits), rewards))
+    return views
+
+
+def captured_views(passes: list[CapturedPass], samples: list[TrainSample],
+                   first: int) -> list[tuple[CapturedPass, torch.Tensor]]:
+    """The update's views (GRPOTrainer.captured) of samples[first:], with their rewards."""
+    views = []
+    for view in passes:
+        keep = (view.rows >= first).nonzero().squeeze(1)
+        if len(keep):
+            rows = view.rows[keep]
+            rewards = torch.tensor([samples[int(row)].reward for row in rows])
+            views.append((CapturedPass(rows, view.tokens[keep], view.valid[keep], view.features[keep],
+                                       view.logits[keep]), rewards))
+    return views
+
+
+def distill_views(head: EagleHead, optimizer, views: list[tuple[CapturedPass, torch.Tensor]], unroll: int = 4,
+                  scale: float = 1.0, apply: bool = True) -> None:
+    """The head's mean KL to the targets over every rollout in `views`, each weighted by its
+    reward over the mean reward of all of them (clipped to [0.1, 5]). The loss, times
+    `scale`, adds to the head's gradients (a view at a time, its mean weighted by its share
+    of the rollouts); `apply`: then take the optimiser step and clear them, else keep
+    accumulating for a later call."""
+    rewards = torch.cat([r for _, r in views])
+    mean, total = float(rewards.mean()), len(rewards)
+    for view, view_rewards in views:
+        device = view.tokens.device
+        weights = (view_rewards / mean if mean > 0 else torch.ones_like(view_rewards)).clamp(0.1, 5.0)
         with _autocast(device):
-            loss = distill_loss(head, torch.cat(output.captured, dim=-1).float(), tokens, output.logits.float(),
-                                weights=weights[start:start + batch].to(device), valid=valid, steps=unroll)
-        (loss * scale).backward()
-        if apply:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = distill_loss(head, view.features.float(), view.tokens, view.logits.float(),
+                                weights=weights.to(device), valid=view.valid, steps=unroll)
+        (loss * scale * len(view_rewards) / total).backward()
+    if apply:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)

@@ -42,6 +42,15 @@ class TrainerConfig:
     length_multiple: int = 1
     epochs: int = 1
     scale_by_std: bool = True
+    # AdamW as one fused kernel over every parameter where they are all on a GPU (the
+    # for-each default launches a handful of kernels per parameter tensor, ~290 of them at
+    # the 0.5B shape): bench/train_lane.py measures both. The CPU keeps the default.
+    fused_adamw: bool = True
+    # Layers whose hidden states the update's forward pass keeps, with its logits, for a
+    # drafter's distillation (GRPOTrainer.captured): the distillation then needs no target
+    # pass of its own (58% of a head update's time on an H100, bench/train_lane.py). The
+    # targets are the weights before this update, one version older than a pass after it.
+    capture_layers: tuple[int, ...] = ()
     ppo: PPOConfig = PPOConfig()
 
 
@@ -51,8 +60,11 @@ class GRPOTrainer:
         self.model, self.config, self.reference = model, config, reference
         groups = _param_groups(model, config)
         self._trained = [p for group in groups for p in group["params"]]
-        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        on_gpu = all(p.is_cuda and p.dtype == torch.float32 for p in self._trained)
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay,
+                                           fused=True if config.fused_adamw and on_gpu else None)
         self.version = 0
+        self.captured: list[CapturedPass] = []  # the last step's, when config.capture_layers
 
     def step(self, samples: list[TrainSample]) -> dict[str, float]:
         if not samples:  # nothing to learn from (every rollout failed): a new version, same weights
@@ -70,11 +82,13 @@ class GRPOTrainer:
                          if self.reference is not None else None)
         total_tokens = batch.mask.sum().clamp(min=1)
         stats: dict[str, float] = {}
+        self.captured = []
         self.model.train()
-        for _ in range(self.config.epochs):
+        for epoch in range(self.config.epochs):
             self.optimizer.zero_grad(set_to_none=True)
             for i, part in enumerate(micro_batches):
-                logprobs = self._logprobs(self.model, part)
+                keep = self.captured if epoch == 0 and self.config.capture_layers else None
+                logprobs = self._logprobs(self.model, part, self.config.capture_layers, keep)
                 loss, stats = ppo_loss(logprobs, logprobs.detach() if proximal is None else proximal[i], part.behaviour,
                                        advantages[part.rows], part.mask, self.config.ppo,
                                        None if reference is None else reference[i])
@@ -98,9 +112,16 @@ class GRPOTrainer:
         return self.config.epochs > 1
 
     @staticmethod
-    def _logprobs(model: CausalLM, batch: _Batch) -> torch.Tensor:
-        """log p(response token | everything before it), at T = the sampling temperature."""
-        logits = model(batch.tokens).logits[:, :-1].float()
+    def _logprobs(model: CausalLM, batch: _Batch, capture_layers: tuple[int, ...] = (),
+                  keep: list[CapturedPass] | None = None) -> torch.Tensor:
+        """log p(response token | everything before it), at T = the sampling temperature;
+        with `keep`, the pass's captured hidden states and logits are appended to it."""
+        output = model(batch.tokens, capture_layers=capture_layers or None)
+        if keep is not None:
+            valid = torch.arange(batch.tokens.shape[1], device=batch.tokens.device)[None, :] < batch.lengths[:, None]
+            keep.append(CapturedPass(batch.rows, batch.tokens, valid, torch.cat(output.captured, dim=-1).detach(),
+                                     output.logits.detach()))
+        logits = output.logits[:, :-1].float()
         logits = logits / batch.temperature[:, None, None]
         logp = torch.log_softmax(logits, dim=-1).gather(-1, batch.tokens[:, 1:, None]).squeeze(-1)
         return logp.gather(1, batch.response_index)
@@ -127,6 +148,17 @@ def _param_groups(model: CausalLM, config: TrainerConfig) -> list[dict]:
             for parameter in group["params"]:
                 parameter.requires_grad_(False)
     return [group for group in groups if group["lr"] > 0]
+
+
+@dataclass(frozen=True)
+class CapturedPass:
+    """What the update's forward pass computed for some of the step's rollouts, detached:
+    a drafter distils from it (TrainerConfig.capture_layers)."""
+    rows: torch.Tensor  # long [B]: which of the step's samples, in the order given to step()
+    tokens: torch.Tensor  # long [B, L]: prompt + response, right-padded
+    valid: torch.Tensor  # bool [B, L]: the real tokens
+    features: torch.Tensor  # [B, L, layers * hidden]: the hidden states after capture_layers, concatenated
+    logits: torch.Tensor  # [B, L, V]: the policy's raw logits (no temperature)
 
 
 @dataclass

@@ -126,3 +126,51 @@ def test_head_update_in_slices_is_the_update_in_one_piece():
     for a, b in zip(whole.parameters(), sliced.parameters(), strict=True):
         torch.testing.assert_close(a, b)
     assert any(not torch.allclose(a, b) for a, b in zip(whole.parameters(), early.parameters(), strict=True))
+
+
+def test_head_distilled_from_the_updates_pass_equals_one_from_a_target_pass_before_it():
+    """The RL section's head learns from the GRPO update's own view of the rollouts
+    (captured_views): the same head update as a target pass of the weights before the
+    update over the same rollouts (target_views), and not the same as one after it. Only
+    the latest rollouts are taken (fails if `first` is ignored). The update's micro-batches
+    of two make three views, whose means count by their share of the rollouts (fails if
+    each view's mean counts alike)."""
+    import copy
+
+    import torch
+    from gpu_rl import captured_views, distill_views, target_views
+
+    from respec.engine.config import ModelConfig
+    from respec.engine.drafters.eagle import EagleHead
+    from respec.engine.model import CausalLM
+    from respec.engine.tokenizer import char_tokenizer
+    from respec.rl.trainer import GRPOTrainer, TrainerConfig, TrainSample
+
+    torch.manual_seed(0)
+    vocab = char_tokenizer().vocab_size
+    config = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=vocab, hidden_size=16, head_dim=4,
+                         intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         attention_bias=True)
+    policy = CausalLM(config).eval()
+    before = copy.deepcopy(policy)
+    base = EagleHead.for_target(before)
+    samples = [TrainSample(torch.randint(3, vocab, (4,)), torch.randint(3, vocab, (n,)), torch.full((n,), -3.0), r,
+                           str(i // 3)) for i, (n, r) in enumerate(zip((6, 3, 5, 7, 2, 4), (1.0, 0.0, 1.0, 0.5, 0.0, 1.0),
+                                                                        strict=True))]
+    trainer = GRPOTrainer(policy, TrainerConfig(lr=1e-1, micro_batch=2, capture_layers=base.capture_layers))
+    trainer.step(samples)
+
+    def trained(views):
+        head = EagleHead.for_target(before).train()
+        head.load_state_dict(base.state_dict())
+        distill_views(head, torch.optim.SGD(head.parameters(), lr=0.5), views)
+        return head
+
+    from_update = trained(captured_views(trainer.captured, samples, 2))
+    from_before = trained(target_views(before, base, samples[2:]))
+    from_after = trained(target_views(policy, base, samples[2:]))
+    from_all = trained(target_views(before, base, samples))
+    for a, b in zip(from_update.parameters(), from_before.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    for other in (from_after, from_all):
+        assert any(not torch.allclose(a, b) for a, b in zip(from_update.parameters(), other.parameters(), strict=True))

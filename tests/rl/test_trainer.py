@@ -152,3 +152,37 @@ def test_gain_lr_is_the_gains_lr_and_lr_the_rest(tmp_path):
     lrs = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
     for name, parameter in model.named_parameters():
         assert lrs[id(parameter)] == (1e-2 if name.endswith("norm.weight") else 1e-4), name
+
+
+def test_captured_pass_is_the_weights_before_the_update_and_changes_nothing(tmp_path):
+    """With capture_layers the update keeps, for every sample exactly once, the hidden states
+    and logits its forward pass computed: those of the weights before the update, at each
+    real token (fails if rows are mislabelled, padding counted as real, or the pass is taken
+    after the step); and the update itself is the one without capture."""
+    prompt = torch.tensor([1, 2, 3])
+    responses = [torch.tensor([5, 6, 7]), torch.tensor([9]), torch.tensor([4, 4]), torch.tensor([8, 2, 2, 2])]
+    before = tiny(tmp_path)
+    samples = samples_for(before, prompt, responses, [1.0, 0.0, 1.0, 0.0])
+    plain, capturing = tiny(tmp_path), tiny(tmp_path)
+    GRPOTrainer(plain, TrainerConfig(lr=1e-2, micro_batch=2, length_multiple=4)).step(samples)
+    trainer = GRPOTrainer(capturing, TrainerConfig(lr=1e-2, micro_batch=2, length_multiple=4, capture_layers=(0, 1)))
+    trainer.step(samples)
+    for a, b in zip(plain.parameters(), capturing.parameters(), strict=True):
+        assert torch.equal(a, b)
+    seen = []
+    for view in trainer.captured:
+        for i, row in enumerate(view.rows.tolist()):
+            seen.append(row)
+            tokens = torch.cat([samples[row].prompt, samples[row].response])
+            assert view.valid[i].sum() == len(tokens) and torch.equal(view.tokens[i, : len(tokens)], tokens)
+            with torch.no_grad():
+                reference = before(tokens[None], capture_layers=(0, 1))
+            torch.testing.assert_close(view.logits[i, : len(tokens)], reference.logits[0])
+            torch.testing.assert_close(view.features[i, : len(tokens)], torch.cat(reference.captured, dim=-1)[0])
+    assert sorted(seen) == [0, 1, 2, 3]
+
+
+def test_fused_adamw_only_where_every_parameter_is_on_a_gpu(tmp_path):
+    """On the CPU the optimiser keeps PyTorch's default kernels (the fused one is for GPUs)."""
+    trainer = GRPOTrainer(tiny(tmp_path), TrainerConfig(fused_adamw=True))
+    assert not trainer.optimizer.defaults.get("fused")
