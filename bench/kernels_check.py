@@ -2,7 +2,7 @@
 compute (bf16), and what do they save per step? A random model of a Qwen2.5 shape with
 the built-in vocabulary (the bench's policy shape), with and without the kernels.
 
-    python3 bench/kernels_check.py --json f.json [--shape 0.5b]
+    python3 bench/kernels_check.py --json f.json [--shape 0.5b] [--pdl]
 
 Prints, per (batch, tokens per row), the largest logit difference against the logits'
 spread and how often the argmax agrees; then the graphed step time with and without the
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--shape", default="0.5b")
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--ks", default="0,3,6")
+    parser.add_argument("--pdl", action="store_true", help="also with programmatic dependent launch (Hopper)")
     parser.add_argument("--device", default="cuda", help="cpu: a check of the script (TRITON_INTERPRET=1, --shape smoke)")
     args = parser.parse_args()
     global DEVICE
@@ -53,8 +54,10 @@ def main() -> None:
     report["hbm_floor_s"], report["bandwidth"] = floor, bandwidth
     if DEVICE == "cuda":
         report["products"] = product_times(model)
+    if args.pdl:
+        report["pdl_greedy_equal"] = pdl_greedy_equal(model, head)
     report["steps"] = step_times(model, head, [int(b) for b in args.batches.split(",")],
-                                 [int(k) for k in args.ks.split(",")])
+                                 [int(k) for k in args.ks.split(",")], args.pdl)
     if DEVICE == "cuda":
         from respec.engine.fast import kernels
 
@@ -69,14 +72,41 @@ def main() -> None:
 
 def table(report: dict) -> str:
     """Markdown: the graphed step per (batch, k) with and without the kernels, and the floor."""
+    pdl = "pdl_greedy_equal" in report
     lines = [f"{report['device']}, {report['shape']} shape, random weights; HBM floor at batch 1: "
              f"{report['hbm_floor_s'] * 1e3:.3f} ms", "",
-             "| batch | k | kernels ms | PyTorch's kernels ms | ratio |", "| --- | --- | --- | --- | --- |"]
+             "| batch | k | kernels ms | PyTorch's kernels ms | ratio |" + (" kernels + PDL ms | PDL / kernels |" if pdl else ""),
+             "| --- | --- | --- | --- | --- |" + (" --- | --- |" if pdl else "")]
     for b, by_k in report["steps"].items():
         for k, times in by_k.items():
             lines.append(f"| {b} | {k[1:]} | {times['kernels'] * 1e3:.3f} | {times['pytorch'] * 1e3:.3f} | "
-                         f"{times['kernels_over_pytorch']:.2f} |")
+                         f"{times['kernels_over_pytorch']:.2f} |"
+                         + (f" {times['kernels_pdl'] * 1e3:.3f} | {times['pdl_over_kernels']:.2f} |" if pdl else ""))
+    if pdl:
+        lines += ["", f"Greedy rows identical with and without PDL: {report['pdl_greedy_equal']}"]
     return "\n".join(lines)
+
+
+def pdl_greedy_equal(model, head, rows: int = 8, new: int = 96) -> dict:
+    """Greedy generation (plain and k4) on random prompts with the kernels, without PDL and
+    with it: the same kernels doing the same arithmetic, so the tokens must be identical."""
+    from respec.engine.fast import kernels as triton_kernels
+
+    generator = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(4, model.config.vocab_size, (12 + 3 * i,), generator=generator).tolist()
+               for i in range(rows)]
+    out = {}
+    for k in (0, 4):
+        tokens = []
+        for with_pdl in (False, True):
+            triton_kernels.PDL = with_pdl
+            fast = FastGenerator(model, head if k else None, max_rows=rows, max_len=256, max_new=new, max_k=4)
+            tokens.append([r.tokens for r in fast.generate(prompts, k)])
+            del fast
+        triton_kernels.PDL = False
+        out[f"k{k}"] = sum(a == b for a, b in zip(*tokens, strict=True))
+    log(f"PDL: greedy rows identical to the kernels without it (of {rows}): {out}")
+    return out
 
 
 def agreement(model, b: int, t: int) -> dict:
@@ -165,19 +195,28 @@ def graph_us(work, calls: int) -> float:
     return start.elapsed_time(end) * 1e3 / (10 * calls)
 
 
-def step_times(model, head, batches: list[int], ks: list[int]) -> dict:
-    """Graphed step seconds per batch and k, with the kernels and without."""
+def step_times(model, head, batches: list[int], ks: list[int], pdl: bool = False) -> dict:
+    """Graphed step seconds per batch and k, with the kernels and without (and with the
+    kernels under PDL)."""
+    from respec.engine.fast import kernels as triton_kernels
+
     out = {}
     for b in batches:
         out[str(b)] = {}
         for k in ks:
             times = {}
-            for kernels in (True, False):
+            for name, kernels, with_pdl in (("kernels", True, False), ("pytorch", False, False),
+                                             *((("kernels_pdl", True, True),) if pdl else ())):
+                triton_kernels.PDL = with_pdl  # read at each launch: the graph captures it
                 generator = FastGenerator(model, head if k else None, max_rows=b, max_len=256, max_new=128,
                                           max_k=max(ks), kernels=kernels)
-                times["kernels" if kernels else "pytorch"] = step_seconds(generator, b, k, DEVICE, steps=100 if DEVICE == "cuda" else 2)
+                times[name] = step_seconds(generator, b, k, DEVICE, steps=100 if DEVICE == "cuda" else 2)
                 del generator
+            triton_kernels.PDL = False
             times["kernels_over_pytorch"] = times["kernels"] / times["pytorch"]
+            if pdl:
+                times["pdl_over_kernels"] = times["kernels_pdl"] / times["kernels"]
+                log(f"batch {b} k {k}: with PDL {times['kernels_pdl'] * 1e3:.3f} ms ({times['pdl_over_kernels']:.2f}x)")
             out[str(b)][f"k{k}"] = times
             log(f"batch {b} k {k}: kernels {times['kernels'] * 1e3:.3f} ms, pytorch {times['pytorch'] * 1e3:.3f} ms "
                 f"({times['kernels_over_pytorch']:.2f}x)")

@@ -168,3 +168,15 @@ def test_the_kernels_take_passes_that_fit_their_blocks(kernels, model_and_head):
     hidden = model.config.hidden_size
     assert layer.takes(torch.zeros(2, 32, hidden)) and layer.takes(torch.zeros(64, 1, hidden))
     assert not layer.takes(torch.zeros(1, 33, hidden)) and not layer.takes(torch.zeros(65, 1, hidden))
+
+
+def test_programmatic_dependent_launch_is_opt_in_and_for_gpus_only(kernels, monkeypatch):
+    """PDL (kernels.PDL, RESPEC_PDL=1) changes nothing on a CPU: the interpreter has no grid
+    dependency control, so the launch must not ask for it there (fails if the device guard
+    goes: the interpreter raises on gdc_wait)."""
+    assert not kernels.PDL  # off unless RESPEC_PDL=1
+    monkeypatch.setattr(kernels, "PDL", True)
+    assert kernels._pdl_launch(torch.device("cpu")) == {}
+    torch.manual_seed(0)
+    x, weight = torch.randn(1, 40), torch.randn(72, 40)
+    torch.testing.assert_close(kernels.gemv(x, weight, 72), F.linear(x, weight), atol=1e-4, rtol=1e-4)

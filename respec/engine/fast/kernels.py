@@ -16,13 +16,35 @@ the PyTorch layer rounds them. On a CPU these run under Triton's interpreter
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
+try:  # grid dependency control: Triton 3.3 on
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
+
 MAX_QUERY_ROWS = 64  # attention's block of query rows: the query heads of a KV head x tokens
+# Programmatic dependent launch (Hopper on): each kernel lets the next one start once all
+# its programs have their inputs (_inputs_ready), and a GEMV requests its first weight tile
+# before it waits (gdc_wait) for its own, so the weights' fetch overlaps the work and tail
+# of the kernel before it instead of following it. Reads of anything a step writes (activations, the KV
+# stores, positions, counters, scratch) and every write come after the wait. Opt-in
+# (RESPEC_PDL=1) until measured on a GPU: bench/kernels_check.py --pdl times both. Triton's
+# interpreter has no grid dependency control, so the CPU tests run without it.
+PDL = os.environ.get("RESPEC_PDL", "0") == "1"
+
+
+def _pdl(device: torch.device) -> bool:
+    return (PDL and gdc_wait is not None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
 MAX_ROWS = 64  # the most rows (batch x tokens) a layer takes through these kernels: one row
 # is a multiply-and-sum on the CUDA cores, 2-64 one tl.dot on tensor cores (padded to 16,
 # 32 or 64 rows: the arithmetic is free, the weights are read once either way; a loop over
@@ -32,13 +54,15 @@ MAX_ROWS = 64  # the most rows (batch x tokens) a layer takes through these kern
 @triton.jit
 def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, partial_ptr, arrivals_ptr, rows, n, k, eps,
           NORM: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr):
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
+          USE_GDC: tl.constexpr = False):
     """out[m, j] = epilogue(sum_i w[j, i] * prologue(x)[m, i]), programs (block of j, split
     of i). GATED: w holds the gate's n rows, then the up projection's n; out = silu(gate) *
     up. RMSNorm's per-row scale multiplies the sums at the end (it is constant along i), so
     the weights stream from the first instruction. With SPLITS > 1 each program sums its
     share of i and the last of a block to arrive adds the shares up and finishes: more
-    programs reading at once where a block of j alone would leave SMs idle."""
+    programs reading at once where a block of j alone would leave SMs idle. USE_GDC: the
+    first weight tile is requested before the wait for x (PDL above)."""
     block, split = tl.program_id(0), tl.program_id(1)
     m = tl.arange(0, BLOCK_M)
     j = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -56,6 +80,8 @@ def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, partial_ptr, 
         ws = tl.load(w_ptr + j[:, None] * k + i[None, :], mask=w_mask, other=0.0)
         if GATED:
             ws_up = tl.load(w_ptr + (j + n)[:, None] * k + i[None, :], mask=w_mask, other=0.0)
+        if USE_GDC:  # the weights are in flight; x is the kernel before's output (no-ops after the first)
+            _inputs_ready()
         if NORM:
             weight = tl.load(norm_ptr + i, mask=i_ok, other=0.0).to(tl.float32)
         if BLOCK_M == 1:  # a 2-D multiply-and-sum (a 3-D broadcast shuffles layouts through shared memory)
@@ -78,6 +104,8 @@ def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, partial_ptr, 
             acc_t += tl.dot(ws, xs_t, out_dtype=tl.float32)
             if GATED:
                 acc_up_t += tl.dot(ws_up, xs_t, out_dtype=tl.float32)
+    if USE_GDC:  # a split with no share of k never waited in the loop
+        _inputs_ready()
     if BLOCK_M > 1:
         acc, acc_up = tl.trans(acc_t), tl.trans(acc_up_t)
     if SPLITS == 1:
@@ -101,6 +129,16 @@ def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, partial_ptr, 
                 squares += tl.load(part + 2 * BLOCK_M * BLOCK_N + m, cache_modifier=".cg")
             _finish(acc, acc_up, squares, m, j, rows, n, k, eps, out_ptr, bias_ptr, residual_ptr, NORM, BIAS,
                     RESIDUAL, GATED)
+
+
+@triton.jit
+def _inputs_ready():
+    """PDL: wait for the kernel before (its writes are visible after), then let the next
+    kernel start its own weight fetch. Letting it start only after this wait keeps at most
+    one kernel ahead (a trigger at entry would let every later kernel launch and park its
+    programs on the SMs)."""
+    gdc_wait()
+    gdc_launch_dependents()
 
 
 @triton.jit
@@ -143,12 +181,14 @@ def _finish(acc, acc_up, squares, m, j, rows, n, k, eps, out_ptr, bias_ptr, resi
 @triton.jit
 def _rope_store(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, write_at_ptr, q_ptr, k_store_ptr, v_store_ptr,
                 table_rows, tokens_per_row, heads, kv_heads, store_row, store_head, store_pos,
-                HALF: tl.constexpr):
+                HALF: tl.constexpr, USE_GDC: tl.constexpr = False):
     """One program per (token, q or k head): RoPE on that head (HF pairs channel i with
     i + D/2), its cos and signed sin read from the tables at the token's position (past the
     tables' end, their last row: rows that are done keep stepping). A q head goes to q
     [tokens, heads, D]; a k head, and the v head beside it, into the KV store at the
     token's write position."""
+    if USE_GDC:  # every input is the step's own: wait first
+        _inputs_ready()
     token, head = tl.program_id(0), tl.program_id(1)
     d = tl.arange(0, HALF)
     width = (heads + 2 * kv_heads) * 2 * HALF
@@ -180,7 +220,8 @@ def _rope_store(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, write_at_ptr, q_ptr, k
 @triton.jit
 def _attend(q_ptr, k_ptr, v_ptr, positions_ptr, out_ptr, partial_ptr, arrivals_ptr, tokens_per_row, heads, kv_heads,
             keys, scale, store_row, store_head, store_pos,
-            SPLITS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, DIM: tl.constexpr):
+            SPLITS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, DIM: tl.constexpr,
+            USE_GDC: tl.constexpr = False):
     """Programs (row x KV head, split of the keys). A program takes the query heads sharing
     its KV head, for every token of the row, as one block of group x T query rows (query
     row member * T + t; padded to 16 for tl.dot) against one block of BLOCK_S keys; a token
@@ -189,6 +230,8 @@ def _attend(q_ptr, k_ptr, v_ptr, positions_ptr, out_ptr, partial_ptr, arrivals_p
     products on tensor cores. Its partial result (max, sum, weighted values) goes to
     `partial`; the last program of a (row, KV head) to arrive combines them (split-K
     attention in one kernel: a loop over the keys in one program took 8 us on an H100)."""
+    if USE_GDC:  # every input is the step's own: wait first
+        _inputs_ready()
     program, split = tl.program_id(0), tl.program_id(1)
     row, kv_head = program // kv_heads, program % kv_heads
     group = heads // kv_heads
@@ -279,7 +322,7 @@ def gemv(x: Tensor, weight: Tensor, out_features: int, norm: tuple[Tensor, float
                               dtype=torch.float32)
         _gemv[(blocks, splits)](*tensors, partial, _arrivals(x.device, blocks), rows, out_features, k, eps, **flags,
                                 BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(k)), SPLITS=splits,
-                                num_warps=warps)
+                                num_warps=warps, **_pdl_launch(x.device))
 
     if config is not None:
         launch(config)
@@ -328,6 +371,7 @@ def rope_store(qkv: Tensor, cos: Tensor, signed_sin: Tensor, positions: Tensor, 
     _rope_store[(qkv.shape[0], heads + kv_heads)](
         qkv, cos, signed_sin, positions.contiguous(), write_at.contiguous(), q, k_store, v_store, cos.shape[0],
         positions.shape[1], heads, kv_heads, k_store.stride(0), k_store.stride(1), k_store.stride(2), HALF=dim // 2,
+        **_pdl_launch(qkv.device),
     )
     return q
 
@@ -350,11 +394,16 @@ def attend(q: Tensor, k_store: Tensor, v_store: Tensor, positions: Tensor, token
         _attend[(rows * kv_heads, splits)](
             q, k_store, v_store, positions, out, partial, arrivals, tokens_per_row, heads, kv_heads, keys, dim**-0.5,
             k_store.stride(0), k_store.stride(1), k_store.stride(2),
-            SPLITS=splits, BLOCK_Q=block_q, BLOCK_S=block_s, DIM=dim, num_warps=warps,
+            SPLITS=splits, BLOCK_Q=block_q, BLOCK_S=block_s, DIM=dim, num_warps=warps, **_pdl_launch(q.device),
         )
 
     launch(_tuned(launch, ("attend", rows, heads, kv_heads, keys, dim, block_q), q, (64, 4), ATTENTION_CANDIDATES))
     return out
+
+
+def _pdl_launch(device: torch.device) -> dict:
+    """The kernels' PDL arguments: none where it is off (the CPU's interpreter among them)."""
+    return dict(USE_GDC=True, launch_pdl=True) if _pdl(device) else {}
 
 
 ARRIVAL_COUNTERS = 1 << 16
