@@ -563,7 +563,7 @@ def captured_views(passes: list[CapturedPass], samples: list[TrainSample],
         keep = (view.rows >= first).nonzero().squeeze(1)
         if len(keep):
             rows = view.rows[keep]
-            rewards = torch.tensor([samples[int(row)].reward for row in rows])
+            rewards = torch.tensor([samples[row].reward for row in rows.tolist()])
             views.append((CapturedPass(rows, view.tokens[keep], view.valid[keep], view.features[keep],
                                        view.logits[keep]), rewards))
     return views
