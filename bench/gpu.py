@@ -85,7 +85,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", required=True)
     parser.add_argument("--smoke", action="store_true", help="tiny shape, CPU, few steps: check the script")
     parser.add_argument("--shapes", default="", help="comma-separated shapes (3b,7b) for the step-cost mode")
-    parser.add_argument("--sft-steps", type=int, default=1500)
+    parser.add_argument("--sft-steps", type=int, default=1000, help="policy SFT steps (1000: what the measured runs used; their training, decode, sweep and greedy sections took 414-541 s on an H100)")
     parser.add_argument("--sft-bucket-pool", type=int, default=1, help="SFT batches cut by length from this many "
                         "batches' worth of examples (1: random batches; bucketing pads less but trains a worse "
                         "policy: bench/sft_bucketing.py)")
