@@ -1,4 +1,4 @@
-"""What one online head update costs on a GPU, and where: bench/gpu_rl.py's `distill_rollouts` on a
+"""What one online head update costs on a GPU, and where: bench/gpu_distill.py's `distill_rollouts` on a
 random model of a Qwen2.5 shape (float32 master under bf16 autocast, as the RL section
 trains it), for a slice of rollouts of one length, timed call by call and profiled once.
 
@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu_rl import distill_rollouts  # noqa: E402
+from gpu_distill import distill_rollouts  # noqa: E402
 from gpu_train import random_model, shape_config  # noqa: E402
 
 from respec.engine.drafters.eagle import EagleHead  # noqa: E402

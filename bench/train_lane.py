@@ -28,7 +28,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu_rl import LENGTH_MULTIPLE, _autocast, distill_rollouts  # noqa: E402
+from gpu_distill import bf16_autocast, distill_rollouts  # noqa: E402
+from gpu_rl import LENGTH_MULTIPLE  # noqa: E402
 from gpu_train import log, random_model, shape_config  # noqa: E402
 
 from respec.engine.drafters.eagle import EagleHead, distill_loss  # noqa: E402
@@ -94,7 +95,7 @@ def update_times(base, samples, repeats: int) -> dict:
             model, TrainerConfig(lr=1e-6, micro_batch=64, length_multiple=LENGTH_MULTIPLE, fused_adamw=fused))
 
     def step(trainer):
-        with _autocast(device):
+        with bf16_autocast(device):
             trainer.step(samples)
 
     out = timed({name: (lambda t=t: step(t)) for name, t in trainers.items()}, repeats, device)
@@ -111,13 +112,13 @@ def distill_times(target, samples, repeats: int) -> dict:
     rewards = [s.reward for s in samples]
     tokens, valid = pad_right([torch.cat([s.prompt, s.response]).tolist() for s in samples], char_tokenizer().pad_id or 0)
     tokens, valid = tokens.to(device), valid.to(device)
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), bf16_autocast(device):
         output = target(tokens, capture_layers=head.capture_layers)
         features, logits = torch.cat(output.captured, dim=-1).float(), output.logits.float()
     weights = torch.tensor([1.0 if r else 0.1 for r in rewards], device=device)
 
     def head_only():
-        with _autocast(device):
+        with bf16_autocast(device):
             loss = distill_loss(head, features, tokens, logits, weights=weights, valid=valid, steps=4)
         (loss / 3).backward()
 

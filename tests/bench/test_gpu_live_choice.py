@@ -93,7 +93,7 @@ def test_head_update_in_slices_is_the_update_in_one_piece():
     import copy
 
     import torch
-    from gpu_rl import distill_rollouts
+    from gpu_distill import distill_rollouts
 
     from respec.engine.config import ModelConfig
     from respec.engine.drafters.eagle import EagleHead
@@ -138,7 +138,7 @@ def test_head_distilled_from_the_updates_pass_equals_one_from_a_target_pass_befo
     import copy
 
     import torch
-    from gpu_rl import captured_views, distill_views, target_views
+    from gpu_distill import captured_views, distill_views, target_views
 
     from respec.engine.config import ModelConfig
     from respec.engine.drafters.eagle import EagleHead
