@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpu_distill import bf16_autocast, distill_rollouts  # noqa: E402
 from gpu_rl import LENGTH_MULTIPLE  # noqa: E402
+from gpu_timing import sync  # noqa: E402
 from gpu_train import log, random_model, shape_config  # noqa: E402
 
 from respec.engine.drafters.eagle import EagleHead, distill_loss  # noqa: E402
@@ -77,10 +78,10 @@ def timed(calls: dict, repeats: int, device: torch.device) -> dict:
     seconds = {name: [] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
-            _sync(device)
+            sync(device.type)
             started = time.perf_counter()
             call()
-            _sync(device)
+            sync(device.type)
             seconds[name].append(time.perf_counter() - started)
     return {name: {"median_s": statistics.median(s), "all_s": s} for name, s in seconds.items()}
 
@@ -138,16 +139,11 @@ def _profile(call, device: torch.device) -> str:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         call()
-        _sync(device)
+        sync(device.type)
     sort = "device_time_total" if device.type == "cuda" else "cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=15)
     print(table)
     return table
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

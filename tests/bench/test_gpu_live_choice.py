@@ -95,18 +95,11 @@ def test_head_update_in_slices_is_the_update_in_one_piece():
     import torch
     from gpu_distill import distill_rollouts
 
-    from respec.engine.config import ModelConfig
     from respec.engine.drafters.eagle import EagleHead
-    from respec.engine.model import CausalLM
-    from respec.engine.tokenizer import char_tokenizer
     from respec.rl.trainer import TrainSample
 
-    torch.manual_seed(0)
-    vocab = char_tokenizer().vocab_size
-    config = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=vocab, hidden_size=16, head_dim=4,
-                         intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         attention_bias=True)
-    target = CausalLM(config).eval()
+    target = tiny_char_policy()
+    vocab = target.config.vocab_size
     samples = [TrainSample(torch.randint(3, vocab, (4,)), torch.randint(3, vocab, (6,)), torch.zeros(6), r, "g")
                for r in (1.0, 0.0, 1.0, 0.5)]
     rewards = [s.reward for s in samples]
@@ -140,18 +133,11 @@ def test_head_distilled_from_the_updates_pass_equals_one_from_a_target_pass_befo
     import torch
     from gpu_distill import captured_views, distill_views, target_views
 
-    from respec.engine.config import ModelConfig
     from respec.engine.drafters.eagle import EagleHead
-    from respec.engine.model import CausalLM
-    from respec.engine.tokenizer import char_tokenizer
     from respec.rl.trainer import GRPOTrainer, TrainerConfig, TrainSample
 
-    torch.manual_seed(0)
-    vocab = char_tokenizer().vocab_size
-    config = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=vocab, hidden_size=16, head_dim=4,
-                         intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         attention_bias=True)
-    policy = CausalLM(config).eval()
+    policy = tiny_char_policy()
+    vocab = policy.config.vocab_size
     before = copy.deepcopy(policy)
     base = EagleHead.for_target(before)
     samples = [TrainSample(torch.randint(3, vocab, (4,)), torch.randint(3, vocab, (n,)), torch.full((n,), -3.0), r,
@@ -174,3 +160,18 @@ def test_head_distilled_from_the_updates_pass_equals_one_from_a_target_pass_befo
         torch.testing.assert_close(a, b)
     for other in (from_after, from_all):
         assert any(not torch.allclose(a, b) for a, b in zip(from_update.parameters(), other.parameters(), strict=True))
+
+
+def tiny_char_policy():
+    """A 2-layer Qwen2-shaped policy over the built-in character vocabulary, seeded (0)."""
+    import torch
+
+    from respec.engine.config import ModelConfig
+    from respec.engine.model import CausalLM
+    from respec.engine.tokenizer import char_tokenizer
+
+    torch.manual_seed(0)
+    config = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=char_tokenizer().vocab_size, hidden_size=16,
+                         head_dim=4, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, attention_bias=True)
+    return CausalLM(config).eval()
