@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpu_distill import distill_rollouts  # noqa: E402
+from gpu_timing import sync  # noqa: E402
 from gpu_train import random_model, shape_config  # noqa: E402
 
 from respec.engine.drafters.eagle import EagleHead  # noqa: E402
@@ -46,23 +47,18 @@ def main() -> None:
                            torch.zeros(args.length - 40 - i % 7), float(i % 2), str(i)) for i in range(args.rollouts)]
     rewards = [s.reward for s in samples]
     for call in range(args.calls):
-        _sync(device)
+        sync(device)
         started = time.perf_counter()
         distill_rollouts(master, head, optimizer, samples, rewards, scale=1 / 3, apply=call % 3 == 2)
-        _sync(device)
+        sync(device)
         print(f"call {call}: {(time.perf_counter() - started) * 1e3:.1f} ms", flush=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         distill_rollouts(master, head, optimizer, samples, rewards, scale=1 / 3, apply=True)
-        _sync(device)
+        sync(device)
     sort = "device_time_total" if device == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=20))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12))
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":
