@@ -152,7 +152,8 @@ def full_run(args, device: str, save_partial=lambda done: None) -> dict:
                                 calibration, device)
     out["profile"] = profile
     if "sweep" in args.sections:
-        out["sweep"] = sweep_section(model, head, prompts, profile, device, args)
+        out["sweep"] = sweep_section(model, head, prompts, profile, device, args,
+                                     on_row=lambda so_far: save_partial({**out, "sweep": so_far}))
         save_partial(out)
     if "greedy" in args.sections:
         out["greedy_equality"] = greedy_section(model, head, prompts[:64], device, args)
@@ -160,8 +161,10 @@ def full_run(args, device: str, save_partial=lambda done: None) -> dict:
     if "rl" in args.sections:
         out["rl"] = []
         for groups in args.rl_groups:
+            done = out["rl"][:]
             out["rl"].append(rl_section(model, head, task, profile, args.rl_steps, groups, 8, args.max_new,
-                                        args.rl_lr, log, args.rl_variants))
+                                        args.rl_lr, log, args.rl_variants,
+                                        on_variant=lambda so_far, done=done: save_partial({**out, "rl": [*done, so_far]})))
             save_partial(out)
     return out
 
@@ -230,9 +233,10 @@ def decode_section(model, prompt: list[int], device: str, args) -> dict:
     return section
 
 
-def sweep_section(model, head, prompts, profile: dict, device: str, args) -> dict:
+def sweep_section(model, head, prompts, profile: dict, device: str, args, on_row=lambda so_far: None) -> dict:
     """(c): tokens per second per batch size: no SD, each chain length, the scheduler
-    (its per-bucket choice from `profile`, measured on other prompts)."""
+    (its per-bucket choice from `profile`, measured on other prompts). `on_row(section so
+    far)` after each batch size."""
     rows = max(args.batches)
     plain = generator_for(model, None, device, args, rows, 1.0)
     drafted = generator_for(model, head, device, args, rows, 1.0)
@@ -249,6 +253,7 @@ def sweep_section(model, head, prompts, profile: dict, device: str, args) -> dic
         table.append(row)
         log(f"batch {b}: " + " ".join(f"{key} {x:.2f}x" for key, x in row["speedup"].items())
             + f" | scheduler/best {row['scheduler_over_best_static']:.2f}")
+        on_row({"profile": profile, "table": table})
     return {"profile": profile, "table": table}
 
 

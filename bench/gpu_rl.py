@@ -105,8 +105,9 @@ SWITCH_INTERVAL_S = 5e-4
 
 
 def rl_section(model: CausalLM, head: EagleHead, task, profile: dict, steps: int, groups: int,
-               group_size: int, max_new: int, lr: float, log, variants=VARIANTS) -> dict:
-    """Each variant from the same starting weights and prompts; `variants` in the order run."""
+               group_size: int, max_new: int, lr: float, log, variants=VARIANTS, on_variant=lambda out: None) -> dict:
+    """Each variant from the same starting weights and prompts; `variants` in the order run.
+    `on_variant(out so far)` after each one: a run cut off by a time limit keeps the finished ones."""
     if unknown := set(variants) - KNOWN_VARIANTS:
         raise ValueError(f"unknown RL variants {sorted(unknown)}; known: {', '.join(sorted(KNOWN_VARIANTS))}")
     two_gpus = any(Variant(v).two_gpus for v in variants)
@@ -124,6 +125,7 @@ def rl_section(model: CausalLM, head: EagleHead, task, profile: dict, steps: int
             out[name] = summarise(_with_switch_interval(variant.switch_interval, run, setup, steps, log))
             log(f"rl {name}: {out[name]['step_s']:.3f} s per step, reward "
                 f"{out[name]['reward_first']:.3f} -> {out[name]['reward_last']:.3f}")
+            on_variant(out)
         del setup
         release_cached_memory("cuda" if torch.cuda.is_available() else "cpu")
     base = out[variants[0]]["step_s"]

@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--ks", default="0,3,6")
     parser.add_argument("--pdl", action="store_true", help="also with programmatic dependent launch (Hopper)")
+    parser.add_argument("--product-configs", action="store_true",
+                        help="time every one-row GEMV configuration (the tuner's and SWEEP_EXTRA) per product, graphed")
     parser.add_argument("--device", default="cuda", help="cpu: a check of the script (TRITON_INTERPRET=1, --shape smoke)")
     args = parser.parse_args()
     global DEVICE
@@ -53,7 +55,7 @@ def main() -> None:
     floor = weight_bytes(model) / bandwidth["read_write_bytes_per_s"]
     report["hbm_floor_s"], report["bandwidth"] = floor, bandwidth
     if DEVICE == "cuda":
-        report["products"] = product_times(model)
+        report["products"] = product_times(model, args.product_configs)
     if args.pdl:
         report["pdl_greedy_equal"] = pdl_greedy_equal(model, head)
     report["steps"] = step_times(model, head, [int(b) for b in args.batches.split(",")],
@@ -137,9 +139,16 @@ def run(fused: FusedModel, tokens, positions, state: FastState):
     return fused.run(tokens, positions, kv)[0]
 
 
-def product_times(model) -> dict:
+# One-row configurations (BLOCK_N, BLOCK_K, warps, splits) beyond the tuner's, for
+# --product-configs: more programs (splits of k) and more bytes in flight per program.
+SWEEP_EXTRA = ((4, 512, 4, 4), (4, 256, 4, 8), (2, 512, 4, 4), (2, 1024, 4, 2), (4, 1024, 4, 2), (8, 256, 4, 8),
+               (4, 1024, 8, 1), (2, 2048, 4, 1), (4, 2048, 8, 1), (8, 1024, 4, 2), (16, 512, 8, 2))
+
+
+def product_times(model, every_config: bool = False) -> dict:
     """Each product of a layer at one row alone, 50 in a CUDA graph: microseconds and the
-    bandwidth it reaches, Triton's GEMV against cuBLAS (F.linear) on the same weights."""
+    bandwidth it reaches, Triton's GEMV against cuBLAS (F.linear) on the same weights; with
+    every_config, each one-row configuration's time too (what the tuner's pick leaves)."""
     from respec.engine.fast import kernels
     from respec.engine.fast.fused import FusedLayer
 
@@ -150,13 +159,15 @@ def product_times(model) -> dict:
                                                                                         dtype=torch.bfloat16)
     norm = (layer.input_layernorm.weight, 1e-6)
     products = {
-        "qkv": (lambda: kernels.gemv(x, fused.qkv_weight, fused.qkv_weight.shape[0], norm=norm, bias=fused.qkv_bias),
+        "qkv": (lambda config=None: kernels.gemv(x, fused.qkv_weight, fused.qkv_weight.shape[0], norm=norm,
+                                                 bias=fused.qkv_bias, config=config),
                 lambda: torch.nn.functional.linear(x, fused.qkv_weight, fused.qkv_bias), fused.qkv_weight),
-        "o": (lambda: kernels.gemv(x, layer.self_attn.o_proj.weight, hidden, residual=x),
+        "o": (lambda config=None: kernels.gemv(x, layer.self_attn.o_proj.weight, hidden, residual=x, config=config),
               lambda: torch.nn.functional.linear(x, layer.self_attn.o_proj.weight), layer.self_attn.o_proj.weight),
-        "gate_up": (lambda: kernels.gemv(x, fused.gate_up_weight, inter, norm=norm, gated=True),
+        "gate_up": (lambda config=None: kernels.gemv(x, fused.gate_up_weight, inter, norm=norm, gated=True,
+                                                     config=config),
                     lambda: torch.nn.functional.linear(x, fused.gate_up_weight), fused.gate_up_weight),
-        "down": (lambda: kernels.gemv(act, layer.mlp.down_proj.weight, hidden, residual=x),
+        "down": (lambda config=None: kernels.gemv(act, layer.mlp.down_proj.weight, hidden, residual=x, config=config),
                  lambda: torch.nn.functional.linear(act, layer.mlp.down_proj.weight), layer.mlp.down_proj.weight),
     }
     out = {}
@@ -165,8 +176,25 @@ def product_times(model) -> dict:
         out[name] = {"bytes": bytes_read, **{label: graphed_us(work) for label, work in (("triton_us", ours),
                                                                                      ("cublas_us", theirs))}}
         out[name]["triton_tb_per_s"] = bytes_read / out[name]["triton_us"] / 1e6
+        if every_config:
+            out[name]["configs_us"] = config_times(ours)
         log(f"product {name}: {out[name]}")
     return out
+
+
+def config_times(product) -> dict:
+    """Graphed microseconds of one product under each one-row configuration that builds."""
+    from triton.runtime.errors import OutOfResources
+
+    from respec.engine.fast import kernels
+
+    times = {}
+    for config in dict.fromkeys(kernels.CANDIDATES[1] + SWEEP_EXTRA):
+        try:
+            times[repr(config)] = graphed_us(lambda config=config: product(config))
+        except OutOfResources:
+            continue
+    return dict(sorted(times.items(), key=lambda item: item[1]))
 
 
 def graphed_us(work, calls: int = 50) -> float:
