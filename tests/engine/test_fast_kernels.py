@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from respec.engine.checkpoint import load_model
 from respec.engine.drafters.eagle import EagleHead
 from respec.engine.fast import FastGenerator
-from respec.engine.fast.fused import FusedModel
+from respec.engine.fast.fused import FusedModel, RopeTable, _rotate
 from respec.engine.fast.kernel_layer import kernels_usable
 from respec.engine.fast.state import FastState, StaticKV, visible_up_to
 from tests.checkpoints import small_qwen2
@@ -51,6 +51,41 @@ def test_gemv_adds_the_residual(kernels):
     x, weight, residual = torch.randn(5, 300), torch.randn(20, 300), torch.randn(5, 20)
     out = kernels.gemv(x, weight, 20, residual=residual)
     torch.testing.assert_close(out, residual + x @ weight.T, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("b, t, config", [
+    (1, 1, (4, 16, 4, 1)),  # one row, two programs per half head
+    (1, 1, (2, 16, 4, 3)),  # one row, split over the inputs: the last to arrive rotates and stores
+    (2, 3, (8, 32, 4, 1)),  # six tokens on tensor cores, a program per half head
+    (2, 3, (4, 16, 4, 2)),
+])
+def test_qkv_rope_is_the_normalised_product_rotated_and_stored(kernels, b, t, config):
+    """q out, k and v into the stores at each token's write slot, as the PyTorch layer
+    computes them (RMSNorm, product with bias, RoPE at each token's position; a position
+    past the table reads its last row); twice: the arrival counters go back to zero."""
+    torch.manual_seed(b * 10 + t)
+    heads, kv_heads, dim, hidden, slots = 4, 2, 16, 40, 12
+    x, norm = torch.randn(b * t, hidden), torch.rand(hidden) + 0.5
+    weight, bias = torch.randn((heads + 2 * kv_heads) * dim, hidden), torch.randn((heads + 2 * kv_heads) * dim)
+    table = RopeTable(1.0 / 10000 ** (torch.arange(0, dim, 2) / dim), 20, torch.float32, torch.device("cpu"))
+    positions = torch.tensor([[3, 8, 25][:t], [0, 19, 7][:t]])[:b]  # 25: past the table's 20 rows
+    write_at = torch.tensor([[0, 5, 11][:t], [2, 3, 9][:t]])[:b]
+    qkv = F.linear(rms_norm(x, norm, 1e-6), weight, bias).view(b, t, heads + 2 * kv_heads, dim)
+    rotated = _rotate(qkv[:, :, : heads + kv_heads], *table(positions))
+    for _ in range(2):
+        k_store, v_store = torch.zeros(b, kv_heads, slots, dim), torch.zeros(b, kv_heads, slots, dim)
+        q = kernels.qkv_rope(x, weight, (norm, 1e-6), bias, table.cos, table.signed_sin, positions, write_at, k_store,
+                             v_store, heads, kv_heads, config=config)
+        torch.testing.assert_close(q, rotated[:, :, :heads].reshape(b * t, heads, dim), atol=1e-4, rtol=1e-4)
+        for row in range(b):
+            for i, slot in enumerate(write_at[row].tolist()):
+                torch.testing.assert_close(k_store[row, :, slot], rotated[row, i, heads:], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(v_store[row, :, slot], qkv[row, i, heads + kv_heads:], atol=1e-4,
+                                           rtol=1e-4)
+        written = torch.zeros(b, slots, dtype=torch.bool)
+        written[torch.arange(b)[:, None], write_at] = True
+        assert not k_store.transpose(1, 2)[~written].any() and not v_store.transpose(1, 2)[~written].any()
+        assert not kernels._arrivals(x.device, 64).any()
 
 
 @pytest.fixture(scope="module")

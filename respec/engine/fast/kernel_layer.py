@@ -1,4 +1,4 @@
-"""A fused decoder layer's forward through the Triton kernels of ``kernels.py``: six
+"""A fused decoder layer's forward through the Triton kernels of ``kernels.py``: five
 kernels per layer for passes of up to ``MAX_ROWS`` tokens (decoding, verification and
 drafting at small batch), where a layer is bound by kernel count, not by arithmetic.
 
@@ -57,11 +57,9 @@ class KernelLayer:
         input_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
         b, t, hidden = x.shape
         flat = x.reshape(b * t, hidden)
-        qkv = kernels.gemv(flat, fused.qkv_weight, fused.qkv_weight.shape[0], norm=(input_norm.weight, input_norm.eps),
-                           bias=fused.qkv_bias)
         k_store, v_store = kv.k_store[index], kv.v_store[index]
-        q = kernels.rope_store(qkv, rope.cos, rope.signed_sin, positions, kv.write_at, k_store, v_store, fused.heads,
-                               fused.kv_heads)
+        q = kernels.qkv_rope(flat, fused.qkv_weight, (input_norm.weight, input_norm.eps), fused.qkv_bias, rope.cos,
+                             rope.signed_sin, positions, kv.write_at, k_store, v_store, fused.heads, fused.kv_heads)
         attended = kernels.attend(q, k_store, v_store, positions, t)
         flat = kernels.gemv(attended, o_proj.weight, hidden, bias=o_proj.bias, residual=flat)
         act = kernels.gemv(flat, fused.gate_up_weight, down_proj.in_features, norm=(post_norm.weight, post_norm.eps),

@@ -1,13 +1,13 @@
 """Triton kernels for a decoder layer over a few tokens (decoding, verification and
-drafting at small batch): six kernels per layer instead of the fused path's ~20.
+drafting at small batch): five kernels per layer instead of the fused path's ~20.
 
 At a few rows a layer's matrix products are matrix-vector products that should run at the
 speed of reading the weights; cuBLAS takes 4-7 us for each of them at the 0.5B shape (a
 0.5-us read) and the elementwise kernels between them ~2 us each. Here every product is a
 GEMV over many programs (a block of output features each, all rows at once, optionally a
 share of the inputs) with the work around it folded in: the RMSNorm before it, the bias,
-SiLU-and-multiply and the residual add after it. RoPE and the KV-store write are one
-kernel, attention one more. docs/ENGINE.md ("Triton kernels") gives the decisions.
+SiLU-and-multiply and the residual add after it; the qkv product also rotates q and k
+(RoPE) and writes k and v into the KV store. Attention is one more kernel. docs/ENGINE.md ("Triton kernels") gives the decisions.
 
 Sums are in float32; each product and the gate are rounded to the activations' dtype where
 the PyTorch layer rounds them. On a CPU these run under Triton's interpreter
@@ -59,14 +59,34 @@ def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, partial_ptr, 
           USE_GDC: tl.constexpr = False):
     """out[m, j] = epilogue(sum_i w[j, i] * prologue(x)[m, i]), programs (block of j, split
     of i). GATED: w holds the gate's n rows, then the up projection's n; out = silu(gate) *
-    up. RMSNorm's per-row scale multiplies the sums at the end (it is constant along i), so
-    the weights stream from the first instruction. With SPLITS > 1 each program sums its
-    share of i and the last of a block to arrive adds the shares up and finishes: more
-    programs reading at once where a block of j alone would leave SMs idle. USE_GDC: the
-    first weight tile is requested before the wait for x (PDL above)."""
+    up. With SPLITS > 1 each program sums its share of i and the last of a block to arrive
+    adds the shares up and finishes: more programs reading at once where a block of j alone
+    would leave SMs idle."""
     block, split = tl.program_id(0), tl.program_id(1)
     m = tl.arange(0, BLOCK_M)
     j = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc, acc_up, squares = _products(x_ptr, w_ptr, norm_ptr, rows, n, k, m, j, j + n, split, NORM, GATED, BLOCK_M,
+                                     BLOCK_N, BLOCK_K, SPLITS, USE_GDC)
+    if SPLITS == 1:
+        _finish(acc, acc_up, squares, m, j, rows, n, k, eps, out_ptr, bias_ptr, residual_ptr, NORM, BIAS, RESIDUAL,
+                GATED)
+    else:
+        last, acc, acc_up, squares = _add_up_shares(acc, acc_up, squares, partial_ptr, arrivals_ptr, block, split, m,
+                                                    BLOCK_M, BLOCK_N, SPLITS)
+        if last:
+            _finish(acc, acc_up, squares, m, j, rows, n, k, eps, out_ptr, bias_ptr, residual_ptr, NORM, BIAS,
+                    RESIDUAL, GATED)
+
+
+@triton.jit
+def _products(x_ptr, w_ptr, norm_ptr, rows, n, k, m, j, j_second, split,
+              NORM: tl.constexpr, SECOND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr):
+    """A program's sums over its split of i: (sum_i w[j, i] x[m, i], the same for the
+    weight rows j_second if SECOND, the sums of squares of x[m] if NORM) [BLOCK_M,
+    BLOCK_N] in float32. RMSNorm's per-row scale multiplies the sums at the end (it is
+    constant along i), so the weights stream from the first instruction. USE_GDC: the
+    first weight tile is requested before the wait for x (PDL above)."""
     m_ok, j_ok = m < rows, j < n
     squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -79,8 +99,8 @@ def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, partial_ptr, 
         i_ok = i < k
         w_mask = j_ok[:, None] & i_ok[None, :]
         ws = tl.load(w_ptr + j[:, None] * k + i[None, :], mask=w_mask, other=0.0)
-        if GATED:
-            ws_up = tl.load(w_ptr + (j + n)[:, None] * k + i[None, :], mask=w_mask, other=0.0)
+        if SECOND:
+            ws_up = tl.load(w_ptr + j_second[:, None] * k + i[None, :], mask=w_mask, other=0.0)
         if USE_GDC:  # the weights are in flight; x is the kernel before's output (no-ops after the first)
             _inputs_ready()
         if NORM:
@@ -91,7 +111,7 @@ def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, partial_ptr, 
                 squares += tl.sum(xs * xs, axis=0)
                 xs = xs * weight
             acc += tl.sum(ws.to(tl.float32) * xs[None, :], axis=1)[None, :]
-            if GATED:
+            if SECOND:
                 acc_up += tl.sum(ws_up.to(tl.float32) * xs[None, :], axis=1)[None, :]
         else:  # 2-64 rows, padded to 16-64: tensor cores
             xs = tl.load(x_ptr + m[:, None] * k + i[None, :], mask=m_ok[:, None] & i_ok[None, :], other=0.0)
@@ -103,33 +123,37 @@ def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, partial_ptr, 
             # was loaded in, and only the few rows of x are transposed.
             xs_t = tl.trans(xs.to(ws.dtype))
             acc_t += tl.dot(ws, xs_t, out_dtype=tl.float32)
-            if GATED:
+            if SECOND:
                 acc_up_t += tl.dot(ws_up, xs_t, out_dtype=tl.float32)
     if USE_GDC:  # a split with no share of k never waited in the loop
         _inputs_ready()
     if BLOCK_M > 1:
         acc, acc_up = tl.trans(acc_t), tl.trans(acc_up_t)
-    if SPLITS == 1:
-        _finish(acc, acc_up, squares, m, j, rows, n, k, eps, out_ptr, bias_ptr, residual_ptr, NORM, BIAS, RESIDUAL,
-                GATED)
-    else:
-        size = 2 * BLOCK_M * BLOCK_N + BLOCK_M
-        tile = m[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        slot = partial_ptr + (block * SPLITS + split) * size
-        tl.store(slot + tile, acc)
-        tl.store(slot + BLOCK_M * BLOCK_N + tile, acc_up)
-        tl.store(slot + 2 * BLOCK_M * BLOCK_N + m, squares)
-        if _last_to_arrive(arrivals_ptr + block, SPLITS):  # add the shares up, finish
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for other in tl.static_range(SPLITS):
-                part = partial_ptr + (block * SPLITS + other) * size
-                acc += tl.load(part + tile, cache_modifier=".cg")
-                acc_up += tl.load(part + BLOCK_M * BLOCK_N + tile, cache_modifier=".cg")
-                squares += tl.load(part + 2 * BLOCK_M * BLOCK_N + m, cache_modifier=".cg")
-            _finish(acc, acc_up, squares, m, j, rows, n, k, eps, out_ptr, bias_ptr, residual_ptr, NORM, BIAS,
-                    RESIDUAL, GATED)
+    return acc, acc_up, squares
+
+
+@triton.jit
+def _add_up_shares(acc, acc_up, squares, partial_ptr, arrivals_ptr, block, split, m,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+    """Split-K: each program of a block stores its share of the sums; the last to arrive
+    gets (True, the sums of every share), the others (False, their own share)."""
+    size = 2 * BLOCK_M * BLOCK_N + BLOCK_M
+    tile = m[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    slot = partial_ptr + (block * SPLITS + split) * size
+    tl.store(slot + tile, acc)
+    tl.store(slot + BLOCK_M * BLOCK_N + tile, acc_up)
+    tl.store(slot + 2 * BLOCK_M * BLOCK_N + m, squares)
+    last = _last_to_arrive(arrivals_ptr + block, SPLITS)
+    if last:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for other in tl.static_range(SPLITS):
+            part = partial_ptr + (block * SPLITS + other) * size
+            acc += tl.load(part + tile, cache_modifier=".cg")
+            acc_up += tl.load(part + BLOCK_M * BLOCK_N + tile, cache_modifier=".cg")
+            squares += tl.load(part + 2 * BLOCK_M * BLOCK_N + m, cache_modifier=".cg")
+    return last, acc, acc_up, squares
 
 
 @triton.jit
@@ -180,42 +204,78 @@ def _finish(acc, acc_up, squares, m, j, rows, n, k, eps, out_ptr, bias_ptr, resi
 
 
 @triton.jit
-def _rope_store(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, write_at_ptr, q_ptr, k_store_ptr, v_store_ptr,
-                table_rows, tokens_per_row, heads, kv_heads, store_row, store_head, store_pos,
-                HALF: tl.constexpr, USE_GDC: tl.constexpr = False):
-    """One program per (token, q or k head): RoPE on that head (HF pairs channel i with
-    i + D/2), its cos and signed sin read from the tables at the token's position (past the
-    tables' end, their last row: rows that are done keep stepping). A q head goes to q
-    [tokens, heads, D]; a k head, and the v head beside it, into the KV store at the
-    token's write position."""
-    if USE_GDC:  # every input is the step's own: wait first
-        _inputs_ready()
-    token, head = tl.program_id(0), tl.program_id(1)
-    d = tl.arange(0, HALF)
-    width = (heads + 2 * kv_heads) * 2 * HALF
-    source = qkv_ptr + token * width + head * 2 * HALF
-    low, high = tl.load(source + d).to(tl.float32), tl.load(source + HALF + d).to(tl.float32)
-    table = tl.minimum(tl.load(positions_ptr + token), table_rows - 1) * 2 * HALF
-    cos_low, cos_high = tl.load(cos_ptr + table + d).to(tl.float32), tl.load(cos_ptr + table + HALF + d).to(tl.float32)
-    sin_low, sin_high = tl.load(sin_ptr + table + d).to(tl.float32), tl.load(sin_ptr + table + HALF + d).to(tl.float32)
-    dtype = q_ptr.dtype.element_ty
-    # x cos + swap(x) sin' (sin' carries rotate_half's sign), each product rounded as the
-    # PyTorch layer rounds it.
-    new_low = (low * cos_low).to(dtype).to(tl.float32) + (high * sin_low).to(dtype).to(tl.float32)
-    new_high = (high * cos_high).to(dtype).to(tl.float32) + (low * sin_high).to(dtype).to(tl.float32)
-    if head < heads:
-        target = q_ptr + (token * heads + head) * 2 * HALF
-        tl.store(target + d, new_low.to(dtype))
-        tl.store(target + HALF + d, new_high.to(dtype))
+def _qkv_rope(x_ptr, w_ptr, norm_ptr, bias_ptr, partial_ptr, arrivals_ptr, cos_ptr, sin_ptr, positions_ptr,
+              write_at_ptr, q_ptr, k_store_ptr, v_store_ptr, rows, k, eps, table_rows, tokens_per_row, heads,
+              kv_heads, store_row, store_head, store_pos,
+              BIAS: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr = False):
+    """The attention's input product and what follows it, in one kernel: qkv = RMSNorm(x)
+    @ w^T (+ bias), then per head RoPE on the q and k heads, q into q [tokens, heads, D], k
+    and v into the KV store at each token's write position. RoPE pairs channel d of a head
+    with d + D/2 (HF's rotate_half), so a program takes BLOCK_N channels of a head's first
+    half and the BLOCK_N channels D/2 further on (_products' second weight rows), and
+    rotates them in its registers. Programs (block, split of i) as _gemv's."""
+    block, split = tl.program_id(0), tl.program_id(1)
+    m = tl.arange(0, BLOCK_M)
+    head = block // (HALF // BLOCK_N)
+    d = (block % (HALF // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
+    j = head * 2 * HALF + d
+    n = (heads + 2 * kv_heads) * 2 * HALF
+    low, high, squares = _products(x_ptr, w_ptr, norm_ptr, rows, n, k, m, j, j + HALF, split, True, True, BLOCK_M,
+                                   BLOCK_N, BLOCK_K, SPLITS, USE_GDC)
+    if SPLITS == 1:
+        _rope_finish(low, high, squares, m, d, head, rows, k, eps, bias_ptr, cos_ptr, sin_ptr, positions_ptr,
+                     write_at_ptr, q_ptr, k_store_ptr, v_store_ptr, table_rows, tokens_per_row, heads, kv_heads,
+                     store_row, store_head, store_pos, BIAS, HALF)
     else:
-        kv_head = head - heads
-        slot = tl.load(write_at_ptr + token)
-        offset = (token // tokens_per_row) * store_row + kv_head * store_head + slot * store_pos
-        tl.store(k_store_ptr + offset + d, new_low.to(dtype))
-        tl.store(k_store_ptr + offset + HALF + d, new_high.to(dtype))
-        value = qkv_ptr + token * width + (heads + kv_heads + kv_head) * 2 * HALF
-        tl.store(v_store_ptr + offset + d, tl.load(value + d))
-        tl.store(v_store_ptr + offset + HALF + d, tl.load(value + HALF + d))
+        last, low, high, squares = _add_up_shares(low, high, squares, partial_ptr, arrivals_ptr, block, split, m,
+                                                  BLOCK_M, BLOCK_N, SPLITS)
+        if last:
+            _rope_finish(low, high, squares, m, d, head, rows, k, eps, bias_ptr, cos_ptr, sin_ptr, positions_ptr,
+                         write_at_ptr, q_ptr, k_store_ptr, v_store_ptr, table_rows, tokens_per_row, heads, kv_heads,
+                         store_row, store_head, store_pos, BIAS, HALF)
+
+
+@triton.jit
+def _rope_finish(low, high, squares, m, d, head, rows, k, eps, bias_ptr, cos_ptr, sin_ptr, positions_ptr,
+                 write_at_ptr, q_ptr, k_store_ptr, v_store_ptr, table_rows, tokens_per_row, heads, kv_heads,
+                 store_row, store_head, store_pos, BIAS: tl.constexpr, HALF: tl.constexpr):
+    """_qkv_rope's epilogue for channels d and d + HALF of one head: the norm's scale, the
+    bias, the product rounded where the PyTorch layer rounds it; then for a q or k head
+    x cos + swap(x) sin' (sin' carries rotate_half's sign; cos and sin' read from the tables
+    at each token's position, past their end their last row: rows that are done keep
+    stepping), each product rounded as the PyTorch layer rounds it; then the stores."""
+    m_ok = m < rows
+    dtype = q_ptr.dtype.element_ty
+    scale = 1.0 / tl.sqrt(squares / k + eps)
+    low *= scale[:, None]
+    high *= scale[:, None]
+    if BIAS:
+        low += tl.load(bias_ptr + head * 2 * HALF + d).to(tl.float32)[None, :]
+        high += tl.load(bias_ptr + head * 2 * HALF + HALF + d).to(tl.float32)[None, :]
+    low, high = low.to(dtype).to(tl.float32), high.to(dtype).to(tl.float32)
+    if head < heads + kv_heads:  # q or k: rotate
+        position = tl.minimum(tl.load(positions_ptr + m, mask=m_ok, other=0), table_rows - 1)
+        table = position[:, None] * 2 * HALF + d[None, :]
+        cos_low, cos_high = tl.load(cos_ptr + table).to(tl.float32), tl.load(cos_ptr + table + HALF).to(tl.float32)
+        sin_low, sin_high = tl.load(sin_ptr + table).to(tl.float32), tl.load(sin_ptr + table + HALF).to(tl.float32)
+        new_low = (low * cos_low).to(dtype).to(tl.float32) + (high * sin_low).to(dtype).to(tl.float32)
+        new_high = (high * cos_high).to(dtype).to(tl.float32) + (low * sin_high).to(dtype).to(tl.float32)
+        low, high = new_low, new_high
+    if head < heads:
+        q_at = q_ptr + (m[:, None] * heads + head) * 2 * HALF + d[None, :]
+        tl.store(q_at, low.to(dtype), mask=m_ok[:, None])
+        tl.store(q_at + HALF, high.to(dtype), mask=m_ok[:, None])
+    else:
+        slot = tl.load(write_at_ptr + m, mask=m_ok, other=0)
+        store = (m // tokens_per_row) * store_row + ((head - heads) % kv_heads) * store_head + slot * store_pos
+        store_at = store[:, None] + d[None, :]
+        if head < heads + kv_heads:
+            tl.store(k_store_ptr + store_at, low.to(dtype), mask=m_ok[:, None])
+            tl.store(k_store_ptr + store_at + HALF, high.to(dtype), mask=m_ok[:, None])
+        else:
+            tl.store(v_store_ptr + store_at, low.to(dtype), mask=m_ok[:, None])
+            tl.store(v_store_ptr + store_at + HALF, high.to(dtype), mask=m_ok[:, None])
 
 
 @triton.jit
@@ -379,18 +439,42 @@ def _fastest(timed, configs: tuple, finalists: int = 3, rounds: int = 3) -> tupl
     return min(ranked, key=lambda config: statistics.median(again[config]))
 
 
-def rope_store(qkv: Tensor, cos: Tensor, signed_sin: Tensor, positions: Tensor, write_at: Tensor, k_store: Tensor,
-               v_store: Tensor, heads: int, kv_heads: int) -> Tensor:
-    """qkv [tokens, (heads + 2 kv_heads) * D] -> rotated q [tokens, heads, D]; rotated k and
-    v written into the layer's stores [rows, kv_heads, S, D] at write_at [rows, T]. cos and
-    signed_sin are the RoPE tables [positions, D] (fused.RopeTable), read at positions [rows, T]."""
+def qkv_rope(x: Tensor, weight: Tensor, norm: tuple[Tensor, float], bias: Tensor | None, cos: Tensor,
+             signed_sin: Tensor, positions: Tensor, write_at: Tensor, k_store: Tensor, v_store: Tensor, heads: int,
+             kv_heads: int, config: tuple[int, int, int, int] | None = None) -> Tensor:
+    """x [tokens, hidden] -> rotated q [tokens, heads, D], with RMSNorm(x) @ weight.T (+ bias)
+    as the qkv product (weight stacks q, k and v); rotated k and v written into the layer's
+    stores [rows, kv_heads, S, D] at write_at [rows, T]. cos and signed_sin are the RoPE
+    tables [positions, D] (fused.RopeTable), read at positions [rows, T]. `config` as gemv's
+    (BLOCK_N must divide D/2)."""
+    rows, k = x.shape
+    if not (x.is_contiguous() and weight.is_contiguous()):
+        raise ValueError("qkv_rope reads x and weight as row-major: pass contiguous tensors")
     dim = k_store.shape[-1]
-    q = qkv.new_empty(qkv.shape[0], heads, dim)
-    _rope_store[(qkv.shape[0], heads + kv_heads)](
-        qkv, cos, signed_sin, positions.contiguous(), write_at.contiguous(), q, k_store, v_store, cos.shape[0],
-        positions.shape[1], heads, kv_heads, k_store.stride(0), k_store.stride(1), k_store.stride(2), HALF=dim // 2,
-        **_pdl_launch(qkv.device),
-    )
+    half, n = dim // 2, weight.shape[0]
+    q = x.new_empty(rows, heads, dim)
+    block_m = 1 if rows == 1 else max(16, triton.next_power_of_2(rows))
+    positions, write_at = positions.contiguous(), write_at.contiguous()
+
+    def launch(config: tuple[int, int, int, int]) -> None:
+        block_n, block_k, warps, splits = config
+        blocks = (heads + 2 * kv_heads) * (half // block_n)
+        partial = x.new_empty(blocks * splits * (2 * block_m * block_n + block_m) if splits > 1 else 1,
+                              dtype=torch.float32)
+        _qkv_rope[(blocks, splits)](
+            x, weight, norm[0], bias if bias is not None else x, partial, _arrivals(x.device, blocks), cos, signed_sin,
+            positions, write_at, q, k_store, v_store, rows, k, norm[1], cos.shape[0], positions.shape[1], heads,
+            kv_heads, k_store.stride(0), k_store.stride(1), k_store.stride(2),
+            BIAS=bias is not None, HALF=half, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=min(block_k, triton.next_power_of_2(k)), SPLITS=splits, num_warps=warps, **_pdl_launch(x.device))
+
+    if config is not None:
+        launch(config)
+        return q
+    heuristic = (min(_block_n(n // 2, block_m), half), 512 if block_m == 1 else 128, 4, 1)
+    candidates = tuple(c for c in CANDIDATES[block_m] if half % c[0] == 0)
+    launch(_tuned(launch, ("qkv_rope", n, k, heads, kv_heads, dim, bias is not None, block_m), x, heuristic,
+                  candidates))
     return q
 
 
