@@ -86,13 +86,19 @@ def test_the_fast_head_drafts_what_the_reference_drafter_drafts(model_and_head, 
         assert ours.tokens == theirs.tokens
 
 
-def test_compacting_the_batch_and_switching_draft_length_change_nothing(model_and_head):
+def test_compacting_the_batch_and_switching_draft_length_change_nothing(model_and_head, monkeypatch):
+    """Rows stop at token 6 after 1-10 tokens, so the batch is compacted twice (8 -> 4 -> 1
+    rows, live rows moved from behind done ones): the same tokens as without compaction."""
     model, head = model_and_head
     prompts = prompts_of(7)
-    fast = FastGenerator(model, head, max_rows=8, max_len=96, max_new=20, max_k=3, eos_ids=(7,))
+    fast = FastGenerator(model, head, max_rows=8, max_len=96, max_new=20, max_k=3, eos_ids=(6,))
     plain = fast.generate(prompts, 0, compact=False)
+    moved = []
+    keep = fast.state.keep
+    monkeypatch.setattr(fast.state, "keep", lambda order, live: (moved.append(order[:live].tolist()), keep(order, live)))
     scheduled = fast.generate(prompts, {8: 0, 4: 1, 2: 3, 1: 2}, check_every=1)
     assert [r.tokens for r in scheduled] == [r.tokens for r in plain]
+    assert any(rows != list(range(len(rows))) for rows in moved)  # a live row changed place
 
 
 def test_refreshed_weights_are_the_ones_generating(model_and_head, tmp_path):

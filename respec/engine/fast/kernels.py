@@ -396,9 +396,13 @@ def gemv(x: Tensor, weight: Tensor, out_features: int, norm: tuple[Tensor, float
 def _tuned(launch, key: tuple, x: Tensor, heuristic: tuple, candidates: tuple) -> tuple:
     """The fastest of the candidate configurations for this launch on this GPU, timed on
     first use (outside graph capture: the fast path warms every step up first); the
-    heuristic elsewhere. Each timed launch follows a read of 64 MB, more than an H100's
-    L2, so the weights come from HBM as they do in a step, not from the cache (a read, not
-    a write: written lines would still be draining to HBM during the timed launch)."""
+    heuristic elsewhere. Timed as a step runs it: back to back in a CUDA graph, each launch
+    after a read of 64 MB, more than an H100's L2, so the weights come from HBM as they do
+    in a step, not from the cache (a read, not a write: written lines would still be
+    draining to HBM during the timed launch). Events around single launches outside a
+    graph timed the host's launch too, and picked for the output product a configuration
+    that took 4.9 us in a graph where the best took 2.9 (one H100 run, a6d97bf:
+    docs/PERFORMANCE.md, "Tuning in a graph")."""
     if key in _chosen:
         return _chosen[key]
     if not x.is_cuda or torch.cuda.is_current_stream_capturing():
@@ -406,19 +410,24 @@ def _tuned(launch, key: tuple, x: Tensor, heuristic: tuple, candidates: tuple) -
     flush = torch.ones(16 << 20, dtype=torch.float32, device=x.device)
 
     def timed(config: tuple, launches: int) -> float | None:
-        """Median milliseconds of `launches` launches, None where the shape cannot build."""
+        """Milliseconds per flush-and-launch in a graph of `launches` of them (the flush
+        costs every configuration the same), None where the shape cannot build."""
         try:
             launch(config)  # compiles
         except OutOfResources:  # too big a block for this shape: not a candidate
             return None
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(launches)]
-        for start, end in events:
-            flush.sum()
-            start.record()
-            launch(config)
-            end.record()
-        events[-1][1].synchronize()
-        return statistics.median(start.elapsed_time(end) for start, end in events)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(launches):
+                flush.sum()
+                launch(config)
+        graph.replay()  # the first replay uploads the graph
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / launches
 
     _chosen[key] = _fastest(timed, (heuristic, *candidates))
     return _chosen[key]

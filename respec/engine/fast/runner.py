@@ -162,7 +162,7 @@ class FastGenerator:
         taken = set(live)
         rest = [row for row in range(self.state.rows) if row not in taken]
         order = live + rest
-        self.state.keep(torch.tensor(order, device=self.device))
+        self.state.keep(torch.tensor(order, device=self.device), live=len(live))
         return self.bucket_for(len(live)), [owner[row] for row in order]
 
     def _results(self, owner: list[int], count: int) -> list[FastResult]:
