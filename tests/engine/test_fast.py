@@ -101,6 +101,23 @@ def test_compacting_the_batch_and_switching_draft_length_change_nothing(model_an
     assert any(rows != list(range(len(rows))) for rows in moved)  # a live row changed place
 
 
+def test_each_prompt_stops_at_its_own_token_limit(model_and_head):
+    """Per-prompt limits (an RL batch whose prompts ask for different lengths): each row is
+    the unlimited row cut at its limit, with drafting and compaction on."""
+    model, head = model_and_head
+    prompts = prompts_of(5)
+    fast = FastGenerator(model, head, max_rows=8, max_len=96, max_new=20, max_k=3)
+    full = fast.generate(prompts, 2)
+    limits = [1, 3, 20, 7, 12]
+    limited = fast.generate(prompts, 2, max_new=limits)
+    assert [r.tokens for r in limited] == [r.tokens[:limit] for r, limit in zip(full, limits, strict=True)]
+    for row, whole, limit in zip(limited, full, limits, strict=True):  # other buckets: float rounding differs
+        assert row.logprobs == pytest.approx(whole.logprobs[:limit], abs=1e-5)
+    assert limited[0].steps == 0  # its one token came from the prefill: it never stepped
+    with pytest.raises(ValueError, match="one limit in"):
+        fast.generate(prompts, 2, max_new=[21] * 5)
+
+
 def test_refreshed_weights_are_the_ones_generating(model_and_head, tmp_path):
     """The fused copies follow the policy after ``refresh_weights`` (an RL update in place)."""
     model = load_model(small_qwen2(tmp_path / "m", vocab=8, layers=3, std=0.5, seed=2))

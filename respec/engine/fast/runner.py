@@ -131,15 +131,23 @@ class FastGenerator:
     # ------------------------------------------------------------------ generation
 
     def generate(self, prompts: Sequence[Sequence[int] | Tensor], k_for_bucket: Mapping[int, int] | int = 0,
-                 check_every: int = 1, compact: bool = True) -> list[FastResult]:
+                 check_every: int = 1, compact: bool = True,
+                 max_new: Sequence[int] | None = None) -> list[FastResult]:
         """Generate up to max_new tokens for every prompt; results in prompt order.
-        k_for_bucket: drafts per step, one number or per bucket size (missing: 0)."""
+        k_for_bucket: drafts per step, one number or per bucket size (missing: 0).
+        max_new: each prompt's own limit (1..the generator's max_new), if not the generator's."""
         if not prompts or len(prompts) > self.state.rows:
             raise ValueError(f"generate takes 1..{self.state.rows} prompts, got {len(prompts)}")
+        if max_new is not None and (len(max_new) != len(prompts) or not all(1 <= m <= self.max_new for m in max_new)):
+            raise ValueError(f"max_new needs one limit in [1, {self.max_new}] per prompt, got {list(max_new)}")
         choose = (lambda b: k_for_bucket) if isinstance(k_for_bucket, int) else (lambda b: k_for_bucket.get(b, 0))
         b = self.bucket_for(len(prompts))
         self.capture([(size, choose(size)) for size in self.buckets if size <= b], (b, self._prefill_width(prompts)))
         b = self.start(prompts)
+        if max_new is not None:  # after the prefill, which set the generator's limit and sampled a first token
+            limits = self.state.max_new[: len(prompts)]
+            limits.copy_(torch.as_tensor(list(max_new)), non_blocking=True)
+            self.state.done[: len(prompts)] |= limits <= 1
         owner = list(range(len(prompts))) + [-1] * (self.state.rows - len(prompts))  # state row -> prompt
         self.chains = {}
         live = self.state.done[:b].tolist().count(False)  # rows not done before the next step (as of the last check)
@@ -167,12 +175,13 @@ class FastGenerator:
 
     def _results(self, owner: list[int], count: int) -> list[FastResult]:
         out, logp = self.state.out.tolist(), self.state.out_logp.tolist()
-        counts, steps, accepted = (t.tolist() for t in (self.state.out_count, self.state.steps, self.state.accepted))
+        counts, steps, accepted, limits = (t.tolist() for t in (self.state.out_count, self.state.steps,
+                                                                self.state.accepted, self.state.max_new))
         results: list[FastResult | None] = [None] * count
         for row, prompt in enumerate(owner):
             if prompt < 0:
                 continue
-            length = min(counts[row], self.max_new)
+            length = min(counts[row], limits[row])
             tokens = out[row][:length]
             stop = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)
             length = length if stop is None else stop + 1
