@@ -1,0 +1,241 @@
+"""FastRollouts: the fast path (respec/engine/fast, docs/ENGINE.md "The fast path") as an
+actor. Turns Prompts into Rollouts in place of the Generator + Verifier pair.
+
+The Generator + Verifier pair runs the reference engine: draft trees, continuous batching,
+a random stream per row, and a message round trip per step. On a GPU that is bound by the
+host. This actor runs FastGenerator instead. It takes batches of up to `max_rows` prompts
+and runs each to completion; every step is one CUDA graph on a GPU, with drafting,
+verification and acceptance on the device. The prompts of an RL step arrive together:
+those that come within `gather_s` of the first waiting one make one batch.
+
+What it gives up, and refuses with a clear reason (in check_plan, or per prompt as an
+"error" Rollout, as the Verifier refuses bad input):
+- **Draft length.** It is fixed per batch bucket (`draft_length`, `draft_lengths`); no
+  Scheduler decides it step by step. EAGLE chains only, no trees.
+- **Sampling.** One temperature and one set of stop tokens for every row: the first
+  admitted prompt's. No top-k / top-p.
+- **Random streams.** Rows sample from the process's generator (seeded by `seed`), so a
+  sampled rollout depends on the batch it ran in. The Verifier keys each row's stream by
+  its prompt id.
+
+PolicyWeights and DraftWeights load between batches. Every token of a batch is stamped
+with the policy version the batch ran with. The DraftDistiller works as with the
+Generator: its samples carry tokens, and it computes the target's features itself. A
+prompt whose min_policy_version is newer than the loaded policy waits, in order, until
+that version loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import torch
+
+from respec.actors.generator import loaded_tensors
+from respec.engine.admission import check_prompt_tokens
+from respec.engine.checkpoint import load_model
+from respec.engine.drafters.eagle import EagleHead
+from respec.engine.errors import EngineError
+from respec.engine.fast import FastGenerator
+from respec.engine.fast.runner import buckets_up_to
+from respec.engine.sampling import validate
+from respec.messages import (
+    DraftWeights,
+    Envelope,
+    PolicyWeights,
+    Prompt,
+    Rollout,
+    SchedulerDecision,
+    VerifyRequest,
+)
+from respec.runtime import Actor, handles
+
+BAD_INPUT = (ValueError, TypeError, EngineError)  # what a prompt's own input can raise
+
+
+class FastRollouts(Actor):
+    class Params(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+        model_path: str  # local Hugging Face checkpoint directory
+        draft_path: str = ""  # an EAGLE head saved by `respec prepare` or EagleHead.save ("": no drafting)
+        draft_length: int = 0  # drafted tokens per step at every batch bucket (needs draft_path)
+        draft_lengths: dict[int, int] = {}  # bucket size (1, 2, 4, ..., max_rows) -> its draft length
+        max_rows: int = 64  # prompts generated together
+        max_len: int = 512  # prompt + response tokens per row
+        max_new_tokens: int = 128  # the most new tokens a prompt may ask for
+        device: str = "auto"  # "auto": cuda where there is one, else cpu (bf16 on cuda, float32 on cpu)
+        gather_s: float = 0.02  # wait this long after the first waiting prompt for the rest of its step
+        seed: int = 0
+
+    sends = (Rollout,)
+
+    @classmethod
+    def check_plan(cls, name, params, plan) -> list[str]:
+        problems = _param_problems(params)
+        for other, actor in plan.actors.items():
+            if other == name:
+                continue
+            if SchedulerDecision in actor.sends:
+                problems.append(f"actors.{other} ({actor.cls.__name__}) decides the draft shape step by step; "
+                                "FastRollouts takes a draft length per batch bucket (params.draft_lengths): remove it")
+            elif Prompt in actor.handles or VerifyRequest in actor.handles or VerifyRequest in actor.sends:
+                problems.append(f"actors.{other} ({actor.cls.__name__}) generates rollouts too; FastRollouts "
+                                "replaces the Generator + Verifier pair: remove both")
+        return problems
+
+    async def on_start(self) -> None:
+        p = self.params
+        self.device = torch.device("cuda" if p.device == "auto" and torch.cuda.is_available() else
+                                   "cpu" if p.device == "auto" else p.device)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        torch.manual_seed(p.seed)
+        self.model = load_model(Path(p.model_path), dtype=dtype, device=self.device)
+        self.head = (EagleHead.load(p.draft_path, self.model).to(device=self.device, dtype=dtype).eval()
+                     if p.draft_path else None)
+        self.lengths = {b: p.draft_lengths.get(b, p.draft_length) for b in buckets_up_to(p.max_rows)}
+        self.fast: FastGenerator | None = None  # built for the first admitted prompt's sampling
+        self.sampling: tuple[float, tuple[int, ...]] | None = None  # (temperature, stop ids) of every row
+        self.version = 0
+        self.waiting: deque[Prompt] = deque()
+        self.wake = asyncio.Event()
+        self.log.info("fast_rollouts_ready", device=str(self.device), drafting=self.head is not None,
+                      draft_lengths=self.lengths)
+
+    @handles(Prompt)
+    async def on_prompt(self, prompt: Prompt, envelope: Envelope) -> None:
+        self.waiting.append(prompt)
+        self.wake.set()
+
+    @handles(PolicyWeights, optional=True)
+    async def on_policy_weights(self, weights: PolicyWeights, envelope: Envelope) -> None:
+        """Into the policy in place (the head shares its embeddings, norm and output layer),
+        then into the fast path's fused copies."""
+        with loaded_tensors(weights.handle, weights.version, device=str(self.device)) as tensors, torch.no_grad():
+            self.model.load_state_dict(tensors, strict=False)
+        self._refresh()
+        self.version = weights.version
+        self.log.info("policy_weights_loaded", version=weights.version)
+        self.wake.set()  # held prompts may be ready now
+
+    @handles(DraftWeights, optional=True)
+    async def on_draft_weights(self, weights: DraftWeights, envelope: Envelope) -> None:
+        if self.head is None:
+            return
+        try:
+            with loaded_tensors(weights.handle, weights.version, device=str(self.device)) as tensors, torch.no_grad():
+                self.head.load_state_dict(tensors)
+        except (ValueError, OSError, RuntimeError) as error:  # a bad update must not stop generation
+            self.log.warning("draft_weights_not_loaded", version=weights.version,
+                             error=f"{type(error).__name__}: {error}")
+            return
+        self._refresh()
+        self.log.info("draft_weights_loaded", version=weights.version)
+
+    def _refresh(self) -> None:
+        if self.fast is not None:
+            self.fast.refresh_weights()
+
+    async def run(self) -> None:
+        while True:
+            if not self.waiting:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            await asyncio.sleep(self.params.gather_s)  # the rest of the step's prompts
+            batch = await self._take()
+            if not batch:  # every waiting prompt needs a newer policy (or was refused)
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            await self._generate(batch)
+            await asyncio.sleep(0)  # weights and prompts are handled between batches
+
+    async def _take(self) -> list[Prompt]:
+        """Up to max_rows prompts the loaded policy may generate, in order; bad ones are
+        refused, those that need a newer policy stay queued in order."""
+        batch, held = [], deque()
+        while self.waiting and len(batch) < self.params.max_rows:
+            prompt = self.waiting.popleft()
+            try:
+                self._check(prompt)
+            except BAD_INPUT as error:
+                await self._refuse(prompt, f"{type(error).__name__}: {error}")
+                continue
+            (held if prompt.min_policy_version > self.version else batch).append(prompt)
+        self.waiting.extendleft(reversed(held))
+        return batch
+
+    def _check(self, prompt: Prompt) -> None:
+        """The native backend's checks, then what the fast path cannot do."""
+        sampling, p = prompt.sampling, self.params
+        check_prompt_tokens(prompt.tokens, sampling.max_new_tokens, self.model.config.vocab_size)
+        validate(sampling.temperature, sampling.top_k, sampling.top_p)
+        if sampling.top_k or sampling.top_p < 1.0:
+            raise ValueError("top-k and top-p sampling are not on the fast path; use the Generator + Verifier")
+        if sampling.max_new_tokens > p.max_new_tokens:
+            raise ValueError(f"max_new_tokens {sampling.max_new_tokens} is more than params.max_new_tokens "
+                             f"({p.max_new_tokens})")
+        need = len(prompt.tokens) + p.max_new_tokens + max(self.lengths.values()) + 1
+        if need > p.max_len:
+            raise ValueError(f"a prompt of {len(prompt.tokens)} tokens needs {need} positions with max_new_tokens "
+                             f"{p.max_new_tokens} and drafting; params.max_len is {p.max_len}")
+        asked = (float(sampling.temperature), tuple(sorted(set(sampling.stop_token_ids))))
+        if self.sampling is not None and asked != self.sampling:
+            raise ValueError(f"every row samples alike on the fast path: temperature {self.sampling[0]}, stop tokens "
+                             f"{list(self.sampling[1])} (the first prompt's); this one asks {asked[0]}, {list(asked[1])}")
+        self.sampling = asked
+
+    async def _refuse(self, prompt: Prompt, reason: str) -> None:
+        self.log.warning("prompt_rejected", prompt_id=prompt.prompt_id, error=reason)
+        await self.send(Rollout.refused(prompt, reason), correlation_id=prompt.prompt_id)
+
+    async def _generate(self, batch: list[Prompt]) -> None:
+        """One batch to completion (blocking: handlers wait, so no weights change mid-batch)."""
+        fast = self._generator()
+        started = time.perf_counter()
+        results = fast.generate([prompt.tokens.tolist() for prompt in batch], self.lengths,
+                                max_new=[prompt.sampling.max_new_tokens for prompt in batch])
+        seconds = time.perf_counter() - started
+        stops = set(self.sampling[1])
+        for prompt, result in zip(batch, results, strict=True):
+            tokens = np.array(result.tokens, dtype=np.int32)
+            await self.send(Rollout(
+                prompt=prompt, tokens=tokens, logprobs=np.array(result.logprobs, dtype=np.float32),
+                token_versions=np.full(len(tokens), self.version, dtype=np.int32),
+                finish_reason="stop" if len(tokens) and int(tokens[-1]) in stops else "length",
+                accept_len=(len(tokens) - 1) / max(result.steps, 1), gen_time_s=seconds,
+            ), correlation_id=prompt.prompt_id)
+        self.log.info("batch_generated", rows=len(batch), tokens=sum(len(r.tokens) for r in results),
+                      seconds=round(seconds, 4), policy_version=self.version)
+
+    def _generator(self) -> FastGenerator:
+        """Built once, for the sampling every row shares (graphs are captured on first use)."""
+        if self.fast is None:
+            temperature, stops = self.sampling
+            p = self.params
+            self.fast = FastGenerator(self.model, self.head, max_rows=p.max_rows, max_len=p.max_len,
+                                      max_new=p.max_new_tokens, max_k=max(self.lengths.values()),
+                                      temperature=temperature, eos_ids=stops)
+        return self.fast
+
+
+def _param_problems(params) -> list[str]:
+    problems = []
+    lengths = {**dict.fromkeys(buckets_up_to(max(params.max_rows, 1)), params.draft_length), **params.draft_lengths}
+    if any(k < 0 for k in lengths.values()):
+        problems.append(f"params.draft_length(s) must be >= 0, got {lengths}")
+    if any(lengths.values()) and not params.draft_path:
+        problems.append("params.draft_length(s) > 0 drafts with an EAGLE head: set params.draft_path")
+    if unknown := sorted(set(params.draft_lengths) - set(buckets_up_to(max(params.max_rows, 1)))):
+        problems.append(f"params.draft_lengths names {unknown}, which are not batch buckets "
+                        f"({buckets_up_to(max(params.max_rows, 1))})")
+    for key in ("max_rows", "max_len", "max_new_tokens"):
+        if getattr(params, key) < 1:
+            problems.append(f"params.{key} must be >= 1, got {getattr(params, key)}")
+    if params.gather_s < 0:
+        problems.append(f"params.gather_s must be >= 0, got {params.gather_s}")
+    return problems

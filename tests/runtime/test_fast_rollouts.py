@@ -1,0 +1,192 @@
+"""FastRollouts: the fast path as an actor, in place of the Generator + Verifier pair.
+Through a graph it generates what FastGenerator generates (greedy, with an EAGLE head
+drafting and without), refuses what the fast path cannot do one prompt at a time, stamps
+tokens with the policy that made them, and its plan refuses the actors it replaces or
+leaves nothing to do for. The fast path runs eagerly on the CPU (no graphs, no kernels)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import structlog
+import torch
+import yaml
+
+from respec.actors.fast_rollouts import FastRollouts
+from respec.engine.checkpoint import load_model
+from respec.engine.drafters.eagle import EagleHead
+from respec.engine.fast import FastGenerator
+from respec.messages import PolicyWeights, Prompt, SamplingParams, WeightsHandle
+from respec.runtime.graph import ConfigError, load_config
+from respec.runtime.plan import build_plan
+from tests.checkpoints import small_qwen2
+from tests.heads import greedy_distilled_head
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+PROMPTS = [[1, 2, 3, 1, 2, 3, 1], [5, 6, 5, 6], [7, 8, 9, 10, 11, 7, 8, 9], [3, 3, 3], [4, 9, 4, 9, 4]]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return small_qwen2(tmp_path_factory.mktemp("ckpt") / "model")
+
+
+@pytest.fixture(scope="module")
+def eagle_head_dir(tmp_path_factory, checkpoint):
+    target = load_model(checkpoint)
+    generator = torch.Generator().manual_seed(99)
+    train = [torch.randint(0, 40, (4,), generator=generator) for _ in range(32)]
+    head = greedy_distilled_head(target, train, max_new_tokens=24, steps=120)
+    return head.save(tmp_path_factory.mktemp("eagle") / "head")
+
+
+def rollouts_graph(tmp_path, rollouts_params: dict, prompts_file, expected: int) -> dict:
+    out = tmp_path / "rollouts.json"
+    return {
+        "source": {"class": "tests.runtime.sd_actors.PromptsWithSampling", "params": {"prompts_file": str(prompts_file)}},
+        "generator": {"class": "respec.actors.fast_rollouts.FastRollouts", "params": rollouts_params},
+        "sink": {"class": "tests.runtime.sd_actors.RolloutFile", "params": {"out_file": str(out), "expected": expected}},
+    }
+
+
+@pytest.mark.parametrize("draft_length", [0, 3])
+def test_fast_rollouts_generate_what_the_fast_path_generates(run_graph, tmp_path, checkpoint, eagle_head_dir,
+                                                             draft_length):
+    """Five prompts asking for 20, 20, 7, 20 and 1 tokens, in one batch of up to 4 rows and
+    one of 1: each the fast path's own greedy rows, cut at its limit."""
+    limits = [20, 20, 7, 20, 1]
+    prompts_file = tmp_path / "prompts.json"
+    prompts_file.write_text(json.dumps([{"tokens": p, "sampling": {"max_new_tokens": m}}
+                                        for p, m in zip(PROMPTS, limits, strict=True)]))
+    params = {"model_path": str(checkpoint), "max_rows": 4, "max_len": 64, "max_new_tokens": 20,
+              "draft_path": str(eagle_head_dir), "draft_length": draft_length}
+    result = run_graph(rollouts_graph(tmp_path, params, prompts_file, len(PROMPTS)), name=f"fast_{draft_length}",
+                       threads_per_group=1)
+    assert result.ok, result.reason
+    rollouts = json.loads((tmp_path / "rollouts.json").read_text())
+    model = load_model(checkpoint)
+    fast = FastGenerator(model, EagleHead.load(eagle_head_dir, model), max_rows=8, max_len=64, max_new=20, max_k=3)
+    expected = fast.generate(PROMPTS, draft_length)
+    for index, (row, limit) in enumerate(zip(expected, limits, strict=True)):
+        got = rollouts[f"p{index}"]
+        assert got["tokens"] == row.tokens[:limit]
+        assert got["logprobs"] == pytest.approx(row.logprobs[:limit], abs=1e-4)
+        assert got["versions"] == [0] * limit and got["finish_reason"] == "length" and not got["error"]
+    drafted = [r["accept_len"] for i, r in rollouts.items() if i != "p4"]  # p4's one token came from the prefill
+    assert (min(drafted) > 1.0) == (draft_length > 0)
+
+
+def test_prompts_the_fast_path_cannot_generate_come_back_as_errors(run_graph, tmp_path, checkpoint):
+    """Refused one at a time, with the reason; the others are generated."""
+    prompts_file = tmp_path / "prompts.json"
+    prompts_file.write_text(json.dumps([
+        {"tokens": [1, 2, 3]},                                   # greedy, no stop tokens: sets every row's sampling
+        {"tokens": [1, 2, 3], "sampling": {"top_k": 5}},
+        {"tokens": [1, 2, 3], "sampling": {"temperature": 1.0}},  # not the first prompt's temperature
+        {"tokens": [1, 2, 3], "sampling": {"max_new_tokens": 30}},
+        {"tokens": [1, 2, 3] * 17},                              # does not fit max_len with 16 new tokens
+        {"tokens": [1, 999]},                                    # outside the vocabulary
+        {"tokens": [4, 5]},
+    ]))
+    params = {"model_path": str(checkpoint), "max_rows": 8, "max_len": 64, "max_new_tokens": 16}
+    result = run_graph(rollouts_graph(tmp_path, params, prompts_file, 7), name="fast_refusals", threads_per_group=1)
+    assert result.ok, result.reason
+    rollouts = json.loads((tmp_path / "rollouts.json").read_text())
+    errors = {key: row["error"] for key, row in rollouts.items() if row["finish_reason"] == "error"}
+    assert sorted(errors) == ["p1", "p2", "p3", "p4", "p5"]
+    assert "top-k and top-p" in errors["p1"] and "every row samples alike" in errors["p2"]
+    assert "params.max_new_tokens (16)" in errors["p3"] and "params.max_len is 64" in errors["p4"]
+    assert "outside the model's vocabulary" in errors["p5"]
+    assert len(rollouts["p0"]["tokens"]) == len(rollouts["p6"]["tokens"]) == 16
+
+
+def test_a_prompt_waits_for_its_policy_and_its_tokens_carry_that_version(tmp_path, checkpoint):
+    """A prompt that needs policy version 1 is held until PolicyWeights(1) load; its tokens
+    are then the new policy's, stamped 1, while an earlier prompt's carry 0."""
+    sent = []
+
+    async def scenario():
+        actor = FastRollouts(FastRollouts.Params(model_path=str(checkpoint), max_rows=4, max_len=64,
+                                                 max_new_tokens=8, gather_s=0.0),
+                             SimpleNamespace(instance="generator/0", log=structlog.get_logger()))
+
+        async def send(message, correlation_id=""):
+            sent.append(message)
+        actor.send = send
+        await actor.on_start()
+        loop = asyncio.create_task(actor.run())
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+        for index, min_version in enumerate((0, 1)):
+            await actor.on_prompt(Prompt(prompt_id=f"p{index}", group_id="g", sample_index=index,
+                                         tokens=np.array(PROMPTS[0], dtype=np.int32), sampling=greedy,
+                                         min_policy_version=min_version), None)
+        await asyncio.sleep(0.5)
+        assert [m.prompt.prompt_id for m in sent] == ["p0"]  # p1 held: version 1 has not loaded
+        torch.manual_seed(7)
+        new_policy = load_model(checkpoint)
+        with torch.no_grad():
+            for parameter in new_policy.parameters():
+                parameter.add_(0.3 * torch.randn_like(parameter))
+        tensors = {name: t.clone() for name, t in new_policy.state_dict().items()}
+        await actor.on_policy_weights(PolicyWeights(version=1, handle=WeightsHandle(kind="local", tensors=tensors)),
+                                      None)
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if len(sent) == 2:
+                break
+        loop.cancel()
+        return new_policy
+
+    new_policy = asyncio.run(scenario())
+    first, second = sent
+    assert first.token_versions.tolist() == [0] * 8 and second.token_versions.tolist() == [1] * 8
+    expected = FastGenerator(new_policy, None, max_rows=4, max_len=64, max_new=8, max_k=0).generate([PROMPTS[0]])[0]
+    old = FastGenerator(load_model(checkpoint), None, max_rows=4, max_len=64, max_new=8, max_k=0).generate([PROMPTS[0]])[0]
+    assert second.tokens.tolist() == expected.tokens != old.tokens == first.tokens.tolist()
+
+
+def plan(tmp_path, actors: dict):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"run": {"name": "f"}, "actors": actors}))
+    return build_plan(load_config(path), str(path))
+
+
+ROLLOUTS = {"class": "respec.actors.fast_rollouts.FastRollouts", "params": {"model_path": "models/tiny/policy"}}
+PROMPTS_ACTOR = {"class": "tests.runtime.sd_actors.FixedPrompts", "params": {"prompts_file": "x"}}
+SINK = {"class": "tests.runtime.sd_actors.RolloutFile", "params": {"out_file": "x", "expected": 1}}
+
+
+def test_the_generator_verifier_pair_is_refused_beside_it(tmp_path):
+    actors = {"prompts": PROMPTS_ACTOR, "generator": ROLLOUTS, "sink": SINK,
+              "native": {"class": "respec.actors.generator.Generator"},
+              "verifier": {"class": "respec.actors.verifier.Verifier", "params": {"model_path": "x"}}}
+    with pytest.raises(ConfigError, match=r"actors.generator: actors.native \(Generator\) generates rollouts too; "
+                                          "FastRollouts replaces the Generator \\+ Verifier pair"):
+        plan(tmp_path, actors)
+
+
+def test_a_scheduler_is_refused_beside_it():
+    """(In a whole graph the plan already fails on the Scheduler's missing GenerationStats.)"""
+    from respec.actors.scheduler import Scheduler
+
+    actors = {"generator": SimpleNamespace(cls=FastRollouts, sends=FastRollouts.sends, handles={Prompt: "on_prompt"}),
+              "scheduler": SimpleNamespace(cls=Scheduler, sends=Scheduler.sends, handles=Scheduler.handled_types())}
+    problems = FastRollouts.check_plan("generator", FastRollouts.Params(model_path="x"), SimpleNamespace(actors=actors))
+    assert problems == ["actors.scheduler (Scheduler) decides the draft shape step by step; FastRollouts takes a "
+                        "draft length per batch bucket (params.draft_lengths): remove it"]
+
+
+@pytest.mark.parametrize("params, says", [
+    ({"draft_length": 2}, "set params.draft_path"),
+    ({"draft_path": "h", "draft_lengths": {3: 2}}, "params.draft_lengths names [3], which are not batch buckets"),
+    ({"max_rows": 0}, "params.max_rows must be >= 1"),
+])
+def test_bad_parameters_are_named_before_the_run(tmp_path, params, says):
+    rollouts = {**ROLLOUTS, "params": {**ROLLOUTS["params"], **params}}
+    with pytest.raises(ConfigError, match=says.replace("[", r"\[").replace("]", r"\]")):
+        plan(tmp_path, {"prompts": PROMPTS_ACTOR, "generator": rollouts, "sink": SINK})
