@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpu_report import markdown  # noqa: E402
 from gpu_rl import KNOWN_VARIANTS, VARIANTS, Variant, rl_section  # noqa: E402
 from gpu_timing import (  # noqa: E402
-    choose_draft_lengths,
     compare,
     copy_bandwidth,
     hf_decode_seconds,
@@ -50,6 +49,7 @@ from respec.engine.checkpoint import load_model, save_model  # noqa: E402
 from respec.engine.drafters.eagle import EagleHead  # noqa: E402
 from respec.engine.fast import FastGenerator  # noqa: E402
 from respec.engine.tokenizer import char_tokenizer  # noqa: E402
+from respec.sched.draft_lengths import choose_draft_lengths  # noqa: E402
 from respec.tasks import make_task  # noqa: E402
 
 # The built-in task in its longer setting: the embedded default's (max_value 9, 2-3

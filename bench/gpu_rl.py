@@ -66,12 +66,7 @@ from dataclasses import dataclass, field
 
 import torch
 from gpu_distill import bf16_autocast, captured_views, distill_views, target_views
-from gpu_timing import (
-    accepted_per_chain,
-    chain_acceptance,
-    choose_draft_lengths,
-    release_cached_memory,
-)
+from gpu_timing import release_cached_memory
 
 from respec.engine.drafters.eagle import EagleHead
 from respec.engine.fast import FastGenerator
@@ -79,6 +74,7 @@ from respec.engine.model import CausalLM
 from respec.engine.tokenizer import char_tokenizer
 from respec.rl.trainer import GRPOTrainer, TrainerConfig, TrainSample
 from respec.runtime.weights_transfer import flatten, unflatten
+from respec.sched.draft_lengths import LiveChoice
 
 DISTILL_SAMPLES = 64  # rollouts per head update at most: the latest ones (one pass). A slice of 128
 # took ~0.2 s per version beside a ~0.2 s update (597254b): the training lane then outran the generation.
@@ -170,36 +166,6 @@ class Variant:
     @property
     def switch_interval(self) -> float:
         return SWITCH_INTERVAL_S if self.overlapped and not self.name.endswith("_switch_5ms") else sys.getswitchinterval()
-
-
-class LiveChoice:
-    """The scheduler of the RL runs: per batch bucket, the draft length with the most
-    expected tokens per second, from the profile's step costs and the acceptance rate of
-    the run's own rollouts (an average over the latest generations, so a head that goes
-    stale, or a distillation that refreshes it, moves the choice within a step or two).
-    The profile's acceptance, measured on other prompts before RL, only seeds it."""
-
-    def __init__(self, step_cost: dict[tuple[int, int], float], rate: float, memory: float = 0.5) -> None:
-        self.step_cost, self.rate, self.memory = step_cost, rate, memory
-        self.lengths = sorted({k for _, k in step_cost})
-        self.choice = self._choose()
-
-    @staticmethod
-    def from_profile(profile: dict, rows: int) -> LiveChoice:
-        cost = {(int(b), int(k)): seconds for key, seconds in profile["step_s"].items()
-                for b, k in [key.split("/")] if int(b) <= rows}
-        if rows not in {b for b, _ in cost}:
-            raise ValueError(f"the profile has no step costs for a batch of {rows} rows")
-        seeded = {int(k): a for k, a in profile["accepted_per_step"].items()}
-        return LiveChoice(cost, chain_acceptance({k: 1 for k in seeded}, sum(seeded.values())))
-
-    def observe(self, chains: dict[int, int], accepted: int) -> None:
-        if any(k for k in chains):
-            self.rate = self.memory * self.rate + (1 - self.memory) * chain_acceptance(chains, accepted)
-            self.choice = self._choose()
-
-    def _choose(self) -> dict[int, int]:
-        return choose_draft_lengths(self.step_cost, accepted_per_chain(self.rate, self.lengths))
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """bench/gpu.py's timing pieces: the HBM floor, one step's cost, throughput of a batch,
-transformers' eager decoding as the peer, and the scheduler's choice from a profile."""
+transformers' eager decoding as the peer (the scheduler's choice from a profile is
+respec.sched.draft_lengths)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,8 @@ import time
 
 import torch
 
-from respec.engine.drafters.base import DraftShape
 from respec.engine.fast import FastGenerator
 from respec.engine.model import CausalLM
-from respec.sched.cost_model import geometric_accept_len
-from respec.sched.profile import NOSD
 
 
 def copy_bandwidth(device: str, gib: float = 1.0, repeats: int = 20) -> dict:
@@ -59,16 +57,8 @@ def weight_bytes(model: CausalLM) -> int:
 
 
 def step_seconds(generator: FastGenerator, b: int, k: int, device: str, steps: int = 50) -> float:
-    """Seconds per step of bucket b with k drafts (graph replay on a GPU), after prefilling b
-    dummy rows. A step costs the same whatever the tokens are, so no acceptance is implied."""
-    prompts = [[1, 2, 3, 4, 5, 6, 7, 8]] * b
-    generator.capture([(b, k)], (b, generator._prefill_width(prompts)))
-    generator.start(prompts)
-    generator.state.done[:b] = False
-    generator.state.max_new[:b] = 10**9  # never finish: every step does full work
-    for _ in range(3):
-        generator.step(b, k)
-    return timed(lambda: [generator.step(b, k) for _ in range(steps)], device, 3) / steps
+    """Seconds per step of bucket b with k drafts (FastGenerator.time_step)."""
+    return generator.time_step(b, k, steps)
 
 
 def throughput(generator: FastGenerator, prompts: list[list[int]], k_for_bucket, device: str,
@@ -109,18 +99,6 @@ def _stats(run) -> dict:
             "tokens_per_step": (tokens - len(results)) / max(1, steps)}
 
 
-def choose_draft_lengths(step_cost: dict[tuple[int, int], float], accepted: dict[int, float]) -> dict[int, int]:
-    """The Scheduler's rule (docs/SCHEDULER.md): per batch bucket, the draft length that
-    maximises expected tokens per second, (1 + accepted drafts per step) / step seconds,
-    from a profile of step costs and acceptance measured on other prompts."""
-    buckets = sorted({b for b, _ in step_cost})
-    choice = {}
-    for b in buckets:
-        rates = {k: (1 + accepted.get(k, 0.0)) / seconds for (bb, k), seconds in step_cost.items() if bb == b}
-        choice[b] = max(rates, key=rates.get)
-    return choice
-
-
 def hf_decode_seconds(checkpoint_dir: str, prompt: list[int], device: str, new_tokens: int = 64) -> dict:
     """transformers' own eager Qwen2 on the same weights: greedy `generate`, seconds per token."""
     from transformers import AutoModelForCausalLM
@@ -133,27 +111,3 @@ def hf_decode_seconds(checkpoint_dir: str, prompt: list[int], device: str, new_t
         seconds = timed(lambda: model.generate(inputs, **kwargs), device, 3)
         tokens = model.generate(inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[0, len(prompt):]
     return {"seconds_per_token": seconds / new_tokens, "greedy_tokens": tokens.tolist()}
-
-
-def chain_acceptance(chains: dict[int, int], accepted: int) -> float:
-    """The per-draft acceptance rate a that explains `accepted` drafts over `chains` (draft
-    length -> chains drafted): a chain of k accepts a + a^2 + ... + a^k drafts in expectation
-    (each draft accepted with probability a, given its predecessors were). Bisection."""
-    def expected(a: float) -> float:
-        per_chain = accepted_per_chain(a, chains)
-        return sum(n * per_chain[k] for k, n in chains.items())
-
-    if expected(1.0) <= 0:
-        return 0.0
-    low, high = 0.0, 1.0
-    for _ in range(40):
-        mid = (low + high) / 2
-        low, high = (mid, high) if expected(mid) < accepted else (low, mid)
-    return (low + high) / 2
-
-
-def accepted_per_chain(rate: float, lengths) -> dict[int, float]:
-    """Expected accepted drafts per step for each draft length, at acceptance rate `rate`:
-    the Scheduler's geometric model (a chain of k accepts rate + ... + rate^k), less the
-    bonus token it counts."""
-    return {k: geometric_accept_len(DraftShape.chain(k).name if k else NOSD, rate) - 1 for k in lengths}

@@ -8,10 +8,17 @@ and runs each to completion; every step is one CUDA graph on a GPU, with draftin
 verification and acceptance on the device. The prompts of an RL step arrive together:
 those that come within `gather_s` of the first waiting one make one batch.
 
+Draft lengths are set per batch bucket in one of two ways:
+- fixed, by `draft_length` and `draft_lengths`;
+- or, with `adaptive`, chosen per bucket among the lengths it lists and plain decoding.
+  The choice comes from this device's own step costs, timed at the first batch, and the
+  acceptance of the run's rollouts, updated after every batch (`respec.sched.draft_lengths`,
+  ReSpec's adaptive SD on the fast path).
+
 What it gives up, and refuses with a clear reason (in check_plan, or per prompt as an
 "error" Rollout, as the Verifier refuses bad input):
-- **Draft length.** It is fixed per batch bucket (`draft_length`, `draft_lengths`); no
-  Scheduler decides it step by step. EAGLE chains only, no trees.
+- **Per-step decisions.** No Scheduler decides the draft length step by step. EAGLE chains
+  only, no trees.
 - **Sampling.** One temperature and one set of stop tokens for every row: the first
   admitted prompt's. No top-k / top-p.
 - **Random streams.** Rows sample from the process's generator (seeded by `seed`), so a
@@ -54,6 +61,7 @@ from respec.messages import (
     VerifyRequest,
 )
 from respec.runtime import Actor, handles
+from respec.sched.draft_lengths import LiveChoice
 
 BAD_INPUT = (ValueError, TypeError, EngineError)  # what a prompt's own input can raise
 
@@ -64,6 +72,12 @@ class FastRollouts(Actor):
         draft_path: str = ""  # an EAGLE head saved by `respec prepare` or EagleHead.save ("": no drafting)
         draft_length: int = 0  # drafted tokens per step at every batch bucket (needs draft_path)
         draft_lengths: dict[int, int] = {}  # bucket size (1, 2, 4, ..., max_rows) -> its draft length
+        # Draft lengths to choose among per bucket, with plain decoding, from this device's own
+        # step costs (measured at the first batch) and the acceptance of the run's rollouts:
+        # ReSpec's adaptive SD (respec.sched.draft_lengths). [] keeps draft_length(s).
+        adaptive: list[int] = []
+        adaptive_rate: float = 0.7  # per-draft acceptance assumed until the first rollouts say otherwise
+        profile_steps: int = 20  # steps timed per (bucket, draft length) for the adaptive choice
         max_rows: int = 64  # prompts generated together
         max_len: int = 512  # prompt + response tokens per row
         max_new_tokens: int = 128  # the most new tokens a prompt may ask for
@@ -97,6 +111,7 @@ class FastRollouts(Actor):
         self.head = (EagleHead.load(p.draft_path, self.model).to(device=self.device, dtype=dtype).eval()
                      if p.draft_path else None)
         self.lengths = {b: p.draft_lengths.get(b, p.draft_length) for b in buckets_up_to(p.max_rows)}
+        self.live: LiveChoice | None = None  # with params.adaptive: the choice per bucket, learnt as it goes
         self.fast: FastGenerator | None = None  # built for the first admitted prompt's sampling
         self.sampling: tuple[float, tuple[int, ...]] | None = None  # (temperature, stop ids) of every row
         self.version = 0
@@ -133,6 +148,8 @@ class FastRollouts(Actor):
                              error=f"{type(error).__name__}: {error}")
             return
         self._refresh()
+        if self.live is not None:  # a new head: its acceptance is unknown until its rollouts come
+            self.live.expect(max(self.live.rate, self.params.adaptive_rate))
         self.log.info("draft_weights_loaded", version=weights.version)
 
     def _refresh(self) -> None:
@@ -179,7 +196,7 @@ class FastRollouts(Actor):
         if sampling.max_new_tokens > p.max_new_tokens:
             raise ValueError(f"max_new_tokens {sampling.max_new_tokens} is more than params.max_new_tokens "
                              f"({p.max_new_tokens})")
-        need = len(prompt.tokens) + p.max_new_tokens + max(self.lengths.values()) + 1
+        need = len(prompt.tokens) + p.max_new_tokens + self._max_k() + 1
         if need > p.max_len:
             raise ValueError(f"a prompt of {len(prompt.tokens)} tokens needs {need} positions with max_new_tokens "
                              f"{p.max_new_tokens} and drafting; params.max_len is {p.max_len}")
@@ -196,10 +213,13 @@ class FastRollouts(Actor):
     async def _generate(self, batch: list[Prompt]) -> None:
         """One batch to completion (blocking: handlers wait, so no weights change mid-batch)."""
         fast = self._generator()
+        lengths = self.live.choice if self.live is not None else self.lengths
         started = time.perf_counter()
-        results = fast.generate([prompt.tokens.tolist() for prompt in batch], self.lengths,
+        results = fast.generate([prompt.tokens.tolist() for prompt in batch], lengths,
                                 max_new=[prompt.sampling.max_new_tokens for prompt in batch])
         seconds = time.perf_counter() - started
+        if self.live is not None:
+            self.live.observe(fast.chains, sum(result.accepted for result in results))
         stops = set(self.sampling[1])
         for prompt, result in zip(batch, results, strict=True):
             tokens = np.array(result.tokens, dtype=np.int32)
@@ -210,7 +230,7 @@ class FastRollouts(Actor):
                 accept_len=(len(tokens) - 1) / max(result.steps, 1), gen_time_s=seconds,
             ), correlation_id=prompt.prompt_id)
         self.log.info("batch_generated", rows=len(batch), tokens=sum(len(r.tokens) for r in results),
-                      seconds=round(seconds, 4), policy_version=self.version)
+                      seconds=round(seconds, 4), policy_version=self.version, draft_lengths=lengths)
 
     def _generator(self) -> FastGenerator:
         """Built once, for the sampling every row shares (graphs are captured on first use)."""
@@ -218,9 +238,23 @@ class FastRollouts(Actor):
             temperature, stops = self.sampling
             p = self.params
             self.fast = FastGenerator(self.model, self.head, max_rows=p.max_rows, max_len=p.max_len,
-                                      max_new=p.max_new_tokens, max_k=max(self.lengths.values()),
+                                      max_new=p.max_new_tokens, max_k=self._max_k(),
                                       temperature=temperature, eos_ids=stops)
+            if p.adaptive:
+                self.live = LiveChoice(self._step_costs(), p.adaptive_rate)
+                self.log.info("draft_lengths_profiled", choice=self.live.choice,
+                              step_ms={f"{b}/{k}": round(1e3 * t, 3) for (b, k), t in self.live.step_cost.items()})
         return self.fast
+
+    def _step_costs(self) -> dict[tuple[int, int], float]:
+        """Seconds per step of every (bucket, draft length) on this device: what the
+        adaptive choice weighs the expected accepted drafts against."""
+        lengths = (0, *sorted(set(self.params.adaptive)))
+        return {(b, k): self.fast.time_step(b, k, self.params.profile_steps)
+                for b in self.fast.buckets for k in lengths}
+
+    def _max_k(self) -> int:
+        return max(*self.lengths.values(), *self.params.adaptive, 0)
 
 
 def _param_problems(params) -> list[str]:
@@ -230,6 +264,15 @@ def _param_problems(params) -> list[str]:
         problems.append(f"params.draft_length(s) must be >= 0, got {lengths}")
     if any(lengths.values()) and not params.draft_path:
         problems.append("params.draft_length(s) > 0 drafts with an EAGLE head: set params.draft_path")
+    if params.adaptive:
+        if not params.draft_path or any(k < 1 for k in params.adaptive):
+            problems.append(f"params.adaptive chooses among draft lengths >= 1 drafted with an EAGLE head "
+                            f"(params.draft_path), got {params.adaptive}")
+        if any(lengths.values()):
+            problems.append("params.adaptive chooses the draft lengths: leave params.draft_length(s) unset")
+        if not 0 <= params.adaptive_rate <= 1 or params.profile_steps < 1:
+            problems.append(f"params.adaptive_rate must be in [0, 1] and params.profile_steps >= 1, got "
+                            f"{params.adaptive_rate}, {params.profile_steps}")
     if unknown := sorted(set(params.draft_lengths) - set(buckets_up_to(max(params.max_rows, 1)))):
         problems.append(f"params.draft_lengths names {unknown}, which are not batch buckets "
                         f"({buckets_up_to(max(params.max_rows, 1))})")

@@ -1,4 +1,5 @@
-"""bench/gpu_rl.py's live scheduler: the acceptance rate it reads from a generation's chains,
+"""The fast path's live draft-length choice (respec.sched.draft_lengths, used by
+bench/gpu_rl.py and FastRollouts): the acceptance rate it reads from a generation's chains,
 and the draft lengths it picks from it (no GPU needed: plain arithmetic on profiles)."""
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from gpu_rl import LiveChoice  # noqa: E402
-from gpu_timing import accepted_per_chain, chain_acceptance  # noqa: E402
+from respec.sched.draft_lengths import LiveChoice, accepted_per_chain, chain_acceptance  # noqa: E402
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.3, 0.75, 0.95])

@@ -118,6 +118,16 @@ def test_each_prompt_stops_at_its_own_token_limit(model_and_head):
         fast.generate(prompts, 2, max_new=[21] * 5)
 
 
+def test_timing_a_step_leaves_nothing_behind(model_and_head):
+    """time_step runs rows that never finish; generation after it is what it was before."""
+    model, head = model_and_head
+    fast = FastGenerator(model, head, max_rows=4, max_len=96, max_new=12, max_k=3)
+    before = [r.tokens for r in fast.generate(prompts_of(3), 2)]
+    assert fast.time_step(4, 3, steps=2, repeats=1) > 0 and fast.time_step(1, 0, steps=2, repeats=1) > 0
+    assert bool(fast.state.done.all()) and not fast.state.out_count.any()
+    assert [r.tokens for r in fast.generate(prompts_of(3), 2)] == before
+
+
 def test_refreshed_weights_are_the_ones_generating(model_and_head, tmp_path):
     """The fused copies follow the policy after ``refresh_weights`` (an RL update in place)."""
     model = load_model(small_qwen2(tmp_path / "m", vocab=8, layers=3, std=0.5, seed=2))

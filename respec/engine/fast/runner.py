@@ -15,6 +15,8 @@ check the fast path against the reference engine without a GPU.
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -124,6 +126,33 @@ class FastGenerator:
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         self.state.reset()
+
+    def time_step(self, b: int, k: int, steps: int = 20, repeats: int = 3) -> float:
+        """Seconds per step of bucket b with k drafts (a graph replay where graphs are on),
+        the median of `repeats` runs of `steps` steps over b rows that never finish. A step
+        costs the same whatever its tokens, so this is the cost a scheduler weighs against
+        the drafts it expects accepted. Leaves the state empty."""
+        prompts = [[token % self.model.config.vocab_size for token in range(1, 9)]] * b
+        self.capture([(b, k)], (b, self._prefill_width(prompts)))
+        self.start(prompts)
+        self.state.done[:b] = False
+        self.state.max_new[:b] = 10**9  # every step does full work (writes past the buffers land in its spare column)
+        for _ in range(3):
+            self.step(b, k)
+        times = []
+        for _ in range(repeats):
+            self._sync()
+            started = time.perf_counter()
+            for _ in range(steps):
+                self.step(b, k)
+            self._sync()
+            times.append((time.perf_counter() - started) / steps)
+        self.state.reset()
+        return statistics.median(times)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def bucket_for(self, rows: int) -> int:
         return next(size for size in self.buckets if size >= rows)
