@@ -103,8 +103,8 @@ class FastRollouts(Actor):
 
     async def on_start(self) -> None:
         p = self.params
-        self.device = torch.device("cuda" if p.device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if p.device == "auto" else p.device)
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(auto if p.device == "auto" else p.device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         torch.manual_seed(p.seed)
         self.model = load_model(Path(p.model_path), dtype=dtype, device=self.device)
