@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import yaml
 from rich.console import Console
 from rich.table import Table
@@ -63,6 +64,23 @@ def distiller(config: Path, weighting: str, interval: int = 1, nice: int = 0) ->
                    "reward_weighting": weighting, "update_interval": interval, "nice": nice}}}
 
 
+def fast_rollouts(config: Path) -> dict[str, Any]:
+    """Overrides that put FastRollouts, adaptive, in place of `config`'s Generator + Verifier
+    pair: one batch per RL step, and the draft length per batch bucket from this machine's
+    step costs and the run's acceptance (docs/RUNTIME.md, "FastRollouts")."""
+    from respec.actors.prompt_source import PromptSource
+    from respec.actors.verifier import Verifier
+
+    actors = yaml.safe_load(config.read_text())["actors"]
+    prompts = msgspec.convert(actors["prompts"]["params"], PromptSource.Params)  # with the defaults filled in
+    verifier = msgspec.convert(actors["verifier"]["params"], Verifier.Params)
+    return {"actors.verifier": None, "actors.generator": {
+        "class": "respec.actors.fast_rollouts.FastRollouts",
+        "params": {"model_path": verifier.model_path, "draft_path": actors["generator"]["params"]["draft_path"],
+                   "adaptive": [2, 4, 6], "max_rows": prompts.group_size * prompts.groups_per_step,
+                   "max_len": verifier.max_len, "max_new_tokens": prompts.max_new_tokens, "profile_steps": 5}}}
+
+
 def scheduler() -> dict[str, Any]:
     """The Scheduler at its defaults (per-bucket measured decisions, dwell, switch cost) and no
     profile: the prior only orders what each bucket explores first."""
@@ -99,7 +117,9 @@ def e2e_variants(config: Path, baseline: Path) -> dict[str, tuple[Path, dict]]:
             "async_sd_sched": (config, {**STATIC, **scheduler()}),
             # every 3 versions, at the lowest priority: on a 2-core CPU the distiller shares the
             # cores with generation and training, and must only use what they leave idle
-            "respec": (config, {**STATIC, **scheduler(), **distiller(config, "reward", 3, nice=19)})}
+            "respec": (config, {**STATIC, **scheduler(), **distiller(config, "reward", 3, nice=19)}),
+            # the same, generating through the fast path with its own per-bucket choice
+            "respec_fast": (config, {**STATIC, **fast_rollouts(config), **distiller(config, "reward", 3, nice=19)})}
 
 
 # ---------------------------------------------------------------------- running

@@ -40,6 +40,9 @@ def test_variants_add_a_distiller_and_a_scheduler_that_plan(tmp_path):
     assert {"scheduler", "distiller"} <= set(plans["respec"].actors)
     assert plans["respec"].actors["distiller"].spec.params["nice"] == 19
     assert "scheduler" in plans["async_sd_sched"].actors and "distiller" not in plans["async_sd_sched"].actors
+    fast = plans["respec_fast"].actors  # FastRollouts in place of the pair, with the distiller
+    assert fast["generator"].cls.__name__ == "FastRollouts" and {"verifier", "scheduler"}.isdisjoint(fast)
+    assert fast["generator"].spec.params["draft_path"] == "head" and "distiller" in fast
 
 
 def test_static_variants_drop_a_scheduler_the_run_file_names(tmp_path):
