@@ -193,6 +193,7 @@ def trained_models(args, task, heldout, shape: str, device: str):
     log(f"head: {head_report}")
     if cache is not None:
         save_model(model, cache / "policy")
+        char_tokenizer().save(cache / "policy")  # a whole checkpoint: `respec run` reads it (configs/gpu_fast.yaml)
         head.save(cache / "head")
         (cache / "reports.json").write_text(json.dumps([policy_report, head_report]))
     return model, head, policy_report, head_report

@@ -48,6 +48,7 @@ class PolicyTrainer(Actor):
         keep_weight_files: int = 4  # file handles kept: Generators and Verifiers are at most max_staleness
         # versions behind; a DraftDistiller further behind skips versions whose file is gone
         share_by_reference: bool = True  # in-process Verifiers get the tensors themselves
+        device: str = "cpu"  # where the policy trains ("cuda": float32 master weights on the GPU)
         seed: int = 0
         # held-out evaluation (0 problems: none)
         task: str = "arithmetic"
@@ -65,11 +66,11 @@ class PolicyTrainer(Actor):
 
     async def on_start(self) -> None:
         torch.manual_seed(self.params.seed)
-        model = load_model(Path(self.params.model_path))
+        model = load_model(Path(self.params.model_path), device=self.params.device)
         config = TrainerConfig(lr=self.params.lr, gain_lr=self.params.gain_lr, micro_batch=self.params.micro_batch,
                                max_grad_norm=self.params.max_grad_norm,
                                ppo=PPOConfig(clip_eps=self.params.clip_eps, kl_coef=self.params.kl_coef))
-        reference = load_model(Path(self.params.model_path)) if self.params.kl_coef > 0 else None
+        reference = load_model(Path(self.params.model_path), device=self.params.device) if self.params.kl_coef > 0 else None
         self.trainer = GRPOTrainer(model, config, reference)
         self.groups: dict[str, dict[int, ScoredRollout]] = defaultdict(dict)  # group -> sample index -> rollout
         self.ready: list[list[ScoredRollout]] = []
