@@ -4,8 +4,11 @@ greedy continuations (the way `respec prepare` trains the real one)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from respec.engine.checkpoint import load_model
 from respec.engine.drafters.eagle import EagleHead, distill_loss
 from respec.engine.model import CausalLM
 from respec.engine.speculative import Sampling, SpeculativeEngine
@@ -30,3 +33,12 @@ def greedy_distilled_head(target: CausalLM, prompts: list[torch.Tensor], max_new
         loss.backward()
         optimizer.step()
     return head
+
+
+def saved_distilled_head(checkpoint: Path, directory: Path) -> Path:
+    """A head distilled (120 steps) on the greedy continuations of 32 random 4-token prompts
+    by the checkpoint's model, saved in `directory`: what the actor tests draft with."""
+    target = load_model(checkpoint)
+    generator = torch.Generator().manual_seed(99)
+    train = [torch.randint(0, 40, (4,), generator=generator) for _ in range(32)]
+    return greedy_distilled_head(target, train, max_new_tokens=24, steps=120).save(directory)

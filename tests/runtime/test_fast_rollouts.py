@@ -25,7 +25,7 @@ from respec.messages import DraftWeights, PolicyWeights, Prompt, SamplingParams,
 from respec.runtime.graph import ConfigError, load_config
 from respec.runtime.plan import build_plan
 from tests.checkpoints import small_qwen2
-from tests.heads import greedy_distilled_head
+from tests.heads import saved_distilled_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -39,11 +39,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eagle_head_dir(tmp_path_factory, checkpoint):
-    target = load_model(checkpoint)
-    generator = torch.Generator().manual_seed(99)
-    train = [torch.randint(0, 40, (4,), generator=generator) for _ in range(32)]
-    head = greedy_distilled_head(target, train, max_new_tokens=24, steps=120)
-    return head.save(tmp_path_factory.mktemp("eagle") / "head")
+    return saved_distilled_head(checkpoint, tmp_path_factory.mktemp("eagle") / "head")
 
 
 def rollouts_graph(tmp_path, rollouts_params: dict, prompts_file, expected: int) -> dict:

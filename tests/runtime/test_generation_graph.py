@@ -17,7 +17,7 @@ from respec.engine.drafters.base import DraftShape
 from respec.engine.drafters.eagle import EagleDrafter, EagleHead
 from respec.engine.speculative import Sampling, SpeculativeEngine
 from tests.checkpoints import small_qwen2
-from tests.heads import greedy_distilled_head
+from tests.heads import saved_distilled_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -64,11 +64,7 @@ WINDOW = 6
 @pytest.fixture(scope="module")
 def eagle_head_dir(tmp_path_factory, checkpoint):
     """A head briefly distilled on the target's greedy continuations of other prompts, saved."""
-    target = load_model(checkpoint)
-    generator = torch.Generator().manual_seed(99)
-    train = [torch.randint(0, 40, (4,), generator=generator) for _ in range(32)]
-    head = greedy_distilled_head(target, train, max_new_tokens=24, steps=120)
-    return head.save(tmp_path_factory.mktemp("eagle") / "head")
+    return saved_distilled_head(checkpoint, tmp_path_factory.mktemp("eagle") / "head")
 
 
 @pytest.mark.parametrize("verifier_group, shape", [("main", "s4_t1_n4"), ("target", "s3_t2_n6")])
