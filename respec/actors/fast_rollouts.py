@@ -22,8 +22,9 @@ What it gives up, and refuses with a clear reason (in check_plan, or per prompt 
 - **Sampling.** One temperature and one set of stop tokens for every row: the first
   admitted prompt's. No top-k / top-p.
 - **Random streams.** Rows sample from the process's generator (seeded by `seed`), so a
-  sampled rollout depends on the batch it ran in. The Verifier keys each row's stream by
-  its prompt id.
+  sampled rollout depends on the batch it ran in and the draft lengths it ran with (with
+  `adaptive`, chosen from measured times: runs do not repeat exactly). The Verifier keys
+  each row's stream by its prompt id.
 
 PolicyWeights and DraftWeights load between batches. Every token of a batch is stamped
 with the policy version the batch ran with. The DraftDistiller works as with the
