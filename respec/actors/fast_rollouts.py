@@ -260,7 +260,8 @@ class FastRollouts(Actor):
 
 def _param_problems(params) -> list[str]:
     problems = []
-    lengths = {**dict.fromkeys(buckets_up_to(max(params.max_rows, 1)), params.draft_length), **params.draft_lengths}
+    buckets = buckets_up_to(max(params.max_rows, 1))
+    lengths = {**dict.fromkeys(buckets, params.draft_length), **params.draft_lengths}
     if any(k < 0 for k in lengths.values()):
         problems.append(f"params.draft_length(s) must be >= 0, got {lengths}")
     if any(lengths.values()) and not params.draft_path:
@@ -274,9 +275,8 @@ def _param_problems(params) -> list[str]:
         if not 0 <= params.adaptive_rate <= 1 or params.profile_steps < 1:
             problems.append(f"params.adaptive_rate must be in [0, 1] and params.profile_steps >= 1, got "
                             f"{params.adaptive_rate}, {params.profile_steps}")
-    if unknown := sorted(set(params.draft_lengths) - set(buckets_up_to(max(params.max_rows, 1)))):
-        problems.append(f"params.draft_lengths names {unknown}, which are not batch buckets "
-                        f"({buckets_up_to(max(params.max_rows, 1))})")
+    if unknown := sorted(set(params.draft_lengths) - set(buckets)):
+        problems.append(f"params.draft_lengths names {unknown}, which are not batch buckets ({buckets})")
     for key in ("max_rows", "max_len", "max_new_tokens"):
         if getattr(params, key) < 1:
             problems.append(f"params.{key} must be >= 1, got {getattr(params, key)}")

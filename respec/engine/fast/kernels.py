@@ -360,6 +360,19 @@ ATTENTION_CANDIDATES = ((16, 4), (32, 4), (64, 4), (128, 4), (128, 8))  # (keys 
 _chosen: dict[tuple, tuple] = {}
 
 
+def _block_m(rows: int) -> int:
+    """Rows a product's program holds: one (a multiply-and-sum), or 2-64 padded to 16, 32
+    or 64 for tl.dot."""
+    return 1 if rows == 1 else max(16, triton.next_power_of_2(rows))
+
+
+def _split_scratch(x: Tensor, blocks: int, splits: int, block_m: int, block_n: int) -> Tensor:
+    """Where the programs of a split product leave their shares for _add_up_shares: per
+    program two [block_m, block_n] sums and block_m sums of squares (unsplit: nothing)."""
+    size = blocks * splits * (2 * block_m * block_n + block_m) if splits > 1 else 1
+    return x.new_empty(size, dtype=torch.float32)
+
+
 def gemv(x: Tensor, weight: Tensor, out_features: int, norm: tuple[Tensor, float] | None = None,
          bias: Tensor | None = None, residual: Tensor | None = None, gated: bool = False,
          config: tuple[int, int, int, int] | None = None) -> Tensor:
@@ -370,7 +383,7 @@ def gemv(x: Tensor, weight: Tensor, out_features: int, norm: tuple[Tensor, float
     if not (x.is_contiguous() and weight.is_contiguous()):
         raise ValueError("gemv reads x and weight as row-major: pass contiguous tensors")
     out = x.new_empty(rows, out_features)
-    block_m = 1 if rows == 1 else max(16, triton.next_power_of_2(rows))
+    block_m = _block_m(rows)
     norm_weight, eps = norm if norm is not None else (x, 0.0)
     flags = dict(NORM=norm is not None, BIAS=bias is not None, RESIDUAL=residual is not None, GATED=gated,
                  BLOCK_M=block_m)
@@ -379,8 +392,7 @@ def gemv(x: Tensor, weight: Tensor, out_features: int, norm: tuple[Tensor, float
     def launch(config: tuple[int, int, int, int]) -> None:
         block_n, block_k, warps, splits = config
         blocks = triton.cdiv(out_features, block_n)
-        partial = x.new_empty(blocks * splits * (2 * block_m * block_n + block_m) if splits > 1 else 1,
-                              dtype=torch.float32)
+        partial = _split_scratch(x, blocks, splits, block_m, block_n)
         _gemv[(blocks, splits)](*tensors, partial, _arrivals(x.device, blocks), rows, out_features, k, eps, **flags,
                                 BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(k)), SPLITS=splits,
                                 num_warps=warps, **_pdl_launch(x.device))
@@ -462,14 +474,13 @@ def qkv_rope(x: Tensor, weight: Tensor, norm: tuple[Tensor, float], bias: Tensor
     dim = k_store.shape[-1]
     half, n = dim // 2, weight.shape[0]
     q = x.new_empty(rows, heads, dim)
-    block_m = 1 if rows == 1 else max(16, triton.next_power_of_2(rows))
+    block_m = _block_m(rows)
     positions, write_at = positions.contiguous(), write_at.contiguous()
 
     def launch(config: tuple[int, int, int, int]) -> None:
         block_n, block_k, warps, splits = config
         blocks = (heads + 2 * kv_heads) * (half // block_n)
-        partial = x.new_empty(blocks * splits * (2 * block_m * block_n + block_m) if splits > 1 else 1,
-                              dtype=torch.float32)
+        partial = _split_scratch(x, blocks, splits, block_m, block_n)
         _qkv_rope[(blocks, splits)](
             x, weight, norm[0], bias if bias is not None else x, partial, _arrivals(x.device, blocks), cos, signed_sin,
             positions, write_at, q, k_store, v_store, rows, k, norm[1], cos.shape[0], positions.shape[1], heads,

@@ -92,17 +92,16 @@ class FastState:
         for name, tensor in self.tensors().items():
             tensor.fill_(1 if name in ("done", "max_new", "prompt_length") else 0)
 
-    def keep(self, order: Tensor, live: int | None = None) -> None:
+    def keep(self, order: Tensor, live: int) -> None:
         """Reorder rows in place: row i becomes old row order[i] (compaction: the live rows
         first, so a smaller bucket's graph, which reads rows 0..b-1, carries on with them).
-        With `live`, the KV stores [layers, rows, ...] move only their first `live` rows of
-        order (the rest are done rows, whose keys and values nothing reads for a result
-        again), a layer at a time: the scratch is one layer's live rows, where a whole
-        store's copy took 6.6 GiB at 4096 rows and ran an H100 out of memory."""
+        The KV stores [layers, rows, ...] move only their first `live` rows of order (the
+        rest are done rows, whose keys and values nothing reads for a result again), a layer
+        at a time: the scratch is one layer's live rows, where a whole store's copy took
+        6.6 GiB at 4096 rows and ran an H100 out of memory."""
         for tensor in self.tensors().values():
             if tensor.dim() != 5:
                 tensor.copy_(tensor.index_select(0, order))
                 continue
-            moving = order if live is None else order[:live]
             for layer in tensor:
-                layer[: len(moving)] = layer.index_select(0, moving)
+                layer[:live] = layer.index_select(0, order[:live])
