@@ -39,7 +39,6 @@ from gpu_timing import (  # noqa: E402
     copy_bandwidth,
     hf_decode_seconds,
     release_cached_memory,
-    step_seconds,
     throughput,
     weight_bytes,
 )
@@ -210,14 +209,14 @@ def decode_section(model, prompt: list[int], device: str, args) -> dict:
     """(b): one decode step at batch 1: graphs, eager, the HBM floor, transformers."""
     bandwidth = copy_bandwidth(device, gib=1.0 if device == "cuda" else 0.05)
     plain = generator_for(model, None, device, args, 1, 0.0)
-    graphed = step_seconds(plain, 1, 0, device, steps=200 if device == "cuda" else 5)
+    graphed = plain.time_step(1, 0, 200 if device == "cuda" else 5)
     # The same graphed step with every layer in PyTorch's kernels (the fused path): what
     # the Triton kernels (respec/engine/fast/kernels.py) are worth.
     no_kernels = FastGenerator(model, None, max_rows=1, max_len=plain.state.max_len, max_new=args.max_new,
                                kernels=False)
-    graphed_no_kernels = step_seconds(no_kernels, 1, 0, device, steps=200 if device == "cuda" else 5)
+    graphed_no_kernels = no_kernels.time_step(1, 0, 200 if device == "cuda" else 5)
     eager = FastGenerator(model, None, max_rows=1, max_len=plain.state.max_len, max_new=args.max_new, graphs=False)
-    eager_s = step_seconds(eager, 1, 0, device, steps=20 if device == "cuda" else 3)
+    eager_s = eager.time_step(1, 0, 20 if device == "cuda" else 3)
     weights = weight_bytes(model)
     floor = weights / bandwidth["read_write_bytes_per_s"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -262,7 +261,7 @@ def sweep_section(model, head, prompts, profile: dict, device: str, args, on_row
 def scheduler_profile(generator: FastGenerator, calibration, device: str) -> dict:
     """Step cost per (bucket, k) on dummy rows and acceptance per k on calibration prompts
     (not the measured ones): what the scheduler decides from."""
-    cost = {(b, k): step_seconds(generator, b, k, device, steps=20)
+    cost = {(b, k): generator.time_step(b, k, 20)
             for b in generator.buckets for k in (0, *DRAFT_LENGTHS)}
     calibration = calibration[: generator.state.rows]
     accepted = {k: throughput(generator, calibration, k, device, repeats=1)["accepted_per_step"]
@@ -328,7 +327,7 @@ def step_cost_curves(shapes: list[str], device: str, batches: list[int], ks=(0, 
         generator = FastGenerator(model, head, max_rows=max(batches), max_len=512, max_new=256, max_k=max(ks))
         curve = {}
         for b in batches:
-            curve[b] = {f"k{k}_s": step_seconds(generator, b, k, device, steps=10) for k in ks}
+            curve[b] = {f"k{k}_s": generator.time_step(b, k, 10) for k in ks}
             curve[b].update({f"k{k}_over_k0": curve[b][f"k{k}_s"] / curve[b]["k0_s"] for k in ks[1:]})
             log(f"{shape} batch {b}: " + " ".join(f"k{k} {curve[b][f'k{k}_s'] * 1e3:.2f} ms" for k in ks))
         out[shape] = {"weight_bytes": weight_bytes(model), "curve": curve}

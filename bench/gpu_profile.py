@@ -19,7 +19,6 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu_timing import step_seconds  # noqa: E402
 from gpu_train import random_model, shape_config  # noqa: E402
 
 from respec.engine.drafters.eagle import EagleHead  # noqa: E402
@@ -42,8 +41,8 @@ def main() -> None:
                               kernels=use_kernels)
         graphed = FastGenerator(model, head if k else None, max_rows=b, max_len=256, max_new=128, max_k=4,
                                 kernels=use_kernels)
-        print(f"k={k}: graphed {step_seconds(graphed, b, k, 'cuda') * 1e3:.3f} ms, "
-              f"eager {step_seconds(eager, b, k, 'cuda', steps=10) * 1e3:.3f} ms")
+        print(f"k={k}: graphed {graphed.time_step(b, k, 50) * 1e3:.3f} ms, "
+              f"eager {eager.time_step(b, k, 10) * 1e3:.3f} ms")
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             eager.step(b, k)
             torch.cuda.synchronize()

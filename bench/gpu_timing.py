@@ -1,6 +1,6 @@
-"""bench/gpu.py's timing pieces: the HBM floor, one step's cost, throughput of a batch,
-transformers' eager decoding as the peer (the scheduler's choice from a profile is
-respec.sched.draft_lengths)."""
+"""bench/gpu.py's timing pieces: the HBM floor, throughput of a batch,
+transformers' eager decoding as the peer (one step's cost is FastGenerator.time_step, the
+scheduler's choice from a profile respec.sched.draft_lengths)."""
 
 from __future__ import annotations
 
@@ -54,11 +54,6 @@ def release_cached_memory(device: str) -> None:
 def weight_bytes(model: CausalLM) -> int:
     """Bytes one decoding step must read: every distinct parameter once (tied weights once)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def step_seconds(generator: FastGenerator, b: int, k: int, device: str, steps: int = 50) -> float:
-    """Seconds per step of bucket b with k drafts (FastGenerator.time_step)."""
-    return generator.time_step(b, k, steps)
 
 
 def throughput(generator: FastGenerator, prompts: list[list[int]], k_for_bucket, device: str,

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu_timing import copy_bandwidth, step_seconds, weight_bytes  # noqa: E402
+from gpu_timing import copy_bandwidth, weight_bytes  # noqa: E402
 from gpu_train import log, random_model, shape_config  # noqa: E402
 
 from respec.engine.drafters.eagle import EagleHead  # noqa: E402
@@ -272,7 +272,7 @@ def step_times(model, head, batches: list[int], ks: list[int], pdl: bool = False
                 triton_kernels.PDL = with_pdl  # read at each launch: the graph captures it
                 generator = FastGenerator(model, head if k else None, max_rows=b, max_len=256, max_new=128,
                                           max_k=max(ks), kernels=kernels)
-                times[name] = step_seconds(generator, b, k, DEVICE, steps=100 if DEVICE == "cuda" else 2)
+                times[name] = generator.time_step(b, k, 100 if DEVICE == "cuda" else 2)
                 del generator
             triton_kernels.PDL = False
             times["kernels_over_pytorch"] = times["kernels"] / times["pytorch"]
