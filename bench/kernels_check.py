@@ -239,22 +239,11 @@ def graphed_us(work, calls: int = 50) -> float:
 
 
 def graph_us(work, calls: int) -> float:
+    from respec.engine.fast import kernels
+
     for _ in range(3):
         work()  # compiles and tunes
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            work()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (10 * calls)
+    return kernels.graph_ms(work, calls, replays=10) * 1e3
 
 
 def step_times(model, head, batches: list[int], ks: list[int], pdl: bool = False) -> dict:

@@ -428,21 +428,29 @@ def _tuned(launch, key: tuple, x: Tensor, heuristic: tuple, candidates: tuple) -
             launch(config)  # compiles
         except OutOfResources:  # too big a block for this shape: not a candidate
             return None
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(launches):
-                flush.sum()
-                launch(config)
-        graph.replay()  # the first replay uploads the graph
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / launches
+        return graph_ms(lambda: (flush.sum(), launch(config)), launches)
 
     _chosen[key] = _fastest(timed, (heuristic, *candidates))
     return _chosen[key]
+
+
+def graph_ms(work, calls: int, replays: int = 1) -> float:
+    """Milliseconds per call of `work` (CUDA launches only), captured `calls` times back to
+    back in one CUDA graph and timed over `replays` replays after one that uploads it: the
+    time a step's graph gives it, without the host's launch."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            work()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / (replays * calls)
 
 
 def _fastest(timed, configs: tuple, finalists: int = 3, rounds: int = 3) -> tuple:
