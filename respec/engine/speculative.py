@@ -59,8 +59,9 @@ class StepStats:
 class RowBook:
     """The draft side: active rows, the drafter, appending and finishing."""
 
-    def __init__(self, drafter: Drafter | None) -> None:
+    def __init__(self, drafter: Drafter | None, device: torch.device | str = "cpu") -> None:
         self.drafter = drafter
+        self.device = device  # where plain decoding's empty tree goes: the target's device
         self.wants_features = drafter is not None and drafter.needs_features
         # How many of each row's latest features the drafter reads (an EAGLE head attends
         # over a short window of the row's context); older ones are dropped.
@@ -77,7 +78,7 @@ class RowBook:
 
     def draft(self, rows: list[Row], shape: DraftShape | None) -> tuple[DraftTree, torch.Tensor | None]:
         if self.drafter is None or shape is None:
-            return DraftTree.empty(len(rows)), None
+            return DraftTree.empty(len(rows), self.device), None
         has_features = self.wants_features and all(row.features is not None for row in rows)
         features = self._feature_window(rows) if has_features else None
         request = DraftRequest([r.history() for r in rows], features, [r.row_id for r in rows], shape)
@@ -159,7 +160,7 @@ class SpeculativeEngine:
         self.drafter_layers = tuple(getattr(drafter, "capture_layers", ()) or ()) if drafter is not None else ()
         self.capture_while_plain = capture_while_plain
         self.target = TargetRunner(model, max_rows, max_len, seed, capture_layers=self.drafter_layers)
-        self.book = RowBook(drafter)
+        self.book = RowBook(drafter, self.target.device)
 
     @property
     def rows(self) -> dict[int, Row]:
