@@ -101,7 +101,7 @@ def cached_pass(model, kernels, tokens, positions, state):
     return fused.run(tokens, positions, kv, capture=(0, 2))
 
 
-@pytest.mark.parametrize("b, t", [(1, 1), (2, 3), (8, 4)])  # 32 tokens: the 32-row dot products
+@pytest.mark.parametrize("b, t", [(1, 1), (1, 4), (2, 3), (8, 4)])  # one row: attend_o; 32 tokens: 32-row dots
 def test_a_pass_through_the_kernels_equals_the_fused_pass(kernels, model_and_head, b, t):
     """Logits, captured features and the KV store written, after a prefix already cached."""
     model, _ = model_and_head
@@ -119,10 +119,12 @@ def test_a_pass_through_the_kernels_equals_the_fused_pass(kernels, model_and_hea
 
 
 @pytest.mark.parametrize("k", [0, 3])
-def test_generation_with_kernels_is_generation_without(kernels, model_and_head, k):
-    """Greedy, drafting or not, with rows finishing and the batch compacting."""
+@pytest.mark.parametrize("rows", [3, 1])
+def test_generation_with_kernels_is_generation_without(kernels, model_and_head, k, rows):
+    """Greedy, drafting or not, with rows finishing and the batch compacting (3 rows), or
+    one row throughout (attention and the output product in one kernel)."""
     model, head = model_and_head
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 1], [2, 2]]
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 1], [2, 2]][-rows:]
     outputs = []
     for use in (True, False):
         fast = FastGenerator(model, head, max_rows=4, max_len=24, max_new=8, max_k=3, eos_ids=(7,), kernels=use)
@@ -149,6 +151,30 @@ def test_attention_split_over_key_blocks_combines_to_softmax_attention(kernels, 
     for _ in range(2):
         torch.testing.assert_close(kernels.attend(q, k_store, v_store, positions, t), expected, atol=1e-5, rtol=1e-5)
         assert not kernels._arrivals(q.device, rows * kv_heads).any()
+
+
+@pytest.mark.parametrize("t, config", [(1, (16, 64, 4)), (3, (32, 16, 4)), (5, (16, 32, 4))])
+def test_one_rows_attention_and_output_product_in_one_kernel(kernels, t, config):
+    """attend_o: residual + bias + softmax attention over the keys up to each token's
+    position @ w.T, heads' shares added up by the last program to arrive. 150 keys, the
+    row's tokens at 128-132: the running softmax crosses key blocks (16-64 keys) and
+    each token sees one more key than the one before. The stores hold a second row the
+    kernel must not read. Twice: the arrival counters must be back at zero."""
+    torch.manual_seed(t)
+    heads, kv_heads, keys, dim, out_features = 4, 2, 150, 16, 40
+    q = torch.randn(t, heads, dim)
+    k_store, v_store = torch.randn(2, kv_heads, keys, dim), torch.randn(2, kv_heads, keys, dim)
+    positions = 128 + torch.arange(t)[None, :]
+    weight, bias, residual = torch.randn(out_features, heads * dim), torch.randn(out_features), torch.randn(t, 40)
+    group = heads // kv_heads
+    attended = F.scaled_dot_product_attention(
+        q.view(1, t, heads, dim).transpose(1, 2), k_store[:1].repeat_interleave(group, 1),
+        v_store[:1].repeat_interleave(group, 1), attn_mask=visible_up_to(positions, keys),
+    ).transpose(1, 2).reshape(t, heads * dim)
+    for _ in range(2):
+        out = kernels.attend_o(q, k_store, v_store, positions, weight, bias, residual, config=config)
+        torch.testing.assert_close(out, residual + attended @ weight.T + bias, atol=1e-4, rtol=1e-4)
+        assert not kernels._arrivals(q.device, 8).any()
 
 
 @pytest.mark.parametrize("rows", [1, 5])

@@ -1,6 +1,7 @@
 """A fused decoder layer's forward through the Triton kernels of ``kernels.py``: five
 kernels per layer for passes of up to ``MAX_ROWS`` tokens (decoding, verification and
-drafting at small batch), where a layer is bound by kernel count, not by arithmetic.
+drafting at small batch), where a layer is bound by kernel count, not by arithmetic; four
+for a pass of one row (batch 1), whose attention and output product are one kernel.
 
 It reads the FusedLayer's own tensors (the stacked qkv and gate-up matrices, the norms),
 so ``FusedLayer.refresh`` keeps it current and captured graphs stay valid.
@@ -47,6 +48,10 @@ class KernelLayer:
         group = fused.heads // fused.kv_heads
         return b * t <= self.kernels.MAX_ROWS and group * t <= self.kernels.MAX_QUERY_ROWS
 
+    def _attention_and_output_in_one(self, b: int, t: int, keys: int) -> bool:
+        kernels = self.kernels
+        return kernels.ATTEND_O and b == 1 and t <= kernels.ATTEND_O_MAX_TOKENS and keys <= kernels.ATTEND_O_MAX_KEYS
+
     def __call__(self, x: Tensor, rope, positions: Tensor, kv: StaticKV, index: int) -> Tensor:
         """As FusedLayer: rope is the RoPE table (fused.RopeTable), read at `positions`, and
         each token sees the keys at positions up to its own."""
@@ -60,8 +65,11 @@ class KernelLayer:
         k_store, v_store = kv.k_store[index], kv.v_store[index]
         q = kernels.qkv_rope(flat, fused.qkv_weight, (input_norm.weight, input_norm.eps), fused.qkv_bias, rope.cos,
                              rope.signed_sin, positions, kv.write_at, k_store, v_store, fused.heads, fused.kv_heads)
-        attended = kernels.attend(q, k_store, v_store, positions, t)
-        flat = kernels.gemv(attended, o_proj.weight, hidden, bias=o_proj.bias, residual=flat)
+        if self._attention_and_output_in_one(b, t, k_store.shape[2]):
+            flat = kernels.attend_o(q, k_store, v_store, positions, o_proj.weight, o_proj.bias, flat)
+        else:
+            attended = kernels.attend(q, k_store, v_store, positions, t)
+            flat = kernels.gemv(attended, o_proj.weight, hidden, bias=o_proj.bias, residual=flat)
         act = kernels.gemv(flat, fused.gate_up_weight, down_proj.in_features, norm=(post_norm.weight, post_norm.eps),
                            bias=fused.gate_up_bias, gated=True)
         flat = kernels.gemv(act, down_proj.weight, hidden, bias=down_proj.bias, residual=flat)

@@ -72,7 +72,7 @@ def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, partial_ptr, 
                 GATED)
     else:
         last, acc, acc_up, squares = _add_up_shares(acc, acc_up, squares, partial_ptr, arrivals_ptr, block, split, m,
-                                                    BLOCK_M, BLOCK_N, SPLITS)
+                                                    rows, BLOCK_M, BLOCK_N, SPLITS, GATED, NORM)
         if last:
             _finish(acc, acc_up, squares, m, j, rows, n, k, eps, out_ptr, bias_ptr, residual_ptr, NORM, BIAS,
                     RESIDUAL, GATED)
@@ -133,16 +133,22 @@ def _products(x_ptr, w_ptr, norm_ptr, rows, n, k, m, j, j_second, split,
 
 
 @triton.jit
-def _add_up_shares(acc, acc_up, squares, partial_ptr, arrivals_ptr, block, split, m,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
-    """Split-K: each program of a block stores its share of the sums; the last to arrive
-    gets (True, the sums of every share), the others (False, their own share)."""
+def _add_up_shares(acc, acc_up, squares, partial_ptr, arrivals_ptr, block, split, m, rows,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+                   SECOND: tl.constexpr = True, SQUARES: tl.constexpr = True):
+    """Split-K: each program of a block stores its share of the sums (acc; acc_up if
+    SECOND, squares if SQUARES; the rows m < rows: padding rows move nothing); the last to
+    arrive gets (True, the sums of every share, in split order: the same sums at every
+    replay), the others (False, their own share)."""
     size = 2 * BLOCK_M * BLOCK_N + BLOCK_M
     tile = m[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    m_ok = m < rows
     slot = partial_ptr + (block * SPLITS + split) * size
-    tl.store(slot + tile, acc)
-    tl.store(slot + BLOCK_M * BLOCK_N + tile, acc_up)
-    tl.store(slot + 2 * BLOCK_M * BLOCK_N + m, squares)
+    tl.store(slot + tile, acc, mask=m_ok[:, None])
+    if SECOND:
+        tl.store(slot + BLOCK_M * BLOCK_N + tile, acc_up, mask=m_ok[:, None])
+    if SQUARES:
+        tl.store(slot + 2 * BLOCK_M * BLOCK_N + m, squares, mask=m_ok)
     last = _last_to_arrive(arrivals_ptr + block, SPLITS)
     if last:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -150,9 +156,11 @@ def _add_up_shares(acc, acc_up, squares, partial_ptr, arrivals_ptr, block, split
         squares = tl.zeros([BLOCK_M], dtype=tl.float32)
         for other in tl.static_range(SPLITS):
             part = partial_ptr + (block * SPLITS + other) * size
-            acc += tl.load(part + tile, cache_modifier=".cg")
-            acc_up += tl.load(part + BLOCK_M * BLOCK_N + tile, cache_modifier=".cg")
-            squares += tl.load(part + 2 * BLOCK_M * BLOCK_N + m, cache_modifier=".cg")
+            acc += tl.load(part + tile, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+            if SECOND:
+                acc_up += tl.load(part + BLOCK_M * BLOCK_N + tile, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+            if SQUARES:
+                squares += tl.load(part + 2 * BLOCK_M * BLOCK_N + m, mask=m_ok, other=0.0, cache_modifier=".cg")
     return last, acc, acc_up, squares
 
 
@@ -229,7 +237,7 @@ def _qkv_rope(x_ptr, w_ptr, norm_ptr, bias_ptr, partial_ptr, arrivals_ptr, cos_p
                      store_row, store_head, store_pos, BIAS, HALF)
     else:
         last, low, high, squares = _add_up_shares(low, high, squares, partial_ptr, arrivals_ptr, block, split, m,
-                                                  BLOCK_M, BLOCK_N, SPLITS)
+                                                  rows, BLOCK_M, BLOCK_N, SPLITS)
         if last:
             _rope_finish(low, high, squares, m, d, head, rows, k, eps, bias_ptr, cos_ptr, sin_ptr, positions_ptr,
                          write_at_ptr, q_ptr, k_store_ptr, v_store_ptr, table_rows, tokens_per_row, heads, kv_heads,
@@ -340,6 +348,59 @@ def _attend(q_ptr, k_ptr, v_ptr, positions_ptr, out_ptr, partial_ptr, arrivals_p
                      mask=r_ok[:, None])
 
 
+@triton.jit
+def _attend_o(q_ptr, k_ptr, v_ptr, positions_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, arrivals_ptr,
+              tokens, heads, kv_heads, keys, n, scale, store_head, store_pos,
+              BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+              DIM: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr = False):
+    """One row's attention and the output product after it, in one kernel: out[t, j] =
+    residual[t, j] (+ bias[j]) + sum over heads h of w[j, h*D:(h+1)*D] . attention_h(t).
+    Programs (block of output features j, query head h): each attends its head's queries
+    (the row's T tokens, padded to BLOCK_T for tl.dot) over the keys up to each token's
+    position, in blocks of BLOCK_S with a running softmax, rounds the result as the
+    two-kernel path stores it, and multiplies it by its D columns of w; the heads' shares
+    are added up in head order by the last to arrive (_add_up_shares). Each head's
+    attention is computed once per block of j (the keys come from L2 after the first), and
+    the attention kernel's launch, its share-combining and its round trip of the output
+    through memory are gone: at a few dozen keys those cost more than the arithmetic."""
+    block, head = tl.program_id(0), tl.program_id(1)
+    t, d = tl.arange(0, BLOCK_T), tl.arange(0, DIM)
+    j = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    t_ok, j_ok = t < tokens, j < n
+    w = tl.load(w_ptr + j[:, None] * (heads * DIM) + head * DIM + d[None, :], mask=j_ok[:, None], other=0.0)
+    if USE_GDC:  # the weights are in flight; everything else is the step's own
+        _inputs_ready()
+    q = tl.load(q_ptr + (t[:, None] * heads + head) * DIM + d[None, :], mask=t_ok[:, None], other=0.0)
+    last = tl.load(positions_ptr + t, mask=t_ok, other=-1)  # each token's position: it sees keys up to it
+    store = (head // (heads // kv_heads)) * store_head
+    best = tl.full([BLOCK_T], -1.0e30, dtype=tl.float32)  # finite: a fully masked block adds exp(-inf) = 0
+    total = tl.zeros([BLOCK_T], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_T, DIM], dtype=tl.float32)
+    for start in range(0, tl.minimum(tl.max(last, axis=0) + 1, keys), BLOCK_S):
+        s = start + tl.arange(0, BLOCK_S)
+        s_ok = s < keys
+        k = tl.load(k_ptr + store + s[:, None] * store_pos + d[None, :], mask=s_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + store + s[:, None] * store_pos + d[None, :], mask=s_ok[:, None], other=0.0)
+        visible = s_ok[None, :] & (s[None, :] <= last[:, None])
+        scores = tl.where(visible, tl.dot(q, tl.trans(k), out_dtype=tl.float32) * scale, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, axis=1))
+        weights = tl.exp(scores - new_best[:, None])
+        factor = tl.exp(best - new_best)
+        total = total * factor + tl.sum(weights, axis=1)
+        acc = acc * factor[:, None] + tl.dot(weights.to(v.dtype), v, out_dtype=tl.float32)
+        best = new_best
+    attended = (acc / tl.maximum(total, 1.0e-30)[:, None]).to(out_ptr.dtype.element_ty)
+    product = tl.trans(tl.dot(w, tl.trans(attended.to(w.dtype)), out_dtype=tl.float32))  # [BLOCK_T, BLOCK_N]
+    unused = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    no_squares = tl.zeros([BLOCK_T], dtype=tl.float32)
+    last_in, product, unused, no_squares = _add_up_shares(product, unused, no_squares, partial_ptr, arrivals_ptr,
+                                                          block, head, t, tokens, BLOCK_T, BLOCK_N, SPLITS, False,
+                                                          False)
+    if last_in:
+        _finish(product, unused, no_squares, t, j, tokens, n, heads * DIM, 0.0, out_ptr, bias_ptr, residual_ptr,
+                False, BIAS, True, False)
+
+
 def _block_n(n: int, block_m: int) -> int:
     """Output features per program: enough programs (~256) to keep every SM reading."""
     block = 4
@@ -357,6 +418,14 @@ CANDIDATES = {1: ((1, 1024, 2, 1), (2, 1024, 4, 1), (2, 2048, 8, 1), (4, 512, 4,
                    (32, 128, 4, 4), (32, 128, 4, 8), (64, 64, 4, 8), (16, 64, 4, 16))}
 CANDIDATES[32] = CANDIDATES[64] = ((16, 128, 4, 1), (32, 128, 4, 1), (16, 128, 4, 4), (32, 128, 4, 4), (16, 64, 4, 8))
 ATTENTION_CANDIDATES = ((16, 4), (32, 4), (64, 4), (128, 4), (128, 8))  # (keys per program, warps)
+ATTEND_O_CANDIDATES = ((16, 64, 4), (32, 64, 4), (64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 64, 8))  # (outputs,
+# keys per block, warps)
+ATTEND_O_MAX_TOKENS = 16  # a row's tokens attend_o takes: decoding and verifying up to 15 drafts
+ATTEND_O_MAX_KEYS = 2048  # stores longer than this keep the attention kernel: every block of
+# outputs attends again, so the fused kernel reads a row's keys once per block (from L2)
+# Passes of one row go through attend_o (RESPEC_ATTEND_O=0: the two kernels instead; read at
+# each call, so bench/kernels_check.py times both in one process).
+ATTEND_O = os.environ.get("RESPEC_ATTEND_O", "1") == "1"
 _chosen: dict[tuple, tuple] = {}
 
 
@@ -528,6 +597,40 @@ def attend(q: Tensor, k_store: Tensor, v_store: Tensor, positions: Tensor, token
         )
 
     launch(_tuned(launch, ("attend", rows, heads, kv_heads, keys, dim, block_q), q, (64, 4), ATTENTION_CANDIDATES))
+    return out
+
+
+def attend_o(q: Tensor, k_store: Tensor, v_store: Tensor, positions: Tensor, weight: Tensor, bias: Tensor | None,
+             residual: Tensor, config: tuple[int, int, int] | None = None) -> Tensor:
+    """One row's pass: q [T, heads, D] against the stores' first row [rows, kv_heads, S, D]
+    (the token at positions [1, T] seeing the keys at positions up to its own), then the
+    output product: -> residual + attention @ weight.T (+ bias), [T, out features].
+    `config` (BLOCK_N, BLOCK_S, warps) overrides the tuned choice (the tests use it)."""
+    tokens, heads, dim = q.shape
+    if positions.shape != (1, tokens) or tokens > ATTEND_O_MAX_TOKENS:
+        raise ValueError(f"attend_o takes one row of at most {ATTEND_O_MAX_TOKENS} tokens, "
+                         f"got positions {tuple(positions.shape)} for {tokens} tokens")
+    n = weight.shape[0]
+    kv_heads, keys = k_store.shape[1], k_store.shape[2]
+    out = residual.new_empty(tokens, n)
+    positions = positions.contiguous()
+    block_t = max(16, triton.next_power_of_2(tokens))
+    tensors = (q, k_store, v_store, positions, weight, bias if bias is not None else residual, residual, out)
+
+    def launch(config: tuple[int, int, int]) -> None:
+        block_n, block_s, warps = config
+        blocks = triton.cdiv(n, block_n)
+        _attend_o[(blocks, heads)](
+            *tensors, _split_scratch(q, blocks, heads, block_t, block_n), _arrivals(q.device, blocks), tokens, heads,
+            kv_heads, keys, n, dim**-0.5, k_store.stride(1), k_store.stride(2),
+            BIAS=bias is not None, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_S=block_s, DIM=dim, SPLITS=heads,
+            num_warps=warps, **_pdl_launch(q.device))
+
+    if config is not None:
+        launch(config)
+        return out
+    key = ("attend_o", tokens, heads, kv_heads, keys, dim, n, bias is not None)
+    launch(_tuned(launch, key, q, (64, 64, 4), ATTEND_O_CANDIDATES))
     return out
 
 
