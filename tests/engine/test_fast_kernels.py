@@ -177,26 +177,6 @@ def test_one_rows_attention_and_output_product_in_one_kernel(kernels, t, config)
         assert not kernels._arrivals(q.device, 8).any()
 
 
-@pytest.mark.parametrize("rows, config", [(1, (16, 16, 16, 2, 4)), (1, (32, 32, 32, 8, 4)), (5, (16, 16, 32, 2, 4)),
-                                          (16, (16, 32, 16, 4, 4))])
-def test_the_mlp_block_in_one_kernel_is_the_two_products(kernels, rows, config):
-    """mlp: x + (silu(gate) * up)(RMSNorm(x)) @ down.T + bias, the down product's shares
-    added up by group and then across groups. 72 intermediate channels: with 16 per
-    program, five programs in groups of two, the last group of one; with 32 per program
-    one group. Twice: the arrival counters must be back at zero."""
-    torch.manual_seed(rows)
-    hidden, inter = 40, 72
-    x, gate_up, down = torch.randn(rows, hidden), torch.randn(2 * inter, hidden) / 6, torch.randn(hidden, inter) / 8
-    norm, gate_up_bias, down_bias = torch.rand(hidden) + 0.5, torch.randn(2 * inter), torch.randn(hidden)
-    normed = rms_norm(x, norm, 1e-6)
-    gate, up = normed @ gate_up[:inter].T + gate_up_bias[:inter], normed @ gate_up[inter:].T + gate_up_bias[inter:]
-    expected = x + (F.silu(gate) * up) @ down.T + down_bias
-    for _ in range(2):
-        out = kernels.mlp(x, gate_up, down, (norm, 1e-6), gate_up_bias, down_bias, config=config)
-        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
-        assert not kernels._arrivals(x.device, 8).any()
-
-
 @pytest.mark.parametrize("rows", [1, 5])
 def test_a_product_split_over_the_inputs_adds_the_shares_up(kernels, rows):
     """Three programs per block of outputs, each summing a share of the 40 inputs (the last

@@ -1,10 +1,7 @@
-"""A fused decoder layer's forward through the Triton kernels of ``kernels.py``, for
-passes of up to ``MAX_ROWS`` tokens (decoding, verification and drafting at small batch),
-where a layer is bound by kernel count, not by arithmetic: the qkv product with RoPE and
-the KV write, attention, the output product, the gated product, the down product. The MLP
-block (the last two) is one kernel for passes of up to ``MLP_MAX_ROWS`` tokens, and a pass
-of one row (batch 1) also has its attention and output product in one: three kernels a
-layer.
+"""A fused decoder layer's forward through the Triton kernels of ``kernels.py``: five
+kernels per layer for passes of up to ``MAX_ROWS`` tokens (decoding, verification and
+drafting at small batch), where a layer is bound by kernel count, not by arithmetic; four
+for a pass of one row (batch 1), whose attention and output product are one kernel.
 
 It reads the FusedLayer's own tensors (the stacked qkv and gate-up matrices, the norms),
 so ``FusedLayer.refresh`` keeps it current and captured graphs stay valid.
@@ -73,11 +70,7 @@ class KernelLayer:
         else:
             attended = kernels.attend(q, k_store, v_store, positions, t)
             flat = kernels.gemv(attended, o_proj.weight, hidden, bias=o_proj.bias, residual=flat)
-        if kernels.MLP and b * t <= kernels.MLP_MAX_ROWS:
-            flat = kernels.mlp(flat, fused.gate_up_weight, down_proj.weight, (post_norm.weight, post_norm.eps),
-                               fused.gate_up_bias, down_proj.bias)
-        else:
-            act = kernels.gemv(flat, fused.gate_up_weight, down_proj.in_features,
-                               norm=(post_norm.weight, post_norm.eps), bias=fused.gate_up_bias, gated=True)
-            flat = kernels.gemv(act, down_proj.weight, hidden, bias=down_proj.bias, residual=flat)
+        act = kernels.gemv(flat, fused.gate_up_weight, down_proj.in_features, norm=(post_norm.weight, post_norm.eps),
+                           bias=fused.gate_up_bias, gated=True)
+        flat = kernels.gemv(act, down_proj.weight, hidden, bias=down_proj.bias, residual=flat)
         return flat.view(b, t, hidden)

@@ -175,7 +175,7 @@ def _inputs_ready():
 
 
 @triton.jit
-def _last_to_arrive(counter_ptr, SPLITS):
+def _last_to_arrive(counter_ptr, SPLITS: tl.constexpr):
     """Called by each of SPLITS programs once its share is stored: True for the last to
     arrive, which then resets the counter for the next launch (graph replays too). The
     barrier puts every thread's stores before the count; the count is acquire-release, so
@@ -188,12 +188,11 @@ def _last_to_arrive(counter_ptr, SPLITS):
 
 
 @triton.jit
-def _epilogue(acc, acc_up, squares, j, n, k, eps, bias_ptr, like_ptr, NORM: tl.constexpr, BIAS: tl.constexpr,
-              GATED: tl.constexpr):
-    """The sums made a product's result, in float32 holding values of like_ptr's dtype: the
-    norm's scale, bias, SiLU-and-multiply, each rounded where the PyTorch layer rounds."""
-    j_ok = j < n
-    dtype = like_ptr.dtype.element_ty
+def _finish(acc, acc_up, squares, m, j, rows, n, k, eps, out_ptr, bias_ptr, residual_ptr,
+            NORM: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr):
+    """The product's epilogue: the norm's scale, bias, SiLU-and-multiply, residual, store."""
+    m_ok, j_ok = m < rows, j < n
+    dtype = out_ptr.dtype.element_ty
     if NORM:
         scale = 1.0 / tl.sqrt(squares / k + eps)
         acc *= scale[:, None]
@@ -202,19 +201,9 @@ def _epilogue(acc, acc_up, squares, j, n, k, eps, bias_ptr, like_ptr, NORM: tl.c
         acc += tl.load(bias_ptr + j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
         if GATED:
             acc_up += tl.load(bias_ptr + n + j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
-    out = acc.to(dtype).to(tl.float32)
+    out = acc.to(dtype).to(tl.float32)  # rounded where the PyTorch layer rounds its products
     if GATED:
         out = (out * tl.sigmoid(out)).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
-    return out
-
-
-@triton.jit
-def _finish(acc, acc_up, squares, m, j, rows, n, k, eps, out_ptr, bias_ptr, residual_ptr,
-            NORM: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr):
-    """The product's epilogue (_epilogue), the residual, the store."""
-    m_ok, j_ok = m < rows, j < n
-    dtype = out_ptr.dtype.element_ty
-    out = _epilogue(acc, acc_up, squares, j, n, k, eps, bias_ptr, out_ptr, NORM, BIAS, GATED)
     offsets = m[:, None] * n + j[None, :]
     out_mask = m_ok[:, None] & j_ok[None, :]
     if RESIDUAL:
@@ -412,81 +401,6 @@ def _attend_o(q_ptr, k_ptr, v_ptr, positions_ptr, w_ptr, bias_ptr, residual_ptr,
                 False, BIAS, True, False)
 
 
-@triton.jit
-def _mlp(x_ptr, w_ptr, down_ptr, norm_ptr, bias_ptr, down_bias_ptr, out_ptr, partial_ptr, arrivals_ptr, rows, hidden,
-         inter, eps, BIAS: tl.constexpr, DOWN_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
-         BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr, USE_GDC: tl.constexpr = False):
-    """The MLP block in one kernel: out = x + down(silu(gate) * up)(RMSNorm(x)). A program
-    takes BLOCK_I intermediate channels c: their gate and up products over all of x
-    (_products, as the gated GEMV), the activation in registers (rounded as the GEMV
-    stores it), then its share of the down product, w_down[:, c] @ act[c], for every
-    output. The shares are added up in a fixed order, in two levels so no program reads
-    them all: the last of each GROUP of programs to arrive sums its group's, the last
-    group to finish sums the groups' sums, adds the bias and the residual and stores. One
-    kernel instead of two, and the activation never goes through memory."""
-    program = tl.program_id(0)
-    m = tl.arange(0, BLOCK_M)
-    c = program * BLOCK_I + tl.arange(0, BLOCK_I)
-    m_ok, c_ok = m < rows, c < inter
-    gate, up, squares = _products(x_ptr, w_ptr, norm_ptr, rows, inter, hidden, m, c, c + inter, 0, True, True,
-                                  BLOCK_M, BLOCK_I, BLOCK_K, 1, USE_GDC)
-    act = _epilogue(gate, up, squares, c, inter, hidden, eps, bias_ptr, out_ptr, True, BIAS, True)  # 0 past inter
-    programs = tl.num_programs(0)
-    shares = partial_ptr + program * BLOCK_M * hidden  # this program's [BLOCK_M, hidden]
-    for start in range(0, hidden, BLOCK_H):
-        h = start + tl.arange(0, BLOCK_H)
-        h_ok = h < hidden
-        w = tl.load(down_ptr + h[:, None] * inter + c[None, :], mask=h_ok[:, None] & c_ok[None, :], other=0.0)
-        if BLOCK_M == 1:
-            share = tl.sum(w.to(tl.float32) * act, axis=1)[None, :]
-        else:
-            share = tl.trans(tl.dot(w, tl.trans(act.to(w.dtype)), out_dtype=tl.float32))
-        tl.store(shares + m[:, None] * hidden + h[None, :], share, mask=m_ok[:, None] & h_ok[None, :])
-    group, groups = program // GROUP, tl.cdiv(programs, GROUP)
-    members = tl.minimum(GROUP, programs - group * GROUP)
-    sums = partial_ptr + programs * BLOCK_M * hidden  # [groups, BLOCK_M, hidden] after the shares
-    if _last_to_arrive(arrivals_ptr + group, members):
-        _sum_slots(partial_ptr + group * GROUP * BLOCK_M * hidden, members, sums + group * BLOCK_M * hidden, m, rows,
-                   hidden, BLOCK_M, BLOCK_H)
-        if _last_to_arrive(arrivals_ptr + groups, groups):
-            _mlp_finish(sums, groups, x_ptr, down_bias_ptr, out_ptr, m, rows, hidden, DOWN_BIAS, BLOCK_M, BLOCK_H)
-
-
-@triton.jit
-def _sum_slots(first_ptr, count, to_ptr, m, rows, hidden, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
-    """to = the sum of `count` consecutive [BLOCK_M, hidden] slots from first, in order."""
-    m_ok = m < rows
-    for start in range(0, hidden, BLOCK_H):
-        h = start + tl.arange(0, BLOCK_H)
-        at = m[:, None] * hidden + h[None, :]
-        mask = m_ok[:, None] & (h < hidden)[None, :]
-        total = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
-        for slot in range(0, count):
-            total += tl.load(first_ptr + slot * BLOCK_M * hidden + at, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(to_ptr + at, total, mask=mask)
-
-
-@triton.jit
-def _mlp_finish(sums_ptr, groups, x_ptr, down_bias_ptr, out_ptr, m, rows, hidden, DOWN_BIAS: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out = x + (the groups' sums, in group order, + bias), rounded as _finish rounds."""
-    m_ok = m < rows
-    dtype = out_ptr.dtype.element_ty
-    for start in range(0, hidden, BLOCK_H):
-        h = start + tl.arange(0, BLOCK_H)
-        h_ok = h < hidden
-        mask = m_ok[:, None] & h_ok[None, :]
-        total = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
-        for group in range(0, groups):
-            total += tl.load(sums_ptr + group * BLOCK_M * hidden + m[:, None] * hidden + h[None, :], mask=mask,
-                             other=0.0, cache_modifier=".cg")
-        if DOWN_BIAS:
-            total += tl.load(down_bias_ptr + h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-        out = total.to(dtype).to(tl.float32)
-        out += tl.load(x_ptr + m[:, None] * hidden + h[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + m[:, None] * hidden + h[None, :], out.to(dtype), mask=mask)
-
-
 def _block_n(n: int, block_m: int) -> int:
     """Output features per program: enough programs (~256) to keep every SM reading."""
     block = 4
@@ -512,15 +426,6 @@ ATTEND_O_MAX_KEYS = 2048  # stores longer than this keep the attention kernel: e
 # Passes of one row go through attend_o (RESPEC_ATTEND_O=0: the two kernels instead; read at
 # each call, so bench/kernels_check.py times both in one process).
 ATTEND_O = os.environ.get("RESPEC_ATTEND_O", "1") == "1"
-# (intermediate channels per program, BLOCK_K, outputs per block of the down share, programs
-# per group of shares, warps) tried for the MLP kernel, per block of rows
-MLP_CANDIDATES = {1: ((32, 512, 128, 8, 4), (16, 512, 128, 16, 4), (16, 1024, 64, 8, 4), (32, 256, 128, 8, 4),
-                      (64, 256, 64, 4, 4), (32, 512, 256, 8, 8)),
-                  16: ((16, 128, 64, 16, 4), (32, 128, 64, 8, 4), (32, 64, 64, 8, 4), (64, 64, 64, 4, 4))}
-MLP_MAX_ROWS = 16  # more rows write more shares ([rows, hidden] per program): two GEMVs then
-# The MLP block of a pass of up to MLP_MAX_ROWS tokens in one kernel (RESPEC_MLP=0: two; read
-# at each call, as ATTEND_O).
-MLP = os.environ.get("RESPEC_MLP", "1") == "1"
 _chosen: dict[tuple, tuple] = {}
 
 
@@ -726,40 +631,6 @@ def attend_o(q: Tensor, k_store: Tensor, v_store: Tensor, positions: Tensor, wei
         return out
     key = ("attend_o", tokens, heads, kv_heads, keys, dim, n, bias is not None)
     launch(_tuned(launch, key, q, (64, 64, 4), ATTEND_O_CANDIDATES))
-    return out
-
-
-def mlp(x: Tensor, gate_up_weight: Tensor, down_weight: Tensor, norm: tuple[Tensor, float],
-        gate_up_bias: Tensor | None = None, down_bias: Tensor | None = None,
-        config: tuple[int, int, int, int, int] | None = None) -> Tensor:
-    """x [rows, hidden] -> x + (silu(gate) * up) @ down_weight.T (+ down_bias), gate and up
-    the products of RMSNorm(x) with gate_up_weight's two halves (+ gate_up_bias): the
-    gated GEMV and the down GEMV in one kernel (_mlp). `config` (BLOCK_I, BLOCK_K,
-    BLOCK_H, GROUP, warps) overrides the tuned choice (the tests use it)."""
-    rows, hidden = x.shape
-    inter = down_weight.shape[1]
-    if rows > MLP_MAX_ROWS or not (x.is_contiguous() and gate_up_weight.is_contiguous() and down_weight.is_contiguous()):
-        raise ValueError(f"mlp takes at most {MLP_MAX_ROWS} contiguous rows and contiguous weights")
-    out = x.new_empty(rows, hidden)
-    block_m = _block_m(rows)
-
-    def launch(config: tuple[int, int, int, int, int]) -> None:
-        block_i, block_k, block_h, group, warps = config
-        programs = triton.cdiv(inter, block_i)
-        groups = triton.cdiv(programs, group)
-        shares = x.new_empty((programs + groups) * block_m * hidden, dtype=torch.float32)
-        _mlp[(programs,)](
-            x, gate_up_weight, down_weight, norm[0], gate_up_bias if gate_up_bias is not None else x,
-            down_bias if down_bias is not None else x, out, shares, _arrivals(x.device, groups + 1), rows, hidden,
-            inter, norm[1], BIAS=gate_up_bias is not None, DOWN_BIAS=down_bias is not None, BLOCK_M=block_m,
-            BLOCK_I=block_i, BLOCK_K=min(block_k, triton.next_power_of_2(hidden)), BLOCK_H=block_h, GROUP=group,
-            num_warps=warps, **_pdl_launch(x.device))
-
-    if config is not None:
-        launch(config)
-        return out
-    key = ("mlp", hidden, inter, gate_up_bias is not None, down_bias is not None, block_m)
-    launch(_tuned(launch, key, x, MLP_CANDIDATES[block_m][0], MLP_CANDIDATES[block_m]))
     return out
 
 
