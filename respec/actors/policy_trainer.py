@@ -40,6 +40,7 @@ class PolicyTrainer(Actor):
         lr: float = 1e-5
         gain_lr: float = 0.0  # lr of the RMSNorm gains (0: lr); with it, lr 0 trains the gains only
         micro_batch: int = 8
+        length_multiple: int = 1  # pad micro-batches to a multiple of this many tokens (32 on a GPU: TrainerConfig)
         max_grad_norm: float = 1.0
         clip_eps: float = 0.2
         kl_coef: float = 0.0
@@ -68,7 +69,7 @@ class PolicyTrainer(Actor):
         torch.manual_seed(self.params.seed)
         model = load_model(Path(self.params.model_path), device=self.params.device)
         config = TrainerConfig(lr=self.params.lr, gain_lr=self.params.gain_lr, micro_batch=self.params.micro_batch,
-                               max_grad_norm=self.params.max_grad_norm,
+                               max_grad_norm=self.params.max_grad_norm, length_multiple=self.params.length_multiple,
                                ppo=PPOConfig(clip_eps=self.params.clip_eps, kl_coef=self.params.kl_coef))
         reference = load_model(Path(self.params.model_path), device=self.params.device) if self.params.kl_coef > 0 else None
         self.trainer = GRPOTrainer(model, config, reference)

@@ -51,6 +51,12 @@ class TrainerConfig:
     # pass of its own (58% of a head update's time on an H100, bench/train_lane.py). The
     # targets are the weights before this update, one version older than a pass after it.
     capture_layers: tuple[int, ...] = ()
+    # On a GPU the passes run under bf16 autocast (float32 master weights and optimizer), as
+    # bench/gpu_rl.py's measured RL step does. The first GPU run of the actor graph trained
+    # in plain float32: 1.2-2 s per update of 64 rollouts at the 0.5B shape, 6-10x its
+    # generation, so the trainer set the pace (docs/PERFORMANCE.md, "The actor graph on a
+    # GPU"). A CPU ignores it.
+    bf16_on_gpu: bool = True
     ppo: PPOConfig = PPOConfig()
 
 
@@ -67,6 +73,11 @@ class GRPOTrainer:
         self.captured: list[CapturedPass] = []  # the last step's, when config.capture_layers
 
     def step(self, samples: list[TrainSample]) -> dict[str, float]:
+        device = next(self.model.parameters()).device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.bf16_on_gpu and device.type == "cuda"):
+            return self._step(samples)
+
+    def _step(self, samples: list[TrainSample]) -> dict[str, float]:
         if not samples:  # nothing to learn from (every rollout failed): a new version, same weights
             self.version += 1
             return {"loss": 0.0, "grad_norm": 0.0, "reward_mean": 0.0, "advantage_abs_mean": 0.0, "skipped": 0.0}
