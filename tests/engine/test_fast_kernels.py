@@ -101,9 +101,11 @@ def cached_pass(model, kernels, tokens, positions, state):
     return fused.run(tokens, positions, kv, capture=(0, 2))
 
 
-@pytest.mark.parametrize("b, t", [(1, 1), (1, 4), (2, 3), (8, 4)])  # one row: attend_o; 32 tokens: 32-row dots
-def test_a_pass_through_the_kernels_equals_the_fused_pass(kernels, model_and_head, b, t):
-    """Logits, captured features and the KV store written, after a prefix already cached."""
+@pytest.mark.parametrize("b, t, attend_o", [(1, 1, False), (1, 1, True), (1, 4, True), (2, 3, False), (8, 4, False)])
+def test_a_pass_through_the_kernels_equals_the_fused_pass(kernels, model_and_head, monkeypatch, b, t, attend_o):
+    """Logits, captured features and the KV store written, after a prefix already cached
+    (one row with attend_o too; 32 tokens: the 32-row dot products)."""
+    monkeypatch.setattr(kernels, "ATTEND_O", attend_o)
     model, _ = model_and_head
     states = [FastState(model.config, 8, 24, 8, torch.float32, torch.device("cpu")) for _ in range(2)]
     prefix = torch.randint(0, 8, (b, 5))
@@ -120,9 +122,10 @@ def test_a_pass_through_the_kernels_equals_the_fused_pass(kernels, model_and_hea
 
 @pytest.mark.parametrize("k", [0, 3])
 @pytest.mark.parametrize("rows", [3, 1])
-def test_generation_with_kernels_is_generation_without(kernels, model_and_head, k, rows):
+def test_generation_with_kernels_is_generation_without(kernels, model_and_head, monkeypatch, k, rows):
     """Greedy, drafting or not, with rows finishing and the batch compacting (3 rows), or
-    one row throughout (attention and the output product in one kernel)."""
+    one row throughout with attention and the output product in one kernel (attend_o)."""
+    monkeypatch.setattr(kernels, "ATTEND_O", rows == 1)
     model, head = model_and_head
     prompts = [[1, 2, 3], [4, 5, 6, 7, 1], [2, 2]][-rows:]
     outputs = []
@@ -229,6 +232,19 @@ def test_the_kernels_take_passes_that_fit_their_blocks(kernels, model_and_head):
     hidden = model.config.hidden_size
     assert layer.takes(torch.zeros(2, 32, hidden)) and layer.takes(torch.zeros(64, 1, hidden))
     assert not layer.takes(torch.zeros(1, 33, hidden)) and not layer.takes(torch.zeros(65, 1, hidden))
+
+
+def test_one_rows_attention_and_output_in_one_kernel_is_opt_in(kernels, model_and_head, monkeypatch):
+    """attend_o only where asked for (kernels.ATTEND_O, RESPEC_ATTEND_O=1): its time alone
+    is unmeasured, and with a fused MLP beside it the step was slower on an H100; and only
+    for one row of at most 16 tokens over a store of at most 2048 positions."""
+    model, _ = model_and_head
+    layer = FusedModel(model, kernels=True).layers[0].kernel_layer
+    assert not kernels.ATTEND_O and not layer._attention_and_output_in_one(1, 1, 24)
+    monkeypatch.setattr(kernels, "ATTEND_O", True)
+    assert layer._attention_and_output_in_one(1, 16, 2048)
+    assert not any(layer._attention_and_output_in_one(b, t, keys) for b, t, keys in ((2, 1, 24), (1, 17, 24),
+                                                                                     (1, 1, 2049)))
 
 
 def test_programmatic_dependent_launch_is_opt_in_and_for_gpus_only(kernels, monkeypatch):

@@ -1,7 +1,8 @@
 """A fused decoder layer's forward through the Triton kernels of ``kernels.py``: five
 kernels per layer for passes of up to ``MAX_ROWS`` tokens (decoding, verification and
 drafting at small batch), where a layer is bound by kernel count, not by arithmetic; four
-for a pass of one row (batch 1), whose attention and output product are one kernel.
+for a pass of one row with attention and the output product in one kernel (attend_o,
+opt-in: kernels.ATTEND_O).
 
 It reads the FusedLayer's own tensors (the stacked qkv and gate-up matrices, the norms),
 so ``FusedLayer.refresh`` keeps it current and captured graphs stay valid.
