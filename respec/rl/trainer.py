@@ -54,8 +54,8 @@ class TrainerConfig:
     # On a GPU the passes run under bf16 autocast (float32 master weights and optimizer), as
     # bench/gpu_rl.py's measured RL step does. The first GPU run of the actor graph trained
     # in plain float32: 1.2-2 s per update of 64 rollouts at the 0.5B shape, 6-10x its
-    # generation, so the trainer set the pace (docs/PERFORMANCE.md, "The actor graph on a
-    # GPU"). A CPU ignores it.
+    # generation, so the trainer set the pace (docs/PERFORMANCE.md, "The fast path on an H100 after
+    # 198c9fe", 6). A CPU ignores it.
     bf16_on_gpu: bool = True
     ppo: PPOConfig = PPOConfig()
 
