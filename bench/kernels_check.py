@@ -103,6 +103,11 @@ def table(report: dict) -> str:
             lines.append(f"| {row['pdl']['b']} | {row['pdl']['t']} | {row['pdl_vs_no_pdl_max_abs_diff']:.4f} | "
                          f"{row['pdl_vs_no_pdl_argmax_agrees']:.2f} | {row['no_pdl']['max_abs_diff']:.4f} | "
                          f"{row['pdl']['max_abs_diff']:.4f} |")
+        lines.append("")
+        for row in report.get("pdl_graphed_agreement", []):
+            lines.append(f"Graphed pass {row['b']}x{row['t']}, max logit difference from the eager pass: "
+                         + ", ".join(f"{key.removesuffix('_vs_eager_max_abs_diff')} {value:.4f}"
+                                     for key, value in row.items() if key.endswith("_max_abs_diff")))
     return "\n".join(lines)
 
 
@@ -126,13 +131,16 @@ def pdl_agreement(model, b: int, t: int) -> dict:
     return out
 
 
+PDL_ALONE = ("gemv", "qkv_rope", "attend")  # the kernels of a pass of several rows, each under PDL alone
+
+
 def pdl_graphed_agreement(model, b: int, t: int) -> dict:
-    """One cached pass with the kernels captured in a CUDA graph and replayed, without PDL
-    and with it, against the same pass run eagerly without it. Graph-replayed greedy
-    generation with PDL differs from generation without it in every row, repeatably (8 of
-    8 rows the same between two runs of each; H100, 6c88d12), while eager passes are
-    bit-identical: this says whether one graphed pass already differs (the kernels under
-    PDL in a graph) or only the step around it does."""
+    """One cached pass with the kernels captured in a CUDA graph and replayed, without PDL,
+    with it, and with it for one kind of kernel at a time, against the same pass run
+    eagerly without it. Graph-replayed greedy generation with PDL differs from generation
+    without it in every row, repeatably (H100, 6c88d12), and one graphed pass under PDL
+    gave NaN at 8x1 tokens and logits 3.7 off at 8x5 (b6c4926) while eager passes are
+    bit-identical: the kernel whose PDL alone breaks the pass is where to look."""
     from respec.engine.fast import kernels as triton_kernels
 
     generator = torch.Generator(device=DEVICE).manual_seed(b * 100 + t)
@@ -141,8 +149,10 @@ def pdl_graphed_agreement(model, b: int, t: int) -> dict:
     tokens = torch.randint(0, vocab, (b, t), device=DEVICE, generator=generator)
     positions = 40 + torch.arange(t, device=DEVICE).repeat(b, 1)
     logits = {}
-    for name, with_pdl, graphed in (("eager", False, False), ("graph", False, True), ("graph_pdl", True, True)):
-        triton_kernels.PDL = with_pdl
+    variants = [("eager", False, False, None), ("graph", False, True, None), ("graph_pdl", True, True, None),
+                *((f"graph_pdl_{kind}", True, True, frozenset({kind})) for kind in PDL_ALONE)]
+    for name, with_pdl, graphed, only in variants:
+        triton_kernels.PDL, triton_kernels.PDL_KERNELS = with_pdl, only
         state = FastState(model.config, b, 64, 8, next(model.parameters()).dtype, torch.device(DEVICE))
         fused = FusedModel(model, kernels=True)
         with torch.no_grad():
@@ -155,9 +165,9 @@ def pdl_graphed_agreement(model, b: int, t: int) -> dict:
                 graph.replay()
                 torch.cuda.synchronize()
         logits[name] = out.float().clone()
-    triton_kernels.PDL = False
+    triton_kernels.PDL, triton_kernels.PDL_KERNELS = False, None
     result = {"b": b, "t": t, **{f"{name}_vs_eager_max_abs_diff": (logits[name] - logits["eager"]).abs().max().item()
-                                 for name in ("graph", "graph_pdl")}}
+                                 for name in logits if name != "eager"}}
     log(f"PDL graphed agreement: {result}")
     return result
 

@@ -253,10 +253,21 @@ def test_programmatic_dependent_launch_is_opt_in_and_for_gpus_only(kernels, monk
     goes: the interpreter raises on gdc_wait)."""
     assert not kernels.PDL  # off unless RESPEC_PDL=1
     monkeypatch.setattr(kernels, "PDL", True)
-    assert kernels._pdl_launch(torch.device("cpu")) == {}
+    assert kernels._pdl_launch(torch.device("cpu"), "gemv") == {}
     torch.manual_seed(0)
     x, weight = torch.randn(1, 40), torch.randn(72, 40)
     torch.testing.assert_close(kernels.gemv(x, weight, 72), F.linear(x, weight), atol=1e-4, rtol=1e-4)
+
+
+def test_pdl_can_be_narrowed_to_one_kind_of_kernel(kernels, monkeypatch):
+    """kernels_check bisects PDL's graph hazard by turning it on for one kernel at a time:
+    PDL_KERNELS names those that launch under it (None: all), where PDL is on at all."""
+    monkeypatch.setattr(kernels, "_pdl", lambda device: True)  # as on a Hopper GPU with RESPEC_PDL=1
+    on = dict(USE_GDC=True, launch_pdl=True)
+    assert kernels._pdl_launch(torch.device("cpu"), "gemv") == on
+    monkeypatch.setattr(kernels, "PDL_KERNELS", frozenset({"attend"}))
+    assert kernels._pdl_launch(torch.device("cpu"), "attend") == on
+    assert kernels._pdl_launch(torch.device("cpu"), "gemv") == {}
 
 
 def test_the_tuner_keeps_the_configuration_that_stays_fastest(kernels):

@@ -39,6 +39,10 @@ MAX_QUERY_ROWS = 64  # attention's block of query rows: the query heads of a KV 
 # (RESPEC_PDL=1) until measured on a GPU: bench/kernels_check.py --pdl times both. Triton's
 # interpreter has no grid dependency control, so the CPU tests run without it.
 PDL = os.environ.get("RESPEC_PDL", "0") == "1"
+# Which kernels launch under PDL when it is on (None: all of them; else names from "gemv",
+# "qkv_rope", "attend", "attend_o"). A graphed pass under PDL is wrong at 8 rows (one H100
+# run, b6c4926); bench/kernels_check.py --pdl turns it on one kernel at a time to find which.
+PDL_KERNELS: frozenset[str] | None = None
 
 
 def _pdl(device: torch.device) -> bool:
@@ -466,7 +470,7 @@ def gemv(x: Tensor, weight: Tensor, out_features: int, norm: tuple[Tensor, float
         partial = _split_scratch(x, blocks, splits, block_m, block_n)
         _gemv[(blocks, splits)](*tensors, partial, _arrivals(x.device, blocks), rows, out_features, k, eps, **flags,
                                 BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(k)), SPLITS=splits,
-                                num_warps=warps, **_pdl_launch(x.device))
+                                num_warps=warps, **_pdl_launch(x.device, "gemv"))
 
     if config is not None:
         launch(config)
@@ -565,7 +569,7 @@ def qkv_rope(x: Tensor, weight: Tensor, norm: tuple[Tensor, float], bias: Tensor
             positions, write_at, q, k_store, v_store, rows, k, norm[1], cos.shape[0], positions.shape[1], heads,
             kv_heads, k_store.stride(0), k_store.stride(1), k_store.stride(2),
             BIAS=bias is not None, HALF=half, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=min(block_k, triton.next_power_of_2(k)), SPLITS=splits, num_warps=warps, **_pdl_launch(x.device))
+            BLOCK_K=min(block_k, triton.next_power_of_2(k)), SPLITS=splits, num_warps=warps, **_pdl_launch(x.device, "qkv_rope"))
 
     if config is not None:
         launch(config)
@@ -595,7 +599,7 @@ def attend(q: Tensor, k_store: Tensor, v_store: Tensor, positions: Tensor, token
         _attend[(rows * kv_heads, splits)](
             q, k_store, v_store, positions, out, partial, arrivals, tokens_per_row, heads, kv_heads, keys, dim**-0.5,
             k_store.stride(0), k_store.stride(1), k_store.stride(2),
-            SPLITS=splits, BLOCK_Q=block_q, BLOCK_S=block_s, DIM=dim, num_warps=warps, **_pdl_launch(q.device),
+            SPLITS=splits, BLOCK_Q=block_q, BLOCK_S=block_s, DIM=dim, num_warps=warps, **_pdl_launch(q.device, "attend"),
         )
 
     launch(_tuned(launch, ("attend", rows, heads, kv_heads, keys, dim, block_q), q, (64, 4), ATTENTION_CANDIDATES))
@@ -626,7 +630,7 @@ def attend_o(q: Tensor, k_store: Tensor, v_store: Tensor, positions: Tensor, wei
             *tensors, _split_scratch(q, blocks, heads, block_t, block_n), _arrivals(q.device, blocks), tokens, heads,
             kv_heads, keys, n, dim**-0.5, k_store.stride(1), k_store.stride(2),
             BIAS=bias is not None, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_S=block_s, DIM=dim, SPLITS=heads,
-            num_warps=warps, **_pdl_launch(q.device))
+            num_warps=warps, **_pdl_launch(q.device, "attend_o"))
 
     if config is not None:
         launch(config)
@@ -636,9 +640,11 @@ def attend_o(q: Tensor, k_store: Tensor, v_store: Tensor, positions: Tensor, wei
     return out
 
 
-def _pdl_launch(device: torch.device) -> dict:
-    """The kernels' PDL arguments: none where it is off (the CPU's interpreter among them)."""
-    return dict(USE_GDC=True, launch_pdl=True) if _pdl(device) else {}
+def _pdl_launch(device: torch.device, kernel: str) -> dict:
+    """The kernels' PDL arguments: none where it is off (the CPU's interpreter among them)
+    or where PDL_KERNELS leaves this kernel out."""
+    on = _pdl(device) and (PDL_KERNELS is None or kernel in PDL_KERNELS)
+    return dict(USE_GDC=True, launch_pdl=True) if on else {}
 
 
 ARRIVAL_COUNTERS = 1 << 16
