@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import os
 import statistics
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
+
+from respec.engine.fast.tuning_cache import TuningCache, cache_path
 
 try:  # grid dependency control: Triton 3.3 on
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -489,11 +492,16 @@ def _tuned(launch, key: tuple, x: Tensor, heuristic: tuple, candidates: tuple) -
     draining to HBM during the timed launch). Events around single launches outside a
     graph timed the host's launch too, and picked for the output product a configuration
     that took 4.9 us in a graph where the best took 2.9 (one H100 run, a6d97bf:
-    docs/PERFORMANCE.md, "Tuning in a graph")."""
+    docs/PERFORMANCE.md, "Tuning in a graph"). A choice an earlier run made on this GPU with
+    this code is read back from disk instead (tuning_cache.py)."""
     if key in _chosen:
         return _chosen[key]
     if not x.is_cuda or torch.cuda.is_current_stream_capturing():
         return heuristic
+    stored = _stored_choices(x.device).get(key)  # tuned by an earlier run on this GPU, with this code
+    if stored is not None:
+        _chosen[key] = stored
+        return stored
     flush = torch.ones(16 << 20, dtype=torch.float32, device=x.device)
 
     def timed(config: tuple, launches: int) -> float | None:
@@ -506,7 +514,18 @@ def _tuned(launch, key: tuple, x: Tensor, heuristic: tuple, candidates: tuple) -
         return graph_ms(lambda: (flush.sum(), launch(config)), launches)
 
     _chosen[key] = _fastest(timed, (heuristic, *candidates))
+    _stored_choices(x.device).put(key, _chosen[key])
     return _chosen[key]
+
+
+_stored: dict[torch.device, TuningCache] = {}
+
+
+def _stored_choices(device: torch.device) -> TuningCache:
+    """This GPU's tuning cache (tuning_cache.py), read once per process."""
+    if device not in _stored:
+        _stored[device] = TuningCache(cache_path(device, Path(__file__)))
+    return _stored[device]
 
 
 def graph_ms(work, calls: int, replays: int = 1) -> float:
