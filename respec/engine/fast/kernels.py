@@ -35,12 +35,14 @@ except ImportError:
 
 MAX_QUERY_ROWS = 64  # attention's block of query rows: the query heads of a KV head x tokens
 # Programmatic dependent launch (Hopper on): each kernel lets the next one start once all
-# its programs have their inputs (_inputs_ready), and a GEMV requests its first weight tile
-# before it waits (gdc_wait) for its own, so the weights' fetch overlaps the work and tail
-# of the kernel before it instead of following it. Reads of anything a step writes (activations, the KV
-# stores, positions, counters, scratch) and every write come after the wait. Opt-in
-# (RESPEC_PDL=1) until measured on a GPU: bench/kernels_check.py --pdl times both. Triton's
-# interpreter has no grid dependency control, so the CPU tests run without it.
+# its programs have their inputs (_inputs_ready), so its launch and ramp overlap the tail of
+# the kernel before. Reads of anything a step writes (activations, the KV stores,
+# positions, counters, scratch) and every write come after the wait, and the wait comes
+# before any loop (_products says why); only attend_o loads its weight tile before it.
+# Opt-in (RESPEC_PDL=1): with the wait inside the products' loops, a graphed pass under PDL
+# was wrong at 8 rows on an H100 (b6c4926); this placement is not yet run on a GPU.
+# bench/kernels_check.py --pdl checks graphed passes and times both. Triton's interpreter
+# has no grid dependency control, so the CPU tests run without it.
 PDL = os.environ.get("RESPEC_PDL", "0") == "1"
 # Which kernels launch under PDL when it is on (None: all of them; else names from "gemv",
 # "qkv_rope", "attend", "attend_o"). A graphed pass under PDL is wrong at 8 rows (one H100
@@ -92,8 +94,12 @@ def _products(x_ptr, w_ptr, norm_ptr, rows, n, k, m, j, j_second, split,
     """A program's sums over its split of i: (sum_i w[j, i] x[m, i], the same for the
     weight rows j_second if SECOND, the sums of squares of x[m] if NORM) [BLOCK_M,
     BLOCK_N] in float32. RMSNorm's per-row scale multiplies the sums at the end (it is
-    constant along i), so the weights stream from the first instruction. USE_GDC: the
-    first weight tile is requested before the wait for x (PDL above)."""
+    constant along i), so the weights stream from the first instruction. USE_GDC: wait
+    for the kernel before (PDL above) ahead of the loop, not inside it: Triton's software
+    pipeliner issues the loop's first loads, x's among them, in a prologue before the loop,
+    so a wait inside it came after a read of x (triton-lang/triton#11905; here a graphed
+    pass under PDL gave NaN at 8 rows, b6c4926). That gives up requesting the first weight
+    tile before the wait."""
     m_ok, j_ok = m < rows, j < n
     squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -101,6 +107,8 @@ def _products(x_ptr, w_ptr, norm_ptr, rows, n, k, m, j, j_second, split,
     acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # the tensor cores' sums, outputs x rows
     acc_up_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     share = tl.cdiv(tl.cdiv(k, SPLITS), BLOCK_K) * BLOCK_K
+    if USE_GDC:
+        _inputs_ready()
     for start in range(split * share, tl.minimum(k, (split + 1) * share), BLOCK_K):
         i = start + tl.arange(0, BLOCK_K)
         i_ok = i < k
@@ -108,8 +116,6 @@ def _products(x_ptr, w_ptr, norm_ptr, rows, n, k, m, j, j_second, split,
         ws = tl.load(w_ptr + j[:, None] * k + i[None, :], mask=w_mask, other=0.0)
         if SECOND:
             ws_up = tl.load(w_ptr + j_second[:, None] * k + i[None, :], mask=w_mask, other=0.0)
-        if USE_GDC:  # the weights are in flight; x is the kernel before's output (no-ops after the first)
-            _inputs_ready()
         if NORM:
             weight = tl.load(norm_ptr + i, mask=i_ok, other=0.0).to(tl.float32)
         if BLOCK_M == 1:  # a 2-D multiply-and-sum (a 3-D broadcast shuffles layouts through shared memory)
@@ -132,8 +138,6 @@ def _products(x_ptr, w_ptr, norm_ptr, rows, n, k, m, j, j_second, split,
             acc_t += tl.dot(ws, xs_t, out_dtype=tl.float32)
             if SECOND:
                 acc_up_t += tl.dot(ws_up, xs_t, out_dtype=tl.float32)
-    if USE_GDC:  # a split with no share of k never waited in the loop
-        _inputs_ready()
     if BLOCK_M > 1:
         acc, acc_up = tl.trans(acc_t), tl.trans(acc_up_t)
     return acc, acc_up, squares
