@@ -15,13 +15,14 @@ checkpoint as the latest, never a half-written one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from respec.files import write_atomically
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -61,7 +62,7 @@ def save_checkpoint(run_dir: str | Path, meta: CheckpointMeta, policy: dict[str,
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
-    _write_atomically(root / LATEST, name)
+    write_atomically(root / LATEST, name)
     _prune(root, keep)
     return final
 
@@ -84,12 +85,6 @@ def load_policy(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 def load_trainer_state(checkpoint: Path) -> dict:
     return torch.load(checkpoint / "trainer.pt", weights_only=False)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -20,12 +20,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 import triton
+
+from respec.files import write_atomically
 
 
 class TuningCache:
@@ -48,10 +49,7 @@ class TuningCache:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            merged = {**self._read(), **self.entries}
-            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, suffix=".tmp", delete=False) as out:
-                json.dump(merged, out, indent=1, sort_keys=True)
-            os.replace(out.name, self.path)
+            write_atomically(self.path, json.dumps({**self._read(), **self.entries}, indent=1, sort_keys=True))
         except OSError as error:  # a read-only home, a full disk: tune every run, as without it
             warnings.warn(f"kernel tuning cache {self.path} not writable ({error}): tuning again in every run",
                           stacklevel=2)
