@@ -186,3 +186,26 @@ def test_fused_adamw_only_where_every_parameter_is_on_a_gpu(tmp_path):
     """On the CPU the optimiser keeps PyTorch's default kernels (the fused one is for GPUs)."""
     trainer = GRPOTrainer(tiny(tmp_path), TrainerConfig(fused_adamw=True))
     assert not trainer.optimizer.defaults.get("fused")
+
+
+@pytest.mark.parametrize("bf16_on_gpu", [True, False])
+def test_an_update_runs_under_bf16_autocast_on_a_gpu_only(tmp_path, monkeypatch, bf16_on_gpu):
+    """The passes of an update run inside torch.autocast(bf16), enabled where the weights are
+    on a GPU and bf16_on_gpu is set (plain float32 made the first GPU run of the actor
+    graph trainer-bound): here, on the CPU, entered but disabled; and the device it reads
+    is the model's. Fails if the update leaves autocast out or enables it on a CPU."""
+    import respec.rl.trainer as trainer_module
+
+    entered = []
+    real = torch.autocast
+
+    def recording(device_type, dtype=None, enabled=True):
+        entered.append((device_type, dtype, enabled))
+        return real(device_type, dtype=dtype, enabled=enabled)
+
+    monkeypatch.setattr(trainer_module.torch, "autocast", recording)
+    model = tiny(tmp_path)
+    prompt, response = torch.tensor([1, 2, 3]), torch.tensor([5, 6])
+    trainer = GRPOTrainer(model, TrainerConfig(lr=1e-3, micro_batch=2, bf16_on_gpu=bf16_on_gpu))
+    trainer.step(samples_for(model, prompt, [response, response], [1.0, 0.0]))
+    assert entered == [("cpu", torch.bfloat16, False)]
