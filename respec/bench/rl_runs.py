@@ -111,7 +111,24 @@ def interval_variants(config: Path) -> dict[str, tuple[Path, dict]]:
     return {f"interval_{i}": (config, {**STATIC, **distiller(config, "reward", i)}) for i in (1, 3, 5)}
 
 
+# A run file that already generates through FastRollouts (configs/gpu_fast.yaml): its
+# baseline is the same file drafting nothing and generating synchronously.
+FAST_SYNC_NOSD = {"actors.generator.params.adaptive": [], "actors.generator.params.draft_path": "",
+                  "actors.prompts.params.max_staleness": 0}
+
+
+def generates_fast(config: Path) -> bool:
+    generator = yaml.safe_load(config.read_text())["actors"].get("generator") or {}
+    return str(generator.get("class", "")).endswith(".FastRollouts")
+
+
 def e2e_variants(config: Path, baseline: Path) -> dict[str, tuple[Path, dict]]:
+    """The variants against the synchronous no-SD baseline: for a file with the Generator +
+    Verifier pair (tiny.yaml) the ladder from async no-SD to full respec, the baseline its
+    own file; for a FastRollouts file (gpu_fast.yaml) that file as it is against itself
+    without drafting or asynchrony."""
+    if generates_fast(config):
+        return {"sync_nosd": (config, dict(FAST_SYNC_NOSD)), "respec_fast": (config, {})}
     return {"sync_nosd": (baseline, {}), "async_nosd": (config, {**STATIC, **NO_SD}),
             "async_sd": (config, dict(STATIC)),
             "async_sd_sched": (config, {**STATIC, **scheduler()}),
@@ -298,6 +315,8 @@ def bench_e2e(json_file: Path, steps: int, extra: dict[str, Any], config: Path =
     each variant reach the baseline's accuracy?"""
     if only and "sync_nosd" not in only:
         raise ValueError("e2e compares every variant with sync_nosd: name it in --variants too")
+    if generates_fast(config):  # its baseline is itself, changed (e2e_variants)
+        baseline = config
     console = Console()
     results = [r for seed in seeds for r in run_variants("e2e", e2e_variants(config, baseline), steps, extra,
                                                          console, only, seed)]
@@ -305,6 +324,8 @@ def bench_e2e(json_file: Path, steps: int, extra: dict[str, Any], config: Path =
     columns = [("variant", lambda r: r.name), ("seed", lambda r: r.seed),
                ("time to last step s", lambda r: round(_run_time(r), 1)),
                ("speedup vs sync_nosd", lambda r: _ratio(base[r.seed], _run_time(r))),
+               ("time to first step s", lambda r: round(r.trainer[0]["time_s"], 1) if r.trainer else 0.0),
+               ("s per step after it", lambda r: round(_step_time(r), 3)),
                ("reward start -> end", lambda r: f"{r.edge('reward_mean', False)} -> {r.edge('reward_mean', True)}"),
                ("held-out accuracy start -> end", _accuracy),
                ("accept_len mean", lambda r: r.summary.get("accept_len_mean")),
@@ -365,6 +386,13 @@ def _run_time(result: VariantResult) -> float:
     """Wall-clock from the launch to the last RL step (set-up and the step-0 evaluation
     included, the same for every variant; the final evaluation excluded)."""
     return result.trainer[-1]["time_s"] if result.trainer else 0.0
+
+
+def _step_time(result: VariantResult) -> float:
+    """Mean seconds per RL step after the first (start-up apart: on a GPU, tuning and
+    capturing graphs took 20-55 s before the first step of a 50-step run)."""
+    times = [r["time_s"] for r in result.trainer]
+    return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
 
 
 def _accuracy(result: VariantResult) -> str:

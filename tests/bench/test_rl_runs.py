@@ -45,6 +45,32 @@ def test_variants_add_a_distiller_and_a_scheduler_that_plan(tmp_path):
     assert fast["generator"].spec.params["draft_path"] == "head" and "distiller" in fast
 
 
+FAST_RUN = """
+run: {name: t}
+actors:
+  prompts: {class: respec.actors.prompt_source.PromptSource, params: {tokenizer_path: pol}}
+  generator: {class: respec.actors.fast_rollouts.FastRollouts,
+              params: {model_path: pol, draft_path: head, adaptive: [2, 4], max_rows: 8}}
+  scorer: {class: respec.actors.reward_scorer.RewardScorer, params: {tokenizer_path: pol}}
+  trainer: {class: respec.actors.policy_trainer.PolicyTrainer, params: {model_path: pol}}
+"""
+
+
+def test_a_fast_path_run_file_runs_against_itself_without_drafting_or_asynchrony(tmp_path):
+    """configs/gpu_fast.yaml already generates through FastRollouts: e2e compares it as it is
+    with the same file drafting nothing (no head, no adaptive lengths) and synchronous."""
+    path = tmp_path / "run.yaml"
+    path.write_text(FAST_RUN)
+    variants = e2e_variants(path, path)
+    assert list(variants) == ["sync_nosd", "respec_fast"]
+    plans = {name: build_plan(load_config(config, overrides), str(config))
+             for name, (config, overrides) in variants.items()}
+    base, fast = (plans[name].actors for name in ("sync_nosd", "respec_fast"))
+    assert base["generator"].spec.params["adaptive"] == [] and base["generator"].spec.params["draft_path"] == ""
+    assert base["prompts"].spec.params["max_staleness"] == 0
+    assert fast["generator"].spec.params["adaptive"] == [2, 4] and fast["generator"].spec.params["draft_path"] == "head"
+
+
 def test_static_variants_drop_a_scheduler_the_run_file_names(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(RUN + "  scheduler: {class: respec.actors.scheduler.Scheduler}\n")
