@@ -81,13 +81,15 @@ def table(report: dict) -> str:
     pdl = "pdl_greedy_equal" in report
     lines = [f"{report['device']}, {report['shape']} shape, random weights; HBM floor at batch 1: "
              f"{report['hbm_floor_s'] * 1e3:.3f} ms", "",
-             "| batch | k | kernels ms | PyTorch's kernels ms | ratio |" + (" kernels + PDL ms | PDL / kernels |" if pdl else ""),
-             "| --- | --- | --- | --- | --- |" + (" --- | --- |" if pdl else "")]
+             "| batch | k | kernels ms | PyTorch's kernels ms | ratio |"
+             + (" kernels + PDL ms | PDL / kernels | PDL without prefetch / kernels |" if pdl else ""),
+             "| --- | --- | --- | --- | --- |" + (" --- | --- | --- |" if pdl else "")]
     for b, by_k in report["steps"].items():
         for k, times in by_k.items():
             lines.append(f"| {b} | {k[1:]} | {times['kernels'] * 1e3:.3f} | {times['pytorch'] * 1e3:.3f} | "
                          f"{times['kernels_over_pytorch']:.2f} |"
-                         + (f" {times['kernels_pdl'] * 1e3:.3f} | {times['pdl_over_kernels']:.2f} |" if pdl else ""))
+                         + (f" {times['kernels_pdl'] * 1e3:.3f} | {times['pdl_over_kernels']:.2f} | "
+                            f"{times['pdl_no_prefetch_over_kernels']:.2f} |" if pdl else ""))
     one_row = [(k, times) for k, times in report["steps"].get("1", {}).items() if "kernels_attend_o" in times]
     if one_row:
         lines += ["", "| batch 1, k | attention and output product in one kernel ms | in two ms | one / two |",
@@ -149,10 +151,12 @@ def pdl_graphed_agreement(model, b: int, t: int) -> dict:
     tokens = torch.randint(0, vocab, (b, t), device=DEVICE, generator=generator)
     positions = 40 + torch.arange(t, device=DEVICE).repeat(b, 1)
     logits = {}
-    variants = [("eager", False, False, None), ("graph", False, True, None), ("graph_pdl", True, True, None),
-                *((f"graph_pdl_{kind}", True, True, frozenset({kind})) for kind in PDL_ALONE)]
-    for name, with_pdl, graphed, only in variants:
-        triton_kernels.PDL, triton_kernels.PDL_KERNELS = with_pdl, only
+    # (name, PDL, graphed, the kernels under PDL (None: all), PDL's weight prefetch)
+    variants = [("eager", False, False, None, True), ("graph", False, True, None, True),
+                ("graph_pdl", True, True, None, True), ("graph_pdl_no_prefetch", True, True, None, False),
+                *((f"graph_pdl_{kind}", True, True, frozenset({kind}), True) for kind in PDL_ALONE)]
+    for name, with_pdl, graphed, only, prefetch in variants:
+        triton_kernels.PDL, triton_kernels.PDL_KERNELS, triton_kernels.PDL_PREFETCH = with_pdl, only, prefetch
         state = FastState(model.config, b, 64, 8, next(model.parameters()).dtype, torch.device(DEVICE))
         fused = FusedModel(model, kernels=True)
         with torch.no_grad():
@@ -165,7 +169,7 @@ def pdl_graphed_agreement(model, b: int, t: int) -> dict:
                 graph.replay()
                 torch.cuda.synchronize()
         logits[name] = out.float().clone()
-    triton_kernels.PDL, triton_kernels.PDL_KERNELS = False, None
+    triton_kernels.PDL, triton_kernels.PDL_KERNELS, triton_kernels.PDL_PREFETCH = False, None, True
     result = {"b": b, "t": t, **{f"{name}_vs_eager_max_abs_diff": (logits[name] - logits["eager"]).abs().max().item()
                                  for name in logits if name != "eager"}}
     log(f"PDL graphed agreement: {result}")
@@ -310,19 +314,20 @@ def step_times(model, head, batches: list[int], ks: list[int], pdl: bool = False
         out[str(b)] = {}
         for k in ks:
             times = {}
-            variants = [("kernels", True, False, False), ("pytorch", False, False, False)]
+            # (name, kernels, PDL, PDL's weight prefetch, attend_o)
+            variants = [("kernels", True, False, True, False), ("pytorch", False, False, True, False)]
             if b == 1:  # one row: attention and the output product in one kernel (opt-in), or in two
-                variants.append(("kernels_attend_o", True, False, True))
+                variants.append(("kernels_attend_o", True, False, True, True))
             if pdl:
-                variants.append(("kernels_pdl", True, True, False))
-            for name, kernels, with_pdl, attend_o in variants:
-                # both flags are read at each launch: the graph captures them
-                triton_kernels.PDL, triton_kernels.ATTEND_O = with_pdl, attend_o
+                variants += [("kernels_pdl", True, True, True, False), ("kernels_pdl_no_prefetch", True, True, False, False)]
+            for name, kernels, with_pdl, prefetch, attend_o in variants:
+                # the flags are read at each launch: the graph captures them
+                triton_kernels.PDL, triton_kernels.PDL_PREFETCH, triton_kernels.ATTEND_O = with_pdl, prefetch, attend_o
                 generator = FastGenerator(model, head if k else None, max_rows=b, max_len=256, max_new=128,
                                           max_k=max(ks), kernels=kernels)
                 times[name] = generator.time_step(b, k, 100 if DEVICE == "cuda" else 2)
                 del generator
-            triton_kernels.PDL, triton_kernels.ATTEND_O = False, False
+            triton_kernels.PDL, triton_kernels.PDL_PREFETCH, triton_kernels.ATTEND_O = False, True, False
             times["kernels_over_pytorch"] = times["kernels"] / times["pytorch"]
             if b == 1:
                 times["attend_o_over_apart"] = times["kernels_attend_o"] / times["kernels"]
@@ -330,6 +335,7 @@ def step_times(model, head, batches: list[int], ks: list[int], pdl: bool = False
                     f"ms, apart {times['kernels'] * 1e3:.3f} ms ({times['attend_o_over_apart']:.2f}x)")
             if pdl:
                 times["pdl_over_kernels"] = times["kernels_pdl"] / times["kernels"]
+                times["pdl_no_prefetch_over_kernels"] = times["kernels_pdl_no_prefetch"] / times["kernels"]
                 log(f"batch {b} k {k}: with PDL {times['kernels_pdl'] * 1e3:.3f} ms ({times['pdl_over_kernels']:.2f}x)")
             out[str(b)][f"k{k}"] = times
             log(f"batch {b} k {k}: kernels {times['kernels'] * 1e3:.3f} ms, pytorch {times['pytorch'] * 1e3:.3f} ms "

@@ -263,11 +263,35 @@ def test_pdl_can_be_narrowed_to_one_kind_of_kernel(kernels, monkeypatch):
     """kernels_check bisects PDL's graph hazard by turning it on for one kernel at a time:
     PDL_KERNELS names those that launch under it (None: all), where PDL is on at all."""
     monkeypatch.setattr(kernels, "_pdl", lambda device: True)  # as on a Hopper GPU with RESPEC_PDL=1
-    on = dict(USE_GDC=True, launch_pdl=True)
-    assert kernels._pdl_launch(torch.device("cpu"), "gemv") == on
+    on, cpu = dict(USE_GDC=True, launch_pdl=True), torch.device("cpu")
+    assert kernels._pdl_launch(cpu, "gemv") == {**on, "PREFETCH": True}  # products prefetch weights too
     monkeypatch.setattr(kernels, "PDL_KERNELS", frozenset({"attend"}))
-    assert kernels._pdl_launch(torch.device("cpu"), "attend") == on
-    assert kernels._pdl_launch(torch.device("cpu"), "gemv") == {}
+    assert kernels._pdl_launch(cpu, "attend") == on
+    assert kernels._pdl_launch(cpu, "gemv") == {}
+    monkeypatch.setattr(kernels, "PDL_KERNELS", None)
+    monkeypatch.setattr(kernels, "PDL_PREFETCH", False)
+    assert kernels._pdl_launch(cpu, "qkv_rope") == {**on, "PREFETCH": False}
+
+
+@pytest.mark.parametrize("rows, config", [(1, (4, 16, 4, 1)), (1, (4, 16, 4, 3)), (5, (16, 16, 4, 3))])
+def test_products_prefetching_the_next_weight_tiles_compute_the_same(kernels, model_and_head, monkeypatch, rows,
+                                                                      config):
+    """PREFETCH (PDL's weight fetch ahead of the wait): each iteration's tiles loaded one
+    iteration ahead, the first before the loop. The gated product with norm, bias and
+    residual, split in three (the last share shorter), and a whole pass with qkv_rope:
+    the same as without. The interpreter has no grid dependency control, so PREFETCH runs
+    here without the wait."""
+    monkeypatch.setattr(kernels, "_pdl_launch",
+                        lambda device, kernel: {"PREFETCH": True} if kernel in kernels.PRODUCTS else {})
+    torch.manual_seed(rows)
+    x, gate, up, norm = torch.randn(rows, 40), torch.randn(24, 40), torch.randn(24, 40), torch.rand(40) + 0.5
+    bias, residual = torch.randn(48), torch.randn(rows, 24)
+    normed = rms_norm(x, norm, 1e-6)
+    expected = residual + F.silu(normed @ gate.T + bias[:24]) * (normed @ up.T + bias[24:])
+    out = kernels.gemv(x, torch.cat([gate, up]), 24, norm=(norm, 1e-6), bias=bias, residual=residual, gated=True,
+                       config=config)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    test_a_pass_through_the_kernels_equals_the_fused_pass(kernels, model_and_head, monkeypatch, rows, 2, False)
 
 
 def test_the_tuner_keeps_the_configuration_that_stays_fastest(kernels):

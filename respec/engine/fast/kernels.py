@@ -48,6 +48,9 @@ PDL = os.environ.get("RESPEC_PDL", "0") == "1"
 # "qkv_rope", "attend", "attend_o"). A graphed pass under PDL is wrong at 8 rows (one H100
 # run, b6c4926); bench/kernels_check.py --pdl turns it on one kernel at a time to find which.
 PDL_KERNELS: frozenset[str] | None = None
+# With PDL, the products load their first weight tiles before the wait and each next tile
+# one iteration ahead (_products); RESPEC_PDL_PREFETCH=0: they load nothing before it.
+PDL_PREFETCH = os.environ.get("RESPEC_PDL_PREFETCH", "1") == "1"
 
 
 def _pdl(device: torch.device) -> bool:
@@ -65,7 +68,7 @@ MAX_ROWS = 64  # the most rows (batch x tokens) a layer takes through these kern
 def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, partial_ptr, arrivals_ptr, rows, n, k, eps,
           NORM: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
-          USE_GDC: tl.constexpr = False):
+          USE_GDC: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     """out[m, j] = epilogue(sum_i w[j, i] * prologue(x)[m, i]), programs (block of j, split
     of i). GATED: w holds the gate's n rows, then the up projection's n; out = silu(gate) *
     up. With SPLITS > 1 each program sums its share of i and the last of a block to arrive
@@ -75,7 +78,7 @@ def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, partial_ptr, 
     m = tl.arange(0, BLOCK_M)
     j = block * BLOCK_N + tl.arange(0, BLOCK_N)
     acc, acc_up, squares = _products(x_ptr, w_ptr, norm_ptr, rows, n, k, m, j, j + n, split, NORM, GATED, BLOCK_M,
-                                     BLOCK_N, BLOCK_K, SPLITS, USE_GDC)
+                                     BLOCK_N, BLOCK_K, SPLITS, USE_GDC, PREFETCH)
     if SPLITS == 1:
         _finish(acc, acc_up, squares, m, j, rows, n, k, eps, out_ptr, bias_ptr, residual_ptr, NORM, BIAS, RESIDUAL,
                 GATED)
@@ -90,16 +93,19 @@ def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, partial_ptr, 
 @triton.jit
 def _products(x_ptr, w_ptr, norm_ptr, rows, n, k, m, j, j_second, split,
               NORM: tl.constexpr, SECOND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr):
+              BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr, PREFETCH: tl.constexpr = False):
     """A program's sums over its split of i: (sum_i w[j, i] x[m, i], the same for the
     weight rows j_second if SECOND, the sums of squares of x[m] if NORM) [BLOCK_M,
     BLOCK_N] in float32. RMSNorm's per-row scale multiplies the sums at the end (it is
-    constant along i), so the weights stream from the first instruction. USE_GDC: wait
-    for the kernel before (PDL above) ahead of the loop, not inside it: Triton's software
-    pipeliner issues the loop's first loads, x's among them, in a prologue before the loop,
-    so a wait inside it came after a read of x (triton-lang/triton#11905; here a graphed
-    pass under PDL gave NaN at 8 rows, b6c4926). That gives up requesting the first weight
-    tile before the wait."""
+    constant along i), so the weights stream from the first instruction.
+
+    USE_GDC: wait for the kernel before (PDL above) ahead of the loop, not inside it:
+    Triton's software pipeliner issues the loop's first loads, x's among them, in a
+    prologue before the loop, so a wait inside it came after a read of x
+    (triton-lang/triton#11905; here a graphed pass under PDL gave NaN at 8 rows, b6c4926).
+    PREFETCH: each iteration loads the next weight tiles, and the first are loaded before
+    the loop and the wait, so with PDL their fetch overlaps the kernel before (what the
+    wait inside the loop was for)."""
     m_ok, j_ok = m < rows, j < n
     squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -107,15 +113,16 @@ def _products(x_ptr, w_ptr, norm_ptr, rows, n, k, m, j, j_second, split,
     acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # the tensor cores' sums, outputs x rows
     acc_up_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     share = tl.cdiv(tl.cdiv(k, SPLITS), BLOCK_K) * BLOCK_K
+    first, end = split * share, tl.minimum(k, (split + 1) * share)
+    if PREFETCH:
+        ws, ws_up = _weight_tiles(w_ptr, j, j_second, j_ok, first, end, k, BLOCK_K, SECOND)
     if USE_GDC:
         _inputs_ready()
-    for start in range(split * share, tl.minimum(k, (split + 1) * share), BLOCK_K):
+    for start in range(first, end, BLOCK_K):
         i = start + tl.arange(0, BLOCK_K)
         i_ok = i < k
-        w_mask = j_ok[:, None] & i_ok[None, :]
-        ws = tl.load(w_ptr + j[:, None] * k + i[None, :], mask=w_mask, other=0.0)
-        if SECOND:
-            ws_up = tl.load(w_ptr + j_second[:, None] * k + i[None, :], mask=w_mask, other=0.0)
+        if not PREFETCH:
+            ws, ws_up = _weight_tiles(w_ptr, j, j_second, j_ok, start, end, k, BLOCK_K, SECOND)
         if NORM:
             weight = tl.load(norm_ptr + i, mask=i_ok, other=0.0).to(tl.float32)
         if BLOCK_M == 1:  # a 2-D multiply-and-sum (a 3-D broadcast shuffles layouts through shared memory)
@@ -138,9 +145,24 @@ def _products(x_ptr, w_ptr, norm_ptr, rows, n, k, m, j, j_second, split,
             acc_t += tl.dot(ws, xs_t, out_dtype=tl.float32)
             if SECOND:
                 acc_up_t += tl.dot(ws_up, xs_t, out_dtype=tl.float32)
+        if PREFETCH:  # the next tiles, for the next iteration
+            ws, ws_up = _weight_tiles(w_ptr, j, j_second, j_ok, start + BLOCK_K, end, k, BLOCK_K, SECOND)
     if BLOCK_M > 1:
         acc, acc_up = tl.trans(acc_t), tl.trans(acc_up_t)
     return acc, acc_up, squares
+
+
+@triton.jit
+def _weight_tiles(w_ptr, j, j_second, j_ok, start, end, k, BLOCK_K: tl.constexpr, SECOND: tl.constexpr):
+    """The weight rows j (and j_second if SECOND, else j's again) at inputs start to
+    start + BLOCK_K, zero from `end` on: [BLOCK_N, BLOCK_K] each."""
+    i = start + tl.arange(0, BLOCK_K)
+    mask = j_ok[:, None] & (i < end)[None, :]
+    ws = tl.load(w_ptr + j[:, None] * k + i[None, :], mask=mask, other=0.0)
+    ws_up = ws
+    if SECOND:
+        ws_up = tl.load(w_ptr + j_second[:, None] * k + i[None, :], mask=mask, other=0.0)
+    return ws, ws_up
 
 
 @triton.jit
@@ -227,7 +249,8 @@ def _qkv_rope(x_ptr, w_ptr, norm_ptr, bias_ptr, partial_ptr, arrivals_ptr, cos_p
               write_at_ptr, q_ptr, k_store_ptr, v_store_ptr, rows, k, eps, table_rows, tokens_per_row, heads,
               kv_heads, store_row, store_head, store_pos,
               BIAS: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr = False):
+              BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr = False,
+              PREFETCH: tl.constexpr = False):
     """The attention's input product and what follows it, in one kernel: qkv = RMSNorm(x)
     @ w^T (+ bias), then per head RoPE on the q and k heads, q into q [tokens, heads, D], k
     and v into the KV store at each token's write position. RoPE pairs channel d of a head
@@ -241,7 +264,7 @@ def _qkv_rope(x_ptr, w_ptr, norm_ptr, bias_ptr, partial_ptr, arrivals_ptr, cos_p
     j = head * 2 * HALF + d
     n = (heads + 2 * kv_heads) * 2 * HALF
     low, high, squares = _products(x_ptr, w_ptr, norm_ptr, rows, n, k, m, j, j + HALF, split, True, True, BLOCK_M,
-                                   BLOCK_N, BLOCK_K, SPLITS, USE_GDC)
+                                   BLOCK_N, BLOCK_K, SPLITS, USE_GDC, PREFETCH)
     if SPLITS == 1:
         _rope_finish(low, high, squares, m, d, head, rows, k, eps, bias_ptr, cos_ptr, sin_ptr, positions_ptr,
                      write_at_ptr, q_ptr, k_store_ptr, v_store_ptr, table_rows, tokens_per_row, heads, kv_heads,
@@ -665,9 +688,14 @@ def attend_o(q: Tensor, k_store: Tensor, v_store: Tensor, positions: Tensor, wei
 
 def _pdl_launch(device: torch.device, kernel: str) -> dict:
     """The kernels' PDL arguments: none where it is off (the CPU's interpreter among them)
-    or where PDL_KERNELS leaves this kernel out."""
-    on = _pdl(device) and (PDL_KERNELS is None or kernel in PDL_KERNELS)
-    return dict(USE_GDC=True, launch_pdl=True) if on else {}
+    or where PDL_KERNELS leaves this kernel out; the products also prefetch their first
+    weight tiles before the wait where PDL_PREFETCH says so."""
+    if not (_pdl(device) and (PDL_KERNELS is None or kernel in PDL_KERNELS)):
+        return {}
+    return dict(USE_GDC=True, launch_pdl=True, **({"PREFETCH": PDL_PREFETCH} if kernel in PRODUCTS else {}))
+
+
+PRODUCTS = ("gemv", "qkv_rope")  # the kernels whose loop streams weights (_products)
 
 
 ARRIVAL_COUNTERS = 1 << 16
