@@ -65,9 +65,9 @@ def main() -> None:
     report["steps"] = step_times(model, head, [int(b) for b in args.batches.split(",")],
                                  [int(k) for k in args.ks.split(",")], args.pdl)
     if DEVICE == "cuda":
-        from respec.engine.fast import kernels
+        from respec.engine.fast import tuner
 
-        report["tuned"] = {repr(key): config for key, config in kernels._chosen.items()}  # (n, k, flags) -> choice
+        report["tuned"] = {repr(key): config for key, config in tuner.chosen.items()}  # (n, k, flags) -> choice
         log(f"tuned: {report['tuned']}")
     decode = report["steps"]["1"]["k0"]
     report["decode_over_floor"] = {name: decode[name] / floor for name in ("kernels", "pytorch")}
@@ -297,11 +297,11 @@ def graphed_us(work, calls: int = 50) -> float:
 
 
 def graph_us(work, calls: int) -> float:
-    from respec.engine.fast import kernels
+    from respec.engine.fast import tuner
 
     for _ in range(3):
         work()  # compiles and tunes
-    return kernels.graph_ms(work, calls, replays=10) * 1e3
+    return tuner.graph_ms(work, calls, replays=10) * 1e3
 
 
 def step_times(model, head, batches: list[int], ks: list[int], pdl: bool = False) -> dict:

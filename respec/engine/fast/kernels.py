@@ -17,16 +17,13 @@ the PyTorch layer rounds them. On a CPU these run under Triton's interpreter
 from __future__ import annotations
 
 import os
-import statistics
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.errors import OutOfResources
 
-from respec.engine.fast.tuning_cache import TuningCache, cache_path
+from respec.engine.fast.tuner import tuned
 
 try:  # grid dependency control: Triton 3.3 on
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -462,7 +459,6 @@ ATTEND_O_MAX_KEYS = 2048  # stores longer than this keep the attention kernel: e
 # slower: docs/PERFORMANCE.md). Read at each call, so bench/kernels_check.py times both ways
 # in one process.
 ATTEND_O = os.environ.get("RESPEC_ATTEND_O", "0") == "1"
-_chosen: dict[tuple, tuple] = {}
 
 
 def _block_m(rows: int) -> int:
@@ -506,87 +502,8 @@ def gemv(x: Tensor, weight: Tensor, out_features: int, norm: tuple[Tensor, float
         launch(config)
         return out
     heuristic = (_block_n(out_features, block_m), 512 if block_m == 1 else 128, 4, 1)
-    launch(_tuned(launch, ("gemv", out_features, k, *flags.values()), x, heuristic, CANDIDATES[block_m]))
+    launch(tuned(launch, ("gemv", out_features, k, *flags.values()), x, heuristic, CANDIDATES[block_m]))
     return out
-
-
-def _tuned(launch, key: tuple, x: Tensor, heuristic: tuple, candidates: tuple) -> tuple:
-    """The fastest of the candidate configurations for this launch on this GPU, timed on
-    first use (outside graph capture: the fast path warms every step up first); the
-    heuristic elsewhere. Timed as a step runs it: back to back in a CUDA graph, each launch
-    after a read of 64 MB, more than an H100's L2, so the weights come from HBM as they do
-    in a step, not from the cache (a read, not a write: written lines would still be
-    draining to HBM during the timed launch). Events around single launches outside a
-    graph timed the host's launch too, and picked for the output product a configuration
-    that took 4.9 us in a graph where the best took 2.9 (one H100 run, a6d97bf:
-    docs/PERFORMANCE.md, "Tuning in a graph"). A choice an earlier run made on this GPU with
-    this code is read back from disk instead (tuning_cache.py)."""
-    if key in _chosen:
-        return _chosen[key]
-    if not x.is_cuda or torch.cuda.is_current_stream_capturing():
-        return heuristic
-    stored = _stored_choices(x.device).get(key)  # tuned by an earlier run on this GPU, with this code
-    if stored is not None:
-        _chosen[key] = stored
-        return stored
-    flush = torch.ones(16 << 20, dtype=torch.float32, device=x.device)
-
-    def timed(config: tuple, launches: int) -> float | None:
-        """Milliseconds per flush-and-launch in a graph of `launches` of them (the flush
-        costs every configuration the same), None where the shape cannot build."""
-        try:
-            launch(config)  # compiles
-        except OutOfResources:  # too big a block for this shape: not a candidate
-            return None
-        return graph_ms(lambda: (flush.sum(), launch(config)), launches)
-
-    _chosen[key] = _fastest(timed, (heuristic, *candidates))
-    _stored_choices(x.device).put(key, _chosen[key])
-    return _chosen[key]
-
-
-_stored: dict[torch.device, TuningCache] = {}
-
-
-def _stored_choices(device: torch.device) -> TuningCache:
-    """This GPU's tuning cache (tuning_cache.py), read once per process."""
-    if device not in _stored:
-        _stored[device] = TuningCache(cache_path(device, Path(__file__)))
-    return _stored[device]
-
-
-def graph_ms(work, calls: int, replays: int = 1) -> float:
-    """Milliseconds per call of `work` (CUDA launches only), captured `calls` times back to
-    back in one CUDA graph and timed over `replays` replays after one that uploads it: the
-    time a step's graph gives it, without the host's launch."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            work()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / (replays * calls)
-
-
-def _fastest(timed, configs: tuple, finalists: int = 3, rounds: int = 3) -> tuple:
-    """The configuration with the lowest time: every one timed once, then the `finalists`
-    best timed again in `rounds` interleaved rounds, which decide. With one pass a lucky
-    median can win: in one H100 run with more candidates the step at batch 4 took 1.63 ms
-    against 1.22 ms in the runs beside it (docs/PERFORMANCE.md, "Wider GEMV tiles"; that
-    the tuner's pick was the cause is likely, not shown)."""
-    first = {config: timed(config, 20) for config in configs}
-    ranked = sorted((config for config, ms in first.items() if ms is not None), key=first.get)[:finalists]
-    again: dict[tuple, list[float]] = {config: [] for config in ranked}
-    for _ in range(rounds):
-        for config in ranked:
-            again[config].append(timed(config, 10))
-    return min(ranked, key=lambda config: statistics.median(again[config]))
 
 
 def qkv_rope(x: Tensor, weight: Tensor, norm: tuple[Tensor, float], bias: Tensor | None, cos: Tensor,
@@ -622,7 +539,7 @@ def qkv_rope(x: Tensor, weight: Tensor, norm: tuple[Tensor, float], bias: Tensor
         return q
     heuristic = (min(_block_n(n // 2, block_m), half), 512 if block_m == 1 else 128, 4, 1)
     candidates = tuple(c for c in CANDIDATES[block_m] if half % c[0] == 0)
-    launch(_tuned(launch, ("qkv_rope", n, k, heads, kv_heads, dim, bias is not None, block_m), x, heuristic,
+    launch(tuned(launch, ("qkv_rope", n, k, heads, kv_heads, dim, bias is not None, block_m), x, heuristic,
                   candidates))
     return q
 
@@ -648,7 +565,7 @@ def attend(q: Tensor, k_store: Tensor, v_store: Tensor, positions: Tensor, token
             SPLITS=splits, BLOCK_Q=block_q, BLOCK_S=block_s, DIM=dim, num_warps=warps, **_pdl_launch(q.device, "attend"),
         )
 
-    launch(_tuned(launch, ("attend", rows, heads, kv_heads, keys, dim, block_q), q, (64, 4), ATTENTION_CANDIDATES))
+    launch(tuned(launch, ("attend", rows, heads, kv_heads, keys, dim, block_q), q, (64, 4), ATTENTION_CANDIDATES))
     return out
 
 
@@ -682,7 +599,7 @@ def attend_o(q: Tensor, k_store: Tensor, v_store: Tensor, positions: Tensor, wei
         launch(config)
         return out
     key = ("attend_o", tokens, heads, kv_heads, keys, dim, n, bias is not None)
-    launch(_tuned(launch, key, q, (64, 64, 4), ATTEND_O_CANDIDATES))
+    launch(tuned(launch, key, q, (64, 64, 4), ATTEND_O_CANDIDATES))
     return out
 
 
