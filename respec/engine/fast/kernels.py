@@ -441,7 +441,7 @@ def _block_n(n: int, block_m: int) -> int:
 
 
 # (BLOCK_N, BLOCK_K, warps, splits of k) tried per product on the GPU (one row; 2-16 rows),
-# timed on first use; the fastest is kept per shape (see _tuned).
+# timed on first use; the fastest is kept per shape (tuner.tuned).
 CANDIDATES = {1: ((1, 1024, 2, 1), (2, 1024, 4, 1), (2, 2048, 8, 1), (4, 512, 4, 1), (4, 1024, 4, 1),
                   (8, 512, 4, 1), (8, 1024, 8, 1), (16, 256, 4, 1), (4, 512, 4, 2), (8, 512, 4, 2),
                   (8, 256, 4, 4), (16, 256, 4, 4)),
