@@ -8,10 +8,10 @@ capturing and tuning (docs/PERFORMANCE.md, "The fast path on an H100 after 198c9
 The choice depends only on the GPU, the kernels' code and the shape, so it also goes to
 disk (TuningCache) and a later run on the same machine reads it back.
 
-One JSON file per (GPU name, Triton version, kernels.py's source): a new GPU, Triton or
-kernel code starts a new file, so a configuration is never reused where it may not build
-or may no longer be the fastest. RESPEC_TUNE_CACHE names the file's folder
-(default ~/.cache/respec); RESPEC_TUNE_CACHE=off turns it off.
+One JSON file per (GPU name, Triton version, the source of kernels.py and of this file): a
+new GPU, Triton, kernel code or way of timing starts a new file, so a configuration is
+never reused where it may not build or may no longer be the fastest. RESPEC_TUNE_CACHE
+names the file's folder (default ~/.cache/respec); RESPEC_TUNE_CACHE=off turns it off.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from triton.runtime.errors import OutOfResources
 
 from respec.files import write_atomically
 
-KERNELS_SOURCE = Path(__file__).with_name("kernels.py")
+SOURCES = (Path(__file__).with_name("kernels.py"), Path(__file__))  # the kernels and how they are timed
 chosen: dict[tuple, tuple] = {}  # this process's choices, by kernel key
 
 
@@ -76,7 +76,7 @@ _stored: dict[torch.device, TuningCache] = {}
 def stored_choices(device: torch.device) -> TuningCache:
     """This GPU's tuning cache, read once per process."""
     if device not in _stored:
-        _stored[device] = TuningCache(cache_path(device, KERNELS_SOURCE))
+        _stored[device] = TuningCache(cache_path(device, *SOURCES))
     return _stored[device]
 
 
@@ -148,12 +148,12 @@ class TuningCache:
         return entries if isinstance(entries, dict) else {}
 
 
-def cache_path(device: torch.device, source: Path) -> Path | None:
-    """This GPU's file for kernels of this source, None where RESPEC_TUNE_CACHE=off."""
+def cache_path(device: torch.device, *sources: Path) -> Path | None:
+    """This GPU's file for kernels of these sources, None where RESPEC_TUNE_CACHE=off."""
     folder = os.environ.get("RESPEC_TUNE_CACHE", "")
     if folder.lower() == "off":
         return None
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device)).strip("-").lower()
-    code = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    code = hashlib.sha256(b"".join(source.read_bytes() for source in sources)).hexdigest()[:12]
     root = Path(folder).expanduser() if folder else Path.home() / ".cache" / "respec"
     return root / f"kernels-{gpu}-triton{triton.__version__}-{code}.json"
