@@ -48,7 +48,7 @@ from respec.actors.generator import loaded_tensors
 from respec.engine.admission import check_prompt_tokens
 from respec.engine.checkpoint import load_model
 from respec.engine.drafters.eagle import EagleHead
-from respec.engine.errors import EngineError
+from respec.engine.errors import INPUT_ERRORS
 from respec.engine.fast import FastGenerator
 from respec.engine.fast.runner import buckets_up_to
 from respec.engine.sampling import validate
@@ -63,8 +63,6 @@ from respec.messages import (
 )
 from respec.runtime import Actor, handles
 from respec.sched.draft_lengths import LiveChoice
-
-BAD_INPUT = (ValueError, TypeError, EngineError)  # what a prompt's own input can raise
 
 
 class FastRollouts(Actor):
@@ -180,7 +178,7 @@ class FastRollouts(Actor):
             prompt = self.waiting.popleft()
             try:
                 self._check(prompt)
-            except BAD_INPUT as error:
+            except INPUT_ERRORS as error:
                 await self._refuse(prompt, f"{type(error).__name__}: {error}")
                 continue
             (held if prompt.min_policy_version > self.version else batch).append(prompt)

@@ -38,7 +38,7 @@ import torch
 from respec.engine.admission import check_prompt_tokens
 from respec.engine.checkpoint import load_model
 from respec.engine.config import ModelConfig
-from respec.engine.errors import CacheFullError, EngineError, TokenizerMismatchError
+from respec.engine.errors import INPUT_ERRORS, CacheFullError, TokenizerMismatchError
 from respec.engine.sampling import stream_key
 from respec.engine.target import TargetRunner, Verified
 from respec.engine.tokenizer import check_tokenizer_matches, load_tokenizer
@@ -53,8 +53,6 @@ from respec.messages import (
 )
 from respec.messages.generation import RejectedRow
 from respec.runtime import Actor, handles, weights_transfer
-
-BAD_INPUT = (ValueError, TypeError, EngineError)  # what a row's own input can raise
 
 
 class Verifier(Actor):
@@ -129,7 +127,7 @@ class Verifier(Actor):
         for index, prompt in enumerate(prompts):
             try:
                 self._check_row(prompt, self.runner.free_slots - len(admitted))
-            except BAD_INPUT as error:
+            except INPUT_ERRORS as error:
                 text = f"{type(error).__name__}: {error}"
                 rejected.append(RejectedRow(index=index, prompt_id=prompt.prompt_id, error=text))
                 self.log.warning("row_rejected", prompt_id=prompt.prompt_id, error=text)

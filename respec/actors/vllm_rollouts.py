@@ -35,7 +35,7 @@ import numpy as np
 
 from respec.actors.generator import loaded_tensors
 from respec.engine.admission import check_fits, check_prompt_tokens
-from respec.engine.errors import EngineError
+from respec.engine.errors import INPUT_ERRORS
 from respec.interop.vllm_engine import Delta, EngineOptions, VllmEngine, vllm_missing
 from respec.messages import (
     DistillSample,
@@ -50,8 +50,6 @@ from respec.messages import (
 )
 from respec.runtime import Actor, handles
 from respec.runtime.weight_files import WeightFiles
-
-BAD_INPUT = (ValueError, TypeError, EngineError)  # what a prompt's own input can raise
 
 
 @dataclass
@@ -182,7 +180,7 @@ class VllmRollouts(Actor):
         try:
             self._check(prompt)
             self.engine.add(request_id, np.asarray(prompt.tokens).tolist(), prompt.sampling)
-        except BAD_INPUT as error:
+        except INPUT_ERRORS as error:
             text = f"{type(error).__name__}: {error}"
             self.log.warning("prompt_rejected", prompt_id=prompt.prompt_id, error=text)
             await self.send(Rollout.refused(prompt, text), correlation_id=prompt.prompt_id)

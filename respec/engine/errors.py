@@ -21,3 +21,8 @@ class CacheFullError(EngineError, RuntimeError):
 
 class SequenceTooLongError(CacheFullError):
     """A row's cached length plus its new tokens exceeds the cache's max_len."""
+
+
+# What a request's own input (a prompt, a row, its sampling parameters) can raise: the
+# actor refuses that request, says why, and serves the others.
+INPUT_ERRORS = (ValueError, TypeError, EngineError)
