@@ -145,11 +145,7 @@ def pdl_graphed_agreement(model, b: int, t: int) -> dict:
     bit-identical: the kernel whose PDL alone breaks the pass is where to look."""
     from respec.engine.fast import kernels as triton_kernels
 
-    generator = torch.Generator(device=DEVICE).manual_seed(b * 100 + t)
-    vocab = model.config.vocab_size
-    prefix = torch.randint(0, vocab, (b, 40), device=DEVICE, generator=generator)
-    tokens = torch.randint(0, vocab, (b, t), device=DEVICE, generator=generator)
-    positions = 40 + torch.arange(t, device=DEVICE).repeat(b, 1)
+    prefix, tokens, positions = pass_inputs(model, b, t)
     logits = {}
     # (name, PDL, graphed, the kernels under PDL (None: all), PDL's weight prefetch)
     variants = [("eager", False, False, None, True), ("graph", False, True, None, True),
@@ -157,10 +153,8 @@ def pdl_graphed_agreement(model, b: int, t: int) -> dict:
                 *((f"graph_pdl_{kind}", True, True, frozenset({kind}), True) for kind in PDL_ALONE)]
     for name, with_pdl, graphed, only, prefetch in variants:
         triton_kernels.PDL, triton_kernels.PDL_KERNELS, triton_kernels.PDL_PREFETCH = with_pdl, only, prefetch
-        state = FastState(model.config, b, 64, 8, next(model.parameters()).dtype, torch.device(DEVICE))
-        fused = FusedModel(model, kernels=True)
+        state, fused = prefilled(model, prefix), FusedModel(model, kernels=True)
         with torch.no_grad():
-            run(FusedModel(model, kernels=False), prefix, torch.arange(40, device=DEVICE).repeat(b, 1), state)
             out = run(fused, tokens, positions, state)  # compiles and tunes; rewrites the same keys when replayed
             if graphed:
                 graph = torch.cuda.CUDAGraph()
@@ -206,24 +200,38 @@ def pdl_greedy_equal(model, head, rows: int = 8, new: int = 96) -> dict:
 def agreement(model, b: int, t: int, keep_logits: bool = False) -> dict:
     """One cached pass of t tokens per row after a 40-token prefix, kernels against the
     fused layers, on identical stores (keep_logits: the kernels' logits too)."""
-    generator = torch.Generator(device=DEVICE).manual_seed(b * 100 + t)
-    vocab = model.config.vocab_size
-    prefix = torch.randint(0, vocab, (b, 40), device=DEVICE, generator=generator)
-    tokens = torch.randint(0, vocab, (b, t), device=DEVICE, generator=generator)
+    prefix, tokens, positions = pass_inputs(model, b, t)
     logits = []
     for kernels in (True, False):
-        state = FastState(model.config, b, 64, 8, next(model.parameters()).dtype, torch.device(DEVICE))
-        fused = FusedModel(model, kernels=False)
+        state = prefilled(model, prefix)
         with torch.no_grad():
-            run(fused, prefix, torch.arange(40, device=DEVICE).repeat(b, 1), state)
-            out = run(FusedModel(model, kernels=kernels), tokens, 40 + torch.arange(t, device=DEVICE).repeat(b, 1),
-                      state)
+            out = run(FusedModel(model, kernels=kernels), tokens, positions, state)
         logits.append(out.float())
     ours, theirs = logits
     result = {"b": b, "t": t, "max_abs_diff": (ours - theirs).abs().max().item(), "logit_std": theirs.std().item(),
               "argmax_agrees": (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()}
     log(f"agreement: {result}")
     return {**result, "logits": ours} if keep_logits else result
+
+
+def pass_inputs(model, b: int, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 40-token prefix per row, then t tokens after it and their positions: random,
+    seeded by (b, t), so every build a check compares sees the same."""
+    generator = torch.Generator(device=DEVICE).manual_seed(b * 100 + t)
+    vocab = model.config.vocab_size
+    prefix = torch.randint(0, vocab, (b, 40), device=DEVICE, generator=generator)
+    tokens = torch.randint(0, vocab, (b, t), device=DEVICE, generator=generator)
+    return prefix, tokens, 40 + torch.arange(t, device=DEVICE).repeat(b, 1)
+
+
+def prefilled(model, prefix) -> FastState:
+    """A fresh store holding the prefix's keys and values, written by the fused PyTorch
+    layers (the same store whatever is checked after it)."""
+    b, length = prefix.shape
+    state = FastState(model.config, b, 64, 8, next(model.parameters()).dtype, torch.device(DEVICE))
+    with torch.no_grad():
+        run(FusedModel(model, kernels=False), prefix, torch.arange(length, device=DEVICE).repeat(b, 1), state)
+    return state
 
 
 def run(fused: FusedModel, tokens, positions, state: FastState):
