@@ -12,6 +12,7 @@ kernels for decoding and SD steps at small batch, and the HBM floor at batch 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -82,14 +83,14 @@ def table(report: dict) -> str:
     lines = [f"{report['device']}, {report['shape']} shape, random weights; HBM floor at batch 1: "
              f"{report['hbm_floor_s'] * 1e3:.3f} ms", "",
              "| batch | k | kernels ms | PyTorch's kernels ms | ratio |"
-             + (" kernels + PDL ms | PDL / kernels | PDL without prefetch / kernels |" if pdl else ""),
+             + (" kernels + PDL ms | PDL / kernels | PDL with weight prefetch / kernels |" if pdl else ""),
              "| --- | --- | --- | --- | --- |" + (" --- | --- | --- |" if pdl else "")]
     for b, by_k in report["steps"].items():
         for k, times in by_k.items():
             lines.append(f"| {b} | {k[1:]} | {times['kernels'] * 1e3:.3f} | {times['pytorch'] * 1e3:.3f} | "
                          f"{times['kernels_over_pytorch']:.2f} |"
                          + (f" {times['kernels_pdl'] * 1e3:.3f} | {times['pdl_over_kernels']:.2f} | "
-                            f"{times['pdl_no_prefetch_over_kernels']:.2f} |" if pdl else ""))
+                            f"{times['pdl_prefetch_over_kernels']:.2f} |" if pdl else ""))
     one_row = [(k, times) for k, times in report["steps"].get("1", {}).items() if "kernels_attend_o" in times]
     if one_row:
         lines += ["", "| batch 1, k | attention and output product in one kernel ms | in two ms | one / two |",
@@ -113,19 +114,33 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def kernel_switches(**values):
+    """The kernels' module switches (PDL, PDL_KERNELS, PDL_PREFETCH, ATTEND_O) set for a
+    block, then put back as they were: launches read them at each call, so a graph captured
+    inside the block keeps them."""
+    from respec.engine.fast import kernels as triton_kernels
+
+    before = {name: getattr(triton_kernels, name) for name in values}
+    for name, value in values.items():
+        setattr(triton_kernels, name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(triton_kernels, name, value)
+
+
 def pdl_agreement(model, b: int, t: int) -> dict:
     """One cached pass with the kernels under PDL against the same pass without it (and
     each against the fused PyTorch layers). The two builds of a kernel may round
     differently (the compiler contracts multiply-adds per build), so a difference of bf16
     size is not a race; a race reads stale activations or stores and shows as a difference
     the size of the logits themselves."""
-    from respec.engine.fast import kernels as triton_kernels
-
     out = {}
     for name, with_pdl in (("no_pdl", False), ("pdl", True)):
-        triton_kernels.PDL = with_pdl
-        out[name] = agreement(model, b, t, keep_logits=True)
-    triton_kernels.PDL = False
+        with kernel_switches(PDL=with_pdl):
+            out[name] = agreement(model, b, t, keep_logits=True)
     ours, theirs = out["pdl"].pop("logits"), out["no_pdl"].pop("logits")
     out["pdl_vs_no_pdl_max_abs_diff"] = (ours - theirs).abs().max().item()
     out["pdl_vs_no_pdl_argmax_agrees"] = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
@@ -143,18 +158,15 @@ def pdl_graphed_agreement(model, b: int, t: int) -> dict:
     without it in every row, repeatably (H100, 6c88d12), and one graphed pass under PDL
     gave NaN at 8x1 tokens and logits 3.7 off at 8x5 (b6c4926) while eager passes are
     bit-identical: the kernel whose PDL alone breaks the pass is where to look."""
-    from respec.engine.fast import kernels as triton_kernels
-
     prefix, tokens, positions = pass_inputs(model, b, t)
     logits = {}
     # (name, PDL, graphed, the kernels under PDL (None: all), PDL's weight prefetch)
     variants = [("eager", False, False, None, True), ("graph", False, True, None, True),
-                ("graph_pdl", True, True, None, True), ("graph_pdl_no_prefetch", True, True, None, False),
-                *((f"graph_pdl_{kind}", True, True, frozenset({kind}), True) for kind in PDL_ALONE)]
+                ("graph_pdl", True, True, None, False), ("graph_pdl_prefetch", True, True, None, True),
+                *((f"graph_pdl_{kind}", True, True, frozenset({kind}), False) for kind in PDL_ALONE)]
     for name, with_pdl, graphed, only, prefetch in variants:
-        triton_kernels.PDL, triton_kernels.PDL_KERNELS, triton_kernels.PDL_PREFETCH = with_pdl, only, prefetch
         state, fused = prefilled(model, prefix), FusedModel(model, kernels=True)
-        with torch.no_grad():
+        with torch.no_grad(), kernel_switches(PDL=with_pdl, PDL_KERNELS=only, PDL_PREFETCH=prefetch):
             out = run(fused, tokens, positions, state)  # compiles and tunes; rewrites the same keys when replayed
             if graphed:
                 graph = torch.cuda.CUDAGraph()
@@ -163,7 +175,6 @@ def pdl_graphed_agreement(model, b: int, t: int) -> dict:
                 graph.replay()
                 torch.cuda.synchronize()
         logits[name] = out.float().clone()
-    triton_kernels.PDL, triton_kernels.PDL_KERNELS, triton_kernels.PDL_PREFETCH = False, None, True
     result = {"b": b, "t": t, **{f"{name}_vs_eager_max_abs_diff": (logits[name] - logits["eager"]).abs().max().item()
                                  for name in logits if name != "eager"}}
     log(f"PDL graphed agreement: {result}")
@@ -177,8 +188,6 @@ def pdl_greedy_equal(model, head, rows: int = 8, new: int = 96) -> dict:
     every row differed between with and without while one eager pass was bit-identical
     (docs/PERFORMANCE.md, "Kernels after a6d97bf"); the first two counts say whether the
     cause is PDL or the graphed step itself."""
-    from respec.engine.fast import kernels as triton_kernels
-
     generator = torch.Generator().manual_seed(7)
     prompts = [torch.randint(4, model.config.vocab_size, (12 + 3 * i,), generator=generator).tolist()
                for i in range(rows)]
@@ -186,11 +195,10 @@ def pdl_greedy_equal(model, head, rows: int = 8, new: int = 96) -> dict:
     for k in (0, 4):
         tokens = {}
         for name, with_pdl in (("off", False), ("off_again", False), ("on", True), ("on_again", True)):
-            triton_kernels.PDL = with_pdl
-            fast = FastGenerator(model, head if k else None, max_rows=rows, max_len=256, max_new=new, max_k=4)
-            tokens[name] = [r.tokens for r in fast.generate(prompts, k)]
+            with kernel_switches(PDL=with_pdl):
+                fast = FastGenerator(model, head if k else None, max_rows=rows, max_len=256, max_new=new, max_k=4)
+                tokens[name] = [r.tokens for r in fast.generate(prompts, k)]
             del fast
-        triton_kernels.PDL = False
         for first, second in (("off", "off_again"), ("on", "on_again"), ("off", "on")):
             out[f"k{k}_{first}_vs_{second}"] = sum(a == b for a, b in zip(tokens[first], tokens[second], strict=True))
     log(f"greedy rows identical (of {rows}): {out}")
@@ -315,8 +323,6 @@ def graph_us(work, calls: int) -> float:
 def step_times(model, head, batches: list[int], ks: list[int], pdl: bool = False) -> dict:
     """Graphed step seconds per batch and k, with the kernels and without (and with the
     kernels under PDL)."""
-    from respec.engine.fast import kernels as triton_kernels
-
     out = {}
     for b in batches:
         out[str(b)] = {}
@@ -327,15 +333,13 @@ def step_times(model, head, batches: list[int], ks: list[int], pdl: bool = False
             if b == 1:  # one row: attention and the output product in one kernel (opt-in), or in two
                 variants.append(("kernels_attend_o", True, False, True, True))
             if pdl:
-                variants += [("kernels_pdl", True, True, True, False), ("kernels_pdl_no_prefetch", True, True, False, False)]
+                variants += [("kernels_pdl", True, True, False, False), ("kernels_pdl_prefetch", True, True, True, False)]
             for name, kernels, with_pdl, prefetch, attend_o in variants:
-                # the flags are read at each launch: the graph captures them
-                triton_kernels.PDL, triton_kernels.PDL_PREFETCH, triton_kernels.ATTEND_O = with_pdl, prefetch, attend_o
-                generator = FastGenerator(model, head if k else None, max_rows=b, max_len=256, max_new=128,
-                                          max_k=max(ks), kernels=kernels)
-                times[name] = generator.time_step(b, k, 100 if DEVICE == "cuda" else 2)
+                with kernel_switches(PDL=with_pdl, PDL_PREFETCH=prefetch, ATTEND_O=attend_o):
+                    generator = FastGenerator(model, head if k else None, max_rows=b, max_len=256, max_new=128,
+                                              max_k=max(ks), kernels=kernels)
+                    times[name] = generator.time_step(b, k, 100 if DEVICE == "cuda" else 2)
                 del generator
-            triton_kernels.PDL, triton_kernels.PDL_PREFETCH, triton_kernels.ATTEND_O = False, True, False
             times["kernels_over_pytorch"] = times["kernels"] / times["pytorch"]
             if b == 1:
                 times["attend_o_over_apart"] = times["kernels_attend_o"] / times["kernels"]
@@ -343,7 +347,7 @@ def step_times(model, head, batches: list[int], ks: list[int], pdl: bool = False
                     f"ms, apart {times['kernels'] * 1e3:.3f} ms ({times['attend_o_over_apart']:.2f}x)")
             if pdl:
                 times["pdl_over_kernels"] = times["kernels_pdl"] / times["kernels"]
-                times["pdl_no_prefetch_over_kernels"] = times["kernels_pdl_no_prefetch"] / times["kernels"]
+                times["pdl_prefetch_over_kernels"] = times["kernels_pdl_prefetch"] / times["kernels"]
                 log(f"batch {b} k {k}: with PDL {times['kernels_pdl'] * 1e3:.3f} ms ({times['pdl_over_kernels']:.2f}x)")
             out[str(b)][f"k{k}"] = times
             log(f"batch {b} k {k}: kernels {times['kernels'] * 1e3:.3f} ms, pytorch {times['pytorch'] * 1e3:.3f} ms "

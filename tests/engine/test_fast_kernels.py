@@ -247,11 +247,10 @@ def test_one_rows_attention_and_output_in_one_kernel_is_opt_in(kernels, model_an
                                                                                      (1, 1, 2049)))
 
 
-def test_programmatic_dependent_launch_is_opt_in_and_for_gpus_only(kernels, monkeypatch):
-    """PDL (kernels.PDL, RESPEC_PDL=1) changes nothing on a CPU: the interpreter has no grid
-    dependency control, so the launch must not ask for it there (fails if the device guard
-    goes: the interpreter raises on gdc_wait)."""
-    assert not kernels.PDL  # off unless RESPEC_PDL=1
+def test_programmatic_dependent_launch_is_for_gpus_only(kernels, monkeypatch):
+    """PDL (kernels.PDL, on unless RESPEC_PDL=0) changes nothing on a CPU: the interpreter
+    has no grid dependency control, so the launch must not ask for it there (fails if the
+    device guard goes: the interpreter raises on gdc_wait)."""
     monkeypatch.setattr(kernels, "PDL", True)
     assert kernels._pdl_launch(torch.device("cpu"), "gemv") == {}
     torch.manual_seed(0)
@@ -262,7 +261,8 @@ def test_programmatic_dependent_launch_is_opt_in_and_for_gpus_only(kernels, monk
 def test_pdl_can_be_narrowed_to_one_kind_of_kernel(kernels, monkeypatch):
     """kernels_check bisects PDL's graph hazard by turning it on for one kernel at a time:
     PDL_KERNELS names those that launch under it (None: all), where PDL is on at all."""
-    monkeypatch.setattr(kernels, "_pdl", lambda device: True)  # as on a Hopper GPU with RESPEC_PDL=1
+    monkeypatch.setattr(kernels, "_pdl", lambda device: True)  # as on a Hopper GPU
+    monkeypatch.setattr(kernels, "PDL_PREFETCH", True)
     on, cpu = dict(USE_GDC=True, launch_pdl=True), torch.device("cpu")
     assert kernels._pdl_launch(cpu, "gemv") == {**on, "PREFETCH": True}  # products prefetch weights too
     monkeypatch.setattr(kernels, "PDL_KERNELS", frozenset({"attend"}))

@@ -36,18 +36,21 @@ MAX_QUERY_ROWS = 64  # attention's block of query rows: the query heads of a KV 
 # the kernel before. Reads of anything a step writes (activations, the KV stores,
 # positions, counters, scratch) and every write come after the wait, and the wait comes
 # before any loop (_products says why); only attend_o loads its weight tile before it.
-# Opt-in (RESPEC_PDL=1): with the wait inside the products' loops, a graphed pass under PDL
-# was wrong at 8 rows on an H100 (b6c4926); this placement is not yet run on a GPU.
-# bench/kernels_check.py --pdl checks graphed passes and times both. Triton's interpreter
-# has no grid dependency control, so the CPU tests run without it.
-PDL = os.environ.get("RESPEC_PDL", "0") == "1"
+# On by default (RESPEC_PDL=0 turns it off): with the wait ahead of every loop a graphed
+# pass under PDL equals the eager pass exactly at 1x1, 8x1 and 8x5 tokens, greedy rows are
+# the same with and without it, and it took 0.93x the time at batch 1, 0.97-1.01x at 7-56
+# rows (H100, fbc8d68, docs/PERFORMANCE.md). With the wait inside the products' loops a
+# graphed pass was wrong at 8 rows (b6c4926). Triton's interpreter has no grid dependency
+# control, so the CPU tests run without it.
+PDL = os.environ.get("RESPEC_PDL", "1") == "1"
 # Which kernels launch under PDL when it is on (None: all of them; else names from "gemv",
-# "qkv_rope", "attend", "attend_o"). A graphed pass under PDL is wrong at 8 rows (one H100
-# run, b6c4926); bench/kernels_check.py --pdl turns it on one kernel at a time to find which.
+# "qkv_rope", "attend", "attend_o"); bench/kernels_check.py --pdl turns it on one kernel at
+# a time.
 PDL_KERNELS: frozenset[str] | None = None
-# With PDL, the products load their first weight tiles before the wait and each next tile
-# one iteration ahead (_products); RESPEC_PDL_PREFETCH=0: they load nothing before it.
-PDL_PREFETCH = os.environ.get("RESPEC_PDL_PREFETCH", "1") == "1"
+# RESPEC_PDL_PREFETCH=1: with PDL, the products load their first weight tiles before the
+# wait and each next tile one iteration ahead (_products). Off by default: it was exact but
+# slower at 7-56 rows (1.02-1.14x of no PDL against 0.97-1.01x without it; fbc8d68).
+PDL_PREFETCH = os.environ.get("RESPEC_PDL_PREFETCH", "0") == "1"
 
 
 def _pdl(device: torch.device) -> bool:
