@@ -22,7 +22,6 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from respec.engine.fast import kernels as K
-from respec.engine.fast import l2_prefetch as L
 
 def types(fn):
     def one(name):
@@ -30,7 +29,7 @@ def types(fn):
             return "constexpr"
         if name.endswith("_ptr"):
             return {"partial_ptr": "*fp32", "arrivals_ptr": "*i32", "positions_ptr": "*i64",
-                    "write_at_ptr": "*i64", "table_ptr": "*i64"}.get(name, "*bf16")
+                    "write_at_ptr": "*i64"}.get(name, "*bf16")
         return "fp32" if name in ("eps", "scale") else "i32"
     return {name: one(name) for name in fn.arg_names}
 
@@ -69,9 +68,7 @@ def build(fn, **constexprs):
     first_wait = ptx.find("griddepcontrol.wait")
     return {"waits": ptx.count("griddepcontrol.wait"),
             "read_before_wait": read_before_wait(fn, ptx, first_wait) if first_wait >= 0 else None,
-            "loads_before_wait": ptx[:first_wait].count("ld.global") if first_wait >= 0 else None,
-            "bulk_prefetches": ptx.count("cp.async.bulk.prefetch.L2.global"),
-            "bulk_prefetches_before_wait": ptx[:first_wait].count("cp.async.bulk.prefetch.L2.global")}
+            "loads_before_wait": ptx[:first_wait].count("ld.global") if first_wait >= 0 else None}
 
 report = {}
 for gdc, prefetch in ((False, False), (True, False), (True, True)):
@@ -90,7 +87,6 @@ for gdc, prefetch in ((False, False), (True, False), (True, True)):
                                                  USE_GDC=gdc)
     report[f"attend_o 14 {tag}"] = build(K._attend_o, BIAS=False, BLOCK_T=16, BLOCK_N=64, BLOCK_S=64, DIM=64,
                                          SPLITS=14, USE_GDC=gdc)
-    report[f"prefetch_l2 {tag}"] = build(L._prefetch_l2, CHUNK=L.CHUNK, PER_PROGRAM=L.PER_PROGRAM, USE_GDC=gdc)
 print(json.dumps(report))
 """
 
@@ -105,7 +101,7 @@ def compiled():
 
 
 def test_every_kernel_compiles_for_sm90_with_and_without_pdl(compiled):
-    assert len(compiled) == 2 * (2 * 4 + 2 + 1 + 1) + 2 * 4
+    assert len(compiled) == 2 * (2 * 4 + 2 + 1) + 2 * 4
     for name, ptx in compiled.items():
         assert (ptx["waits"] > 0) == (" True " in name), name
 
@@ -120,17 +116,6 @@ def test_with_pdl_only_weights_are_read_before_the_wait(compiled):
     for name, ptx in compiled.items():
         if " True " not in name:
             continue
-        if name.startswith("prefetch_l2"):  # it reads its own table of addresses, which no kernel writes
-            assert ptx["read_before_wait"] == ["table_ptr"], name
-            continue
         reads_weights_first = name.endswith("prefetch=True") or name.startswith("attend_o")
         assert ptx["read_before_wait"] == (["w_ptr"] if reads_weights_first else []), name
         assert (ptx["loads_before_wait"] > 0) == reads_weights_first, name
-
-
-def test_l2_prefetch_asks_for_its_chunks_before_it_waits(compiled):
-    """The layer's weight prefetch (l2_prefetch.py) is one bulk prefetch per thread, issued
-    before the PDL wait: the point is to start fetching while the layer before runs."""
-    for name in ("prefetch_l2 False prefetch=False", "prefetch_l2 True prefetch=False"):
-        assert compiled[name]["bulk_prefetches"] == 1, name
-    assert compiled["prefetch_l2 True prefetch=False"]["bulk_prefetches_before_wait"] == 1

@@ -2,8 +2,7 @@
 kernels per layer for passes of up to ``MAX_ROWS`` tokens (decoding, verification and
 drafting at small batch), where a layer is bound by kernel count, not by arithmetic; four
 for a pass of one row with attention and the output product in one kernel (attend_o,
-opt-in: kernels.ATTEND_O); one more, first, where L2 fetches the layer's weights ahead of
-its products (opt-in: l2_prefetch.py).
+opt-in: kernels.ATTEND_O).
 
 It reads the FusedLayer's own tensors (the stacked qkv and gate-up matrices, the norms),
 so ``FusedLayer.refresh`` keeps it current and captured graphs stay valid.
@@ -39,10 +38,9 @@ class KernelLayer:
     """FusedLayer's forward (x [b, T, hidden] -> [b, T, hidden]) over the kernels."""
 
     def __init__(self, fused) -> None:
-        from respec.engine.fast import kernels, l2_prefetch  # Triton: imported only where it runs
+        from respec.engine.fast import kernels  # Triton: imported only where it runs
 
-        self.kernels, self.fused, self.l2_prefetch = kernels, fused, l2_prefetch
-        self.weight_prefetch = l2_prefetch.WeightPrefetch()
+        self.kernels, self.fused = kernels, fused
 
     def takes(self, x: Tensor) -> bool:
         """Passes of at most MAX_ROWS tokens whose attention block (the query heads of a KV
@@ -66,9 +64,6 @@ class KernelLayer:
         b, t, hidden = x.shape
         flat = x.reshape(b * t, hidden)
         k_store, v_store = kv.k_store[index], kv.v_store[index]
-        if self.l2_prefetch.usable(x.device):  # opt-in (RESPEC_L2_PREFETCH), read at each call
-            later = (o_proj.weight, fused.gate_up_weight, down_proj.weight)
-            self.weight_prefetch((fused.qkv_weight, *later) if self.l2_prefetch.MODE == "all" else later)
         q = kernels.qkv_rope(flat, fused.qkv_weight, (input_norm.weight, input_norm.eps), fused.qkv_bias, rope.cos,
                              rope.signed_sin, positions, kv.write_at, k_store, v_store, fused.heads, fused.kv_heads)
         if self._attention_and_output_in_one(b, t, k_store.shape[2]):
