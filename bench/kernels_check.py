@@ -41,8 +41,6 @@ def main() -> None:
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--ks", default="0,3,6")
     parser.add_argument("--pdl", action="store_true", help="also with programmatic dependent launch (Hopper)")
-    parser.add_argument("--l2-ahead", action="store_true",
-                        help="also with the products asking L2 for later weights ahead (Hopper; RESPEC_L2_AHEAD)")
     parser.add_argument("--product-configs", action="store_true",
                         help="time every one-row GEMV configuration (the tuner's and SWEEP_EXTRA) per product, graphed")
     parser.add_argument("--device", default="cuda", help="cpu: a check of the script (TRITON_INTERPRET=1, --shape smoke)")
@@ -63,19 +61,17 @@ def main() -> None:
         report["products"] = product_times(model, args.product_configs)
     if args.pdl:
         report["pdl_greedy_equal"] = pdl_greedy_equal(model, head)
-    if (args.pdl or args.l2_ahead) and DEVICE == "cuda":
-        report["pdl_graphed_agreement"] = [pdl_graphed_agreement(model, b, t, L2_MODES if args.l2_ahead else ())
-                                           for b, t in ((1, 1), (8, 1), (8, 5))]
+        if DEVICE == "cuda":
+            report["pdl_graphed_agreement"] = [pdl_graphed_agreement(model, b, t) for b, t in ((1, 1), (8, 1), (8, 5))]
     report["steps"] = step_times(model, head, [int(b) for b in args.batches.split(",")],
-                                 [int(k) for k in args.ks.split(",")], args.pdl, args.l2_ahead)
+                                 [int(k) for k in args.ks.split(",")], args.pdl)
     if DEVICE == "cuda":
         from respec.engine.fast import tuner
 
         report["tuned"] = {repr(key): config for key, config in tuner.chosen.items()}  # (n, k, flags) -> choice
         log(f"tuned: {report['tuned']}")
     decode = report["steps"]["1"]["k0"]
-    report["decode_over_floor"] = {name: decode[name] / floor for name in decode
-                                   if name.startswith(("kernels", "pytorch")) and "_over_" not in name}
+    report["decode_over_floor"] = {name: decode[name] / floor for name in ("kernels", "pytorch")}
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(table(report))
     log(f"wrote {args.json}")
@@ -110,45 +106,30 @@ def table(report: dict) -> str:
             lines.append(f"| {row['pdl']['b']} | {row['pdl']['t']} | {row['pdl_vs_no_pdl_max_abs_diff']:.4f} | "
                          f"{row['pdl_vs_no_pdl_argmax_agrees']:.2f} | {row['no_pdl']['max_abs_diff']:.4f} | "
                          f"{row['pdl']['max_abs_diff']:.4f} |")
-    lines.append("")
-    for row in report.get("pdl_graphed_agreement", []):
-        lines.append(f"Graphed pass {row['b']}x{row['t']}, max logit difference from the eager pass: "
-                     + ", ".join(f"{key.removesuffix('_vs_eager_max_abs_diff')} {value:.4f}"
-                                 for key, value in row.items() if key.endswith("_max_abs_diff")))
-    return "\n".join(lines + l2_table(report))
-
-
-def l2_table(report: dict) -> list[str]:
-    """Markdown lines: the step under PDL with and without the products asking L2 ahead."""
-    rows = [(b, k, times) for b, by_k in report["steps"].items() for k, times in by_k.items()
-            if "kernels_pdl_l2_next" in times]
-    if not rows:
-        return []
-    lines = ["", "| batch | k | PDL ms | + L2 ahead, next ms | / PDL | + L2 ahead, early ms | / PDL |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {b} | {k[1:]} | {t['kernels_pdl'] * 1e3:.3f} | {t['kernels_pdl_l2_next'] * 1e3:.3f} | "
-              f"{t['l2_next_over_pdl']:.2f} | {t['kernels_pdl_l2_early'] * 1e3:.3f} | {t['l2_early_over_pdl']:.2f} |"
-              for b, k, t in rows]
-    return lines
+        lines.append("")
+        for row in report.get("pdl_graphed_agreement", []):
+            lines.append(f"Graphed pass {row['b']}x{row['t']}, max logit difference from the eager pass: "
+                         + ", ".join(f"{key.removesuffix('_vs_eager_max_abs_diff')} {value:.4f}"
+                                     for key, value in row.items() if key.endswith("_max_abs_diff")))
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager
 def kernel_switches(**values):
-    """The kernels' module switches (kernels.PDL, PDL_KERNELS, PDL_PREFETCH, ATTEND_O;
-    L2_AHEAD: l2_ahead.MODE) set for a block, then put back as they were: launches read
-    them at each call, so a graph captured inside the block keeps them."""
+    """The kernels' module switches (PDL, PDL_KERNELS, PDL_PREFETCH, ATTEND_O) set for a
+    block, then put back as they were: launches read them at each call, so a graph captured
+    inside the block keeps them."""
     from respec.engine.fast import kernels as triton_kernels
-    from respec.engine.fast import l2_ahead
 
-    owners = {name: (l2_ahead, "MODE") if name == "L2_AHEAD" else (triton_kernels, name) for name in values}
-    before = {name: getattr(*owner) for name, owner in owners.items()}
+    before = {name: getattr(triton_kernels, name) for name in values}
     for name, value in values.items():
-        setattr(*owners[name], value)
+        setattr(triton_kernels, name, value)
     try:
         yield
     finally:
         for name, value in before.items():
-            setattr(*owners[name], value)
+            setattr(triton_kernels, name, value)
+
 
 def pdl_agreement(model, b: int, t: int) -> dict:
     """One cached pass with the kernels under PDL against the same pass without it (and
@@ -168,10 +149,9 @@ def pdl_agreement(model, b: int, t: int) -> dict:
 
 
 PDL_ALONE = ("gemv", "qkv_rope", "attend")  # the kernels of a pass of several rows, each under PDL alone
-L2_MODES = ("next", "early")  # l2_ahead.MODE: who asks L2 for which later product's weights
 
 
-def pdl_graphed_agreement(model, b: int, t: int, l2_modes: tuple[str, ...] = ()) -> dict:
+def pdl_graphed_agreement(model, b: int, t: int) -> dict:
     """One cached pass with the kernels captured in a CUDA graph and replayed, without PDL,
     with it, and with it for one kind of kernel at a time, against the same pass run
     eagerly without it. Graph-replayed greedy generation with PDL differs from generation
@@ -180,14 +160,13 @@ def pdl_graphed_agreement(model, b: int, t: int, l2_modes: tuple[str, ...] = ())
     bit-identical: the kernel whose PDL alone breaks the pass is where to look."""
     prefix, tokens, positions = pass_inputs(model, b, t)
     logits = {}
-    # (name, graphed, switches)
-    variants = [("eager", False, dict(PDL=False)), ("graph", True, dict(PDL=False)), ("graph_pdl", True, dict(PDL=True)),
-                ("graph_pdl_prefetch", True, dict(PDL=True, PDL_PREFETCH=True)),
-                *((f"graph_pdl_{kind}", True, dict(PDL=True, PDL_KERNELS=frozenset({kind}))) for kind in PDL_ALONE),
-                *((f"graph_pdl_l2_{mode}", True, dict(PDL=True, L2_AHEAD=mode)) for mode in l2_modes)]
-    for name, graphed, switches in variants:
+    # (name, PDL, graphed, the kernels under PDL (None: all), PDL's weight prefetch)
+    variants = [("eager", False, False, None, True), ("graph", False, True, None, True),
+                ("graph_pdl", True, True, None, False), ("graph_pdl_prefetch", True, True, None, True),
+                *((f"graph_pdl_{kind}", True, True, frozenset({kind}), False) for kind in PDL_ALONE)]
+    for name, with_pdl, graphed, only, prefetch in variants:
         state, fused = prefilled(model, prefix), FusedModel(model, kernels=True)
-        with torch.no_grad(), kernel_switches(**switches):
+        with torch.no_grad(), kernel_switches(PDL=with_pdl, PDL_KERNELS=only, PDL_PREFETCH=prefetch):
             out = run(fused, tokens, positions, state)  # compiles and tunes; rewrites the same keys when replayed
             if graphed:
                 graph = torch.cuda.CUDAGraph()
@@ -345,34 +324,26 @@ def graph_us(work, calls: int) -> float:
     return tuner.graph_ms(work, calls, replays=10) * 1e3
 
 
-def step_times(model, head, batches: list[int], ks: list[int], pdl: bool = False, l2: bool = False) -> dict:
+def step_times(model, head, batches: list[int], ks: list[int], pdl: bool = False) -> dict:
     """Graphed step seconds per batch and k, with the kernels and without (and with the
-    kernels under PDL, and with PDL and the products asking L2 for later weights ahead)."""
+    kernels under PDL)."""
     out = {}
     for b in batches:
         out[str(b)] = {}
         for k in ks:
             times = {}
-            # (name, kernels, switches)
-            variants = [("kernels", True, dict(PDL=False)), ("pytorch", False, dict(PDL=False))]
+            # (name, kernels, PDL, PDL's weight prefetch, attend_o)
+            variants = [("kernels", True, False, True, False), ("pytorch", False, False, True, False)]
             if b == 1:  # one row: attention and the output product in one kernel (opt-in), or in two
-                variants.append(("kernels_attend_o", True, dict(PDL=False, ATTEND_O=True)))
-            if pdl or l2:
-                variants.append(("kernels_pdl", True, dict(PDL=True)))
+                variants.append(("kernels_attend_o", True, False, True, True))
             if pdl:
-                variants.append(("kernels_pdl_prefetch", True, dict(PDL=True, PDL_PREFETCH=True)))
-            if l2:
-                variants += [(f"kernels_pdl_l2_{mode}", True, dict(PDL=True, L2_AHEAD=mode)) for mode in L2_MODES]
-            for name, kernels, switches in variants:
-                with kernel_switches(**switches):
+                variants += [("kernels_pdl", True, True, False, False), ("kernels_pdl_prefetch", True, True, True, False)]
+            for name, kernels, with_pdl, prefetch, attend_o in variants:
+                with kernel_switches(PDL=with_pdl, PDL_PREFETCH=prefetch, ATTEND_O=attend_o):
                     generator = FastGenerator(model, head if k else None, max_rows=b, max_len=256, max_new=128,
                                               max_k=max(ks), kernels=kernels)
                     times[name] = generator.time_step(b, k, 100 if DEVICE == "cuda" else 2)
                 del generator
-            for mode in L2_MODES if l2 else ():
-                times[f"l2_{mode}_over_pdl"] = times[f"kernels_pdl_l2_{mode}"] / times["kernels_pdl"]
-                log(f"batch {b} k {k}: PDL and L2 ahead ({mode}) {times[f'kernels_pdl_l2_{mode}'] * 1e3:.3f} ms, "
-                    f"PDL alone {times['kernels_pdl'] * 1e3:.3f} ms ({times[f'l2_{mode}_over_pdl']:.2f}x)")
             times["kernels_over_pytorch"] = times["kernels"] / times["pytorch"]
             if b == 1:
                 times["attend_o_over_apart"] = times["kernels_attend_o"] / times["kernels"]

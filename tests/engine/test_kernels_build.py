@@ -68,8 +68,7 @@ def build(fn, **constexprs):
     first_wait = ptx.find("griddepcontrol.wait")
     return {"waits": ptx.count("griddepcontrol.wait"),
             "read_before_wait": read_before_wait(fn, ptx, first_wait) if first_wait >= 0 else None,
-            "loads_before_wait": ptx[:first_wait].count("ld.global") if first_wait >= 0 else None,
-            "bulk_prefetches": ptx.count("cp.async.bulk.prefetch.L2.global")}
+            "loads_before_wait": ptx[:first_wait].count("ld.global") if first_wait >= 0 else None}
 
 report = {}
 for gdc, prefetch in ((False, False), (True, False), (True, True)):
@@ -88,11 +87,6 @@ for gdc, prefetch in ((False, False), (True, False), (True, True)):
                                                  USE_GDC=gdc)
     report[f"attend_o 14 {tag}"] = build(K._attend_o, BIAS=False, BLOCK_T=16, BLOCK_N=64, BLOCK_S=64, DIM=64,
                                          SPLITS=14, USE_GDC=gdc)
-for rows in (1, 16):  # asking L2 for the next product's weights (l2_ahead.py)
-    report[f"gemv {rows} 1 next"] = build(K._gemv, NORM=True, BIAS=True, RESIDUAL=False, GATED=True, BLOCK_M=rows,
-                                          BLOCK_N=16, BLOCK_K=128, SPLITS=1, NEXT=True)
-    report[f"qkv_rope {rows} 1 next"] = build(K._qkv_rope, BIAS=True, HALF=32, BLOCK_M=rows, BLOCK_N=4, BLOCK_K=128,
-                                              SPLITS=1, NEXT=True)
 print(json.dumps(report))
 """
 
@@ -107,7 +101,7 @@ def compiled():
 
 
 def test_every_kernel_compiles_for_sm90_with_and_without_pdl(compiled):
-    assert len(compiled) == 2 * (2 * 4 + 2 + 1) + 2 * 4 + 4
+    assert len(compiled) == 2 * (2 * 4 + 2 + 1) + 2 * 4
     for name, ptx in compiled.items():
         assert (ptx["waits"] > 0) == (" True " in name), name
 
@@ -125,10 +119,3 @@ def test_with_pdl_only_weights_are_read_before_the_wait(compiled):
         reads_weights_first = name.endswith("prefetch=True") or name.startswith("attend_o")
         assert ptx["read_before_wait"] == (["w_ptr"] if reads_weights_first else []), name
         assert (ptx["loads_before_wait"] > 0) == reads_weights_first, name
-
-
-def test_products_asking_l2_ahead_issue_bulk_prefetches_and_the_others_none(compiled):
-    """NEXT (l2_ahead.py): one bulk L2 prefetch in the program's request loop; without it the
-    products issue none (a prefetch left in by mistake would be traffic every step)."""
-    for name, ptx in compiled.items():
-        assert (ptx["bulk_prefetches"] > 0) == name.endswith(" next"), name

@@ -153,9 +153,6 @@ class FusedModel:
     def __init__(self, model: CausalLM, kernels: bool = False) -> None:
         self.model = model
         self.layers = [FusedLayer(layer, kernels) for layer in model.model.layers]
-        for layer, following in zip(self.layers, self.layers[1:], strict=False):
-            if layer.kernel_layer is not None:  # what its last product may ask L2 for ahead (l2_ahead.py)
-                layer.kernel_layer.next_layer_qkv = following.qkv_weight
         self.inputs = PassInputs(model.config, model.rotary.inv_freq, next(model.parameters()))
 
     def refresh(self) -> None:

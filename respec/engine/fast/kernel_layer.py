@@ -2,8 +2,7 @@
 kernels per layer for passes of up to ``MAX_ROWS`` tokens (decoding, verification and
 drafting at small batch), where a layer is bound by kernel count, not by arithmetic; four
 for a pass of one row with attention and the output product in one kernel (attend_o,
-opt-in: kernels.ATTEND_O). Products can ask L2 for a later product's weights ahead
-(opt-in: l2_ahead.py).
+opt-in: kernels.ATTEND_O).
 
 It reads the FusedLayer's own tensors (the stacked qkv and gate-up matrices, the norms),
 so ``FusedLayer.refresh`` keeps it current and captured graphs stay valid.
@@ -39,10 +38,9 @@ class KernelLayer:
     """FusedLayer's forward (x [b, T, hidden] -> [b, T, hidden]) over the kernels."""
 
     def __init__(self, fused) -> None:
-        from respec.engine.fast import kernels, l2_ahead  # Triton: imported only where it runs
+        from respec.engine.fast import kernels  # Triton: imported only where it runs
 
-        self.kernels, self.fused, self.l2_ahead = kernels, fused, l2_ahead
-        self.next_layer_qkv: Tensor | None = None  # the next layer's qkv weights, set by FusedModel
+        self.kernels, self.fused = kernels, fused
 
     def takes(self, x: Tensor) -> bool:
         """Passes of at most MAX_ROWS tokens whose attention block (the query heads of a KV
@@ -55,15 +53,6 @@ class KernelLayer:
         kernels = self.kernels
         return kernels.ATTEND_O and b == 1 and t <= kernels.ATTEND_O_MAX_TOKENS and keys <= kernels.ATTEND_O_MAX_KEYS
 
-    def _asks_ahead(self, o: Tensor, gate_up: Tensor, down: Tensor) -> dict[str, Tensor | None]:
-        """Which weights each product asks L2 for ahead (l2_ahead.MODE; all None when off)."""
-        mode, following = self.l2_ahead.MODE, self.next_layer_qkv
-        if mode == "next":
-            return {"qkv": o, "o": gate_up, "gate_up": down, "down": following}
-        if mode == "early":
-            return {"qkv": gate_up, "o": down, "gate_up": following, "down": None}
-        return {"qkv": None, "o": None, "gate_up": None, "down": None}
-
     def __call__(self, x: Tensor, rope, positions: Tensor, kv: StaticKV, index: int) -> Tensor:
         """As FusedLayer: rope is the RoPE table (fused.RopeTable), read at `positions`, and
         each token sees the keys at positions up to its own."""
@@ -75,16 +64,14 @@ class KernelLayer:
         b, t, hidden = x.shape
         flat = x.reshape(b * t, hidden)
         k_store, v_store = kv.k_store[index], kv.v_store[index]
-        ahead = self._asks_ahead(o_proj.weight, fused.gate_up_weight, down_proj.weight)
         q = kernels.qkv_rope(flat, fused.qkv_weight, (input_norm.weight, input_norm.eps), fused.qkv_bias, rope.cos,
-                             rope.signed_sin, positions, kv.write_at, k_store, v_store, fused.heads, fused.kv_heads,
-                             next_weight=ahead["qkv"])
+                             rope.signed_sin, positions, kv.write_at, k_store, v_store, fused.heads, fused.kv_heads)
         if self._attention_and_output_in_one(b, t, k_store.shape[2]):
             flat = kernels.attend_o(q, k_store, v_store, positions, o_proj.weight, o_proj.bias, flat)
         else:
             attended = kernels.attend(q, k_store, v_store, positions, t)
-            flat = kernels.gemv(attended, o_proj.weight, hidden, bias=o_proj.bias, residual=flat, next_weight=ahead["o"])
+            flat = kernels.gemv(attended, o_proj.weight, hidden, bias=o_proj.bias, residual=flat)
         act = kernels.gemv(flat, fused.gate_up_weight, down_proj.in_features, norm=(post_norm.weight, post_norm.eps),
-                           bias=fused.gate_up_bias, gated=True, next_weight=ahead["gate_up"])
-        flat = kernels.gemv(act, down_proj.weight, hidden, bias=down_proj.bias, residual=flat, next_weight=ahead["down"])
+                           bias=fused.gate_up_bias, gated=True)
+        flat = kernels.gemv(act, down_proj.weight, hidden, bias=down_proj.bias, residual=flat)
         return flat.view(b, t, hidden)

@@ -23,8 +23,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from respec.engine.fast import l2_ahead
-from respec.engine.fast.l2_ahead import prefetch_share
 from respec.engine.fast.tuner import tuned
 
 try:  # grid dependency control: Triton 3.3 on
@@ -68,22 +66,19 @@ MAX_ROWS = 64  # the most rows (batch x tokens) a layer takes through these kern
 
 @triton.jit
 def _gemv(x_ptr, w_ptr, out_ptr, norm_ptr, bias_ptr, residual_ptr, partial_ptr, arrivals_ptr, rows, n, k, eps,
-          next_ptr, next_bytes, NORM: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
+          NORM: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
-          USE_GDC: tl.constexpr = False, PREFETCH: tl.constexpr = False, NEXT: tl.constexpr = False):
+          USE_GDC: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     """out[m, j] = epilogue(sum_i w[j, i] * prologue(x)[m, i]), programs (block of j, split
     of i). GATED: w holds the gate's n rows, then the up projection's n; out = silu(gate) *
     up. With SPLITS > 1 each program sums its share of i and the last of a block to arrive
     adds the shares up and finishes: more programs reading at once where a block of j alone
-    would leave SMs idle. NEXT: then ask L2 for this program's share of the next product's
-    weights (l2_ahead.py)."""
+    would leave SMs idle."""
     block, split = tl.program_id(0), tl.program_id(1)
     m = tl.arange(0, BLOCK_M)
     j = block * BLOCK_N + tl.arange(0, BLOCK_N)
     acc, acc_up, squares = _products(x_ptr, w_ptr, norm_ptr, rows, n, k, m, j, j + n, split, NORM, GATED, BLOCK_M,
                                      BLOCK_N, BLOCK_K, SPLITS, USE_GDC, PREFETCH)
-    if NEXT:
-        prefetch_share(next_ptr, next_bytes, block * SPLITS + split, tl.num_programs(0) * SPLITS)
     if SPLITS == 1:
         _finish(acc, acc_up, squares, m, j, rows, n, k, eps, out_ptr, bias_ptr, residual_ptr, NORM, BIAS, RESIDUAL,
                 GATED)
@@ -252,10 +247,10 @@ def _finish(acc, acc_up, squares, m, j, rows, n, k, eps, out_ptr, bias_ptr, resi
 @triton.jit
 def _qkv_rope(x_ptr, w_ptr, norm_ptr, bias_ptr, partial_ptr, arrivals_ptr, cos_ptr, sin_ptr, positions_ptr,
               write_at_ptr, q_ptr, k_store_ptr, v_store_ptr, rows, k, eps, table_rows, tokens_per_row, heads,
-              kv_heads, store_row, store_head, store_pos, next_ptr, next_bytes,
+              kv_heads, store_row, store_head, store_pos,
               BIAS: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr = False,
-              PREFETCH: tl.constexpr = False, NEXT: tl.constexpr = False):
+              PREFETCH: tl.constexpr = False):
     """The attention's input product and what follows it, in one kernel: qkv = RMSNorm(x)
     @ w^T (+ bias), then per head RoPE on the q and k heads, q into q [tokens, heads, D], k
     and v into the KV store at each token's write position. RoPE pairs channel d of a head
@@ -270,8 +265,6 @@ def _qkv_rope(x_ptr, w_ptr, norm_ptr, bias_ptr, partial_ptr, arrivals_ptr, cos_p
     n = (heads + 2 * kv_heads) * 2 * HALF
     low, high, squares = _products(x_ptr, w_ptr, norm_ptr, rows, n, k, m, j, j + HALF, split, True, True, BLOCK_M,
                                    BLOCK_N, BLOCK_K, SPLITS, USE_GDC, PREFETCH)
-    if NEXT:
-        prefetch_share(next_ptr, next_bytes, block * SPLITS + split, tl.num_programs(0) * SPLITS)
     if SPLITS == 1:
         _rope_finish(low, high, squares, m, d, head, rows, k, eps, bias_ptr, cos_ptr, sin_ptr, positions_ptr,
                      write_at_ptr, q_ptr, k_store_ptr, v_store_ptr, table_rows, tokens_per_row, heads, kv_heads,
@@ -486,12 +479,10 @@ def _split_scratch(x: Tensor, blocks: int, splits: int, block_m: int, block_n: i
 
 def gemv(x: Tensor, weight: Tensor, out_features: int, norm: tuple[Tensor, float] | None = None,
          bias: Tensor | None = None, residual: Tensor | None = None, gated: bool = False,
-         config: tuple[int, int, int, int] | None = None, next_weight: Tensor | None = None) -> Tensor:
+         config: tuple[int, int, int, int] | None = None) -> Tensor:
     """x [rows, k] -> [rows, out_features]: (RMSNorm(x) if norm) @ weight.T (+ bias), then
     silu(gate) * up if gated (weight stacks gate and up), then (+ residual). `config`
-    (BLOCK_N, BLOCK_K, warps, splits) overrides the tuned choice (the tests use it).
-    `next_weight`: the matrix the next kernel reads, which L2 is asked for ahead where
-    l2_ahead.py is on."""
+    (BLOCK_N, BLOCK_K, warps, splits) overrides the tuned choice (the tests use it)."""
     rows, k = x.shape
     if not (x.is_contiguous() and weight.is_contiguous()):
         raise ValueError("gemv reads x and weight as row-major: pass contiguous tensors")
@@ -508,8 +499,7 @@ def gemv(x: Tensor, weight: Tensor, out_features: int, norm: tuple[Tensor, float
         partial = _split_scratch(x, blocks, splits, block_m, block_n)
         _gemv[(blocks, splits)](*tensors, partial, _arrivals(x.device, blocks), rows, out_features, k, eps, **flags,
                                 BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(k)), SPLITS=splits,
-                                num_warps=warps, **_pdl_launch(x.device, "gemv"),
-                                **l2_ahead.next_weight_args(weight, next_weight))
+                                num_warps=warps, **_pdl_launch(x.device, "gemv"))
 
     if config is not None:
         launch(config)
@@ -521,13 +511,12 @@ def gemv(x: Tensor, weight: Tensor, out_features: int, norm: tuple[Tensor, float
 
 def qkv_rope(x: Tensor, weight: Tensor, norm: tuple[Tensor, float], bias: Tensor | None, cos: Tensor,
              signed_sin: Tensor, positions: Tensor, write_at: Tensor, k_store: Tensor, v_store: Tensor, heads: int,
-             kv_heads: int, config: tuple[int, int, int, int] | None = None,
-             next_weight: Tensor | None = None) -> Tensor:
+             kv_heads: int, config: tuple[int, int, int, int] | None = None) -> Tensor:
     """x [tokens, hidden] -> rotated q [tokens, heads, D], with RMSNorm(x) @ weight.T (+ bias)
     as the qkv product (weight stacks q, k and v); rotated k and v written into the layer's
     stores [rows, kv_heads, S, D] at write_at [rows, T]. cos and signed_sin are the RoPE
     tables [positions, D] (fused.RopeTable), read at positions [rows, T]. `config` as gemv's
-    (BLOCK_N must divide D/2); `next_weight` as gemv's."""
+    (BLOCK_N must divide D/2)."""
     rows, k = x.shape
     if not (x.is_contiguous() and weight.is_contiguous()):
         raise ValueError("qkv_rope reads x and weight as row-major: pass contiguous tensors")
@@ -546,8 +535,7 @@ def qkv_rope(x: Tensor, weight: Tensor, norm: tuple[Tensor, float], bias: Tensor
             positions, write_at, q, k_store, v_store, rows, k, norm[1], cos.shape[0], positions.shape[1], heads,
             kv_heads, k_store.stride(0), k_store.stride(1), k_store.stride(2),
             BIAS=bias is not None, HALF=half, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=min(block_k, triton.next_power_of_2(k)), SPLITS=splits, num_warps=warps,
-            **_pdl_launch(x.device, "qkv_rope"), **l2_ahead.next_weight_args(weight, next_weight))
+            BLOCK_K=min(block_k, triton.next_power_of_2(k)), SPLITS=splits, num_warps=warps, **_pdl_launch(x.device, "qkv_rope"))
 
     if config is not None:
         launch(config)
