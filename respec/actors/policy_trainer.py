@@ -61,6 +61,7 @@ class PolicyTrainer(Actor):
         eval_seed: int = 12345  # the held-out set (task.heldout); PromptSource skips it
         checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
         keep_checkpoints: int = 2
+        profile_update: int = 0  # profile this update (1: the first; 0: none) into update_profile.txt
 
     sends = (PolicyWeights,)
     process_restartable = False  # the policy and optimizer live here; --resume continues a run
@@ -146,7 +147,12 @@ class PolicyTrainer(Actor):
         started = time.perf_counter()
         # A prompt the Generator refused has no tokens: it says nothing about the policy, and
         # its reward 0 would skew its group's advantages, so it is left out of the update.
-        stats = self.trainer.step([_sample(s) for s in scored if s.rollout.finish_reason != "error"])
+        samples = [_sample(s) for s in scored if s.rollout.finish_reason != "error"]
+        if self.trainer.version + 1 == self.params.profile_update:
+            stats = self._profiled_step(samples)
+        else:
+            stats = self.trainer.step(samples)
+        update_s = time.perf_counter() - started  # the step ends in a host sync (its loss as a float)
         version = self.trainer.version
         trained = [group_index(g[0].rollout.prompt.group_id) for g in groups]
         self.trained_groups += trained
@@ -154,13 +160,27 @@ class PolicyTrainer(Actor):
                         policy_version=version)
         train_s = time.perf_counter() - started
         self.report(version, policy_version=version, draft_version=self.draft_version,
-                    **step_metrics(scored, version), **self._form_shares(scored), train_s=train_s, distill_s=self.distill_s,
+                    **step_metrics(scored, version), **self._form_shares(scored), train_s=train_s, update_s=update_s,
+                    publish_s=train_s - update_s, distill_s=self.distill_s,
                     loss=stats["loss"], grad_norm=stats["grad_norm"], groups=trained)
         self.distill_s = 0.0
         if self.params.checkpoint_every and version % self.params.checkpoint_every == 0:
             self._checkpoint()
         if self.params.max_steps and version >= self.params.max_steps:
             await self._finish()
+
+    def _profiled_step(self, samples: list[TrainSample]) -> dict[str, float]:
+        """One update under torch.profiler: its operators by host and device time, written to
+        the run's update_profile.txt (where an update's time goes inside the actor graph)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self._device().type == "cuda" else [])
+        with profile(activities=activities) as profiler:
+            stats = self.trainer.step(samples)
+        sort = "device_time_total" if self._device().type == "cuda" else "cpu_time_total"
+        table = profiler.key_averages().table(sort_by=sort, row_limit=40)
+        (Path(self.run_dir) / "update_profile.txt").write_text(table)
+        return stats
 
     async def _finish(self) -> None:
         self.done = True

@@ -23,7 +23,7 @@ from tests.runtime.test_rl_run import rl_config, step_rows
 
 ray = pytest.importorskip("ray", reason="placement: ray needs the optional extra respec[ray]")
 
-TIMINGS = {"time_s", "gen_s", "score_s", "train_s", "distill_s", "gen_tokens_per_s", "source"}
+TIMINGS = {"time_s", "gen_s", "score_s", "train_s", "update_s", "publish_s", "distill_s", "gen_tokens_per_s", "source"}
 RAY = {"num_cpus": 4, "groups": {"main": {"num_cpus": 1}, "scoring": {"num_cpus": 0.5},
                                  "trainer": {"num_cpus": 0.5}}}
 

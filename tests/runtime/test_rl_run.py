@@ -18,11 +18,13 @@ from respec.runtime.trace_report import _load, _trace_files
 from tests.runtime.test_rl_graph import policy_dir  # noqa: F401 - the tiny random policy fixture
 
 STEP_KEYS = {"step", "policy_version", "draft_version", "reward_mean", "accuracy", "response_len", "accept_len",
-             "gen_tokens_per_s", "staleness_mean", "gen_s", "score_s", "train_s", "distill_s", "groups"}
+             "gen_tokens_per_s", "staleness_mean", "gen_s", "score_s", "train_s", "update_s", "publish_s", "distill_s",
+             "groups"}
 
 
 def rl_config(tmp_path: Path, policy: Path, name: str, steps: int = 4, staleness: int = 0,
-              scorer_group: str = "main", checkpoint_every: int = 0, eval_problems: int = 0) -> Path:
+              scorer_group: str = "main", checkpoint_every: int = 0, eval_problems: int = 0,
+              profile_update: int = 0) -> Path:
     path, task = str(policy), {"task": "arithmetic", "task_params": {"max_value": 9}}
     config = {
         "run": {"name": name, "runs_dir": str(tmp_path / "runs"), "timeout_s": 240, "threads_per_group": 1},
@@ -38,7 +40,8 @@ def rl_config(tmp_path: Path, policy: Path, name: str, steps: int = 4, staleness
             "trainer": {"class": "respec.actors.policy_trainer.PolicyTrainer",
                         "params": {**task, "model_path": path, "group_size": 4, "groups_per_step": 2, "lr": 1e-3,
                                    "max_steps": steps, "checkpoint_every": checkpoint_every,
-                                   "eval_problems": eval_problems, "eval_samples": 2, "eval_max_new_tokens": 12}},
+                                   "eval_problems": eval_problems, "eval_samples": 2, "eval_max_new_tokens": 12,
+                                   "profile_update": profile_update}},
         },
     }
     file = tmp_path / f"{name}.yaml"
@@ -52,10 +55,14 @@ def step_rows(run_dir: Path) -> list[dict]:
 
 
 def test_rl_run_writes_metrics_summary_report_and_checkpoint(tmp_path, policy_dir):  # noqa: F811
-    result = run_file(rl_config(tmp_path, policy_dir, "full", steps=3, eval_problems=8), progress=False)
+    result = run_file(rl_config(tmp_path, policy_dir, "full", steps=3, eval_problems=8, profile_update=2),
+                      progress=False)
     assert result.ok, result.reason
     steps = step_rows(result.run_dir)
     assert [r["step"] for r in steps] == [1, 2, 3] and all(STEP_KEYS <= set(r) for r in steps)
+    assert all(abs(r["update_s"] + r["publish_s"] - r["train_s"]) < 1e-6 for r in steps)
+    profile = (result.run_dir / "update_profile.txt").read_text()  # the second update's operators
+    assert "aten::" in profile and "Self CPU" in profile
     summary = json.loads((result.run_dir / "summary.json").read_text())
     for key in ("steps", "wall_s", "accuracy_start", "accuracy_end", "reward_start", "reward_end", "accept_len_mean"):
         assert key in summary, key
