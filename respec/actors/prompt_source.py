@@ -46,6 +46,7 @@ class PromptSource(Actor):
         eval_seed: int = 12345
 
     sends = (Prompt,)
+    reads_weights = False  # PolicyWeights tell it the version and the trained groups
 
     @classmethod
     def check_plan(cls, name, params, plan) -> list[str]:

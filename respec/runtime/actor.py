@@ -51,6 +51,10 @@ class Actor:
     # False: if this actor's process dies mid-run, restarting the process would lose state
     # the run cannot rebuild (the policy being trained); the run stops instead (--resume).
     process_restartable: ClassVar[bool] = True
+    # Whether its PolicyWeights / DraftWeights handlers load the tensors (False: they read
+    # only the version and metadata): a trainer picks how to hand weights over (cuda_ipc,
+    # file, ...) from the devices of the actors that load them.
+    reads_weights: ClassVar[bool] = True
 
     def __init__(self, params: Any, context: ActorContext) -> None:
         self.params = params

@@ -122,15 +122,20 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def flatten(tensors: Mapping[str, torch.Tensor]) -> tuple[list[TensorSpec], list[torch.Tensor]]:
-    """Copy the tensors into one new flat buffer per dtype (in first-seen dtype order)."""
+def flatten(tensors: Mapping[str, torch.Tensor],
+            into: list[torch.Tensor] | None = None) -> tuple[list[TensorSpec], list[torch.Tensor]]:
+    """Copy the tensors into one flat buffer per dtype (in first-seen dtype order): new
+    buffers, or `into` where it has the same dtypes and sizes (a publisher's reused ones)."""
     order: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
     for name, tensor in tensors.items():
         order.setdefault(tensor.dtype, []).append((name, tensor.detach()))
+    sizes = [(dtype, sum(t.numel() for _, t in items)) for dtype, items in order.items()]
+    if into is not None and [(b.dtype, b.numel()) for b in into] != sizes:
+        into = None  # another layout: new buffers
     specs, buffers = [], []
     for index, (dtype, items) in enumerate(order.items()):
-        total = sum(t.numel() for _, t in items)
-        flat = torch.empty(total, dtype=dtype, device=items[0][1].device)
+        total = sizes[index][1]
+        flat = into[index] if into is not None else torch.empty(total, dtype=dtype, device=items[0][1].device)
         offset = 0
         for name, tensor in items:
             flat[offset:offset + tensor.numel()].copy_(tensor.reshape(-1))
@@ -184,7 +189,11 @@ class CudaIpcPublisher:
     """Keeps the last `keep` versions' flat buffers alive and hands out their IPC handles.
 
     A receiver must map a version before `keep` newer ones are published (receivers copy
-    as soon as the announcement arrives; raise `keep` for slow ones)."""
+    as soon as the announcement arrives; raise `keep` for slow ones). The buffers are a
+    ring of `keep` sets, allocated once and written in turn: a CUDA block once shared over
+    IPC is not given back to PyTorch's allocator while a receiver may hold it, so a new
+    set per version held on to the set's size (2.5 GB for the 0.5B shape's float32
+    weights) more device memory with every version (measured on an H100)."""
 
     def __init__(self, keep: int = 3) -> None:
         _require_cuda("cuda_ipc")
@@ -193,13 +202,17 @@ class CudaIpcPublisher:
         self.keep = keep
         self.location = f"cuda_ipc-{uuid.uuid4().hex[:12]}"
         self.versions: dict[int, list[torch.Tensor]] = {}
+        self.ring: list[list[torch.Tensor] | None] = [None] * keep
+        self.published = 0
 
     def publish(self, tensors: Mapping[str, torch.Tensor], version: int) -> Handle:
         from torch.multiprocessing.reductions import reduce_tensor
 
         if any(not t.is_cuda for t in tensors.values()):
             raise WeightsTransferError("cuda_ipc weights must be CUDA tensors; this publisher has CPU tensors")
-        specs, buffers = flatten(tensors)
+        slot = self.published % self.keep  # the oldest of the `keep` versions kept
+        specs, buffers = flatten(tensors, into=self.ring[slot])
+        self.ring[slot], self.published = buffers, self.published + 1
         torch.cuda.current_stream().synchronize()  # receivers read on their own streams
         shared = []
         for flat in buffers:

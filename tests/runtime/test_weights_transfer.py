@@ -204,3 +204,37 @@ def test_cuda_ipc_two_processes_bit_identical(spawnable):
         inbox.put(None)
         process.join(timeout=60)
     assert process.exitcode == 0
+
+
+def test_flatten_reuses_buffers_of_the_same_layout_and_makes_new_ones_for_another():
+    """A cuda_ipc publisher writes each version into one of `keep` buffer sets made once
+    (CudaIpcPublisher.ring): a set shared over IPC is never handed back to the allocator."""
+    first = {"a": torch.arange(6.0).view(2, 3), "b": torch.ones(4, dtype=torch.int64), "c": torch.full((2,), 7.0)}
+    specs, buffers = wt.flatten(first)
+    second = {name: tensor * 2 for name, tensor in first.items()}
+    again_specs, again = wt.flatten(second, into=buffers)
+    assert all(x is y for x, y in zip(again, buffers, strict=True)) and again_specs == specs
+    assert all(torch.equal(wt.unflatten(again_specs, again)[name], second[name]) for name in second)
+    _, other = wt.flatten({"a": torch.zeros(5)}, into=buffers)  # another layout: new buffers
+    assert other[0] is not buffers[0] and other[0].numel() == 5
+
+
+def test_the_prompt_source_does_not_decide_how_weights_travel():
+    """It handles PolicyWeights for the version alone: a trainer on CUDA whose only weight
+    loader is a CUDA generator picks cuda_ipc, not files (which cost 1-2 s an update on an
+    H100 while the CPU-side PromptSource counted as a receiver)."""
+    from types import SimpleNamespace
+
+    from respec.actors.policy_trainer import PolicyTrainer
+    from respec.runtime.plan import build_plan
+
+    config = parse_config({"run": {"name": "w"}, "model": {"device": "cpu"}, "actors": {
+        "prompts": {"class": "respec.actors.prompt_source.PromptSource", "params": {"tokenizer_path": "t"}},
+        "generator": {"class": "respec.actors.fast_rollouts.FastRollouts", "group": "gen",
+                      "params": {"model_path": "m", "device": "cuda"}},
+        "scorer": {"class": "respec.actors.reward_scorer.RewardScorer", "params": {"tokenizer_path": "t"}},
+        "trainer": {"class": "respec.actors.policy_trainer.PolicyTrainer", "group": "train",
+                    "params": {"model_path": "m", "device": "cuda"}}}})
+    trainer = PolicyTrainer.__new__(PolicyTrainer)
+    trainer.context = SimpleNamespace(plan=build_plan(config))
+    assert trainer._receivers_on_cuda()
