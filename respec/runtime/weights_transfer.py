@@ -188,12 +188,14 @@ def _require_cuda(kind: str) -> None:
 class CudaIpcPublisher:
     """Keeps the last `keep` versions' flat buffers alive and hands out their IPC handles.
 
-    A receiver must map a version before `keep` newer ones are published (receivers copy
-    as soon as the announcement arrives; raise `keep` for slow ones). The buffers are a
-    ring of `keep` sets, allocated once and written in turn: a CUDA block once shared over
-    IPC is not given back to PyTorch's allocator while a receiver may hold it, so a new
-    set per version held on to the set's size (2.5 GB for the 0.5B shape's float32
-    weights) more device memory with every version (measured on an H100)."""
+    The buffers are a ring of `keep` sets, allocated once and written in turn: a CUDA
+    block once shared over IPC is not given back to PyTorch's allocator while a receiver
+    may hold it, so a new set per version held on to the set's size (2.5 GB for the 0.5B
+    shape's float32 weights) more device memory with every version (measured on an H100).
+    So a receiver must have copied a version out before `keep` newer ones are published,
+    when the ring writes its set again (receivers copy as soon as the announcement arrives;
+    raise `run.weights_keep` for slow ones). Nothing checks this yet: a receiver that late
+    would read a newer version's weights, or a mix."""
 
     def __init__(self, keep: int = 3) -> None:
         _require_cuda("cuda_ipc")
