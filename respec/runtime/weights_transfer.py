@@ -188,14 +188,14 @@ def _require_cuda(kind: str) -> None:
 class CudaIpcPublisher:
     """Keeps the last `keep` versions' flat buffers alive and hands out their IPC handles.
 
-    The buffers are a ring of `keep` sets, allocated once and written in turn: a CUDA
-    block once shared over IPC is not given back to PyTorch's allocator while a receiver
-    may hold it, so a new set per version held on to the set's size (2.5 GB for the 0.5B
-    shape's float32 weights) more device memory with every version (measured on an H100).
-    So a receiver must have copied a version out before `keep` newer ones are published,
-    when the ring writes its set again (receivers copy as soon as the announcement arrives;
-    raise `run.weights_keep` for slow ones). Nothing checks this yet: a receiver that late
-    would read a newer version's weights, or a mix."""
+    Once `keep` versions are kept, a new one is written into the oldest one's buffers: a
+    CUDA block once shared over IPC is not given back to PyTorch's allocator while a
+    receiver may hold it, so a new set per version held on to the set's size (2.5 GB for
+    the 0.5B shape's float32 weights) more device memory with every version (measured on
+    an H100). So a receiver must have copied a version out before `keep` newer ones are
+    published, when its buffers are written again (receivers copy as soon as the
+    announcement arrives; raise `run.weights_keep` for slow ones). Nothing checks this yet:
+    a receiver that late would read a newer version's weights, or a mix."""
 
     def __init__(self, keep: int = 3) -> None:
         _require_cuda("cuda_ipc")
@@ -204,17 +204,14 @@ class CudaIpcPublisher:
         self.keep = keep
         self.location = f"cuda_ipc-{uuid.uuid4().hex[:12]}"
         self.versions: dict[int, list[torch.Tensor]] = {}
-        self.ring: list[list[torch.Tensor] | None] = [None] * keep
-        self.published = 0
 
     def publish(self, tensors: Mapping[str, torch.Tensor], version: int) -> Handle:
         from torch.multiprocessing.reductions import reduce_tensor
 
         if any(not t.is_cuda for t in tensors.values()):
             raise WeightsTransferError("cuda_ipc weights must be CUDA tensors; this publisher has CPU tensors")
-        slot = self.published % self.keep  # the oldest of the `keep` versions kept
-        specs, buffers = flatten(tensors, into=self.ring[slot])
-        self.ring[slot], self.published = buffers, self.published + 1
+        oldest = self.versions.pop(min(self.versions)) if len(self.versions) >= self.keep else None
+        specs, buffers = flatten(tensors, into=oldest)
         torch.cuda.current_stream().synchronize()  # receivers read on their own streams
         shared = []
         for flat in buffers:
@@ -226,8 +223,6 @@ class CudaIpcPublisher:
                                     int(size), int(offset), bytes(ref_handle), int(ref_offset),
                                     None if event is None else bytes(event), bool(sync)))
         self.versions[version] = buffers
-        for old in sorted(self.versions)[:-self.keep]:
-            del self.versions[old]
         _LOCAL[self.location] = (version, buffers)
         return Handle(kind="cuda_ipc", location=self.location, specs=specs, buffers=shared)
 
