@@ -239,13 +239,18 @@ class PolicyTrainer(Actor):
     def _device(self) -> torch.device:
         return next(self.trainer.model.parameters()).device
 
+    def _weight_loaders(self) -> list[str]:
+        """The PolicyWeights receivers that load the tensors (Actor.reads_weights): the
+        PromptSource reads only the version. Counting it made every GPU run fall back to
+        files, 1-2 s of each update's time on an H100."""
+        plan = self.context.plan
+        return [name for name in plan.handlers_of(PolicyWeights) if plan.actors[name].cls.reads_weights]
+
     def _receivers_on_cuda(self) -> bool:
-        """Whether every actor that loads the weights is on CUDA (the PromptSource, which
-        reads only the version, is not asked: with it every GPU run fell back to files,
-        1-2 s of each update's time on an H100)."""
+        """Whether every actor that loads the weights is on CUDA."""
         plan = self.context.plan
         devices = [str(plan.actors[name].spec.params.get("device", plan.config.model.device))
-                   for name in plan.handlers_of(PolicyWeights) if plan.actors[name].cls.reads_weights]
+                   for name in self._weight_loaders()]
         return bool(devices) and all(device.startswith("cuda") for device in devices)
 
     def _publisher(self, kind: str):
@@ -257,7 +262,8 @@ class PolicyTrainer(Actor):
                 publisher = weights_transfer.CudaIpcPublisher(keep=run.weights_keep)
             else:
                 plan = self.context.plan
-                groups = {plan.actors[name].spec.group for name in plan.handlers_of(PolicyWeights)}
+                # the processes that join each broadcast: those whose actors load the weights
+                groups = {plan.actors[name].spec.group for name in self._weight_loaders()}
                 groups.discard(self.context.group.name)
                 publisher = weights_transfer.CollectivePublisher(
                     receivers=len(groups), device=self._device(),

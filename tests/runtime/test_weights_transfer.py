@@ -238,3 +238,4 @@ def test_the_prompt_source_does_not_decide_how_weights_travel():
     trainer = PolicyTrainer.__new__(PolicyTrainer)
     trainer.context = SimpleNamespace(plan=build_plan(config))
     assert trainer._receivers_on_cuda()
+    assert trainer._weight_loaders() == ["generator"]  # also whom a collective broadcast waits for
