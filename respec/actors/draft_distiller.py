@@ -44,6 +44,7 @@ from respec.rl.distill import (
 )
 from respec.runtime import Actor, handles
 from respec.runtime.weight_files import WeightFiles
+from respec.runtime.weights_transfer import SupersededWeights
 
 
 class DraftDistiller(Actor):
@@ -122,9 +123,10 @@ class DraftDistiller(Actor):
         try:
             with loaded_tensors(weights.handle, weights.version) as tensors:
                 self.policy.load_state_dict(tensors, strict=False)
-        except FileNotFoundError:
-            # The trainer keeps its latest few weight files; a distiller that fell this far
-            # behind (a long update at low priority) has newer versions queued after this one.
+        except (FileNotFoundError, SupersededWeights):
+            # The trainer keeps its latest few weight files (or cuda_ipc buffer sets); a
+            # distiller that fell this far behind (a long update at low priority) has newer
+            # versions queued after this one.
             self.log.info("policy_weights_superseded", version=weights.version)
             return
         self.policy_version = weights.version

@@ -62,6 +62,7 @@ from respec.messages import (
     VerifyRequest,
 )
 from respec.runtime import Actor, handles
+from respec.runtime.weights_transfer import SupersededWeights
 from respec.sched.draft_lengths import LiveChoice
 
 
@@ -128,8 +129,12 @@ class FastRollouts(Actor):
     async def on_policy_weights(self, weights: PolicyWeights, envelope: Envelope) -> None:
         """Into the policy in place (the head shares its embeddings, norm and output layer),
         then into the fast path's fused copies."""
-        with loaded_tensors(weights.handle, weights.version, device=str(self.device)) as tensors, torch.no_grad():
-            self.model.load_state_dict(tensors, strict=False)
+        try:
+            with loaded_tensors(weights.handle, weights.version, device=str(self.device)) as tensors, torch.no_grad():
+                self.model.load_state_dict(tensors, strict=False)
+        except SupersededWeights as error:  # nothing copied; a newer announcement follows
+            self.log.info("policy_weights_superseded", version=weights.version, reason=str(error))
+            return
         self._refresh()
         self.version = weights.version
         self.log.info("policy_weights_loaded", version=weights.version)

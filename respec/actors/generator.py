@@ -353,11 +353,15 @@ def handle_tensors(handle: WeightsHandle, names: tuple[str, ...] | None = None, 
 @contextlib.contextmanager
 def loaded_tensors(handle: WeightsHandle, version: int, names: tuple[str, ...] | None = None,
                    device: str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
-    """`handle_tensors` for a load that copies them into a model within the block."""
+    """`handle_tensors` for a load that copies them into a model within the block (cuda_ipc
+    and collective through weights_transfer.opened: a version the publisher has written
+    over raises SupersededWeights before anything is copied)."""
+    if handle.kind in ("cuda_ipc", "collective"):
+        with weights_transfer.opened(handle, version, names, device) as tensors:
+            yield tensors
+        return
     tensors = handle_tensors(handle, names, version, device)
     try:
         yield tensors
     finally:
-        if handle.kind == "cuda_ipc":
-            torch.cuda.synchronize()  # the copies out of the mapped buffers ran before they go
         tensors.clear()

@@ -88,8 +88,12 @@ class Verifier(Actor):
     @handles(PolicyWeights, optional=True)
     async def on_weights(self, weights: PolicyWeights, envelope: Envelope) -> None:
         if weights.handle.kind in ("cuda_ipc", "collective"):
-            with weights_transfer.opened(weights.handle, weights.version, device=self.params.device) as tensors:
-                self.runner.load_weights(tensors, weights.version)  # load_state_dict: copy_ in place
+            try:
+                with weights_transfer.opened(weights.handle, weights.version, device=self.params.device) as tensors:
+                    self.runner.load_weights(tensors, weights.version)  # load_state_dict: copy_ in place
+            except weights_transfer.SupersededWeights as error:  # a newer announcement follows
+                self.log.info("policy_weights_superseded", version=weights.version, reason=str(error))
+                return
         else:
             self.runner.load_weights(_tensors(weights), weights.version)
         self.log.info("policy_weights_loaded", version=weights.version)

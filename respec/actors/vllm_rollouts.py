@@ -50,6 +50,7 @@ from respec.messages import (
 )
 from respec.runtime import Actor, handles
 from respec.runtime.weight_files import WeightFiles
+from respec.runtime.weights_transfer import SupersededWeights
 
 
 @dataclass
@@ -129,7 +130,11 @@ class VllmRollouts(Actor):
     @handles(PolicyWeights, optional=True)
     async def on_policy_weights(self, weights: PolicyWeights, envelope: Envelope) -> None:
         started = time.perf_counter()
-        path = self._weights_file(weights)
+        try:
+            path = self._weights_file(weights)
+        except SupersededWeights as error:  # nothing copied; a newer announcement follows
+            self.log.info("policy_weights_superseded", version=weights.version, reason=str(error))
+            return
         count = self.engine.load_policy(path, weights.version)
         if weights.handle.kind != "file":
             path.unlink(missing_ok=True)  # written here for vLLM to read; the file handle's is the sender's

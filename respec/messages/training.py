@@ -78,6 +78,7 @@ class WeightsHandle(msgspec.Struct, frozen=True):
     backend: str = ""  # kind "collective": "nccl" | "gloo"
     specs: list[TensorSpec] = []  # kinds "cuda_ipc" and "collective"
     buffers: list[IpcBuffer] = []  # kind "cuda_ipc"
+    version_tag: IpcBuffer | None = None  # kind "cuda_ipc": the version now in `buffers` (-1 while written)
 
 
 class PolicyWeights(Message, frozen=True):

@@ -43,6 +43,12 @@ class WeightsTransferError(RuntimeError):
     """A weights kind that cannot work here (no CUDA, a released version, a broken group)."""
 
 
+class SupersededWeights(WeightsTransferError):
+    """A cuda_ipc version whose buffers the publisher has already written a newer version
+    into (the receiver fell `keep` versions behind). Raised before anything is copied; the
+    newer version's announcement is already on its way, so receivers skip this one."""
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One named tensor inside a flat buffer: elements [offset, offset + numel)."""
@@ -79,6 +85,7 @@ class Handle:
     backend: str = ""
     specs: list[TensorSpec] = field(default_factory=list)
     buffers: list[IpcBuffer] = field(default_factory=list)
+    version_tag: IpcBuffer | None = None
 
 
 def as_message(handle: Handle) -> Any:
@@ -89,7 +96,8 @@ def as_message(handle: Handle) -> Any:
 
     return WeightsHandle(kind=handle.kind, location=handle.location, backend=handle.backend,
                          specs=[TensorSpecMsg(**vars(s)) for s in handle.specs],
-                         buffers=[IpcBufferMsg(**vars(b)) for b in handle.buffers])
+                         buffers=[IpcBufferMsg(**vars(b)) for b in handle.buffers],
+                         version_tag=None if handle.version_tag is None else IpcBufferMsg(**vars(handle.version_tag)))
 
 
 # ---------------------------------------------------------------------------- choosing
@@ -192,10 +200,12 @@ class CudaIpcPublisher:
     CUDA block once shared over IPC is not given back to PyTorch's allocator while a
     receiver may hold it, so a new set per version held on to the set's size (2.5 GB for
     the 0.5B shape's float32 weights) more device memory with every version (measured on
-    an H100). So a receiver must have copied a version out before `keep` newer ones are
-    published, when its buffers are written again (receivers copy as soon as the
-    announcement arrives; raise `run.weights_keep` for slow ones). Nothing checks this yet:
-    a receiver that late would read a newer version's weights, or a mix."""
+    an H100). A receiver copies a version out as soon as its announcement arrives; one
+    that fell `keep` versions behind would find a newer version in the buffers. So each
+    set carries a version tag (one int64 on the device, shared like the buffers): -1 while
+    the set is being written, then the version in it. A receiver reads it before copying
+    (another version: SupersededWeights, nothing copied, the newer announcement follows)
+    and after (changed during the copy: a WeightsTransferError, never a silent mix)."""
 
     def __init__(self, keep: int = 3) -> None:
         _require_cuda("cuda_ipc")
@@ -203,28 +213,51 @@ class CudaIpcPublisher:
             raise ValueError("keep must be >= 1")
         self.keep = keep
         self.location = f"cuda_ipc-{uuid.uuid4().hex[:12]}"
-        self.versions: dict[int, list[torch.Tensor]] = {}
+        self.versions: dict[int, tuple[list[torch.Tensor], torch.Tensor]] = {}  # version -> (buffers, tag)
 
     def publish(self, tensors: Mapping[str, torch.Tensor], version: int) -> Handle:
-        from torch.multiprocessing.reductions import reduce_tensor
-
-        if any(not t.is_cuda for t in tensors.values()):
-            raise WeightsTransferError("cuda_ipc weights must be CUDA tensors; this publisher has CPU tensors")
-        oldest = self.versions.pop(min(self.versions)) if len(self.versions) >= self.keep else None
-        specs, buffers = flatten(tensors, into=oldest)
-        torch.cuda.current_stream().synchronize()  # receivers read on their own streams
-        shared = []
-        for flat in buffers:
-            _, args = reduce_tensor(flat)
-            if len(args) != 15:
-                raise WeightsTransferError(f"torch {torch.__version__}: unexpected reduce_tensor layout ({len(args)})")
-            (_, _, _, _, _, dtype, device, handle, size, offset, _, ref_handle, ref_offset, event, sync) = args
-            shared.append(IpcBuffer(str(dtype).removeprefix("torch."), flat.numel(), int(device), bytes(handle),
-                                    int(size), int(offset), bytes(ref_handle), int(ref_offset),
-                                    None if event is None else bytes(event), bool(sync)))
-        self.versions[version] = buffers
+        _check_on_cuda(tensors)
+        buffers, tag = self.versions.pop(min(self.versions)) if len(self.versions) >= self.keep else (None, None)
+        if tag is None:
+            tag = torch.full((1,), -1, dtype=torch.int64, device=next(iter(tensors.values())).device)
+        else:
+            tag.fill_(-1)  # before the writes, on the same stream: a receiver still copying sees it change
+        specs, buffers = flatten(tensors, into=buffers)
+        tag.fill_(version)
+        _synchronize()  # receivers read on their own streams
+        self.versions[version] = (buffers, tag)
         _LOCAL[self.location] = (version, buffers)
-        return Handle(kind="cuda_ipc", location=self.location, specs=specs, buffers=shared)
+        return Handle(kind="cuda_ipc", location=self.location, specs=specs, buffers=[_share(flat) for flat in buffers],
+                      version_tag=_share(tag))
+
+
+def _check_on_cuda(tensors: Mapping[str, torch.Tensor]) -> None:
+    if any(not t.is_cuda for t in tensors.values()):
+        raise WeightsTransferError("cuda_ipc weights must be CUDA tensors; this publisher has CPU tensors")
+
+
+def _synchronize() -> None:
+    torch.cuda.synchronize()
+
+
+def _share(flat: torch.Tensor) -> IpcBuffer:
+    """A CUDA tensor's IPC handle, as torch.multiprocessing's reduce_tensor gives it."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    _, args = reduce_tensor(flat)
+    if len(args) != 15:
+        raise WeightsTransferError(f"torch {torch.__version__}: unexpected reduce_tensor layout ({len(args)})")
+    (_, _, _, _, _, dtype, device, handle, size, offset, _, ref_handle, ref_offset, event, sync) = args
+    return IpcBuffer(str(dtype).removeprefix("torch."), flat.numel(), int(device), bytes(handle), int(size),
+                     int(offset), bytes(ref_handle), int(ref_offset), None if event is None else bytes(event),
+                     bool(sync))
+
+
+def _tagged_version(handle: Any) -> int | None:
+    """The version in a cuda_ipc handle's buffers now (None: a handle without a tag)."""
+    if handle.version_tag is None:
+        return None
+    return int(_open_ipc(handle.version_tag).item())
 
 
 def _open_ipc(buffer: Any) -> torch.Tensor:
@@ -426,13 +459,20 @@ def receive(handle: Any, version: int, names: tuple[str, ...] | None = None, dev
     if handle.kind == "cuda_ipc":
         _require_cuda("cuda_ipc")
         local = _LOCAL.get(handle.location)
-        if local is not None and local[0] == version:
+        if local is not None:  # the publisher is in this process
+            if local[0] != version:
+                raise SupersededWeights(f"cuda_ipc weights v{version}: this process published v{local[0]} since")
             return unflatten(list(handle.specs), local[1], names)
         try:
             buffers = [_open_ipc(buffer) for buffer in handle.buffers]
+            tagged = _tagged_version(handle)
         except RuntimeError as error:
             raise WeightsTransferError(f"cuda_ipc weights v{version}: cannot map the publisher's buffers ({error}); "
                                        "it keeps only its last few versions, or it sits on another host") from error
+        if tagged is not None and tagged != version:
+            raise SupersededWeights(f"cuda_ipc weights v{version}: the publisher has written "
+                                    f"{'v' + str(tagged) if tagged >= 0 else 'a newer version'} into its buffers "
+                                    "since (it keeps run.weights_keep versions); the newer announcement follows")
         return unflatten(list(handle.specs), buffers, names)
     if handle.kind == "collective":
         buffers = _receive_collective(handle, version, torch.device(device), timeout_s)
@@ -448,7 +488,14 @@ def opened(handle: Any, version: int, names: tuple[str, ...] | None = None,
     tensors = receive(handle, version, names, device)
     try:
         yield tensors
+        if handle.kind == "cuda_ipc":
+            _synchronize()  # the copies out ran; did the publisher write the buffers meanwhile?
+            tagged = _tagged_version(handle) if handle.location not in _LOCAL else version
+            if tagged is not None and tagged != version:
+                raise WeightsTransferError(
+                    f"cuda_ipc weights v{version}: the publisher wrote a newer version into the buffers while they "
+                    "were being copied out, so the copy may mix two versions; raise run.weights_keep")
     finally:
         if handle.kind == "cuda_ipc":
-            torch.cuda.synchronize()
+            _synchronize()
         tensors.clear()

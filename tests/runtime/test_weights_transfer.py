@@ -97,7 +97,10 @@ def test_collective_gloo_two_processes_bit_identical_in_order_group_reused(spawn
 
 
 def test_collective_publisher_process_reads_its_own_buffers():
-    publisher = wt.CollectivePublisher(receivers=1, timeout_s=5)
+    # No receiver ever joins, so the group is never formed: a timeout that expired while the
+    # tests still ran aborted the whole pytest process (std::terminate in gloo's thread,
+    # exit code 134), so the wait outlasts any session and dies with the process.
+    publisher = wt.CollectivePublisher(receivers=1, timeout_s=24 * 3600)
     weights = _weights(0)
     handle = publisher.publish(weights, 7)
     got = wt.receive(handle, 7, names=("scale",))
@@ -117,12 +120,13 @@ def test_cuda_ipc_handle_encoding_round_trip():
                        storage_offset=0, ref_counter_handle=b"/torch_123", ref_counter_offset=4,
                        event_handle=b"\x02" * 64, event_sync_required=True)
     handle = wt.Handle(kind="cuda_ipc", location="cuda_ipc-abc",
-                       specs=[wt.TensorSpec("w", "bfloat16", [3, 41], 0, 0)], buffers=[ipc])
+                       specs=[wt.TensorSpec("w", "bfloat16", [3, 41], 0, 0)], buffers=[ipc], version_tag=ipc)
     message = decode(encode(PolicyWeights(version=4, handle=wt.as_message(handle))))
     assert message.version == 4
     assert message.handle.kind == "cuda_ipc" and message.handle.location == "cuda_ipc-abc"
     assert message.handle.buffers[0].handle == ipc.handle and message.handle.buffers[0].event_handle == ipc.event_handle
     assert message.handle.buffers[0].numel == 123 and message.handle.specs[0].shape == [3, 41]
+    assert message.handle.version_tag.handle == ipc.handle
     if not torch.cuda.is_available():
         with pytest.raises(wt.WeightsTransferError, match="needs CUDA"):
             wt.receive(message.handle, 4)
@@ -178,9 +182,13 @@ def _ipc_receiver(inbox, outbox) -> None:
     while (data := inbox.get()) is not None:
         message = decode_message(data)
         target = {}
-        with weights_transfer.opened(message.handle, message.version) as tensors:
-            for name, tensor in tensors.items():
-                target[name] = torch.empty_like(tensor, device="cuda").copy_(tensor)  # into "the model", in place
+        try:
+            with weights_transfer.opened(message.handle, message.version) as tensors:
+                for name, tensor in tensors.items():
+                    target[name] = torch.empty_like(tensor, device="cuda").copy_(tensor)  # into "the model"
+        except weights_transfer.SupersededWeights:
+            outbox.put((message.version, "superseded"))
+            continue
         outbox.put((message.version, {k: _bits(t.cpu()) for k, t in target.items()}))
 
 
@@ -200,10 +208,78 @@ def test_cuda_ipc_two_processes_bit_identical(spawnable):
             for name, tensor in weights.items():
                 assert np.array_equal(got[name], _bits(tensor.cpu())), name
         assert sorted(publisher.versions) == [2, 3]  # keeps the last `keep`
+        # A receiver `keep` versions behind: v4 and v5 go into v2's and v3's buffers before it
+        # reads v3's announcement, so it skips v3 (nothing copied) and gets v5 intact.
+        late = encode(PolicyWeights(version=3, handle=wt.as_message(publisher.publish(
+            {k: v.cuda() for k, v in _weights(3).items()}, 3))))
+        for version in (4, 5):
+            latest = {k: v.cuda() for k, v in _weights(version).items()}
+            announcement = encode(PolicyWeights(version=version, handle=wt.as_message(publisher.publish(latest,
+                                                                                                      version))))
+        inbox.put(late)
+        assert outbox.get(timeout=120) == (3, "superseded")
+        inbox.put(announcement)
+        got_version, got = outbox.get(timeout=120)
+        assert got_version == 5 and all(np.array_equal(got[k], _bits(t.cpu())) for k, t in latest.items())
     finally:
         inbox.put(None)
         process.join(timeout=60)
     assert process.exitcode == 0
+
+
+@pytest.fixture
+def ipc_on_the_cpu(monkeypatch):
+    """CudaIpcPublisher and receive with CUDA's parts stubbed: `_share` hands out an id,
+    `_open_ipc` maps it back to the tensor, and the publisher is "in another process" (its
+    in-process shortcut cleared after each publish)."""
+    shared: dict[bytes, torch.Tensor] = {}
+
+    def share(flat):
+        key = str(len(shared)).encode()
+        shared[key] = flat
+        return wt.IpcBuffer(str(flat.dtype).removeprefix("torch."), flat.numel(), 0, key, 0, 0, b"", 0, None, False)
+
+    monkeypatch.setattr(wt, "_require_cuda", lambda kind: None)
+    monkeypatch.setattr(wt, "_check_on_cuda", lambda tensors: None)
+    monkeypatch.setattr(wt, "_synchronize", lambda: None)
+    monkeypatch.setattr(wt, "_share", share)
+    monkeypatch.setattr(wt, "_open_ipc", lambda buffer: shared[buffer.handle])
+    publisher = wt.CudaIpcPublisher(keep=2)
+    original = publisher.publish
+
+    def publish(tensors, version):
+        handle = original(tensors, version)
+        wt._LOCAL.pop(publisher.location)
+        return handle
+
+    publisher.publish = publish
+    return publisher
+
+
+def test_cuda_ipc_receiver_keep_versions_behind_skips_the_version(ipc_on_the_cpu):
+    handles = {version: ipc_on_the_cpu.publish(_weights(version), version) for version in (1, 2, 3)}
+    with pytest.raises(wt.SupersededWeights, match=r"v1: the publisher has written v3"):
+        wt.receive(handles[1], 1)
+    for version in (2, 3):  # the last `keep` are intact
+        with wt.opened(handles[version], version) as tensors:
+            assert all(torch.equal(tensors[k], t) for k, t in _weights(version).items())
+
+
+def test_cuda_ipc_version_written_over_during_the_copy_is_an_error(ipc_on_the_cpu):
+    handles = {version: ipc_on_the_cpu.publish(_weights(version), version) for version in (1, 2)}
+    with pytest.raises(wt.WeightsTransferError, match="may mix two versions") as caught:  # noqa: PT012
+        with wt.opened(handles[2], 2):
+            for version in (3, 4):  # v4 goes into v2's buffers
+                ipc_on_the_cpu.publish(_weights(version), version)
+    assert not isinstance(caught.value, wt.SupersededWeights)
+
+
+def test_cuda_ipc_in_the_publishers_process_an_older_version_is_superseded(ipc_on_the_cpu):
+    publisher = wt.CudaIpcPublisher(keep=2)  # the unpatched publish keeps the in-process shortcut
+    first = publisher.publish(_weights(1), 1)
+    publisher.publish(_weights(2), 2)
+    with pytest.raises(wt.SupersededWeights, match="published v2 since"):
+        wt.receive(first, 1)
 
 
 def test_flatten_reuses_buffers_of_the_same_layout_and_makes_new_ones_for_another():
