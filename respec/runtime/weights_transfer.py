@@ -8,9 +8,10 @@ devices"):
 - "file": a safetensors snapshot (any host with the path; the fallback).
 - "cuda_ipc": the publisher copies the weights into one flat CUDA buffer per dtype and
   keeps the last `keep` versions alive; the handle carries each buffer's CUDA IPC handle
-  (torch.multiprocessing's `reduce_tensor`, a few hundred bytes) and a manifest (name,
-  dtype, shape, offset). A receiver on the same host (any GPU) maps the buffers and
-  copies out of them.
+  (torch.multiprocessing's `reduce_tensor`, a few hundred bytes), a manifest (name,
+  dtype, shape, offset) and the set's version tag. A receiver on the same host (any GPU)
+  maps the buffers and copies out of them, or skips a version written over since
+  (SupersededWeights).
 - "collective": a torch.distributed process group between the publisher's process
   (rank 0) and each receiving process, built once from a TCP store whose address is the
   handle's `location`; every version is one broadcast of a small header and one of each
