@@ -342,10 +342,12 @@ def _rl_bench(which: str):
         seeds: Annotated[str, typer.Option(help="e2e only: comma-separated run seeds, every variant runs once "
                                                   "per seed (accuracy within noise over seeds); empty: the file's")]
             = "",
+        set_: Annotated[list[str], typer.Option("--set", help="override a key in every variant: "
+                                                "--set actors.trainer.params.device=cuda:1")] = [],  # noqa: B006
     ) -> None:
         from respec.bench import rl_runs
 
-        extra = {"actors.trainer.params.lr": lr} if lr else {}
+        extra = {**({"actors.trainer.params.lr": lr} if lr else {}), **_overrides(set_)}
         if seeds and which != "e2e":
             raise typer.BadParameter("--seeds is for `respec bench e2e` only", param_hint="--seeds")
         try:

@@ -47,6 +47,7 @@ import torch
 from respec.actors.generator import loaded_tensors
 from respec.engine.admission import check_prompt_tokens
 from respec.engine.checkpoint import load_model
+from respec.engine.devices import use_device
 from respec.engine.drafters.eagle import EagleHead
 from respec.engine.errors import INPUT_ERRORS
 from respec.engine.fast import FastGenerator
@@ -104,7 +105,7 @@ class FastRollouts(Actor):
     async def on_start(self) -> None:
         p = self.params
         auto = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(auto if p.device == "auto" else p.device)
+        self.device = use_device(auto if p.device == "auto" else p.device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         torch.manual_seed(p.seed)
         self.model = load_model(Path(p.model_path), dtype=dtype, device=self.device)

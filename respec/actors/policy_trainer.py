@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from respec.engine.checkpoint import load_model, weights_to_save
+from respec.engine.devices import use_device
 from respec.engine.tokenizer import load_tokenizer
 from respec.messages import DraftWeights, Envelope, PolicyWeights, ScoredRollout, WeightsHandle
 from respec.rl import checkpoints
@@ -68,6 +69,7 @@ class PolicyTrainer(Actor):
 
     async def on_start(self) -> None:
         torch.manual_seed(self.params.seed)
+        use_device(self.params.device)  # the publisher's synchronize and streams follow the current device
         model = load_model(Path(self.params.model_path), device=self.params.device)
         config = TrainerConfig(lr=self.params.lr, gain_lr=self.params.gain_lr, micro_batch=self.params.micro_batch,
                                max_grad_norm=self.params.max_grad_norm, length_multiple=self.params.length_multiple,

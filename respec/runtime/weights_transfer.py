@@ -225,7 +225,7 @@ class CudaIpcPublisher:
             tag.fill_(-1)  # before the writes, on the same stream: a receiver still copying sees it change
         specs, buffers = flatten(tensors, into=buffers)
         tag.fill_(version)
-        _synchronize()  # receivers read on their own streams
+        _synchronize(tag.device)  # receivers read on their own streams
         self.versions[version] = (buffers, tag)
         _LOCAL[self.location] = (version, buffers)
         return Handle(kind="cuda_ipc", location=self.location, specs=specs, buffers=[_share(flat) for flat in buffers],
@@ -237,8 +237,8 @@ def _check_on_cuda(tensors: Mapping[str, torch.Tensor]) -> None:
         raise WeightsTransferError("cuda_ipc weights must be CUDA tensors; this publisher has CPU tensors")
 
 
-def _synchronize() -> None:
-    torch.cuda.synchronize()
+def _synchronize(device: torch.device | None = None) -> None:
+    torch.cuda.synchronize(device)
 
 
 def _share(flat: torch.Tensor) -> IpcBuffer:

@@ -144,3 +144,20 @@ def test_a_bench_runs_only_the_variants_named(tmp_path):
     assert list(rl_runs.chosen(variants, ())) == ["frozen", "kd_none", "kd_reward"]
     with pytest.raises(ValueError, match="unknown variant.*kd_fast.*this bench has frozen"):
         rl_runs.chosen(variants, ("kd_fast",))
+
+
+def test_set_overrides_reach_the_bench_as_extra_keys(monkeypatch):
+    """`--set KEY=VALUE` goes into every variant's overrides (run_variants merges `extra`),
+    so one run file serves e.g. a trainer on the second GPU."""
+    from typer.testing import CliRunner
+
+    from respec.cli import app
+
+    seen = {}
+    monkeypatch.setattr(rl_runs, "bench_e2e", lambda json_file, steps, extra, *rest, **kw: seen.update(extra))
+    result = CliRunner().invoke(app, ["bench", "e2e", "--lr", "0.5", "--set", "actors.trainer.params.device=cuda:1",
+                                      "--set", "run.seed=3"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"actors.trainer.params.lr": 0.5, "actors.trainer.params.device": "cuda:1", "run.seed": 3}
+    garbled = CliRunner().invoke(app, ["bench", "e2e", "--set", "no-equals-sign"])
+    assert garbled.exit_code == 2 and "--set takes KEY=VALUE" in garbled.output

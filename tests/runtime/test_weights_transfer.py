@@ -241,7 +241,7 @@ def ipc_on_the_cpu(monkeypatch):
 
     monkeypatch.setattr(wt, "_require_cuda", lambda kind: None)
     monkeypatch.setattr(wt, "_check_on_cuda", lambda tensors: None)
-    monkeypatch.setattr(wt, "_synchronize", lambda: None)
+    monkeypatch.setattr(wt, "_synchronize", lambda device=None: None)
     monkeypatch.setattr(wt, "_share", share)
     monkeypatch.setattr(wt, "_open_ipc", lambda buffer: shared[buffer.handle])
     publisher = wt.CudaIpcPublisher(keep=2)

@@ -1,0 +1,16 @@
+"""use_device: an indexed GPU becomes the process's current device."""
+
+from __future__ import annotations
+
+import torch
+
+from respec.engine.devices import use_device
+
+
+def test_an_indexed_gpu_becomes_current_and_others_leave_it(monkeypatch):
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    assert use_device("cpu") == torch.device("cpu")
+    assert use_device("cuda") == torch.device("cuda")  # no index: the current one stays
+    assert use_device("cuda:1") == torch.device("cuda", 1)
+    assert made_current == [torch.device("cuda", 1)]
