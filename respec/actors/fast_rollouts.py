@@ -52,6 +52,7 @@ from respec.engine.drafters.eagle import EagleHead
 from respec.engine.errors import INPUT_ERRORS
 from respec.engine.fast import FastGenerator
 from respec.engine.fast.runner import buckets_up_to
+from respec.engine.fast.step_costs import StepCostCache, step_cost_key
 from respec.engine.sampling import validate
 from respec.messages import (
     DraftWeights,
@@ -246,17 +247,32 @@ class FastRollouts(Actor):
                                       max_new=p.max_new_tokens, max_k=self._max_k(),
                                       temperature=temperature, eos_ids=stops)
             if p.adaptive:
-                self.live = LiveChoice(self._step_costs(), p.adaptive_rate)
-                self.log.info("draft_lengths_profiled", choice=self.live.choice,
+                started = time.perf_counter()
+                costs, cached = self._step_costs()
+                self.live = LiveChoice(costs, p.adaptive_rate)
+                self.log.info("draft_lengths_profiled", choice=self.live.choice, cached=cached,
+                              seconds=round(time.perf_counter() - started, 3),
                               step_ms={f"{b}/{k}": round(1e3 * t, 3) for (b, k), t in self.live.step_cost.items()})
         return self.fast
 
-    def _step_costs(self) -> dict[tuple[int, int], float]:
+    def _step_costs(self) -> tuple[dict[tuple[int, int], float], bool]:
         """Seconds per step of every (bucket, draft length) on this device: what the
-        adaptive choice weighs the expected accepted drafts against."""
-        lengths = (0, *sorted(set(self.params.adaptive)))
-        return {(b, k): self.fast.time_step(b, k, self.params.profile_steps)
-                for b in self.fast.buckets for k in lengths}
+        adaptive choice weighs the expected accepted drafts against. Measured, or on a GPU
+        read back from an earlier run with the same key (step_costs.py); and whether read."""
+        p = self.params
+        lengths = (0, *sorted(set(p.adaptive)))
+        cache = StepCostCache.for_device(self.device)
+        key = None
+        if cache.folder is not None:
+            key = step_cost_key(self.device, p.model_path, p.draft_path, max_rows=p.max_rows, max_len=p.max_len,
+                                max_new=p.max_new_tokens, temperature=self.sampling[0], lengths=list(lengths),
+                                buckets=list(self.fast.buckets), profile_steps=p.profile_steps)
+            if (costs := cache.load(key)) is not None:
+                return costs, True
+        costs = {(b, k): self.fast.time_step(b, k, p.profile_steps) for b in self.fast.buckets for k in lengths}
+        if key is not None:
+            cache.store(key, costs)
+        return costs, False
 
     def _max_k(self) -> int:
         return max(*self.lengths.values(), *self.params.adaptive, 0)

@@ -193,6 +193,39 @@ def test_adaptive_drafting_times_each_bucket_learns_the_acceptance_and_keeps_the
     assert live.rate == 0.9
 
 
+def test_adaptive_costs_measured_once_are_read_back_by_the_next_run(checkpoint, eagle_head_dir, tmp_path,
+                                                                    monkeypatch):
+    """Where the costs are kept (a GPU; here the CPU with the cache pointed at a folder), a
+    second actor with the same key reads them instead of timing every (bucket, length)."""
+    from respec.actors import fast_rollouts
+
+    monkeypatch.setattr(fast_rollouts.StepCostCache, "for_device", classmethod(lambda cls, device: cls(tmp_path)))
+    monkeypatch.setattr(fast_rollouts, "step_cost_key", lambda device, model, head, **settings: {
+        "model": str(model), "head": str(head), **settings})
+    params = FastRollouts.Params(model_path=str(checkpoint), draft_path=str(eagle_head_dir), max_rows=2, max_len=64,
+                                 max_new_tokens=4, adaptive=[2], profile_steps=1, gather_s=0.0)
+    timed = []
+
+    def run_once():
+        actor, sent = started(params)
+
+        async def scenario():
+            await actor.on_start()
+            loop = asyncio.create_task(actor.run())
+            await actor.on_prompt(prompt(0, PROMPTS[0], 4), None)
+            await until(lambda: len(sent) == 1)
+            loop.cancel()
+
+        monkeypatch.setattr(FastGenerator, "time_step", lambda self, b, k, steps: timed.append((b, k)) or 1e-3 * (k + 1))
+        asyncio.run(scenario())
+        return actor.live.step_cost
+
+    first = run_once()
+    assert sorted(timed) == [(1, 0), (1, 2), (2, 0), (2, 2)]
+    assert run_once() == first and len(timed) == 4  # read back: nothing timed the second time
+    assert len(list(tmp_path.glob("step-costs-*.json"))) == 1
+
+
 def plan(tmp_path, actors: dict):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"run": {"name": "f"}, "actors": actors}))
