@@ -6,7 +6,8 @@ a random stream per row, and a message round trip per step. On a GPU that is bou
 host. This actor runs FastGenerator instead. It takes batches of up to `max_rows` prompts
 and runs each to completion; every step is one CUDA graph on a GPU, with drafting,
 verification and acceptance on the device. The prompts of an RL step arrive together:
-those that come within `gather_s` of the first waiting one make one batch.
+those that come within `gather_s` of the first waiting one make one batch (which starts at
+once when `max_rows` prompts wait).
 
 Draft lengths are set per batch bucket in one of two ways:
 - fixed, by `draft_length` and `draft_lengths`;
@@ -36,6 +37,7 @@ that version loads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from pathlib import Path
@@ -84,7 +86,7 @@ class FastRollouts(Actor):
         max_len: int = 512  # prompt + response tokens per row
         max_new_tokens: int = 128  # the most new tokens a prompt may ask for
         device: str = "auto"  # "auto": cuda where there is one, else cpu (bf16 on cuda, float32 on cpu)
-        gather_s: float = 0.02  # wait this long after the first waiting prompt for the rest of its step
+        gather_s: float = 0.02  # wait up to this long after the first waiting prompt for the rest of its step
         seed: int = 0
 
     sends = (Rollout,)
@@ -168,7 +170,7 @@ class FastRollouts(Actor):
                 self.wake.clear()
                 await self.wake.wait()
                 continue
-            await asyncio.sleep(self.params.gather_s)  # the rest of the step's prompts
+            await self._gather()
             batch = await self._take()
             if not batch:  # every waiting prompt needs a newer policy (or was refused)
                 self.wake.clear()
@@ -176,6 +178,16 @@ class FastRollouts(Actor):
                 continue
             await self._generate(batch)
             await asyncio.sleep(0)  # weights and prompts are handled between batches
+
+    async def _gather(self) -> None:
+        """Wait for the rest of the first waiting prompt's step: gather_s at most, and no
+        longer once a full batch (max_rows) waits. A step's prompts arrive back to back, so
+        a fixed wait would idle the GPU for most of gather_s every RL step."""
+        deadline = time.perf_counter() + self.params.gather_s
+        while len(self.waiting) < self.params.max_rows and (left := deadline - time.perf_counter()) > 0:
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), left)
 
     async def _take(self) -> list[Prompt]:
         """Up to max_rows prompts the loaded policy may generate, in order; bad ones are

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -191,6 +192,35 @@ def test_adaptive_drafting_times_each_bucket_learns_the_acceptance_and_keeps_the
     asyncio.run(actor.on_draft_weights(DraftWeights(version=1, handle=WeightsHandle(
         kind="local", tensors={name: t.clone() for name, t in head.state_dict().items()})), None))
     assert live.rate == 0.9
+
+
+def test_a_full_batch_starts_without_waiting_out_gather_s(checkpoint):
+    """max_rows prompts waiting end the gather at once; fewer wait up to gather_s for the
+    rest of their step, and those that come within it join the same batch."""
+    actor, sent = started(FastRollouts.Params(model_path=str(checkpoint), max_rows=2, max_len=64, max_new_tokens=4,
+                                              gather_s=30.0))
+    batches = []
+    original = actor._generate
+
+    async def generate(batch):
+        batches.append([p.prompt_id for p in batch])
+        await original(batch)
+
+    actor._generate = generate
+
+    async def scenario():
+        await actor.on_start()
+        loop = asyncio.create_task(actor.run())
+        await actor.on_prompt(prompt(0, PROMPTS[0], 4), None)
+        await asyncio.sleep(0.2)
+        assert not batches  # one of two: it waits for the rest of the step
+        await actor.on_prompt(prompt(1, PROMPTS[1], 4), None)
+        await until(lambda: len(sent) == 2, seconds=20.0)  # full: no 30 s wait
+        loop.cancel()
+
+    began = time.perf_counter()
+    asyncio.run(scenario())
+    assert batches == [["p0", "p1"]] and time.perf_counter() - began < 20.0
 
 
 def test_adaptive_costs_measured_once_are_read_back_by_the_next_run(checkpoint, eagle_head_dir, tmp_path,
