@@ -161,3 +161,23 @@ def test_set_overrides_reach_the_bench_as_extra_keys(monkeypatch):
     assert seen == {"actors.trainer.params.lr": 0.5, "actors.trainer.params.device": "cuda:1", "run.seed": 3}
     garbled = CliRunner().invoke(app, ["bench", "e2e", "--set", "no-equals-sign"])
     assert garbled.exit_code == 2 and "--set takes KEY=VALUE" in garbled.output
+
+
+def test_e2e_reports_the_speedup_to_the_last_step_and_per_step_after_the_first(tmp_path, monkeypatch):
+    """A variant slower to start and faster per step: its speedup to the last step (start-up
+    included) is below 1 while its per-step speedup is above (the two GPU runs' shape)."""
+    (tmp_path / "run.yaml").write_text(RUN)
+
+    def run(name, first, per_step):
+        rows = [{"step": s, "time_s": first + (s - 1) * per_step, "reward_mean": 0.1, "accept_len": 1.0}
+                for s in range(1, 31)]
+        return VariantResult(name, rows, [], {}, rows[-1]["time_s"], extra={"scheduler_decisions": {}})
+
+    monkeypatch.setattr(rl_runs, "run_variants", lambda *args: [run("sync_nosd", 18.7, 0.344),
+                                                                run("respec", 32.4, 0.204)])
+    variants = rl_runs.bench_e2e(tmp_path / "e.json", 30, {}, tmp_path / "run.yaml", baseline=tmp_path / "run.yaml")[
+        "variants"]
+    respec = variants["respec"]
+    assert respec["speedup vs sync_nosd"] < 1 < respec["step speedup vs sync_nosd"]
+    assert respec["step speedup vs sync_nosd"] == round(0.344 / 0.204, 3)
+    assert variants["sync_nosd"]["step speedup vs sync_nosd"] == 1.0
