@@ -13,6 +13,13 @@ Two questions, each answered in one CUDA graph against the present kernels:
    SiLU-and-multiply, then down plus the residual, as `kernels.gemv` twice a layer against
    one persistent kernel for all 24 layers with a barrier after each product.
 
+At c492c13 a barrier cost 1.6-2.6 us against 0.69 us for a PDL kernel boundary, and the
+persistent MLP took 1.33x the kernels' time. Two variants that might turn that round, added
+after that run and checked only under Triton's interpreter (one program, where the
+barriers pass at once): a pause between polls (nanosleep, so hundreds of programs polling
+one counter leave the arrivals room), and each program loading the first weight chunk of
+its first tile of the next product before the barrier (the fetch overlaps the wait).
+
     python3 bench/persistent_probe.py --json probe.json
 """
 
@@ -44,10 +51,12 @@ MAX_SPIN = tl.constexpr(1 << 20)  # a barrier gives up after this many polls (a 
 
 
 @triton.jit
-def _grid_barrier(counter_ptr, programs, timeouts_ptr, POLL_BY_LOAD: tl.constexpr):
+def _grid_barrier(counter_ptr, programs, timeouts_ptr, POLL_BY_LOAD: tl.constexpr, SLEEP_NS: tl.constexpr = 0):
     """Every program of the grid arrives at counter_ptr, then waits for all `programs`.
     The thread barrier puts every thread's writes before the count (release), and the
-    acquire polls make the other programs' writes visible after it."""
+    acquire polls make the other programs' writes visible after it. SLEEP_NS: each
+    atomic poll after the first waits this long first (nanosleep), so hundreds of
+    programs polling one address leave the arrivals room."""
     tl.debug_barrier()
     tl.atomic_add(counter_ptr, 1, sem="release")
     spins = 0
@@ -60,11 +69,19 @@ def _grid_barrier(counter_ptr, programs, timeouts_ptr, POLL_BY_LOAD: tl.constexp
     else:
         seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
         while (seen < programs) & (spins < MAX_SPIN):
+            if SLEEP_NS > 0:
+                _nanosleep(SLEEP_NS)
             seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
             spins += 1
     if spins >= MAX_SPIN:
         tl.atomic_add(timeouts_ptr, 1)
     tl.debug_barrier()
+
+
+@triton.jit
+def _nanosleep(NS: tl.constexpr):
+    tl.inline_asm_elementwise("nanosleep.u32 $1; mov.u32 $0, 0;", "=r,r", [tl.full([1], NS, tl.int32)],
+                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -79,9 +96,10 @@ def _leave(exit_ptr, counters_ptr, count, programs):
 
 
 @triton.jit
-def _barriers_only(counters_ptr, exit_ptr, timeouts_ptr, count, programs, POLL_BY_LOAD: tl.constexpr):
+def _barriers_only(counters_ptr, exit_ptr, timeouts_ptr, count, programs, POLL_BY_LOAD: tl.constexpr,
+                   SLEEP_NS: tl.constexpr = 0):
     for b in range(count):
-        _grid_barrier(counters_ptr + b, programs, timeouts_ptr, POLL_BY_LOAD)
+        _grid_barrier(counters_ptr + b, programs, timeouts_ptr, POLL_BY_LOAD, SLEEP_NS)
     _leave(exit_ptr, counters_ptr, count, programs)
 
 
@@ -97,50 +115,121 @@ def _tiny(value_ptr, USE_GDC: tl.constexpr):
 def _mlp_chain(x_ptr, act_ptr, gu_ptr, down_ptr, partial_ptr, arrivals_ptr, counters_ptr, exit_ptr, timeouts_ptr,
                layers, hidden, inter, programs,
                BN1: tl.constexpr, BK1: tl.constexpr, BN2: tl.constexpr, BK2: tl.constexpr, SPLIT2: tl.constexpr,
-               POLL_BY_LOAD: tl.constexpr):
+               POLL_BY_LOAD: tl.constexpr, PRELOAD: tl.constexpr = False, SLEEP_NS: tl.constexpr = 0):
     """For each layer: act = silu(gate x) * (up x); barrier; x += down act (split over the
-    inputs, the last share to arrive adds them in order); barrier."""
+    inputs, the last share to arrive adds them in order); barrier. PRELOAD: before each
+    barrier a program loads the first weight chunk of its first tile of the product after
+    it, so that fetch overlaps the wait (its other chunks and tiles stream as before). The
+    programs past a product's last tile preload nothing for it."""
     pid = tl.program_id(0)
+    share = inter // SPLIT2
+    down_tiles = (hidden // BN2) * SPLIT2
+    pre_g, pre_u = _gate_up_chunk(gu_ptr, pid, inter, hidden, BN1, BK1)
     for layer in range(layers):
         gu = gu_ptr + layer * 2 * inter * hidden
-        for tile in range(pid, inter // BN1, programs):
-            j = tile * BN1 + tl.arange(0, BN1)
-            gate = tl.zeros([BN1], dtype=tl.float32)
-            up = tl.zeros([BN1], dtype=tl.float32)
-            for start in range(0, hidden, BK1):
-                i = start + tl.arange(0, BK1)
-                ok = i < hidden
-                xs = tl.load(x_ptr + i, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-                wg = tl.load(gu + j[:, None] * hidden + i[None, :], mask=ok[None, :], other=0.0)
-                wu = tl.load(gu + (j + inter)[:, None] * hidden + i[None, :], mask=ok[None, :], other=0.0)
-                gate += tl.sum(wg.to(tl.float32) * xs[None, :], axis=1)
-                up += tl.sum(wu.to(tl.float32) * xs[None, :], axis=1)
-            gate = gate.to(tl.bfloat16).to(tl.float32)
-            out = (gate * tl.sigmoid(gate)).to(tl.bfloat16).to(tl.float32) * up.to(tl.bfloat16).to(tl.float32)
-            tl.store(act_ptr + j, out.to(tl.bfloat16))
-        _grid_barrier(counters_ptr + 2 * layer, programs, timeouts_ptr, POLL_BY_LOAD)
+        rest = pid
+        if PRELOAD:
+            if pid < inter // BN1:
+                _gate_up_tile(x_ptr, gu, act_ptr, pid, inter, hidden, pre_g, pre_u, True, BN1, BK1)
+            rest = pid + programs
+        for tile in range(rest, inter // BN1, programs):
+            _gate_up_tile(x_ptr, gu, act_ptr, tile, inter, hidden, pre_g, pre_u, False, BN1, BK1)
         down = down_ptr + layer * hidden * inter
-        share = inter // SPLIT2
-        for tile in range(pid, (hidden // BN2) * SPLIT2, programs):
-            block, split = tile // SPLIT2, tile % SPLIT2
-            j = block * BN2 + tl.arange(0, BN2)
-            acc = tl.zeros([BN2], dtype=tl.float32)
-            for start in range(split * share, (split + 1) * share, BK2):
-                i = start + tl.arange(0, BK2)
-                ok = i < (split + 1) * share
-                xs = tl.load(act_ptr + i, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-                w = tl.load(down + j[:, None] * inter + i[None, :], mask=ok[None, :], other=0.0)
-                acc += tl.sum(w.to(tl.float32) * xs[None, :], axis=1)
-            tl.store(partial_ptr + (block * SPLIT2 + split) * BN2 + tl.arange(0, BN2), acc)
-            if _last_to_arrive(arrivals_ptr + block, SPLIT2):
-                total = tl.zeros([BN2], dtype=tl.float32)
-                for other in tl.static_range(SPLIT2):
-                    total += tl.load(partial_ptr + (block * SPLIT2 + other) * BN2 + tl.arange(0, BN2),
-                                     cache_modifier=".cg")
-                residual = tl.load(x_ptr + j, cache_modifier=".cg").to(tl.float32)
-                tl.store(x_ptr + j, (total.to(tl.bfloat16).to(tl.float32) + residual).to(tl.bfloat16))
-        _grid_barrier(counters_ptr + 2 * layer + 1, programs, timeouts_ptr, POLL_BY_LOAD)
+        pre_d = _down_chunk(down, pid, hidden, inter, share, BN2, BK2, SPLIT2)  # first chunk of tile pid
+        _grid_barrier(counters_ptr + 2 * layer, programs, timeouts_ptr, POLL_BY_LOAD, SLEEP_NS)
+        rest = pid
+        if PRELOAD:
+            if pid < down_tiles:
+                _down_tile(x_ptr, act_ptr, down, partial_ptr, arrivals_ptr, pid, inter, share, pre_d, True, BN2, BK2,
+                           SPLIT2)
+            rest = pid + programs
+        for tile in range(rest, down_tiles, programs):
+            _down_tile(x_ptr, act_ptr, down, partial_ptr, arrivals_ptr, tile, inter, share, pre_d, False, BN2, BK2,
+                       SPLIT2)
+        if PRELOAD:
+            if layer + 1 < layers:
+                pre_g, pre_u = _gate_up_chunk(gu + 2 * inter * hidden, pid, inter, hidden, BN1, BK1)
+        _grid_barrier(counters_ptr + 2 * layer + 1, programs, timeouts_ptr, POLL_BY_LOAD, SLEEP_NS)
     _leave(exit_ptr, counters_ptr, 2 * layers, programs)
+
+
+@triton.jit
+def _gate_up_chunk(gu, tile, inter, hidden, BN1: tl.constexpr, BK1: tl.constexpr):
+    """A gate-up tile's first chunk of gate and up weights, [BN1, BK1] each."""
+    j = tile * BN1 + tl.arange(0, BN1)
+    i = tl.arange(0, BK1)
+    ok = (i[None, :] < hidden) & (j[:, None] < inter)
+    return (tl.load(gu + j[:, None] * hidden + i[None, :], mask=ok, other=0.0),
+            tl.load(gu + (j + inter)[:, None] * hidden + i[None, :], mask=ok, other=0.0))
+
+
+@triton.jit
+def _gate_up_tile(x_ptr, gu, act_ptr, tile, inter, hidden, pre_g, pre_u, HAS_FIRST: tl.constexpr,
+                  BN1: tl.constexpr, BK1: tl.constexpr):
+    """act[j] = silu(gate_j . x) * (up_j . x) for the tile's BN1 outputs; HAS_FIRST: its
+    first chunk of weights is pre_g / pre_u, already loaded."""
+    j = tile * BN1 + tl.arange(0, BN1)
+    gate = tl.zeros([BN1], dtype=tl.float32)
+    up = tl.zeros([BN1], dtype=tl.float32)
+    first = 0
+    if HAS_FIRST:
+        i = tl.arange(0, BK1)
+        xs = tl.load(x_ptr + i, mask=i < hidden, other=0.0, cache_modifier=".cg").to(tl.float32)
+        gate += tl.sum(pre_g.to(tl.float32) * xs[None, :], axis=1)
+        up += tl.sum(pre_u.to(tl.float32) * xs[None, :], axis=1)
+        first = BK1
+    for start in range(first, hidden, BK1):
+        i = start + tl.arange(0, BK1)
+        ok = i < hidden
+        xs = tl.load(x_ptr + i, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+        wg = tl.load(gu + j[:, None] * hidden + i[None, :], mask=ok[None, :], other=0.0)
+        wu = tl.load(gu + (j + inter)[:, None] * hidden + i[None, :], mask=ok[None, :], other=0.0)
+        gate += tl.sum(wg.to(tl.float32) * xs[None, :], axis=1)
+        up += tl.sum(wu.to(tl.float32) * xs[None, :], axis=1)
+    gate = gate.to(tl.bfloat16).to(tl.float32)
+    out = (gate * tl.sigmoid(gate)).to(tl.bfloat16).to(tl.float32) * up.to(tl.bfloat16).to(tl.float32)
+    tl.store(act_ptr + j, out.to(tl.bfloat16))
+
+
+@triton.jit
+def _down_chunk(down, tile, hidden, inter, share, BN2: tl.constexpr, BK2: tl.constexpr, SPLIT2: tl.constexpr):
+    """A down tile's first chunk of weights, [BN2, BK2] (zeros past the last tile)."""
+    block, split = tile // SPLIT2, tile % SPLIT2
+    j = block * BN2 + tl.arange(0, BN2)
+    i = split * share + tl.arange(0, BK2)
+    ok = (i[None, :] < (split + 1) * share) & (j[:, None] < hidden)
+    return tl.load(down + j[:, None] * inter + i[None, :], mask=ok, other=0.0)
+
+
+@triton.jit
+def _down_tile(x_ptr, act_ptr, down, partial_ptr, arrivals_ptr, tile, inter, share, pre_d, HAS_FIRST: tl.constexpr,
+               BN2: tl.constexpr, BK2: tl.constexpr, SPLIT2: tl.constexpr):
+    """The tile's share of x[j] += down_j . act (its split of the inputs); the last share of
+    a block to arrive adds them in split order and the residual. HAS_FIRST: its first chunk
+    of weights is pre_d, already loaded."""
+    block, split = tile // SPLIT2, tile % SPLIT2
+    j = block * BN2 + tl.arange(0, BN2)
+    acc = tl.zeros([BN2], dtype=tl.float32)
+    first = split * share
+    end = (split + 1) * share
+    if HAS_FIRST:
+        i = first + tl.arange(0, BK2)
+        xs = tl.load(act_ptr + i, mask=i < end, other=0.0, cache_modifier=".cg").to(tl.float32)
+        acc += tl.sum(pre_d.to(tl.float32) * xs[None, :], axis=1)
+        first += BK2
+    for start in range(first, end, BK2):
+        i = start + tl.arange(0, BK2)
+        ok = i < end
+        xs = tl.load(act_ptr + i, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+        w = tl.load(down + j[:, None] * inter + i[None, :], mask=ok[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * xs[None, :], axis=1)
+    tl.store(partial_ptr + (block * SPLIT2 + split) * BN2 + tl.arange(0, BN2), acc)
+    if _last_to_arrive(arrivals_ptr + block, SPLIT2):
+        total = tl.zeros([BN2], dtype=tl.float32)
+        for other in tl.static_range(SPLIT2):
+            total += tl.load(partial_ptr + (block * SPLIT2 + other) * BN2 + tl.arange(0, BN2), cache_modifier=".cg")
+        residual = tl.load(x_ptr + j, cache_modifier=".cg").to(tl.float32)
+        tl.store(x_ptr + j, (total.to(tl.bfloat16).to(tl.float32) + residual).to(tl.bfloat16))
 
 
 def graphed_us(work, calls: int = 20) -> float:
@@ -163,15 +252,19 @@ def barrier_costs(sms: int) -> dict:
             for _ in range(count):
                 _tiny[(1,)](value, USE_GDC=pdl, **(dict(launch_pdl=True) if pdl else {}))
         out[f"kernel_boundary_{'pdl' if pdl else 'plain'}_us"] = graphed_us(chain, calls=1) / count
-    for poll in ("atomic", "load"):
+    for poll, sleep_ns in (("atomic", 0), ("load", 0), ("atomic", 100), ("atomic", 400)):
         for per_sm in (1, 4):
             programs = sms * per_sm
+            name = f"barrier_{poll}_poll{f'_sleep{sleep_ns}ns' if sleep_ns else ''}_{programs}p_us"
 
-            def launch(programs=programs, poll=poll):
+            def launch(programs=programs, poll=poll, sleep_ns=sleep_ns):
                 _barriers_only[(programs,)](counters, exit_count, timeouts, count, programs,
-                                            POLL_BY_LOAD=poll == "load", num_warps=4)
-            out[f"barrier_{poll}_poll_{programs}p_us"] = graphed_us(launch, calls=5) / count
-            log(f"{poll} {programs}: {out[f'barrier_{poll}_poll_{programs}p_us']:.2f} us")
+                                            POLL_BY_LOAD=poll == "load", SLEEP_NS=sleep_ns, num_warps=4)
+            try:
+                out[name] = graphed_us(launch, calls=5) / count
+            except Exception as error:  # noqa: BLE001 - a probe: record and go on
+                out[name] = repr(error)[:200]
+            log(f"{name}: {out[name]}")
     out["timeouts"] = int(timeouts.item())
     return out
 
@@ -209,28 +302,37 @@ def mlp_times(sms: int, layers: int = 24, hidden: int = 896, inter: int = 4864) 
     timeouts = torch.zeros(1, dtype=torch.int32, device=device)
     arrivals = torch.zeros(hidden, dtype=torch.int32, device=device)
     bn2, split2 = 8, 4  # down: 112 blocks of 8 outputs, each summed in 4 shares
-    configs = [(per_sm, bn1, poll) for per_sm in (2, 4) for bn1 in (4, 8) for poll in ("atomic", "load")]
+    # (programs per SM, gate-up outputs per tile, poll, preload the next product's first chunk, ns between polls);
+    # the first is the best of c492c13's sweep (2 and 4 per SM, 4 and 8 outputs, atomic and load polls)
+    configs = [(4, 4, "atomic", False, 0), (4, 4, "atomic", True, 0), (4, 4, "atomic", False, 100),
+               (4, 4, "atomic", True, 100), (4, 4, "atomic", True, 400), (2, 4, "atomic", True, 100)]
     runs = {}
-    for per_sm, bn1, poll in configs:
+    for per_sm, bn1, poll, preload, sleep_ns in configs:
         programs = sms * per_sm
         partial = torch.zeros((hidden // bn2) * split2 * bn2, dtype=torch.float32, device=device)
 
-        def persistent(programs=programs, bn1=bn1, poll=poll, partial=partial):
+        def persistent(programs=programs, bn1=bn1, poll=poll, preload=preload, sleep_ns=sleep_ns, partial=partial):
             x.copy_(start)
             _mlp_chain[(programs,)](x, act, gu, down, partial, arrivals, counters, exit_count, timeouts, layers,
                                     hidden, inter, programs, BN1=bn1, BK1=1024, BN2=bn2, BK2=512, SPLIT2=split2,
-                                    POLL_BY_LOAD=poll == "load", num_warps=4)
+                                    POLL_BY_LOAD=poll == "load", PRELOAD=preload, SLEEP_NS=sleep_ns, num_warps=4)
 
-        name = f"{programs}p_bn1{bn1}_{poll}_poll"
-        persistent()
-        torch.cuda.synchronize()
-        result = {"finite": bool(x.isfinite().all()), "max_diff": (x.float() - reference.float()).abs().max().item()}
-        result["us"] = graphed_us(persistent, calls=5) - copy_us
+        name = f"{programs}p_bn1{bn1}_{poll}_poll{'_preload' if preload else ''}{f'_sleep{sleep_ns}' if sleep_ns else ''}"
+        try:
+            persistent()
+            torch.cuda.synchronize()
+            result = {"finite": bool(x.isfinite().all()),
+                      "max_diff": (x.float() - reference.float()).abs().max().item()}
+            result["us"] = graphed_us(persistent, calls=5) - copy_us
+        except Exception as error:  # noqa: BLE001 - a probe: record and go on
+            runs[name] = {"error": repr(error)[:300]}
+            log(f"{name}: {runs[name]}")
+            continue
         result["timeouts"] = int(timeouts.item())
         runs[name] = result
         log(f"{name}: {result}")
     out["persistent"] = runs
-    best = min((r["us"], n) for n, r in runs.items())
+    best = min((r["us"], n) for n, r in runs.items() if "us" in r)
     out["best"] = {"config": best[1], "us": best[0], "over_kernels": best[0] / out["kernels_us"]}
     out["floor_us_at_3tbs"] = weight_bytes / 3e12 * 1e6
     return out
