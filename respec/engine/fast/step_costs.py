@@ -2,9 +2,10 @@
 
 FastRollouts' adaptive choice weighs each draft length's expected accepted tokens against
 what a step of it costs on this device, so it times every (bucket, length) before its
-first batch: at the 0.5B shape on an H100 with 7 buckets and 4 lengths that was 14 s
-(28 graphs captured and timed) before the first RL step of every run, against 1 s for
-the synchronous no-SD baseline (docs/PERFORMANCE.md, "The actor graph on two GPUs").
+first batch: at the 0.5B shape with 7 buckets and 4 lengths (28 graphs captured and
+timed) that took 29.4 s on a fresh H100, and on two H100s respec reached its first RL step
+13.7 s after the synchronous no-SD baseline (docs/PERFORMANCE.md, "The actor graph on two
+GPUs, and step costs kept on disk").
 
 A GPU's step costs repeat from run to run (a shared CPU's do not, so the CPU measures
 every time). So on CUDA the costs go to one JSON file per key: the GPU, torch and Triton
