@@ -21,13 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import warnings
 from pathlib import Path
 
 import torch
 
-from respec.files import write_atomically
+from respec.files import cache_folder, file_name_part, write_atomically
 
 FAST_PATH_CODE = Path(__file__).parent  # its .py files: a change to any of them measures again
 SWITCHES = ("RESPEC_KERNELS", "RESPEC_PDL", "RESPEC_PDL_PREFETCH", "RESPEC_ATTEND_O")
@@ -53,10 +52,7 @@ class StepCostCache:
     @classmethod
     def for_device(cls, device: torch.device) -> StepCostCache:
         """The tuner's folder on CUDA; nothing on the CPU or with RESPEC_TUNE_CACHE=off."""
-        setting = os.environ.get("RESPEC_TUNE_CACHE", "")
-        if device.type != "cuda" or setting.lower() == "off":
-            return cls(None)
-        return cls(Path(setting).expanduser() if setting else Path.home() / ".cache" / "respec")
+        return cls(cache_folder() if device.type == "cuda" else None)
 
     def load(self, key: dict) -> dict[tuple[int, int], float] | None:
         if self.folder is None:
@@ -82,7 +78,7 @@ class StepCostCache:
             self.folder = None
 
     def _path(self, key: dict) -> Path:
-        gpu = re.sub(r"[^A-Za-z0-9]+", "-", str(key.get("gpu", ""))).strip("-").lower()
+        gpu = file_name_part(str(key.get("gpu", "")))
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         return self.folder / f"step-costs-{gpu}-{digest}.json"
 

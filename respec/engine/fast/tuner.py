@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 import statistics
 import warnings
 from pathlib import Path
@@ -29,7 +27,7 @@ import triton
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
-from respec.files import write_atomically
+from respec.files import cache_folder, file_name_part, write_atomically
 
 SOURCES = (Path(__file__).with_name("kernels.py"), Path(__file__))  # the kernels and how they are timed
 chosen: dict[tuple, tuple] = {}  # this process's choices, by kernel key
@@ -150,10 +148,9 @@ class TuningCache:
 
 def cache_path(device: torch.device, *sources: Path) -> Path | None:
     """This GPU's file for kernels of these sources, None where RESPEC_TUNE_CACHE=off."""
-    folder = os.environ.get("RESPEC_TUNE_CACHE", "")
-    if folder.lower() == "off":
+    folder = cache_folder()
+    if folder is None:
         return None
-    gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device)).strip("-").lower()
+    gpu = file_name_part(torch.cuda.get_device_name(device))
     code = hashlib.sha256(b"".join(source.read_bytes() for source in sources)).hexdigest()[:12]
-    root = Path(folder).expanduser() if folder else Path.home() / ".cache" / "respec"
-    return root / f"kernels-{gpu}-triton{triton.__version__}-{code}.json"
+    return folder / f"kernels-{gpu}-triton{triton.__version__}-{code}.json"
