@@ -489,14 +489,15 @@ def opened(handle: Any, version: int, names: tuple[str, ...] | None = None,
     tensors = receive(handle, version, names, device)
     try:
         yield tensors
-        if handle.kind == "cuda_ipc":
-            _synchronize()  # the copies out ran; did the publisher write the buffers meanwhile?
-            tagged = _tagged_version(handle) if handle.location not in _LOCAL else version
-            if tagged is not None and tagged != version:
-                raise WeightsTransferError(
-                    f"cuda_ipc weights v{version}: the publisher wrote a newer version into the buffers while they "
-                    "were being copied out, so the copy may mix two versions; raise run.weights_keep")
     finally:
         if handle.kind == "cuda_ipc":
-            _synchronize()
+            _synchronize()  # the copies out ran before the mapping goes
         tensors.clear()
+    # Reached only when the copies succeeded: did the publisher write the buffers meanwhile?
+    # (In its own process a receiver reads them between publishes, never during one.)
+    if handle.kind == "cuda_ipc" and handle.location not in _LOCAL:
+        tagged = _tagged_version(handle)
+        if tagged is not None and tagged != version:
+            raise WeightsTransferError(
+                f"cuda_ipc weights v{version}: the publisher wrote a newer version into the buffers while they "
+                "were being copied out, so the copy may mix two versions; raise run.weights_keep")
