@@ -133,6 +133,7 @@ class FastRollouts(Actor):
     async def on_policy_weights(self, weights: PolicyWeights, envelope: Envelope) -> None:
         """Into the policy in place (the head shares its embeddings, norm and output layer),
         then into the fast path's fused copies."""
+        started = time.time()  # the envelope's sent_at is wall-clock time: how long the announcement waited
         try:
             with loaded_tensors(weights.handle, weights.version, device=str(self.device)) as tensors, torch.no_grad():
                 self.model.load_state_dict(tensors, strict=False)
@@ -141,7 +142,9 @@ class FastRollouts(Actor):
             return
         self._refresh()
         self.version = weights.version
-        self.log.info("policy_weights_loaded", version=weights.version)
+        waited = None if envelope is None else round(started - envelope.sent_at, 4)  # None: called directly
+        self.log.info("policy_weights_loaded", version=weights.version, waited_s=waited,
+                      load_s=round(time.time() - started, 4))
         self.wake.set()  # held prompts may be ready now
 
     @handles(DraftWeights, optional=True)

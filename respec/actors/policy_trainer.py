@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from respec.engine.checkpoint import load_model, weights_to_save
-from respec.engine.devices import use_device
+from respec.engine.devices import gpu_of, use_device
 from respec.engine.tokenizer import load_tokenizer
 from respec.messages import DraftWeights, Envelope, PolicyWeights, ScoredRollout, WeightsHandle
 from respec.rl import checkpoints
@@ -255,13 +255,24 @@ class PolicyTrainer(Actor):
                    for name in self._weight_loaders()]
         return bool(devices) and all(device.startswith("cuda") for device in devices)
 
+    def _receivers_gpu(self) -> torch.device | None:
+        """The one GPU every weight loader is on, when it is not the trainer's own: the
+        cuda_ipc buffers are put there (CudaIpcPublisher says why). None otherwise."""
+        plan = self.context.plan
+        devices = {gpu_of(str(plan.actors[name].spec.params.get("device", plan.config.model.device)))
+                   for name in self._weight_loaders()}
+        if len(devices) != 1 or None in devices:
+            return None
+        (device,) = devices
+        return None if device == gpu_of(str(self._device())) else device
+
     def _publisher(self, kind: str):
         """One publisher for the run: its IPC buffers or process group serve every version."""
         publisher = getattr(self, "weights_publisher", None)
         if publisher is None:
             run = self.context.plan.config.run
             if kind == "cuda_ipc":
-                publisher = weights_transfer.CudaIpcPublisher(keep=run.weights_keep)
+                publisher = weights_transfer.CudaIpcPublisher(keep=run.weights_keep, device=self._receivers_gpu())
             else:
                 plan = self.context.plan
                 # the processes that join each broadcast: those whose actors load the weights

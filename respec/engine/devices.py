@@ -14,3 +14,14 @@ def use_device(name: str | torch.device) -> torch.device:
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     return device
+
+
+def gpu_of(name: str) -> torch.device | None:
+    """The GPU an actor's device setting puts it on, with its index ("cuda" is a fresh
+    process's current device, 0; "auto" is that GPU where there is one); None off the GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type != "cuda":
+        return None
+    return torch.device("cuda", 0 if device.index is None else device.index)

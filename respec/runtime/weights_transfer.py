@@ -154,6 +154,17 @@ def flatten(tensors: Mapping[str, torch.Tensor],
     return specs, buffers
 
 
+def copied_to(buffers: list[torch.Tensor], device: torch.device,
+              into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The flat buffers copied to `device` (into `into` where its layout matches): one copy
+    each, so a copy between GPUs is one peer transfer, not one per tensor."""
+    if into is None or [(b.dtype, b.numel()) for b in into] != [(b.dtype, b.numel()) for b in buffers]:
+        into = [torch.empty(b.numel(), dtype=b.dtype, device=device) for b in buffers]
+    for flat, out in zip(buffers, into, strict=True):
+        out.copy_(flat)
+    return into
+
+
 def unflatten(specs: list[Any], buffers: list[torch.Tensor],
               names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
     """Views of the named tensors into the flat buffers (no copy)."""
@@ -206,25 +217,41 @@ class CudaIpcPublisher:
     set carries a version tag (one int64 on the device, shared like the buffers): -1 while
     the set is being written, then the version in it. A receiver reads it before copying
     (another version: SupersededWeights, nothing copied, the newer announcement follows)
-    and after (changed during the copy: a WeightsTransferError, never a silent mix)."""
+    and after (changed during the copy: a WeightsTransferError, never a silent mix).
 
-    def __init__(self, keep: int = 3) -> None:
+    `device`: the GPU the buffers live on when it is not the tensors' own, the one every
+    receiver is on. The publisher then writes them across (one peer copy per buffer, from a
+    staging set on its own GPU), and each receiver copies within its own GPU. A receiver
+    that reads across GPUs runs those copies on the publisher's GPU instead (PyTorch copies
+    between GPUs on the source's stream), where they wait behind the publisher's next
+    kernels: on two H100s a third of FastRollouts' loads took 0.12-0.28 s, ending as the
+    trainer's next update did, against ~0.015 s for the rest."""
+
+    def __init__(self, keep: int = 3, device: str | torch.device | None = None) -> None:
         _require_cuda("cuda_ipc")
         if keep < 1:
             raise ValueError("keep must be >= 1")
         self.keep = keep
+        self.device = None if device is None else torch.device(device)
         self.location = f"cuda_ipc-{uuid.uuid4().hex[:12]}"
         self.versions: dict[int, tuple[list[torch.Tensor], torch.Tensor]] = {}  # version -> (buffers, tag)
+        self.staging: list[torch.Tensor] | None = None  # on the tensors' GPU, when the buffers are on another
 
     def publish(self, tensors: Mapping[str, torch.Tensor], version: int) -> Handle:
         _check_on_cuda(tensors)
+        source = next(iter(tensors.values())).device
+        target = self.device or source
         buffers, tag = self.versions.pop(min(self.versions)) if len(self.versions) >= self.keep else (None, None)
         if tag is None:
-            tag = torch.full((1,), -1, dtype=torch.int64, device=next(iter(tensors.values())).device)
+            tag = torch.full((1,), -1, dtype=torch.int64, device=target)
         else:
             tag.fill_(-1)  # before the writes, on the same stream: a receiver still copying sees it change
-        specs, buffers = flatten(tensors, into=buffers)
-        tag.fill_(version)
+        if target == source:
+            specs, buffers = flatten(tensors, into=buffers)
+        else:
+            specs, self.staging = flatten(tensors, into=self.staging)
+            buffers = copied_to(self.staging, target, into=buffers)
+        tag.fill_(version)  # after the copies: PyTorch orders a copy between GPUs with both GPUs' streams
         _synchronize(tag.device)  # receivers read on their own streams
         self.versions[version] = (buffers, tag)
         _LOCAL[self.location] = (version, buffers)

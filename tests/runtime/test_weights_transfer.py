@@ -315,3 +315,82 @@ def test_the_prompt_source_does_not_decide_how_weights_travel():
     trainer.context = SimpleNamespace(plan=build_plan(config))
     assert trainer._receivers_on_cuda()
     assert trainer._weight_loaders() == ["generator"]  # also whom a collective broadcast waits for
+
+
+def test_the_trainer_puts_cuda_ipc_buffers_on_its_receivers_gpu_when_it_is_another():
+    """A receiver reading buffers on the trainer's GPU runs its copies there, behind the
+    trainer's next update (CudaIpcPublisher): with every loader on one other GPU the
+    buffers go there; on the trainer's own GPU (or off the GPU) they stay with the trainer."""
+    from types import SimpleNamespace
+
+    from respec.actors.policy_trainer import PolicyTrainer
+    from respec.runtime.plan import build_plan
+
+    def receivers_gpu(generator_devices: list[str], trainer_device: str):
+        generators = {f"generator{i}": {"class": "respec.actors.fast_rollouts.FastRollouts", "group": f"gen{i}",
+                                        "params": {"model_path": "m", "device": device}}
+                      for i, device in enumerate(generator_devices)}
+        config = parse_config({"run": {"name": "w"}, "model": {"device": "cpu"}, "actors": {
+            "prompts": {"class": "respec.actors.prompt_source.PromptSource", "params": {"tokenizer_path": "t"}},
+            **generators,
+            "scorer": {"class": "respec.actors.reward_scorer.RewardScorer", "params": {"tokenizer_path": "t"}},
+            "trainer": {"class": "respec.actors.policy_trainer.PolicyTrainer", "group": "train",
+                        "params": {"model_path": "m", "device": trainer_device}}}})
+        trainer = PolicyTrainer.__new__(PolicyTrainer)
+        trainer.context = SimpleNamespace(plan=build_plan(config))
+        trainer._device = lambda: torch.device(trainer_device)
+        return trainer._receivers_gpu()
+
+    assert receivers_gpu(["cuda"], "cuda:1") == torch.device("cuda", 0)
+    assert receivers_gpu(["cuda:1"], "cuda:0") == torch.device("cuda", 1)
+    assert receivers_gpu(["cuda"], "cuda:0") is None  # the trainer's own GPU
+    assert receivers_gpu(["cpu"], "cuda:1") is None
+
+
+def test_flat_buffers_copied_across_are_one_copy_each_into_a_set_of_the_same_layout():
+    specs, buffers = wt.flatten(_weights(1))
+    across = wt.copied_to(buffers, torch.device("cpu"))
+    assert all(a is not b and torch.equal(a, b) for a, b in zip(across, buffers, strict=True))
+    _, buffers = wt.flatten(_weights(2), into=buffers)
+    again = wt.copied_to(buffers, torch.device("cpu"), into=across)
+    assert all(a is b for a, b in zip(again, across, strict=True))  # the shared set is reused, not remade
+    assert all(torch.equal(wt.unflatten(specs, again)[k], t) for k, t in _weights(2).items())
+    other = wt.copied_to(buffers[:1], torch.device("cpu"), into=across)  # another layout: a new set
+    assert len(other) == 1 and other[0] is not across[0]
+
+
+def _ipc_receiver_on(device_index, inbox, outbox) -> None:
+    """Receives on `device_index` and reports where the mapped buffers live."""
+    from respec.runtime import weights_transfer
+
+    torch.cuda.set_device(device_index)
+    while (data := inbox.get()) is not None:
+        message = codec.decode(data)[1]
+        with weights_transfer.opened(message.handle, message.version) as tensors:
+            devices = sorted({t.device.index for t in tensors.values()})
+            target = {name: torch.empty_like(t, device="cuda").copy_(t) for name, t in tensors.items()}
+        outbox.put((message.version, devices, {k: _bits(t.cpu()) for k, t in target.items()}))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_ipc_buffers_on_the_receivers_gpu_bit_identical(spawnable):
+    """Weights on GPU 1, published into buffers on GPU 0 (the receiver's): the receiver
+    maps GPU-0 memory and gets every version bit for bit, buffers reused included."""
+    ctx = mp.get_context("spawn")
+    inbox, outbox = ctx.Queue(), ctx.Queue()
+    process = ctx.Process(target=_ipc_receiver_on, args=(0, inbox, outbox), daemon=True)
+    process.start()
+    publisher = wt.CudaIpcPublisher(keep=2, device="cuda:0")
+    try:
+        for version in (1, 2, 3, 4):  # 3 and 4 go into 1's and 2's buffers
+            weights = {k: v.to("cuda:1") for k, v in _weights(version).items()}
+            handle = publisher.publish(weights, version)
+            assert {b.device for b in handle.buffers} == {0} and handle.version_tag.device == 0
+            inbox.put(encode(PolicyWeights(version=version, handle=wt.as_message(handle))))
+            got_version, devices, got = outbox.get(timeout=120)
+            assert got_version == version and devices == [0]
+            for name, tensor in weights.items():
+                assert np.array_equal(got[name], _bits(tensor.cpu())), name
+    finally:
+        inbox.put(None)
+        process.join(timeout=60)
