@@ -99,6 +99,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rl-groups", default="32", help="prompts per RL step (8 rollouts each); a list runs each")
     parser.add_argument("--operands", default="5,8", help="MIN,MAX operands of the task's problems: 2,14 gives "
                         "the long tail of rollout lengths RL has (a few rows run 5x the median)")
+    parser.add_argument("--long-share", type=float, default=0.0, help="sweep: this share of each batch's rows "
+                        "from the longest problems, the rest from the shortest (0.02 with --operands 2,14: a "
+                        "rollout phase that spends most of its steps in a small tail); 0: the held-out problems "
+                        "as they come")
     parser.add_argument("--cache", default="", help="a folder to keep the trained policy and head in: a later run "
                         "with the same folder (and task) loads them instead of training again")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="which of " + ",".join(SECTIONS))
@@ -115,6 +119,8 @@ def parse_args() -> argparse.Namespace:
     args.batches = [int(b) for b in args.batches.split(",")]
     args.rl_groups = [int(g) for g in args.rl_groups.split(",")]
     args.operands = tuple(int(n) for n in args.operands.split(","))
+    if not 0.0 <= args.long_share <= 1.0:
+        parser.error(f"--long-share must be within [0, 1], got {args.long_share}")
     args.sections = args.sections.split(",")
     args.rl_variants = tuple(args.rl_variants.split(","))
     if unknown := set(args.rl_variants) - KNOWN_VARIANTS:
@@ -243,7 +249,7 @@ def sweep_section(model, head, prompts, profile: dict, device: str, args, on_row
     drafted = generator_for(model, head, device, args, rows, 1.0)
     table = []
     for b in args.batches:
-        batch = (prompts * (b // len(prompts) + 1))[:b]
+        batch = long_tailed(prompts, b, args.long_share) if args.long_share else (prompts * (b // len(prompts) + 1))[:b]
         configs = {"no_sd": (plain, 0), **{f"k{k}": (drafted, k) for k in DRAFT_LENGTHS},
                    "scheduler": (drafted, profile["choice"])}
         row = {"batch": b, **compare(configs, batch, device)}
@@ -256,6 +262,21 @@ def sweep_section(model, head, prompts, profile: dict, device: str, args, on_row
             + f" | scheduler/best {row['scheduler_over_best_static']:.2f}")
         on_row({"profile": profile, "table": table})
     return {"profile": profile, "table": table}
+
+
+def long_tailed(prompts: list[list[int]], size: int, long_share: float) -> list[list[int]]:
+    """`size` prompts: `long_share` of them from the longest quarter (by prompt length, so
+    the most operands and the longest completions), the rest from the shortest half. Most
+    rows finish early and a few run on at a small batch, as RL's rollouts do (a few
+    responses many times the median), where the uniform operand counts of --operands give
+    lengths spread evenly."""
+    by_length = sorted(prompts, key=len)
+    short, long = by_length[: max(1, len(by_length) // 2)], by_length[-max(1, len(by_length) // 4):]
+    longs = round(size * long_share)
+
+    def cycled(pool: list[list[int]], n: int) -> list[list[int]]:
+        return (pool * (n // len(pool) + 1))[:n]
+    return cycled(long, longs) + cycled(short, size - longs)
 
 
 def scheduler_profile(generator: FastGenerator, calibration, device: str) -> dict:
