@@ -35,7 +35,10 @@ def _seconds(event: dict, start: float) -> float:
 def loads(log: Path, metrics: Path) -> list[dict]:
     """One row per loaded version: seconds it took, and the gap to the next trainer report."""
     events = _events(log)
-    start = _seconds(next(e for e in events if e["event"] == "run_started"), 0.0)
+    started = [e for e in events if e.get("event") == "run_started"]
+    if not started:
+        sys.exit(f"{log}: no run_started event; give a run's whole log.jsonl")
+    start = _seconds(started[0], 0.0)
     reports = {r["step"]: r["time_s"] for r in _events(metrics)
                if r.get("source", "").startswith("trainer") and "reward_mean" in r}
     generator = [(_seconds(e, start), e) for e in events if e["event"] in ("batch_generated", "policy_weights_loaded")]
@@ -55,6 +58,8 @@ def loads(log: Path, metrics: Path) -> list[dict]:
 
 
 def summary(rows: list[dict]) -> dict:
+    if not rows:
+        sys.exit("no policy_weights_loaded event with a matching trainer report in this run")
     took = sorted(r["load_s"] for r in rows)
     slow = [r for r in rows if r["load_s"] > SLOW_S]
     return {"loads": len(rows), "median_s": statistics.median(took), "p90_s": took[int(0.9 * (len(took) - 1))],
