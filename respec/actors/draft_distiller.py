@@ -14,7 +14,7 @@ respec run was slower than SD without it (docs/EXPERIMENTS.md). `nice` lowers th
 priority of the distiller's process (it must be alone in its group; the plan check says
 so), so the OS runs it on cycles generation and training leave idle; an update then
 takes longer in wall time but does not slow the rollouts. On a GPU it would run on its
-own stream or device instead.
+own device (`device`, e.g. beside the trainer on a second GPU); not yet run there.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch
 
 from respec.actors.generator import loaded_tensors
 from respec.engine.checkpoint import load_model
+from respec.engine.devices import use_device
 from respec.engine.drafters.base import DraftShape
 from respec.engine.drafters.eagle import EagleHead
 from respec.engine.tokenizer import load_tokenizer
@@ -65,6 +66,7 @@ class DraftDistiller(Actor):
         weights_dir: str = ""
         seed: int = 0
         nice: int = 0  # added to its process's niceness at start (0-19): 19 runs it on idle cycles only
+        device: str = "cpu"  # where its policy copy and head live and train ("cuda:1": beside a trainer there)
 
     sends = (DraftWeights,)
 
@@ -95,7 +97,8 @@ class DraftDistiller(Actor):
             os.nice(self.params.nice)
             DraftDistiller._niced = True
         torch.manual_seed(self.params.seed)
-        self.policy = load_model(Path(self.params.model_path))
+        self.device = use_device(self.params.device)
+        self.policy = load_model(Path(self.params.model_path), device=self.device)
         self.tokenizer = load_tokenizer(self.params.model_path)
         self.head = (EagleHead.load(self.params.draft_path, self.policy) if self.params.draft_path
                      else EagleHead.for_target(self.policy)).eval()
@@ -121,7 +124,7 @@ class DraftDistiller(Actor):
     @handles(PolicyWeights, optional=True)
     async def on_policy(self, weights: PolicyWeights, envelope: Envelope) -> None:
         try:
-            with loaded_tensors(weights.handle, weights.version) as tensors:
+            with loaded_tensors(weights.handle, weights.version, device=str(self.device)) as tensors:
                 self.policy.load_state_dict(tensors, strict=False)
         except (FileNotFoundError, SupersededWeights):
             # The trainer keeps its latest few weight files (or cuda_ipc buffer sets); a
@@ -162,5 +165,5 @@ class DraftDistiller(Actor):
         """The head's own tensors (not the policy's parts it shares), as a file: the
         Generator sits in another process in every graph where distillation overlaps."""
         path = self.weight_files.save(f"draft-v{self.version}",
-                                      {k: v.detach().contiguous() for k, v in self.head.state_dict().items()})
+                                      {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()})
         return WeightsHandle(kind="file", location=str(path))

@@ -256,15 +256,15 @@ class PolicyTrainer(Actor):
         return bool(devices) and all(device.startswith("cuda") for device in devices)
 
     def _receivers_gpu(self) -> torch.device | None:
-        """The one GPU every weight loader is on, when it is not the trainer's own: the
-        cuda_ipc buffers are put there (CudaIpcPublisher says why). None otherwise."""
+        """The one GPU every weight loader off the trainer's GPU is on: the cuda_ipc buffers
+        are put there (CudaIpcPublisher says why), and a loader on the trainer's GPU (a
+        DraftDistiller beside it) reads across instead. None where there is no such GPU."""
         plan = self.context.plan
         devices = {gpu_of(str(plan.actors[name].spec.params.get("device", plan.config.model.device)))
-                   for name in self._weight_loaders()}
+                   for name in self._weight_loaders()} - {gpu_of(str(self._device()))}
         if len(devices) != 1 or None in devices:
             return None
-        (device,) = devices
-        return None if device == gpu_of(str(self._device())) else device
+        return next(iter(devices))
 
     def _publisher(self, kind: str):
         """One publisher for the run: its IPC buffers or process group serve every version."""

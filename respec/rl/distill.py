@@ -92,7 +92,9 @@ def sample_weights(batch: list[Sequence], pool: list[Sequence], weighting: str) 
 
 def distill_step(head: EagleHead, policy: CausalLM, optimizer: torch.optim.Optimizer, batch: list[Sequence],
                  weights: torch.Tensor, pad_id: int, unroll: int = 1) -> float:
-    tokens, valid = pad_right([s.tokens for s in batch], pad_id)
+    device = next(policy.parameters()).device  # the batch is built on the CPU
+    tokens, valid = (t.to(device) for t in pad_right([s.tokens for s in batch], pad_id))
+    weights = weights.to(device)
     with torch.no_grad():
         output = policy(tokens, capture_layers=head.capture_layers)
     head.train()

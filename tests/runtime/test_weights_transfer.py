@@ -320,16 +320,20 @@ def test_the_prompt_source_does_not_decide_how_weights_travel():
 def test_the_trainer_puts_cuda_ipc_buffers_on_its_receivers_gpu_when_it_is_another():
     """A receiver reading buffers on the trainer's GPU runs its copies there, behind the
     trainer's next update (CudaIpcPublisher): with every loader on one other GPU the
-    buffers go there; on the trainer's own GPU (or off the GPU) they stay with the trainer."""
+    buffers go there; on the trainer's own GPU (or off the GPU) they stay with the trainer.
+    A loader on the trainer's own GPU (a distiller beside it) does not count."""
     from types import SimpleNamespace
 
     from respec.actors.policy_trainer import PolicyTrainer
     from respec.runtime.plan import build_plan
 
-    def receivers_gpu(generator_devices: list[str], trainer_device: str):
+    def receivers_gpu(generator_devices: list[str], trainer_device: str, distiller_device: str = ""):
         generators = {f"generator{i}": {"class": "respec.actors.fast_rollouts.FastRollouts", "group": f"gen{i}",
                                         "params": {"model_path": "m", "device": device}}
                       for i, device in enumerate(generator_devices)}
+        if distiller_device:
+            generators["distiller"] = {"class": "respec.actors.draft_distiller.DraftDistiller", "group": "distil",
+                                       "params": {"model_path": "m", "device": distiller_device}}
         config = parse_config({"run": {"name": "w"}, "model": {"device": "cpu"}, "actors": {
             "prompts": {"class": "respec.actors.prompt_source.PromptSource", "params": {"tokenizer_path": "t"}},
             **generators,
@@ -344,6 +348,9 @@ def test_the_trainer_puts_cuda_ipc_buffers_on_its_receivers_gpu_when_it_is_anoth
     assert receivers_gpu(["cuda"], "cuda:1") == torch.device("cuda", 0)
     assert receivers_gpu(["cuda:1"], "cuda:0") == torch.device("cuda", 1)
     assert receivers_gpu(["cuda"], "cuda:0") is None  # the trainer's own GPU
+    # a distiller beside the trainer reads across; the generator's GPU still gets the buffers
+    assert receivers_gpu(["cuda"], "cuda:1", distiller_device="cuda:1") == torch.device("cuda", 0)
+    assert receivers_gpu(["cuda"], "cuda:1", distiller_device="cuda:2") is None  # two other GPUs
     assert receivers_gpu(["cpu"], "cuda:1") is None
 
 
