@@ -54,14 +54,15 @@ class VariantResult:
 # ---------------------------------------------------------------------- variants
 
 
-def distiller(config: Path, weighting: str, interval: int = 1, nice: int = 0) -> dict[str, Any]:
-    """Overrides that add a DraftDistiller to `config`, starting from its Generator's head."""
+def distiller(config: Path, weighting: str, interval: int = 1, nice: int = 0, device: str = "cpu") -> dict[str, Any]:
+    """Overrides that add a DraftDistiller to `config`, starting from its Generator's head
+    (the policy named by the Verifier, or by FastRollouts where there is no Verifier)."""
     actors = yaml.safe_load(config.read_text())["actors"]
+    policy = (actors.get("verifier") or actors["generator"])["params"]["model_path"]
     return {"actors.distiller": {
         "class": "respec.actors.draft_distiller.DraftDistiller", "group": "distiller",
-        "params": {"model_path": actors["verifier"]["params"]["model_path"],
-                   "draft_path": actors["generator"]["params"].get("draft_path", ""),
-                   "reward_weighting": weighting, "update_interval": interval, "nice": nice}}}
+        "params": {"model_path": policy, "draft_path": actors["generator"]["params"].get("draft_path", ""),
+                   "reward_weighting": weighting, "update_interval": interval, "nice": nice, "device": device}}}
 
 
 def fast_rollouts(config: Path) -> dict[str, Any]:
@@ -122,13 +123,18 @@ def generates_fast(config: Path) -> bool:
     return str(generator.get("class", "")).endswith(".FastRollouts")
 
 
-def e2e_variants(config: Path, baseline: Path) -> dict[str, tuple[Path, dict]]:
+def e2e_variants(config: Path, baseline: Path, trainer_device: str = "") -> dict[str, tuple[Path, dict]]:
     """The variants against the synchronous no-SD baseline: for a file with the Generator +
     Verifier pair (tiny.yaml) the ladder from async no-SD to full respec, the baseline its
     own file; for a FastRollouts file (gpu_fast.yaml) that file as it is against itself
-    without drafting or asynchrony."""
+    without drafting or asynchrony, and with a reward-weighted DraftDistiller beside the
+    trainer (on `trainer_device`, "": the file's; at the lowest priority on a CPU)."""
     if generates_fast(config):
-        return {"sync_nosd": (config, dict(FAST_SYNC_NOSD)), "respec_fast": (config, {})}
+        trainer = yaml.safe_load(config.read_text())["actors"]["trainer"].get("params", {})
+        device = str(trainer_device or trainer.get("device", "cpu"))
+        return {"sync_nosd": (config, dict(FAST_SYNC_NOSD)), "respec_fast": (config, {}),
+                "respec_fast_kd": (config, distiller(config, "reward", 3, nice=19 if device == "cpu" else 0,
+                                                     device=device))}
     return {"sync_nosd": (baseline, {}), "async_nosd": (config, {**STATIC, **NO_SD}),
             "async_sd": (config, dict(STATIC)),
             "async_sd_sched": (config, {**STATIC, **scheduler()}),
@@ -318,8 +324,8 @@ def bench_e2e(json_file: Path, steps: int, extra: dict[str, Any], config: Path =
     if generates_fast(config):  # its baseline is itself, changed (e2e_variants)
         baseline = config
     console = Console()
-    results = [r for seed in seeds for r in run_variants("e2e", e2e_variants(config, baseline), steps, extra,
-                                                         console, only, seed)]
+    variants = e2e_variants(config, baseline, str(extra.get("actors.trainer.params.device", "")))
+    results = [r for seed in seeds for r in run_variants("e2e", variants, steps, extra, console, only, seed)]
     base = {r.seed: _run_time(r) for r in results if r.name == "sync_nosd"}
     base_step = {r.seed: _step_time(r) for r in results if r.name == "sync_nosd"}
     # Two speedups: to the last step (start-up included, which decides short runs: timing the

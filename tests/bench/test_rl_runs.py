@@ -62,7 +62,7 @@ def test_a_fast_path_run_file_runs_against_itself_without_drafting_or_asynchrony
     path = tmp_path / "run.yaml"
     path.write_text(FAST_RUN)
     variants = e2e_variants(path, path)
-    assert list(variants) == ["sync_nosd", "respec_fast"]
+    assert list(variants) == ["sync_nosd", "respec_fast", "respec_fast_kd"]
     plans = {name: build_plan(load_config(config, overrides), str(config))
              for name, (config, overrides) in variants.items()}
     base, fast = (plans[name].actors for name in ("sync_nosd", "respec_fast"))
@@ -181,3 +181,19 @@ def test_e2e_reports_the_speedup_to_the_last_step_and_per_step_after_the_first(t
     assert respec["speedup vs sync_nosd"] < 1 < respec["step speedup vs sync_nosd"]
     assert respec["step speedup vs sync_nosd"] == round(0.344 / 0.204, 3)
     assert variants["sync_nosd"]["step speedup vs sync_nosd"] == 1.0
+
+
+def test_the_fast_files_distilling_variant_puts_the_distiller_beside_the_trainer(tmp_path):
+    """respec_fast_kd: FastRollouts names the policy (there is no Verifier), and the
+    distiller goes where the trainer is: the --set device, else the file's, niced on a CPU."""
+    path = tmp_path / "run.yaml"
+    path.write_text(FAST_RUN)
+    _, overrides = e2e_variants(path, path, trainer_device="cuda:1")["respec_fast_kd"]
+    params = overrides["actors.distiller"]["params"]
+    assert (params["model_path"], params["draft_path"], params["device"], params["nice"]) == ("pol", "head",
+                                                                                             "cuda:1", 0)
+    _, overrides = e2e_variants(path, path)["respec_fast_kd"]
+    assert (overrides["actors.distiller"]["params"]["device"], overrides["actors.distiller"]["params"]["nice"]) == (
+        "cpu", 19)
+    plan = build_plan(load_config(path, overrides), str(path))
+    assert plan.actors["distiller"].cls.__name__ == "DraftDistiller" and plan.actors["distiller"].spec.group == "distiller"
