@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ T0 = 1_800_000_000.0
 
 
 def _event(seconds: float, event: str, **fields) -> dict:
-    stamp = datetime.fromtimestamp(T0 + seconds, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    stamp = datetime.fromtimestamp(T0 + seconds, tz=UTC).isoformat().replace("+00:00", "Z")
     return {"event": event, "timestamp": stamp, **fields}
 
 
