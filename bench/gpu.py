@@ -249,7 +249,7 @@ def sweep_section(model, head, prompts, profile: dict, device: str, args, on_row
     drafted = generator_for(model, head, device, args, rows, 1.0)
     table = []
     for b in args.batches:
-        batch = long_tailed(prompts, b, args.long_share) if args.long_share else (prompts * (b // len(prompts) + 1))[:b]
+        batch = long_tailed(prompts, b, args.long_share) if args.long_share else cycled(prompts, b)
         configs = {"no_sd": (plain, 0), **{f"k{k}": (drafted, k) for k in DRAFT_LENGTHS},
                    "scheduler": (drafted, profile["choice"])}
         row = {"batch": b, **compare(configs, batch, device)}
@@ -273,10 +273,12 @@ def long_tailed(prompts: list[list[int]], size: int, long_share: float) -> list[
     by_length = sorted(prompts, key=len)
     short, long = by_length[: max(1, len(by_length) // 2)], by_length[-max(1, len(by_length) // 4):]
     longs = round(size * long_share)
-
-    def cycled(pool: list[list[int]], n: int) -> list[list[int]]:
-        return (pool * (n // len(pool) + 1))[:n]
     return cycled(long, longs) + cycled(short, size - longs)
+
+
+def cycled(pool: list[list[int]], n: int) -> list[list[int]]:
+    """`n` items of `pool`, repeating it as often as needed."""
+    return (pool * (n // len(pool) + 1))[:n]
 
 
 def scheduler_profile(generator: FastGenerator, calibration, device: str) -> dict:

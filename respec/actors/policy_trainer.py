@@ -250,18 +250,20 @@ class PolicyTrainer(Actor):
 
     def _receivers_on_cuda(self) -> bool:
         """Whether every actor that loads the weights is on CUDA."""
-        plan = self.context.plan
-        devices = [str(plan.actors[name].spec.params.get("device", plan.config.model.device))
-                   for name in self._weight_loaders()]
+        devices = self._loader_devices()
         return bool(devices) and all(device.startswith("cuda") for device in devices)
+
+    def _loader_devices(self) -> list[str]:
+        """Each weight loader's device setting (its own, else the model's)."""
+        plan = self.context.plan
+        return [str(plan.actors[name].spec.params.get("device", plan.config.model.device))
+                for name in self._weight_loaders()]
 
     def _receivers_gpu(self) -> torch.device | None:
         """The one GPU every weight loader off the trainer's GPU is on: the cuda_ipc buffers
         are put there (CudaIpcPublisher says why), and a loader on the trainer's GPU (a
         DraftDistiller beside it) reads across instead. None where there is no such GPU."""
-        plan = self.context.plan
-        devices = {gpu_of(str(plan.actors[name].spec.params.get("device", plan.config.model.device)))
-                   for name in self._weight_loaders()} - {gpu_of(str(self._device()))}
+        devices = {gpu_of(device) for device in self._loader_devices()} - {gpu_of(str(self._device()))}
         if len(devices) != 1 or None in devices:
             return None
         return next(iter(devices))

@@ -139,7 +139,7 @@ def flatten(tensors: Mapping[str, torch.Tensor],
     for name, tensor in tensors.items():
         order.setdefault(tensor.dtype, []).append((name, tensor.detach()))
     sizes = [(dtype, sum(t.numel() for _, t in items)) for dtype, items in order.items()]
-    if into is not None and [(b.dtype, b.numel()) for b in into] != sizes:
+    if into is not None and _layout(into) != sizes:
         into = None  # another layout: new buffers
     specs, buffers = [], []
     for index, (dtype, items) in enumerate(order.items()):
@@ -154,11 +154,16 @@ def flatten(tensors: Mapping[str, torch.Tensor],
     return specs, buffers
 
 
+def _layout(buffers: list[torch.Tensor]) -> list[tuple[torch.dtype, int]]:
+    """What a buffer set must match to be written over: each buffer's dtype and size."""
+    return [(b.dtype, b.numel()) for b in buffers]
+
+
 def copied_to(buffers: list[torch.Tensor], device: torch.device,
               into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """The flat buffers copied to `device` (into `into` where its layout matches): one copy
     each, so a copy between GPUs is one peer transfer, not one per tensor."""
-    if into is None or [(b.dtype, b.numel()) for b in into] != [(b.dtype, b.numel()) for b in buffers]:
+    if into is None or _layout(into) != _layout(buffers):
         into = [torch.empty(b.numel(), dtype=b.dtype, device=device) for b in buffers]
     for flat, out in zip(buffers, into, strict=True):
         out.copy_(flat)
