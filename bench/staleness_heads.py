@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,13 +32,14 @@ from respec.engine.drafters.eagle import EagleDrafter, EagleHead  # noqa: E402
 from respec.engine.speculative import Sampling, SpeculativeEngine  # noqa: E402
 from respec.engine.tokenizer import load_tokenizer  # noqa: E402
 from respec.rl import checkpoints  # noqa: E402
+from respec.runtime.graph import load_yaml  # noqa: E402
 from respec.tasks import make_task  # noqa: E402
 
 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
-    config = yaml.safe_load(Path(args.config).read_text())
+    config = load_yaml(Path(args.config).read_text())
     params = config["actors"]["trainer"]["params"]
     policy_path, head_path = params["model_path"], config["actors"]["generator"]["params"]["draft_path"]
     task = make_task(params["task"], **params.get("task_params", {}))

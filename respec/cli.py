@@ -311,14 +311,14 @@ def _serve_until_interrupted(options, host: str, port: int, replicas: int, ray_a
 
 
 def _overrides(pairs: list[str]) -> dict:
-    import yaml
+    from respec.runtime.graph import load_yaml
 
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise typer.BadParameter(f"--set takes KEY=VALUE, got {pair!r}")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = load_yaml(value)
     return overrides
 
 

@@ -28,6 +28,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from respec.runtime.graph import load_yaml
 from respec.runtime.launcher import run_file
 
 ASYNC_CONFIG = Path("configs/tiny.yaml")
@@ -57,7 +58,7 @@ class VariantResult:
 def distiller(config: Path, weighting: str, interval: int = 1, nice: int = 0, device: str = "cpu") -> dict[str, Any]:
     """Overrides that add a DraftDistiller to `config`, starting from its Generator's head
     (the policy named by the Verifier, or by FastRollouts where there is no Verifier)."""
-    actors = yaml.safe_load(config.read_text())["actors"]
+    actors = load_yaml(config.read_text())["actors"]
     policy = (actors.get("verifier") or actors["generator"])["params"]["model_path"]
     return {"actors.distiller": {
         "class": "respec.actors.draft_distiller.DraftDistiller", "group": "distiller",
@@ -72,7 +73,7 @@ def fast_rollouts(config: Path) -> dict[str, Any]:
     from respec.actors.prompt_source import PromptSource
     from respec.actors.verifier import Verifier
 
-    actors = yaml.safe_load(config.read_text())["actors"]
+    actors = load_yaml(config.read_text())["actors"]
     prompts = msgspec.convert(actors["prompts"]["params"], PromptSource.Params)  # with the defaults filled in
     verifier = msgspec.convert(actors["verifier"]["params"], Verifier.Params)
     return {"actors.verifier": None, "actors.generator": {
@@ -119,7 +120,7 @@ FAST_SYNC_NOSD = {"actors.generator.params.adaptive": [], "actors.generator.para
 
 
 def generates_fast(config: Path) -> bool:
-    generator = yaml.safe_load(config.read_text())["actors"].get("generator") or {}
+    generator = load_yaml(config.read_text())["actors"].get("generator") or {}
     return str(generator.get("class", "")).endswith(".FastRollouts")
 
 
@@ -130,7 +131,7 @@ def e2e_variants(config: Path, baseline: Path, trainer_device: str = "") -> dict
     without drafting or asynchrony, and with a reward-weighted DraftDistiller beside the
     trainer (on `trainer_device`, "": the file's; at the lowest priority on a CPU)."""
     if generates_fast(config):
-        trainer = yaml.safe_load(config.read_text())["actors"]["trainer"].get("params", {})
+        trainer = load_yaml(config.read_text())["actors"]["trainer"].get("params", {})
         device = str(trainer_device or trainer.get("device", "cpu"))
         return {"sync_nosd": (config, dict(FAST_SYNC_NOSD)), "respec_fast": (config, {}),
                 "respec_fast_kd": (config, distiller(config, "reward", 3, nice=19 if device == "cpu" else 0,
@@ -189,7 +190,7 @@ def _removing(config: Path, overrides: dict[str, Any], name: str,
     remove = [key for key, value in overrides.items() if value is None]
     if not remove:
         return config, overrides
-    raw = yaml.safe_load(config.read_text())
+    raw = load_yaml(config.read_text())
     for dotted in remove:
         *parents, last = dotted.split(".")
         node = raw
@@ -375,7 +376,7 @@ def over_seeds(results: list[VariantResult], base: dict[int | None, float], eval
 
 def _evaluations(config: Path) -> int:
     """Draws behind one held-out accuracy of the trainer in `config` (problems x samples)."""
-    params = yaml.safe_load(config.read_text())["actors"]["trainer"].get("params", {})
+    params = load_yaml(config.read_text())["actors"]["trainer"].get("params", {})
     return max(1, int(params.get("eval_problems", 0)) * int(params.get("eval_samples", 4)))
 
 

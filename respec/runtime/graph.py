@@ -18,6 +18,23 @@ class ConfigError(ValueError):
     """A run file that cannot run; the message names the file, the key and the problem."""
 
 
+class _RunFileLoader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, whose floats need a dot and a signed exponent: `1.0e-5`.
+    `lr: 1e-5` would load as the string "1e-5" and fail the type check. Everyone writes
+    1e-5 (YAML 1.2 reads it as a float), so this loader does too."""
+
+
+_RunFileLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as run files and --set values are read: safe, with 1e-5 a float."""
+    return yaml.load(text, Loader=_RunFileLoader)  # noqa: S506 (a SafeLoader)
+
+
 class RestartPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How the supervisor treats an actor that raises."""
 
@@ -102,7 +119,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Gr
     if not path.is_file():
         raise ConfigError(f"{path}: no such run file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):

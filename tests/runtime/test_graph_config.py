@@ -116,6 +116,18 @@ def test_overrides_are_checked_too(tmp_path):
     assert load_config(path, {"run.seed": 7}).run.seed == 7
 
 
+def test_floats_written_without_a_dot_are_floats_in_files_and_overrides(tmp_path):
+    # PyYAML alone reads `1e-1` as the string "1e-1" (YAML 1.1), which the type check refuses.
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(GOOD).replace("  sender:\n", "  sender:\n    restart: {backoff_s: 1e-1}\n"))
+    assert load_config(path).actors["sender"].restart.backoff_s == 0.1
+    from respec.cli import _overrides
+
+    overrides = _overrides(["actors.sender.restart.backoff_max_s=2E+1", "run.seed=7", "run.name=e5"])
+    assert overrides == {"actors.sender.restart.backoff_max_s": 20.0, "run.seed": 7, "run.name": "e5"}
+    assert load_config(path, overrides).actors["sender"].restart.backoff_max_s == 20.0
+
+
 def test_a_null_override_removes_the_key(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(GOOD))
