@@ -13,8 +13,8 @@ with it (the 2-core CPU VM), each update's ~2 s of work was taken from them, and
 respec run was slower than SD without it (docs/EXPERIMENTS.md). `nice` lowers the
 priority of the distiller's process (it must be alone in its group; the plan check says
 so), so the OS runs it on cycles generation and training leave idle; an update then
-takes longer in wall time but does not slow the rollouts. On a GPU it would run on its
-own device (`device`, e.g. beside the trainer on a second GPU); not yet run there.
+takes longer in wall time but does not slow the rollouts. On a GPU it runs on `device`
+(e.g. beside the trainer on a second GPU; configs/gpu_fast.yaml).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from respec.rl.distill import (
 )
 from respec.runtime import Actor, handles
 from respec.runtime.weight_files import WeightFiles
-from respec.runtime.weights_transfer import SupersededWeights
+from respec.runtime.weights_transfer import SupersededWeights, TornWeights
 
 
 class DraftDistiller(Actor):
@@ -58,7 +58,11 @@ class DraftDistiller(Actor):
         heldout_prompts: int = 16  # the first distinct prompts, kept apart to measure acceptance
         steps_per_update: int = 8
         batch_size: int = 32
-        lr: float = 3e-4  # a head from `respec prepare` is already good: small steps keep it so
+        # Small steps keep a good head good. A fresh AdamW's first steps move every weight by
+        # about lr whatever its gradient, so lr should not exceed where the head's own training
+        # ended by much: `respec prepare` ends at 1.5e-4; bench/gpu.py's heads at 5e-5, and
+        # 3e-4 cost those 28% of their held-out acceptance in one update (docs/PERFORMANCE.md).
+        lr: float = 3e-4
         unroll: int = 4  # drafting steps trained per position, as prepare trains (EAGLE-3's training-time test)
         min_buffer: int = 128  # no update before the buffer holds this many rollouts (a few would be memorised)
         eval_shape: str = "s4_t1_n4"
@@ -123,19 +127,25 @@ class DraftDistiller(Actor):
 
     @handles(PolicyWeights, optional=True)
     async def on_policy(self, weights: PolicyWeights, envelope: Envelope) -> None:
+        """Only the versions an update starts from are loaded: the copy is used by updates
+        alone, and loading every version (every ~0.15 s on a GPU, across GPUs when the
+        distiller sits beside the trainer) cost the generator's and the trainer's GPUs time
+        and fell behind the publisher (docs/PERFORMANCE.md, "Online distillation on two GPUs")."""
+        self.policy_version = weights.version
+        if (weights.version - self.updated_at < self.params.update_interval
+                or len(self.buffer.samples) < self.params.min_buffer):
+            return
         try:
             with loaded_tensors(weights.handle, weights.version, device=str(self.device)) as tensors:
                 self.policy.load_state_dict(tensors, strict=False)
-        except (FileNotFoundError, SupersededWeights):
-            # The trainer keeps its latest few weight files (or cuda_ipc buffer sets); a
-            # distiller that fell this far behind (a long update at low priority) has newer
-            # versions queued after this one.
-            self.log.info("policy_weights_superseded", version=weights.version)
+        except (FileNotFoundError, SupersededWeights, TornWeights) as error:
+            # The trainer keeps its latest few weight files (or cuda_ipc buffer sets), and
+            # has moved on; the newer version's announcement is queued after this one and
+            # overwrites whatever a torn copy left (nothing uses the copy before then).
+            self.log.info("policy_weights_superseded", version=weights.version,
+                          reason=f"{type(error).__name__}: {error}")
             return
-        self.policy_version = weights.version
-        if (weights.version - self.updated_at >= self.params.update_interval
-                and len(self.buffer.samples) >= self.params.min_buffer):
-            await self._update()
+        await self._update()
 
     async def _update(self) -> None:
         started = time.perf_counter()

@@ -66,7 +66,7 @@ from respec.messages import (
     VerifyRequest,
 )
 from respec.runtime import Actor, handles
-from respec.runtime.weights_transfer import SupersededWeights
+from respec.runtime.weights_transfer import SupersededWeights, TornWeights
 from respec.sched.draft_lengths import LiveChoice
 
 
@@ -119,6 +119,7 @@ class FastRollouts(Actor):
         self.fast: FastGenerator | None = None  # built for the first admitted prompt's sampling
         self.sampling: tuple[float, tuple[int, ...]] | None = None  # (temperature, stop ids) of every row
         self.version = 0
+        self.torn = False  # the policy holds a copy that may mix two versions: generate nothing until the next
         self.waiting: deque[Prompt] = deque()
         self.wake = asyncio.Event()
         self.log.info("fast_rollouts_ready", device=str(self.device), drafting=self.head is not None,
@@ -140,6 +141,11 @@ class FastRollouts(Actor):
         except SupersededWeights as error:  # nothing copied; a newer announcement follows
             self.log.info("policy_weights_superseded", version=weights.version, reason=str(error))
             return
+        except TornWeights as error:  # copied, maybe mixed; the newer version follows and overwrites it all
+            self.torn = True
+            self.log.warning("policy_weights_torn", version=weights.version, reason=str(error))
+            return
+        self.torn = False
         self._refresh()
         self.version = weights.version
         waited = None if envelope is None else round(started - envelope.sent_at, 4)  # None: called directly
@@ -203,7 +209,7 @@ class FastRollouts(Actor):
             except INPUT_ERRORS as error:
                 await self._refuse(prompt, f"{type(error).__name__}: {error}")
                 continue
-            (held if prompt.min_policy_version > self.version else batch).append(prompt)
+            (held if self.torn or prompt.min_policy_version > self.version else batch).append(prompt)
         self.waiting.extendleft(reversed(held))
         return batch
 

@@ -50,6 +50,14 @@ class SupersededWeights(WeightsTransferError):
     newer version's announcement is already on its way, so receivers skip this one."""
 
 
+class TornWeights(WeightsTransferError):
+    """A cuda_ipc version the publisher wrote a newer version over while it was being
+    copied out (the receiver was slower than `keep` publishes). Raised after the copy, so
+    what the receiver copied may mix two versions: it must not use those tensors until it
+    has loaded the newer version, whose announcement is on its way and which overwrites
+    every tensor. A receiver that cannot wait (the Verifier mid-request) lets it raise."""
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One named tensor inside a flat buffer: elements [offset, offset + numel)."""
@@ -530,6 +538,6 @@ def opened(handle: Any, version: int, names: tuple[str, ...] | None = None,
     if handle.kind == "cuda_ipc" and handle.location not in _LOCAL:
         tagged = _tagged_version(handle)
         if tagged is not None and tagged != version:
-            raise WeightsTransferError(
+            raise TornWeights(
                 f"cuda_ipc weights v{version}: the publisher wrote a newer version into the buffers while they "
                 "were being copied out, so the copy may mix two versions; raise run.weights_keep")

@@ -52,6 +52,52 @@ def rollouts_graph(tmp_path, rollouts_params: dict, prompts_file, expected: int)
     }
 
 
+def test_a_torn_policy_copy_generates_nothing_until_the_next_version_loads(checkpoint, monkeypatch):
+    """A cuda_ipc copy the trainer wrote over mid-copy (TornWeights, raised after the copy)
+    may mix two versions: prompts wait for the next version, and their tokens are its."""
+    import contextlib
+
+    from respec.actors import fast_rollouts
+    from respec.runtime.weights_transfer import TornWeights
+
+    actor, sent = started(FastRollouts.Params(model_path=str(checkpoint), max_rows=4, max_len=64, max_new_tokens=8,
+                                              gather_s=0.0))
+    torch.manual_seed(3)
+    new_policy = load_model(checkpoint)
+    with torch.no_grad():
+        for parameter in new_policy.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    real = fast_rollouts.loaded_tensors
+
+    @contextlib.contextmanager
+    def torn_at_version_1(handle, version, device="cpu"):
+        with real(handle, version, device=device) as tensors:
+            yield tensors
+        if version == 1:
+            raise TornWeights("v1: written over during the copy")
+
+    monkeypatch.setattr(fast_rollouts, "loaded_tensors", torn_at_version_1)
+
+    def weights(version):
+        tensors = {name: t.clone() for name, t in new_policy.state_dict().items()}
+        return PolicyWeights(version=version, handle=WeightsHandle(kind="local", tensors=tensors))
+
+    async def scenario():
+        await actor.on_start()
+        loop = asyncio.create_task(actor.run())
+        await actor.on_policy_weights(weights(1), None)
+        await actor.on_prompt(prompt(0, PROMPTS[0], 8), None)
+        await asyncio.sleep(0.3)
+        assert sent == []  # held: the copy of v1 may be mixed
+        await actor.on_policy_weights(weights(2), None)
+        await until(lambda: len(sent) == 1)
+        loop.cancel()
+
+    asyncio.run(scenario())
+    expected = FastGenerator(new_policy, None, max_rows=4, max_len=64, max_new=8, max_k=0).generate([PROMPTS[0]])[0]
+    assert sent[0].tokens.tolist() == expected.tokens and sent[0].token_versions.tolist() == [2] * 8
+
+
 @pytest.mark.parametrize("draft_length", [0, 3])
 def test_fast_rollouts_generate_what_the_fast_path_generates(run_graph, tmp_path, checkpoint, eagle_head_dir,
                                                              draft_length):

@@ -107,30 +107,60 @@ def test_a_niced_distiller_sharing_a_process_is_refused(run_graph, policy_dir):
         run_graph(distill_graph(str(policy_dir), distiller_group="main", nice=10), name="rl_distill_nice")
 
 
-def test_a_distiller_behind_the_trainers_kept_weight_files_skips_the_gone_version(policy_dir, tmp_path):
-    """The trainer keeps its latest few weight files; a PolicyWeights whose file is gone (the
-    distiller fell behind) is skipped, not an error: newer versions are queued after it."""
+def test_a_distiller_loads_only_the_versions_its_updates_start_from_and_skips_gone_or_torn_ones(
+        policy_dir, tmp_path, monkeypatch):
+    """The policy copy serves updates alone, so only a version an update is due at is
+    loaded. One whose file the trainer has deleted, or whose cuda_ipc buffers it wrote over
+    mid-copy (TornWeights), is skipped, not an error: newer versions are queued after it."""
     import asyncio
+    import contextlib
     from types import SimpleNamespace
 
     import structlog
     from safetensors.torch import save_file
 
+    from respec.actors import draft_distiller
     from respec.actors.draft_distiller import DraftDistiller
     from respec.engine.checkpoint import load_model
     from respec.messages import PolicyWeights, WeightsHandle
+    from respec.rl.distill import Sequence
+    from respec.runtime.weights_transfer import TornWeights
 
-    actor = DraftDistiller(DraftDistiller.Params(model_path=str(policy_dir), weights_dir=str(tmp_path / "draft")),
+    actor = DraftDistiller(DraftDistiller.Params(model_path=str(policy_dir), weights_dir=str(tmp_path / "draft"),
+                                                 update_interval=2, min_buffer=2, heldout_prompts=0),
                            SimpleNamespace(instance="distiller/0", log=structlog.get_logger()))
     asyncio.run(actor.on_start())
-    gone = PolicyWeights(version=3, handle=WeightsHandle(kind="file", location=str(tmp_path / "policy-v3.safetensors")))
-    asyncio.run(actor.on_policy(gone, None))
-    assert actor.policy_version == 0
-    newer = load_model(policy_dir)
-    with torch.no_grad():
-        newer.model.norm.weight.add_(1.0)
-    save_file({k: v.contiguous() for k, v in newer.state_dict().items()}, tmp_path / "policy-v4.safetensors")
-    asyncio.run(actor.on_policy(PolicyWeights(version=4, handle=WeightsHandle(
-        kind="file", location=str(tmp_path / "policy-v4.safetensors"))), None))
-    assert actor.policy_version == 4 and torch.equal(actor.policy.model.norm.weight, newer.model.norm.weight)
+    for index in range(4):
+        actor.buffer.add(Sequence([1, 5, 6, 7, 8], 2, 1.0, f"g{index}", 0))
+    loads, updates, real = [], [], draft_distiller.loaded_tensors
+
+    @contextlib.contextmanager
+    def loaded(handle, version, device="cpu"):
+        loads.append(version)
+        with real(handle, version, device=device) as tensors:
+            yield tensors
+        if version == 3:
+            raise TornWeights("v3: written over during the copy")
+
+    async def update():
+        updates.append((actor.policy_version, float(actor.policy.model.norm.weight[0].detach())))
+        actor.updated_at = actor.policy_version
+
+    monkeypatch.setattr(draft_distiller, "loaded_tensors", loaded)
+    actor._update = update
+
+    def saved(version: int) -> PolicyWeights:
+        policy = load_model(policy_dir)
+        with torch.no_grad():
+            policy.model.norm.weight.fill_(float(version))
+        path = tmp_path / f"policy-v{version}.safetensors"
+        save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, path)
+        return PolicyWeights(version=version, handle=WeightsHandle(kind="file", location=str(path)))
+
+    gone = PolicyWeights(version=2, handle=WeightsHandle(kind="file", location=str(tmp_path / "policy-v2.safetensors")))
+    for weights in (saved(1), gone, saved(3), saved(4), saved(5)):
+        asyncio.run(actor.on_policy(weights, None))
+    assert loads == [2, 3, 4]  # v1: no update due yet; v5: one version after the update at v4
+    assert updates == [(4, 4.0)]  # from v4's weights, not the torn v3's
+    assert actor.policy_version == 5
     asyncio.run(actor.on_stop())

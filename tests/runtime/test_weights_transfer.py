@@ -265,9 +265,9 @@ def test_cuda_ipc_receiver_keep_versions_behind_skips_the_version(ipc_on_the_cpu
             assert all(torch.equal(tensors[k], t) for k, t in _weights(version).items())
 
 
-def test_cuda_ipc_version_written_over_during_the_copy_is_an_error(ipc_on_the_cpu):
+def test_cuda_ipc_version_written_over_during_the_copy_is_torn(ipc_on_the_cpu):
     handles = {version: ipc_on_the_cpu.publish(_weights(version), version) for version in (1, 2)}
-    with pytest.raises(wt.WeightsTransferError, match="may mix two versions") as caught:  # noqa: PT012
+    with pytest.raises(wt.TornWeights, match="may mix two versions") as caught:  # noqa: PT012
         with wt.opened(handles[2], 2):
             for version in (3, 4):  # v4 goes into v2's buffers
                 ipc_on_the_cpu.publish(_weights(version), version)
