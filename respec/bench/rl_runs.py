@@ -127,15 +127,9 @@ def generates_fast(config: Path) -> bool:
 def e2e_variants(config: Path, baseline: Path, trainer_device: str = "") -> dict[str, tuple[Path, dict]]:
     """The variants against the synchronous no-SD baseline: for a file with the Generator +
     Verifier pair (tiny.yaml) the ladder from async no-SD to full respec, the baseline its
-    own file; for a FastRollouts file (gpu_fast.yaml) that file as it is against itself
-    without drafting or asynchrony, and with a reward-weighted DraftDistiller beside the
-    trainer (on `trainer_device`, "": the file's; at the lowest priority on a CPU)."""
+    own file; for a FastRollouts file (gpu_fast.yaml), `_fast_variants`."""
     if generates_fast(config):
-        trainer = load_yaml(config.read_text())["actors"]["trainer"].get("params", {})
-        device = str(trainer_device or trainer.get("device", "cpu"))
-        return {"sync_nosd": (config, dict(FAST_SYNC_NOSD)), "respec_fast": (config, {}),
-                "respec_fast_kd": (config, distiller(config, "reward", 3, nice=19 if device == "cpu" else 0,
-                                                     device=device))}
+        return _fast_variants(config, trainer_device)
     return {"sync_nosd": (baseline, {}), "async_nosd": (config, {**STATIC, **NO_SD}),
             "async_sd": (config, dict(STATIC)),
             "async_sd_sched": (config, {**STATIC, **scheduler()}),
@@ -144,6 +138,23 @@ def e2e_variants(config: Path, baseline: Path, trainer_device: str = "") -> dict
             "respec": (config, {**STATIC, **scheduler(), **distiller(config, "reward", 3, nice=19)}),
             # the same, generating through the fast path with its own per-bucket choice
             "respec_fast": (config, {**STATIC, **fast_rollouts(config), **distiller(config, "reward", 3, nice=19)})}
+
+
+def _fast_variants(config: Path, trainer_device: str) -> dict[str, tuple[Path, dict]]:
+    """A FastRollouts file against itself without drafting or asynchrony (sync_nosd), with
+    neither distiller (respec_fast), and with one beside the trainer (respec_fast_kd, on
+    `trainer_device`, "": the trainer's in the file): the file's own DraftDistiller if it has
+    one (its settings: gpu_fast.yaml's learning rate suits its head), else a reward-weighted
+    one every 3 versions, at the lowest priority on a CPU."""
+    actors = load_yaml(config.read_text())["actors"]
+    device = str(trainer_device or actors["trainer"].get("params", {}).get("device", "cpu"))
+    if "distiller" in actors:
+        without = {"actors.distiller": None}
+        with_kd = {"actors.distiller.params.device": trainer_device} if trainer_device else {}
+    else:
+        without, with_kd = {}, distiller(config, "reward", 3, nice=19 if device == "cpu" else 0, device=device)
+    return {"sync_nosd": (config, {**FAST_SYNC_NOSD, **without}), "respec_fast": (config, without),
+            "respec_fast_kd": (config, with_kd)}
 
 
 # ---------------------------------------------------------------------- running

@@ -197,3 +197,20 @@ def test_the_fast_files_distilling_variant_puts_the_distiller_beside_the_trainer
         "cpu", 19)
     plan = build_plan(load_config(path, overrides), str(path))
     assert plan.actors["distiller"].cls.__name__ == "DraftDistiller" and plan.actors["distiller"].spec.group == "distiller"
+
+
+def test_a_fast_file_with_its_own_distiller_keeps_its_settings_and_the_others_drop_it(tmp_path):
+    """gpu_fast.yaml names a DraftDistiller (with the learning rate its head needs): the
+    distilling variant runs it as written, moved beside a --set trainer; the other two
+    run without it."""
+    path = tmp_path / "run.yaml"
+    path.write_text(FAST_RUN + "  distiller: {class: respec.actors.draft_distiller.DraftDistiller, group: distiller,\n"
+                               "              params: {model_path: pol, draft_path: head, lr: 5e-5, device: cpu}}\n")
+    variants = e2e_variants(path, path, trainer_device="cuda:1")
+    plans = {name: build_plan(load_config(config, overrides), str(config))
+             for name, (config, overrides) in variants.items()}
+    assert "distiller" not in plans["sync_nosd"].actors and "distiller" not in plans["respec_fast"].actors
+    params = plans["respec_fast_kd"].actors["distiller"].spec.params
+    assert (params["lr"], params["device"], params["draft_path"]) == (5e-5, "cuda:1", "head")
+    _, overrides = e2e_variants(path, path)["respec_fast_kd"]
+    assert overrides == {}  # the file as it is
