@@ -19,6 +19,7 @@ takes longer in wall time but does not slow the rollouts. On a GPU it runs on `d
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import time
@@ -111,9 +112,13 @@ class DraftDistiller(Actor):
         self.rng = random.Random(self.params.seed)
         self.policy_version = self.updated_at = 0
         self.version = 0  # of the head
+        self.due: PolicyWeights | None = None  # the newest version an update may start from
+        self.stopping = False
+        self.wake = asyncio.Event()
         self.weight_files = WeightFiles(self.params.weights_dir, "respec-draft-", keep=2)  # the previous: read by now
 
     async def on_stop(self) -> None:
+        self.stopping = True  # an update in its thread ends at its next step: the process can exit
         if hasattr(self, "weight_files"):  # absent if the start failed
             self.weight_files.close()
 
@@ -127,48 +132,75 @@ class DraftDistiller(Actor):
 
     @handles(PolicyWeights, optional=True)
     async def on_policy(self, weights: PolicyWeights, envelope: Envelope) -> None:
-        """Only the versions an update starts from are loaded: the copy is used by updates
-        alone, and loading every version (every ~0.15 s on a GPU, across GPUs when the
-        distiller sits beside the trainer) cost the generator's and the trainer's GPUs time
-        and fell behind the publisher (docs/PERFORMANCE.md, "Online distillation on two GPUs")."""
+        """Noted here, loaded by `run` when an update is due from it: the copy serves updates
+        alone, and loading every version (every ~0.15 s on a GPU, across GPUs from beside the
+        trainer) cost both GPUs time and fell behind the publisher."""
         self.policy_version = weights.version
-        if (weights.version - self.updated_at < self.params.update_interval
-                or len(self.buffer.samples) < self.params.min_buffer):
-            return
+        if self._due(weights.version):
+            self.due = weights
+            self.wake.set()
+
+    def _due(self, version: int) -> bool:
+        return (version - self.updated_at >= self.params.update_interval
+                and len(self.buffer.samples) >= self.params.min_buffer)
+
+    async def run(self) -> None:
+        """Updates run in a worker thread, so this actor's handlers keep taking samples and
+        announcements meanwhile. Were they to wait for a multi-second update, the scorer's
+        sends to this inbox would fill it and block, and the RL loop would stall behind it
+        (4.4 s once on two H100s, 8c4be4e)."""
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            weights, self.due = self.due, None
+            if weights is None or not self._due(weights.version):
+                continue
+            if await asyncio.to_thread(self._load, weights):
+                await self._update(weights.version)
+
+    def _load(self, weights: PolicyWeights) -> bool:
+        use_device(self.params.device)  # this thread's current GPU too (cuda_ipc's synchronize)
         try:
             with loaded_tensors(weights.handle, weights.version, device=str(self.device)) as tensors:
                 self.policy.load_state_dict(tensors, strict=False)
         except (FileNotFoundError, SupersededWeights, TornWeights) as error:
-            # The trainer keeps its latest few weight files (or cuda_ipc buffer sets), and
-            # has moved on; the newer version's announcement is queued after this one and
-            # overwrites whatever a torn copy left (nothing uses the copy before then).
+            # The trainer keeps its latest few weight files (or cuda_ipc buffer sets) and has
+            # moved on; a newer announcement is queued, and its load overwrites whatever a torn
+            # copy left (nothing reads the copy before then).
             self.log.info("policy_weights_superseded", version=weights.version,
                           reason=f"{type(error).__name__}: {error}")
-            return
-        await self._update()
+            return False
+        return True
 
-    async def _update(self) -> None:
+    async def _update(self, policy_version: int) -> None:
         started = time.perf_counter()
-        before = self._acceptance()
-        pool = list(self.buffer.samples)
-        losses = []
-        for _ in range(self.params.steps_per_update):
-            batch = self.buffer.draw(self.params.batch_size, self.rng)
-            weights = sample_weights(batch, pool, self.params.reward_weighting)
-            losses.append(distill_step(self.head, self.policy, self.optimizer, batch, weights,
-                                       self.tokenizer.pad_id or 0, self.params.unroll))
-        after = self._acceptance()
+        pool, heldout = list(self.buffer.samples), list(self.buffer.heldout)  # the handlers add to the buffer
+        before, after, losses = await asyncio.to_thread(self._distil, pool, heldout)
         self.version += 1
-        self.updated_at = self.policy_version
+        self.updated_at = policy_version
         seconds = time.perf_counter() - started
         await self.send(DraftWeights(version=self.version, handle=self._handle(), heldout_accept_before=before,
                                      heldout_accept_after=after, distill_s=seconds), draft_version=self.version)
-        self.report(self.policy_version, draft_version=self.version, distill_kl=float(np.mean(losses)),
+        self.report(policy_version, draft_version=self.version, distill_kl=float(np.mean(losses)),
                     heldout_accept_before=before, heldout_accept_after=after, distill_s=seconds,
                     distill_buffer=len(pool), distill_nice=os.nice(0))
 
-    def _acceptance(self) -> float:
-        return heldout_acceptance(self.policy, self.head, self.buffer.heldout, DraftShape.parse(self.params.eval_shape),
+    def _distil(self, pool: list[Sequence], heldout: list[list[int]]) -> tuple[float, float, list[float]]:
+        """Held-out acceptance, `steps_per_update` reward-weighted steps, acceptance again."""
+        use_device(self.params.device)
+        before = self._acceptance(heldout)
+        losses = []
+        for _ in range(self.params.steps_per_update):
+            if self.stopping:  # the run is ending: nothing will read this update
+                return before, before, losses
+            batch = self.rng.sample(pool, min(self.params.batch_size, len(pool)))
+            weights = sample_weights(batch, pool, self.params.reward_weighting)
+            losses.append(distill_step(self.head, self.policy, self.optimizer, batch, weights,
+                                       self.tokenizer.pad_id or 0, self.params.unroll))
+        return before, self._acceptance(heldout), losses
+
+    def _acceptance(self, heldout: list[list[int]]) -> float:
+        return heldout_acceptance(self.policy, self.head, heldout, DraftShape.parse(self.params.eval_shape),
                                   self.params.eval_max_new_tokens, (self.tokenizer.eos_id,))
 
     def _handle(self) -> WeightsHandle:

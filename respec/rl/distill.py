@@ -16,7 +16,6 @@ DraftDistiller actor wraps this).
 
 from __future__ import annotations
 
-import random
 from collections import deque
 from dataclasses import dataclass
 
@@ -59,9 +58,6 @@ class DistillBuffer:
             self.heldout.append(list(prompt))
             return
         self.samples.append(sequence)
-
-    def draw(self, count: int, rng: random.Random) -> list[Sequence]:
-        return rng.sample(list(self.samples), min(count, len(self.samples)))
 
 
 def sample_weights(batch: list[Sequence], pool: list[Sequence], weighting: str) -> torch.Tensor:

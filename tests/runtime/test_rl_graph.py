@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -107,6 +108,40 @@ def test_a_niced_distiller_sharing_a_process_is_refused(run_graph, policy_dir):
         run_graph(distill_graph(str(policy_dir), distiller_group="main", nice=10), name="rl_distill_nice")
 
 
+def started_distiller(policy_dir, tmp_path, samples: int = 4, **params):
+    """A DraftDistiller outside a graph, started, its buffer holding `samples` rollouts."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import structlog
+
+    from respec.actors.draft_distiller import DraftDistiller
+    from respec.rl.distill import Sequence
+
+    actor = DraftDistiller(DraftDistiller.Params(model_path=str(policy_dir), weights_dir=str(tmp_path / "draft"),
+                                                 **params),
+                           SimpleNamespace(instance="distiller/0", log=structlog.get_logger()))
+    asyncio.run(actor.on_start())
+    for index in range(samples):
+        actor.buffer.add(Sequence([1, 5, 6, 7, 8], 2, 1.0, f"g{index}", 0))
+    return actor
+
+
+def saved_policy(policy_dir, tmp_path, version: int):
+    """PolicyWeights(version) as a file: the policy with its final norm's gains all `version`."""
+    from safetensors.torch import save_file
+
+    from respec.engine.checkpoint import load_model
+    from respec.messages import PolicyWeights, WeightsHandle
+
+    policy = load_model(policy_dir)
+    with torch.no_grad():
+        policy.model.norm.weight.fill_(float(version))
+    path = tmp_path / f"policy-v{version}.safetensors"
+    save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, path)
+    return PolicyWeights(version=version, handle=WeightsHandle(kind="file", location=str(path)))
+
+
 def test_a_distiller_loads_only_the_versions_its_updates_start_from_and_skips_gone_or_torn_ones(
         policy_dir, tmp_path, monkeypatch):
     """The policy copy serves updates alone, so only a version an update is due at is
@@ -114,24 +149,12 @@ def test_a_distiller_loads_only_the_versions_its_updates_start_from_and_skips_go
     mid-copy (TornWeights), is skipped, not an error: newer versions are queued after it."""
     import asyncio
     import contextlib
-    from types import SimpleNamespace
-
-    import structlog
-    from safetensors.torch import save_file
 
     from respec.actors import draft_distiller
-    from respec.actors.draft_distiller import DraftDistiller
-    from respec.engine.checkpoint import load_model
     from respec.messages import PolicyWeights, WeightsHandle
-    from respec.rl.distill import Sequence
     from respec.runtime.weights_transfer import TornWeights
 
-    actor = DraftDistiller(DraftDistiller.Params(model_path=str(policy_dir), weights_dir=str(tmp_path / "draft"),
-                                                 update_interval=2, min_buffer=2, heldout_prompts=0),
-                           SimpleNamespace(instance="distiller/0", log=structlog.get_logger()))
-    asyncio.run(actor.on_start())
-    for index in range(4):
-        actor.buffer.add(Sequence([1, 5, 6, 7, 8], 2, 1.0, f"g{index}", 0))
+    actor = started_distiller(policy_dir, tmp_path, update_interval=2, min_buffer=2, heldout_prompts=0)
     loads, updates, real = [], [], draft_distiller.loaded_tensors
 
     @contextlib.contextmanager
@@ -142,25 +165,65 @@ def test_a_distiller_loads_only_the_versions_its_updates_start_from_and_skips_go
         if version == 3:
             raise TornWeights("v3: written over during the copy")
 
-    async def update():
-        updates.append((actor.policy_version, float(actor.policy.model.norm.weight[0].detach())))
-        actor.updated_at = actor.policy_version
+    async def update(policy_version):
+        updates.append((policy_version, float(actor.policy.model.norm.weight[0].detach())))
+        actor.updated_at = policy_version
 
     monkeypatch.setattr(draft_distiller, "loaded_tensors", loaded)
     actor._update = update
-
-    def saved(version: int) -> PolicyWeights:
-        policy = load_model(policy_dir)
-        with torch.no_grad():
-            policy.model.norm.weight.fill_(float(version))
-        path = tmp_path / f"policy-v{version}.safetensors"
-        save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, path)
-        return PolicyWeights(version=version, handle=WeightsHandle(kind="file", location=str(path)))
-
     gone = PolicyWeights(version=2, handle=WeightsHandle(kind="file", location=str(tmp_path / "policy-v2.safetensors")))
-    for weights in (saved(1), gone, saved(3), saved(4), saved(5)):
-        asyncio.run(actor.on_policy(weights, None))
+
+    async def scenario():
+        loop = asyncio.create_task(actor.run())
+        for weights in (saved_policy(policy_dir, tmp_path, 1), gone, *(saved_policy(policy_dir, tmp_path, v)
+                                                                        for v in (3, 4, 5))):
+            await actor.on_policy(weights, None)
+            await asyncio.sleep(0.2)  # the run loop loads (or skips) it before the next comes
+        loop.cancel()
+
+    asyncio.run(scenario())
     assert loads == [2, 3, 4]  # v1: no update due yet; v5: one version after the update at v4
     assert updates == [(4, 4.0)]  # from v4's weights, not the torn v3's
     assert actor.policy_version == 5
+    asyncio.run(actor.on_stop())
+
+
+def test_a_distiller_takes_samples_and_announcements_while_an_update_runs(policy_dir, tmp_path):
+    """An update runs off the actor's event loop: a handler that waited seconds for it
+    would let the scorer's sends fill this inbox and block, stalling the RL loop."""
+    import asyncio
+    import threading
+
+    from respec.messages import DistillSample
+
+    actor = started_distiller(policy_dir, tmp_path, update_interval=5, min_buffer=2, heldout_prompts=0)
+    running, release, sent = threading.Event(), threading.Event(), []
+
+    def blocked_distil(pool, heldout):
+        running.set()
+        assert release.wait(10), "the handlers never ran while the update did"
+        return 1.0, 1.0, [0.5]
+
+    async def send(message, **fields):
+        sent.append(message)
+
+    actor._distil, actor.send, actor.report = blocked_distil, send, lambda *args, **kwargs: None
+
+    async def scenario():
+        loop = asyncio.create_task(actor.run())
+        await actor.on_policy(saved_policy(policy_dir, tmp_path, 5), None)  # due: 5 versions since 0
+        while not running.is_set():
+            await asyncio.sleep(0.01)
+        await actor.on_sample(DistillSample(prompt_id="g9/0", tokens=np.array([1, 5, 6, 7], dtype=np.int32),
+                                            response_start=2, reward=1.0, policy_version=1), None)
+        await actor.on_policy(saved_policy(policy_dir, tmp_path, 6), None)
+        assert len(actor.buffer.samples) == 5 and actor.policy_version == 6  # handled mid-update
+        release.set()
+        while not sent and not loop.done():
+            await asyncio.sleep(0.01)
+        assert not loop.done(), loop.exception()  # the update's own error, had it blocked the loop
+        loop.cancel()
+
+    asyncio.run(scenario())
+    assert [m.version for m in sent] == [1] and actor.updated_at == 5
     asyncio.run(actor.on_stop())
