@@ -91,11 +91,14 @@ def distill_step(head: EagleHead, policy: CausalLM, optimizer: torch.optim.Optim
     device = next(policy.parameters()).device  # the batch is built on the CPU
     tokens, valid = (t.to(device) for t in pad_right([s.tokens for s in batch], pad_id))
     weights = weights.to(device)
-    with torch.no_grad():
+    # On a GPU the target pass runs in bf16 (as generation does): an fp32 pass over a batch
+    # of rollouts is several times the trainer's own update, on the GPU it shares. The head
+    # and its loss stay fp32.
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
         output = policy(tokens, capture_layers=head.capture_layers)
     head.train()
-    loss = distill_loss(head, torch.cat(output.captured, dim=-1), tokens, output.logits, weights=weights,
-                        valid=valid, steps=unroll)
+    features = torch.cat(output.captured, dim=-1).float()
+    loss = distill_loss(head, features, tokens, output.logits.float(), weights=weights, valid=valid, steps=unroll)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
