@@ -52,6 +52,17 @@ def rollouts_graph(tmp_path, rollouts_params: dict, prompts_file, expected: int)
     }
 
 
+def perturbed(checkpoint, seed: int):
+    """The checkpoint's policy with noise on every weight: a "newer version" that generates
+    other tokens."""
+    torch.manual_seed(seed)
+    policy = load_model(checkpoint)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    return policy
+
+
 def test_a_torn_policy_copy_generates_nothing_until_the_next_version_loads(checkpoint, monkeypatch):
     """A cuda_ipc copy the trainer wrote over mid-copy (TornWeights, raised after the copy)
     may mix two versions: prompts wait for the next version, and their tokens are its."""
@@ -62,11 +73,7 @@ def test_a_torn_policy_copy_generates_nothing_until_the_next_version_loads(check
 
     actor, sent = started(FastRollouts.Params(model_path=str(checkpoint), max_rows=4, max_len=64, max_new_tokens=8,
                                               gather_s=0.0))
-    torch.manual_seed(3)
-    new_policy = load_model(checkpoint)
-    with torch.no_grad():
-        for parameter in new_policy.parameters():
-            parameter.add_(0.3 * torch.randn_like(parameter))
+    new_policy = perturbed(checkpoint, seed=3)
     real = fast_rollouts.loaded_tensors
 
     @contextlib.contextmanager
@@ -178,11 +185,7 @@ def test_a_prompt_waits_for_its_policy_and_its_tokens_carry_that_version(checkpo
     are then the new policy's, stamped 1, while an earlier prompt's carry 0."""
     actor, sent = started(FastRollouts.Params(model_path=str(checkpoint), max_rows=4, max_len=64, max_new_tokens=8,
                                               gather_s=0.0))
-    torch.manual_seed(7)
-    new_policy = load_model(checkpoint)
-    with torch.no_grad():
-        for parameter in new_policy.parameters():
-            parameter.add_(0.3 * torch.randn_like(parameter))
+    new_policy = perturbed(checkpoint, seed=7)
 
     async def scenario():
         await actor.on_start()
