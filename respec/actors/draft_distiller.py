@@ -147,8 +147,9 @@ class DraftDistiller(Actor):
     async def run(self) -> None:
         """Updates run in a worker thread, so this actor's handlers keep taking samples and
         announcements meanwhile. Were they to wait for a multi-second update, the scorer's
-        sends to this inbox would fill it and block, and the RL loop would stall behind it
-        (4.4 s once on two H100s, 8c4be4e)."""
+        sends to this inbox could fill it and block the RL loop (the likely cause of a 4.4 s
+        stall on two H100s at 8c4be4e). A restart (after a crash) starts again from
+        `draft_path` and numbers its heads from 1 again."""
         while True:
             await self.wake.wait()
             self.wake.clear()
