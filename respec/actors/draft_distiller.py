@@ -176,7 +176,7 @@ class DraftDistiller(Actor):
     async def _update(self, policy_version: int) -> None:
         started = time.perf_counter()
         pool, heldout = list(self.buffer.samples), list(self.buffer.heldout)  # the handlers add to the buffer
-        before, after, losses = await asyncio.to_thread(self._distil, pool, heldout)
+        before, after, losses, heldout_s = await asyncio.to_thread(self._distil, pool, heldout)
         self.version += 1
         self.updated_at = policy_version
         seconds = time.perf_counter() - started
@@ -184,21 +184,26 @@ class DraftDistiller(Actor):
                                      heldout_accept_after=after, distill_s=seconds), draft_version=self.version)
         self.report(policy_version, draft_version=self.version, distill_kl=float(np.mean(losses)),
                     heldout_accept_before=before, heldout_accept_after=after, distill_s=seconds,
-                    distill_buffer=len(pool), distill_nice=os.nice(0))
+                    distill_heldout_s=heldout_s, distill_buffer=len(pool), distill_nice=os.nice(0))
 
-    def _distil(self, pool: list[Sequence], heldout: list[list[int]]) -> tuple[float, float, list[float]]:
-        """Held-out acceptance, `steps_per_update` reward-weighted steps, acceptance again."""
+    def _distil(self, pool: list[Sequence], heldout: list[list[int]]) -> tuple[float, float, list[float], float]:
+        """Held-out acceptance, `steps_per_update` reward-weighted steps, acceptance again;
+        and the seconds the two measurements took (the rest of `distill_s` is the steps)."""
         use_device(self.params.device)
+        started = time.perf_counter()
         before = self._acceptance(heldout)
+        heldout_s = time.perf_counter() - started
         losses = []
         for _ in range(self.params.steps_per_update):
             if self.stopping:  # the run is ending: nothing will read this update
-                return before, before, losses
+                return before, before, losses, heldout_s
             batch = self.rng.sample(pool, min(self.params.batch_size, len(pool)))
             weights = sample_weights(batch, pool, self.params.reward_weighting)
             losses.append(distill_step(self.head, self.policy, self.optimizer, batch, weights,
                                        self.tokenizer.pad_id or 0, self.params.unroll))
-        return before, self._acceptance(heldout), losses
+        started = time.perf_counter()
+        after = self._acceptance(heldout)
+        return before, after, losses, heldout_s + time.perf_counter() - started
 
     def _acceptance(self, heldout: list[list[int]]) -> float:
         return heldout_acceptance(self.policy, self.head, heldout, DraftShape.parse(self.params.eval_shape),

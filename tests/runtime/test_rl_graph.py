@@ -97,6 +97,7 @@ def test_draft_distiller_follows_the_policy_and_the_generator_swaps_its_head(run
     updates = [row for row in result.metrics if row["source"] == "distiller/0"]
     assert updates and [row["draft_version"] for row in updates] == list(range(1, len(updates) + 1))
     assert all(row["heldout_accept_before"] >= 1.0 and row["distill_s"] > 0 for row in updates)
+    assert all(0 < row["distill_heldout_s"] < row["distill_s"] for row in updates)  # the rest: the steps
     log = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
     assert [e["version"] for e in log if e["event"] == "draft_weights_loaded"][:1] == [1]
 
@@ -202,7 +203,7 @@ def test_a_distiller_takes_samples_and_announcements_while_an_update_runs(policy
     def blocked_distil(pool, heldout):
         running.set()
         assert release.wait(10), "the handlers never ran while the update did"
-        return 1.0, 1.0, [0.5]
+        return 1.0, 1.0, [0.5], 0.1
 
     async def send(message, **fields):
         sent.append(message)
