@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from respec.engine.devices import bf16_autocast
 from respec.engine.drafters.eagle import EagleHead, distill_loss
 from respec.engine.model import CausalLM
 from respec.engine.tokenizer import char_tokenizer
 from respec.rl.distill import pad_right
 from respec.rl.trainer import CapturedPass, TrainSample
-
-
-def bf16_autocast(device: torch.device):
-    """bf16 autocast on a GPU (the float32 masters train and distil under it); off on a CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def distill_rollouts(target: CausalLM, head: EagleHead, optimizer, samples: list[TrainSample], rewards: list[float],

@@ -28,11 +28,12 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu_distill import bf16_autocast, distill_rollouts  # noqa: E402
+from gpu_distill import distill_rollouts  # noqa: E402
 from gpu_rl import LENGTH_MULTIPLE  # noqa: E402
 from gpu_timing import sync  # noqa: E402
 from gpu_train import log, random_model, shape_config  # noqa: E402
 
+from respec.engine.devices import bf16_autocast  # noqa: E402
 from respec.engine.drafters.eagle import EagleHead, distill_loss  # noqa: E402
 from respec.engine.tokenizer import char_tokenizer  # noqa: E402
 from respec.rl.distill import pad_right  # noqa: E402

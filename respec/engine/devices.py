@@ -5,6 +5,12 @@ from __future__ import annotations
 import torch
 
 
+def bf16_autocast(device: torch.device, on: bool = True):
+    """bf16 autocast where `device` is a GPU and `on` (float32 weights run their passes in
+    bf16, as generation does); entered but disabled on a CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on and device.type == "cuda")
+
+
 def use_device(name: str | torch.device) -> torch.device:
     """`name` as a torch.device, made this process's current CUDA device when it names a
     GPU by index ("cuda:1"): CUDA graph capture, Triton launches, new streams and

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from respec.engine.devices import bf16_autocast
 from respec.engine.drafters.base import DraftShape
 from respec.engine.drafters.eagle import EagleDrafter, EagleHead, distill_loss
 from respec.engine.model import CausalLM
@@ -94,7 +95,7 @@ def distill_step(head: EagleHead, policy: CausalLM, optimizer: torch.optim.Optim
     # On a GPU the target pass runs in bf16 (as generation does): an fp32 pass over a batch
     # of rollouts is several times the trainer's own update, on the GPU it shares. The head
     # and its loss stay fp32.
-    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.no_grad(), bf16_autocast(device):
         output = policy(tokens, capture_layers=head.capture_layers)
     head.train()
     features = torch.cat(output.captured, dim=-1).float()

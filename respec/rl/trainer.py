@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from respec.engine.devices import bf16_autocast
 from respec.engine.model import CausalLM
 from respec.rl.advantages import group_advantages
 from respec.rl.loss import PPOConfig, ppo_loss
@@ -74,7 +75,7 @@ class GRPOTrainer:
 
     def step(self, samples: list[TrainSample]) -> dict[str, float]:
         device = next(self.model.parameters()).device
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.bf16_on_gpu and device.type == "cuda"):
+        with bf16_autocast(device, on=self.config.bf16_on_gpu):
             return self._step(samples)
 
     def _step(self, samples: list[TrainSample]) -> dict[str, float]:
