@@ -147,11 +147,11 @@ def _fast_variants(config: Path, trainer_device: str) -> dict[str, tuple[Path, d
     one (its settings: gpu_fast.yaml's learning rate suits its head), else a reward-weighted
     one every 3 versions, at the lowest priority on a CPU."""
     actors = load_yaml(config.read_text())["actors"]
-    device = str(trainer_device or actors["trainer"].get("params", {}).get("device", "cpu"))
     if "distiller" in actors:
         without = {"actors.distiller": None}
         with_kd = {"actors.distiller.params.device": trainer_device} if trainer_device else {}
     else:
+        device = str(trainer_device or actors["trainer"].get("params", {}).get("device", "cpu"))
         without, with_kd = {}, distiller(config, "reward", 3, nice=19 if device == "cpu" else 0, device=device)
     return {"sync_nosd": (config, {**FAST_SYNC_NOSD, **without}), "respec_fast": (config, without),
             "respec_fast_kd": (config, with_kd)}
