@@ -4,7 +4,7 @@ It buffers the RewardScorer's `DistillSample`s (tokens and reward of finished ro
 follows the policy through `PolicyWeights` (its own copy: the target distribution is
 recomputed from tokens, never shipped), and every `update_interval` policy versions runs
 `steps_per_update` steps of reward-weighted KL(target || draft) on the buffer. Before and
-after each update it measures greedy acceptance on held-out prompts, then publishes
+after each update it measures acceptance on held-out prompts (`heldout_measure`), then publishes
 `DraftWeights(version)`, which the Generator swaps in between steps. The math lives in
 respec/rl/distill.py.
 
@@ -37,10 +37,12 @@ from respec.engine.drafters.eagle import EagleHead
 from respec.engine.tokenizer import load_tokenizer
 from respec.messages import DistillSample, DraftWeights, Envelope, PolicyWeights, WeightsHandle
 from respec.rl.distill import (
+    HELDOUT_MEASURES,
     WEIGHTINGS,
     DistillBuffer,
     Sequence,
     distill_step,
+    expected_acceptance,
     heldout_acceptance,
     sample_weights,
 )
@@ -66,6 +68,15 @@ class DraftDistiller(Actor):
         lr: float = 3e-4
         unroll: int = 4  # drafting steps trained per position, as prepare trains (EAGLE-3's training-time test)
         min_buffer: int = 128  # no update before the buffer holds this many rollouts (a few would be memorised)
+        # How held-out acceptance is measured before and after each update:
+        # engine: greedy SD with the eager engine on the held-out prompts (the number a greedy
+        #   Generator sees; hundreds of host-synchronised steps, seconds on a GPU shared with a
+        #   trainer);
+        # expected: tokens per step of chain SD with eval_shape's drafts at heldout_temperature
+        #   (RL's sampling), estimated from one teacher-forced pass over the held-out prompts'
+        #   rollouts (respec.rl.distill.expected_acceptance): no generation, a few kernels.
+        heldout_measure: str = "engine"
+        heldout_temperature: float = 1.0  # of `expected` (0: greedy)
         eval_shape: str = "s4_t1_n4"
         eval_max_new_tokens: int = 48
         weights_dir: str = ""
@@ -78,6 +89,11 @@ class DraftDistiller(Actor):
     @classmethod
     def check_plan(cls, name, params, plan) -> list[str]:
         problems = []
+        if params.heldout_measure not in HELDOUT_MEASURES:
+            problems.append(f"params.heldout_measure must be one of {', '.join(HELDOUT_MEASURES)}, "
+                            f"got {params.heldout_measure!r}")
+        if params.heldout_temperature < 0:
+            problems.append(f"params.heldout_temperature must be >= 0, got {params.heldout_temperature}")
         if params.reward_weighting not in WEIGHTINGS:
             problems.append(f"params.reward_weighting must be one of {', '.join(WEIGHTINGS)}, "
                             f"got {params.reward_weighting!r}")
@@ -175,7 +191,7 @@ class DraftDistiller(Actor):
 
     async def _update(self, policy_version: int) -> None:
         started = time.perf_counter()
-        pool, heldout = list(self.buffer.samples), list(self.buffer.heldout)  # the handlers add to the buffer
+        pool, heldout = list(self.buffer.samples), self._heldout()  # copies: the handlers add to the buffer
         before, after, losses, heldout_s = await asyncio.to_thread(self._distil, pool, heldout)
         self.version += 1
         self.updated_at = policy_version
@@ -186,7 +202,8 @@ class DraftDistiller(Actor):
                     heldout_accept_before=before, heldout_accept_after=after, distill_s=seconds,
                     distill_heldout_s=heldout_s, distill_buffer=len(pool), distill_nice=os.nice(0))
 
-    def _distil(self, pool: list[Sequence], heldout: list[list[int]]) -> tuple[float, float, list[float], float]:
+    def _distil(self, pool: list[Sequence], heldout: list[list[int]] | list[Sequence]
+                ) -> tuple[float, float, list[float], float]:
         """Held-out acceptance, `steps_per_update` reward-weighted steps, acceptance again;
         and the seconds the two measurements took (the rest of `distill_s` is the steps)."""
         use_device(self.params.device)
@@ -205,9 +222,18 @@ class DraftDistiller(Actor):
         after = self._acceptance(heldout)
         return before, after, losses, heldout_s + time.perf_counter() - started
 
-    def _acceptance(self, heldout: list[list[int]]) -> float:
-        return heldout_acceptance(self.policy, self.head, heldout, DraftShape.parse(self.params.eval_shape),
-                                  self.params.eval_max_new_tokens, (self.tokenizer.eos_id,))
+    def _acceptance(self, heldout: list[list[int]] | list[Sequence]) -> float:
+        shape = DraftShape.parse(self.params.eval_shape)
+        if self.params.heldout_measure == "expected":
+            return expected_acceptance(self.policy, self.head, heldout, shape.steps, self.params.heldout_temperature)
+        return heldout_acceptance(self.policy, self.head, heldout, shape, self.params.eval_max_new_tokens,
+                                  (self.tokenizer.eos_id,))
+
+    def _heldout(self) -> list[list[int]] | list[Sequence]:
+        """What `_acceptance` measures on: the held-out prompts, or their rollouts."""
+        if self.params.heldout_measure == "expected":
+            return list(self.buffer.heldout_rollouts)
+        return list(self.buffer.heldout)
 
     def _handle(self) -> WeightsHandle:
         """The head's own tensors (not the policy's parts it shares), as a file: the

@@ -164,7 +164,8 @@ class PolicyTrainer(Actor):
         self.report(version, policy_version=version, draft_version=self.draft_version,
                     **step_metrics(scored, version), **self._form_shares(scored), train_s=train_s, update_s=update_s,
                     publish_s=train_s - update_s, distill_s=self.distill_s,
-                    loss=stats["loss"], grad_norm=stats["grad_norm"], groups=trained)
+                    loss=stats["loss"], grad_norm=stats["grad_norm"], groups=trained,
+                    **{key: stats[key] for key in PPO_STATS if key in stats})
         self.distill_s = 0.0
         if self.params.checkpoint_every and version % self.params.checkpoint_every == 0:
             self._checkpoint()
@@ -290,6 +291,11 @@ class PolicyTrainer(Actor):
         plan = self.context.plan
         return all(plan.actors[name].spec.group == self.context.group.name
                    for name in plan.handlers_of(PolicyWeights))
+
+
+# The update's trust-region statistics (respec.rl.loss): behaviour_weight_mean far from 1
+# says the generator's log-probabilities disagree with the trainer's (stale or wrong).
+PPO_STATS = ("behaviour_weight_mean", "clip_fraction", "ratio_mean")
 
 
 def _sample(scored: ScoredRollout) -> TrainSample:

@@ -93,18 +93,22 @@ class GRPOTrainer:
             reference = ([self._logprobs(self.reference, part) for part in micro_batches]
                          if self.reference is not None else None)
         total_tokens = batch.mask.sum().clamp(min=1)
-        stats: dict[str, float] = {}
+        stats: dict[str, float] = {}  # token-weighted means over the micro-batches (of the last epoch)
         self.captured = []
         self.model.train()
         for epoch in range(self.config.epochs):
             self.optimizer.zero_grad(set_to_none=True)
+            stats = {}
             for i, part in enumerate(micro_batches):
                 keep = self.captured if epoch == 0 and self.config.capture_layers else None
                 logprobs = self._logprobs(self.model, part, self.config.capture_layers, keep)
-                loss, stats = ppo_loss(logprobs, logprobs.detach() if proximal is None else proximal[i], part.behaviour,
-                                       advantages[part.rows], part.mask, self.config.ppo,
-                                       None if reference is None else reference[i])
-                (loss * part.mask.sum() / total_tokens).backward()  # token-mean over the whole batch
+                loss, part_stats = ppo_loss(logprobs, logprobs.detach() if proximal is None else proximal[i],
+                                            part.behaviour, advantages[part.rows], part.mask, self.config.ppo,
+                                            None if reference is None else reference[i])
+                share = part.mask.sum() / total_tokens
+                (loss * share).backward()  # token-mean over the whole batch
+                for key, value in part_stats.items():
+                    stats[key] = stats.get(key, 0.0) + value * float(share)
             grad_norm = torch.nn.utils.clip_grad_norm_(self._trained, self.config.max_grad_norm)
             skipped = not torch.isfinite(grad_norm)
             if skipped:  # one NaN step would poison AdamW's moments, and every later step with them

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import transformers
@@ -83,6 +85,22 @@ def test_one_epoch_updates_as_with_a_pass_for_the_proximal_logprobs(tmp_path, mo
     (ours, our_stats), (theirs, their_stats) = results
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
     assert our_stats["behaviour_weight_mean"] == pytest.approx(their_stats["behaviour_weight_mean"], abs=1e-5)
+
+
+def test_the_step_statistics_cover_every_micro_batch(tmp_path):
+    """behaviour_weight_mean is over all the step's tokens whatever the micro-batching: the
+    metric that says whether the generator's log-probabilities match the trainer's."""
+    prompt = torch.tensor([1, 2, 3])
+    responses = [torch.tensor([5, 6, 7]), torch.tensor([9]), torch.tensor([4, 4]), torch.tensor([8, 2, 2, 2])]
+    shifts = [0.1, 0.2, 0.3, 0.4]  # behaviour log-probs this much below the trainer's: weight exp(shift)
+    expected = sum(len(r) * math.exp(d) for r, d in zip(responses, shifts, strict=True)) / 10
+    for micro in (1, 4):
+        model = tiny(tmp_path)
+        samples = samples_for(model, prompt, responses, [1.0, 0.0, 0.5, 0.2])
+        stale = [TrainSample(s.prompt, s.response, s.behaviour_logprobs - d, s.reward, s.group_id)
+                 for s, d in zip(samples, shifts, strict=True)]
+        stats = GRPOTrainer(model, TrainerConfig(lr=0.0, micro_batch=micro)).step(stale)
+        assert stats["behaviour_weight_mean"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_a_step_with_no_samples_publishes_a_version_and_leaves_the_weights(tmp_path):

@@ -4,6 +4,7 @@ new policy versions back to the Verifier, with the staleness bound."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -107,6 +108,17 @@ def test_a_niced_distiller_sharing_a_process_is_refused(run_graph, policy_dir):
 
     with pytest.raises(ConfigError, match="params.nice 10 would lower the priority of generator, prompts, scorer"):
         run_graph(distill_graph(str(policy_dir), distiller_group="main", nice=10), name="rl_distill_nice")
+
+
+@pytest.mark.parametrize("params, problem", [
+    ({"heldout_measure": "sampled"}, "params.heldout_measure must be one of engine, expected, got 'sampled'"),
+    ({"heldout_temperature": -1.0}, "params.heldout_temperature must be >= 0, got -1.0"),
+])
+def test_a_distiller_with_a_bad_heldout_measure_is_refused(run_graph, policy_dir, params, problem):
+    from respec.runtime.graph import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        run_graph(distill_graph(str(policy_dir), **params), name="rl_distill_bad")
 
 
 def started_distiller(policy_dir, tmp_path, samples: int = 4, **params):
@@ -227,4 +239,31 @@ def test_a_distiller_takes_samples_and_announcements_while_an_update_runs(policy
 
     asyncio.run(scenario())
     assert [m.version for m in sent] == [1] and actor.updated_at == 5
+    asyncio.run(actor.on_stop())
+
+
+def test_a_distiller_measuring_expected_acceptance_uses_the_heldout_rollouts(policy_dir, tmp_path, monkeypatch):
+    """heldout_measure: expected scores the held-out prompts' rollouts (never trained on)
+    with expected_acceptance, at heldout_temperature and eval_shape's depth; engine (the
+    default) generates from the held-out prompts."""
+    import asyncio
+
+    from respec.actors import draft_distiller
+    from respec.rl.distill import Sequence
+
+    seen = {}
+
+    def expected(policy, head, rollouts, draft_len, temperature):
+        seen.update(rollouts=[r.tokens for r in rollouts], draft_len=draft_len, temperature=temperature)
+        return 1.5
+
+    monkeypatch.setattr(draft_distiller, "expected_acceptance", expected)
+    actor = started_distiller(policy_dir, tmp_path, samples=0, heldout_prompts=1, heldout_measure="expected",
+                              heldout_temperature=0.7, eval_shape="s3_t1_n3", steps_per_update=1, batch_size=2)
+    for tokens in ([1, 2, 9, 9], [1, 2, 8, 8], [3, 4, 5, 6], [3, 4, 6, 6]):
+        actor.buffer.add(Sequence(tokens, 2, 1.0, "g0", 0))
+    before, after, losses, heldout_s = actor._distil(list(actor.buffer.samples), actor._heldout())
+    assert seen == {"rollouts": [[1, 2, 9, 9], [1, 2, 8, 8]], "draft_len": 3, "temperature": 0.7}
+    assert (before, after, len(losses)) == (1.5, 1.5, 1) and heldout_s > 0
+    assert [s.tokens for s in actor.buffer.samples] == [[3, 4, 5, 6], [3, 4, 6, 6]]  # what it trained on
     asyncio.run(actor.on_stop())
