@@ -6,6 +6,9 @@ It collects whole groups (all G samples of a prompt), trains on `groups_per_step
 safetensors file. Per step it reports the RL metrics (metrics.jsonl); at the start and
 the end it measures accuracy on the task's fixed held-out set (summary.json); every
 `checkpoint_every` steps it writes a checkpoint that `respec run --resume` continues from.
+Where the graph has a CapturedDistiller, each update also keeps its forward pass's hidden
+states at the head's layers and its logits, and sends them (`CapturedTargets`, by
+reference: the distiller shares this process) for the head to learn from.
 """
 
 from __future__ import annotations
@@ -20,8 +23,16 @@ import torch
 
 from respec.engine.checkpoint import load_model, weights_to_save
 from respec.engine.devices import gpu_of, use_device
+from respec.engine.drafters.eagle import TargetParts, layers_to_capture
 from respec.engine.tokenizer import load_tokenizer
-from respec.messages import DraftWeights, Envelope, PolicyWeights, ScoredRollout, WeightsHandle
+from respec.messages import (
+    CapturedTargets,
+    DraftWeights,
+    Envelope,
+    PolicyWeights,
+    ScoredRollout,
+    WeightsHandle,
+)
 from respec.rl import checkpoints
 from respec.rl.evaluate import evaluate
 from respec.rl.loss import PPOConfig
@@ -65,15 +76,18 @@ class PolicyTrainer(Actor):
         profile_update: int = 0  # profile this update (1: the first; 0: none) into update_profile.txt
 
     sends = (PolicyWeights,)
+    optional_sends = (CapturedTargets,)  # to a CapturedDistiller, where the graph has one
     process_restartable = False  # the policy and optimizer live here; --resume continues a run
 
     async def on_start(self) -> None:
         torch.manual_seed(self.params.seed)
         use_device(self.params.device)  # the publisher's synchronize and streams follow the current device
         model = load_model(Path(self.params.model_path), device=self.params.device)
+        captured = layers_to_capture(model.config) if self.context.plan.handlers_of(CapturedTargets) else ()
         config = TrainerConfig(lr=self.params.lr, gain_lr=self.params.gain_lr, micro_batch=self.params.micro_batch,
                                max_grad_norm=self.params.max_grad_norm, length_multiple=self.params.length_multiple,
-                               ppo=PPOConfig(clip_eps=self.params.clip_eps, kl_coef=self.params.kl_coef))
+                               ppo=PPOConfig(clip_eps=self.params.clip_eps, kl_coef=self.params.kl_coef),
+                               capture_layers=captured)
         reference = load_model(Path(self.params.model_path), device=self.params.device) if self.params.kl_coef > 0 else None
         self.trainer = GRPOTrainer(model, config, reference)
         self.groups: dict[str, dict[int, ScoredRollout]] = defaultdict(dict)  # group -> sample index -> rollout
@@ -160,6 +174,7 @@ class PolicyTrainer(Actor):
         self.trained_groups += trained
         await self.send(PolicyWeights(version=version, handle=self._handle(version), trained_groups=trained),
                         policy_version=version)
+        await self._send_captured(samples, version - 1)
         train_s = time.perf_counter() - started
         self.report(version, policy_version=version, draft_version=self.draft_version,
                     **step_metrics(scored, version), **self._form_shares(scored), train_s=train_s, update_s=update_s,
@@ -171,6 +186,21 @@ class PolicyTrainer(Actor):
             self._checkpoint()
         if self.params.max_steps and version >= self.params.max_steps:
             await self._finish()
+
+    async def _send_captured(self, samples: list[TrainSample], version: int) -> None:
+        """The update's pass over `samples` (made by `version`), one message per micro-batch;
+        the first carries copies of the new weights' parts a head reads."""
+        layers = list(self.trainer.config.capture_layers)
+        for index, view in enumerate(self.trainer.captured):
+            rows = view.rows.tolist()
+            parts = TargetParts.state_of(self.trainer.model) if index == 0 else {}
+            await self.send(CapturedTargets(
+                policy_version=version, layers=layers, tokens=view.tokens, valid=view.valid,
+                response_starts=torch.tensor([len(samples[r].prompt) for r in rows], device=view.tokens.device),
+                features=view.features, logits=view.logits,
+                rewards=np.array([samples[r].reward for r in rows], dtype=np.float32),
+                groups=[samples[r].group_id for r in rows], parts=parts), policy_version=version)
+        self.trainer.captured = []  # the messages hold them now
 
     def _profiled_step(self, samples: list[TrainSample]) -> dict[str, float]:
         """One update under torch.profiler: its operators by host and device time, written to

@@ -16,6 +16,7 @@ from respec.messages.generation import (
     VerifyResult,
 )
 from respec.messages.training import (
+    CapturedTargets,
     DistillSample,
     DraftWeights,
     PolicyWeights,
@@ -24,7 +25,7 @@ from respec.messages.training import (
 )
 
 __all__ = [
-    "MESSAGE_TYPES", "SCHEMA_VERSION", "Array", "Channel", "Control", "DistillSample",
+    "MESSAGE_TYPES", "SCHEMA_VERSION", "Array", "CapturedTargets", "Channel", "Control", "DistillSample",
     "DraftWeights", "Envelope", "ErrorReport", "FrameError", "GenerationStats", "Message",
     "Metrics", "Ping", "PolicyWeights", "Pong", "Prompt", "Rollout", "SamplingParams",
     "SchedulerDecision", "ScoredRollout", "Worked", "Tick", "VerifyRequest", "VerifyResult",

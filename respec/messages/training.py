@@ -34,6 +34,26 @@ class DistillSample(Message, frozen=True):
     advantage: float = 0.0
 
 
+class CapturedTargets(Message, frozen=True):
+    """PolicyTrainer -> a distiller in its process (CapturedDistiller): what one micro-batch
+    of the GRPO update's forward pass computed over the step's rollouts, so the head learns
+    from it with no target pass of its own. The tensors stay on the trainer's device and
+    travel by reference, so the receiver must share the trainer's process group."""
+
+    policy_version: int  # of the weights that computed it: those before the update
+    layers: list[int]  # the captured layers, in the order of `features`
+    tokens: Array  # long [B, L] prompt + response, right-padded
+    valid: Array  # bool [B, L] the real tokens
+    response_starts: Array  # long [B] where each row's response begins
+    features: Array  # [B, L, layers * hidden] hidden states after `layers`, concatenated
+    logits: Array  # [B, L, V] the policy's raw logits (no temperature)
+    rewards: Array  # float32 [B]
+    groups: list[str]  # each row's GRPO group
+    # The policy's tensors the head reads (embedding, final norm, lm_head), copied after the
+    # update: the head drafts for the new version, and the trainer's own are updated in place.
+    parts: dict[str, Array] = {}
+
+
 class TensorSpec(msgspec.Struct, frozen=True):
     """One named tensor inside a flat buffer of a "cuda_ipc" or "collective" handle."""
 

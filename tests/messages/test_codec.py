@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from respec.messages import (
     MESSAGE_TYPES,
     SCHEMA_VERSION,
+    CapturedTargets,
     Control,
     DistillSample,
     DraftWeights,
@@ -74,6 +75,10 @@ EXAMPLES = [
     DistillSample(prompt_id="g1/0", policy_version=2, tokens=ints(12), response_start=7,
                   features=torch.randn(12, 6), target_probs_topk=floats(12, 4), target_ids_topk=ints(12, 4),
                   reward=1.0, advantage=0.5),
+    CapturedTargets(policy_version=3, layers=[0, 1], tokens=torch.arange(10).reshape(2, 5),
+                    valid=torch.ones(2, 5, dtype=torch.bool), response_starts=torch.tensor([2, 3]),
+                    features=torch.randn(2, 5, 8), logits=torch.randn(2, 5, 7), rewards=floats(2), groups=["g0", "g1"],
+                    parts={"model.norm.weight": torch.ones(4)}),
     PolicyWeights(version=4, handle=WeightsHandle(kind="local", tensors={"a": floats(3, 3), "b": torch.arange(4)})),
     DraftWeights(version=2, handle=WeightsHandle(kind="file", location="/tmp/draft.safetensors"),
                  heldout_accept_before=2.0, heldout_accept_after=2.5),
@@ -174,6 +179,28 @@ def test_device_tensor_between_processes_is_refused_with_a_clear_error():
     # inside one process it travels by reference, untouched
     frames = encode(envelope_for(Tick(seq=0)), Tick(seq=0, payload=tensor), allow_device_refs=True)
     assert decode(frames)[1].payload is tensor
+
+
+def test_a_captured_pass_travels_by_reference_within_a_process():
+    """CapturedTargets (PolicyTrainer -> CapturedDistiller): every device tensor, those in
+    its `parts` dict too, arrives as the very object sent; across processes it is refused."""
+    class FakeCuda(torch.Tensor):
+        @property
+        def device(self):
+            return torch.device("cuda", 0)
+
+    def cuda(*shape):
+        return torch.zeros(*shape).as_subclass(FakeCuda)
+
+    body = CapturedTargets(policy_version=3, layers=[0, 1], tokens=cuda(2, 5), valid=cuda(2, 5),
+                           response_starts=cuda(2), features=cuda(2, 5, 8), logits=cuda(2, 5, 7),
+                           rewards=np.array([1.0, 0.0], np.float32), groups=["g0", "g0"],
+                           parts={"lm_head.weight": cuda(7, 4)})
+    received = decode(encode(envelope_for(body), body, allow_device_refs=True))[1]
+    assert received.features is body.features and received.parts["lm_head.weight"] is body.parts["lm_head.weight"]
+    assert received.rewards.tolist() == [1.0, 0.0] and received.groups == ["g0", "g0"]
+    with pytest.raises(ValueError, match="cannot be sent to another process"):
+        encode(envelope_for(body), body)
 
 
 # --- bad frames -------------------------------------------------------------------------------

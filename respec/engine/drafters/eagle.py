@@ -75,6 +75,14 @@ class TargetParts:
     def of(cls, target: CausalLM) -> TargetParts:
         return cls(target.embed_tokens, target.model.norm, target.lm_head)
 
+    @staticmethod
+    def state_of(target: CausalLM) -> dict[str, Tensor]:
+        """Copies of these tensors under the target's state_dict names (load them with
+        ``strict=False``): all a head needs of a newer version of its target."""
+        prefixes = ("model.embed_tokens.", "model.norm.", "lm_head.")
+        return {name: tensor.detach().clone() for name, tensor in target.state_dict().items()
+                if name.startswith(prefixes)}
+
 
 class EagleHead(nn.Module):
     """fc + input_proj + one decoder layer; see the module docstring."""

@@ -1,0 +1,178 @@
+"""CapturedDistiller: online distillation of the EAGLE head from the trainer's own pass.
+
+The DraftDistiller keeps a policy copy and recomputes the target from tokens, in a process
+of its own. On a GPU shared with the trainer that costs the trainer 25-40% of its update
+at any update rate tried: two processes' kernels time-slice one GPU (docs/PERFORMANCE.md).
+This actor lives in the trainer's process group instead: for every micro-batch of every
+GRPO update the PolicyTrainer sends `CapturedTargets`, the features and logits its forward
+pass computed anyway (by reference, on its device), and the head learns from them:
+
+- each message adds its reward-weighted KL(target || draft) gradient (EAGLE-3's
+  training-time test over `unroll` drafting steps) to the head's gradients: one head
+  forward and backward, no target pass;
+- when a message of a version `update_interval` past the last update arrives, the
+  accumulated gradient (its mean over the messages) takes one AdamW step. Before and
+  after that step, expected acceptance (`captured_acceptance`) is measured on that
+  message's rollouts, which no step has seen yet, and `DraftWeights(version)` is
+  published for the Generator.
+
+Everything runs in the message handler, on the process's one event loop and the device's
+one stream: the head's kernels queue behind the trainer's, and nothing else competes.
+The head's target parts (embedding, final norm, lm_head) follow the policy through the
+copies each message carries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import torch
+
+from respec.engine.checkpoint import load_model
+from respec.engine.devices import use_device
+from respec.engine.drafters.base import DraftShape
+from respec.engine.drafters.eagle import EagleHead, distill_loss, layers_to_capture
+from respec.messages import CapturedTargets, DraftWeights, Envelope, WeightsHandle
+from respec.rl.distill import WEIGHTINGS, Sequence, captured_acceptance, sample_weights
+from respec.runtime import Actor, handles
+from respec.runtime.weight_files import WeightFiles
+
+
+class CapturedDistiller(Actor):
+    class Params(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+        model_path: str  # the policy: its config, and the parts the head reads until messages bring newer ones
+        draft_path: str = ""  # the head to start from ("": a fresh one)
+        update_interval: int = 1  # I: one optimizer step after every I policy versions
+        reward_weighting: str = "reward"  # none | reward | advantage (within each message's rollouts)
+        lr: float = 5e-5  # see DraftDistiller.Params.lr: a good head wants small steps
+        max_grad_norm: float = 1.0
+        unroll: int = 4  # drafting steps trained per position
+        # Distil from at most this many rollouts of each message, chosen at random (0: all):
+        # bounds the head's work per trainer update. bench/gpu_rl.py's 0.39x run used ~21 a
+        # version; 128 took ~0.2 s a version on an H100 beside a ~0.2 s update (597254b).
+        max_rows: int = 0
+        eval_shape: str = "s4_t1_n4"  # its depth: the chain length of the acceptance measure
+        heldout_temperature: float = 1.0  # of the acceptance measure (RL's sampling; 0: greedy)
+        weights_dir: str = ""
+        seed: int = 0
+        device: str = "cpu"  # the trainer's: the captured tensors are there
+
+    sends = (DraftWeights,)
+
+    @classmethod
+    def check_plan(cls, name, params, plan) -> list[str]:
+        problems = []
+        if params.reward_weighting not in WEIGHTINGS:
+            problems.append(f"params.reward_weighting must be one of {', '.join(WEIGHTINGS)}, "
+                            f"got {params.reward_weighting!r}")
+        if params.max_rows < 0:
+            problems.append(f"params.max_rows must be >= 0, got {params.max_rows}")
+        for key in ("update_interval", "unroll"):
+            if getattr(params, key) < 1:
+                problems.append(f"params.{key} must be >= 1, got {getattr(params, key)}")
+        try:
+            DraftShape.parse(params.eval_shape)
+        except ValueError as error:
+            problems.append(f"params.eval_shape: {error}")
+        group = plan.actors[name].spec.group
+        apart = sorted(s for s in plan.senders_of(CapturedTargets) if plan.actors[s].spec.group != group)
+        if apart:
+            problems.append(f"must share a process group with {', '.join(apart)} (group "
+                            f"{plan.actors[apart[0]].spec.group!r}): CapturedTargets hold device tensors, "
+                            f"passed by reference within one process")
+        return problems
+
+    async def on_start(self) -> None:
+        torch.manual_seed(self.params.seed)
+        self.device = use_device(self.params.device)
+        self.policy = load_model(Path(self.params.model_path), device=self.device)
+        self.head = (EagleHead.load(self.params.draft_path, self.policy) if self.params.draft_path
+                     else EagleHead.for_target(self.policy)).eval()
+        expected = layers_to_capture(self.policy.config)  # what the PolicyTrainer captures
+        if tuple(self.head.capture_layers) != tuple(expected):
+            raise ValueError(f"the head at {self.params.draft_path!r} reads layers {list(self.head.capture_layers)}; "
+                             f"the trainer captures {list(expected)} (layers_to_capture of the policy)")
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.params.lr)
+        self.draft_len = DraftShape.parse(self.params.eval_shape).steps
+        self.rng = torch.Generator().manual_seed(self.params.seed)
+        self.version = 0  # of the head
+        self.updated_at = 0  # the policy version of the last update
+        self.pending = 0  # messages whose gradient is accumulated
+        self.losses: list[torch.Tensor] = []  # their losses, read at the update (no sync per message)
+        self.weight_files = WeightFiles(self.params.weights_dir, "respec-draft-", keep=2)
+
+    async def on_stop(self) -> None:
+        if hasattr(self, "weight_files"):  # absent if the start failed
+            self.weight_files.close()
+
+    @handles(CapturedTargets)
+    async def on_captured(self, captured: CapturedTargets, envelope: Envelope) -> None:
+        if captured.parts:
+            self.policy.load_state_dict(captured.parts, strict=False)
+        if self.pending and captured.policy_version - self.updated_at >= self.params.update_interval:
+            await self._update(captured)
+        self._accumulate(captured)
+
+    def _accumulate(self, captured: CapturedTargets) -> None:
+        rows = [Sequence([], 0, float(r), g, captured.policy_version)
+                for r, g in zip(np.asarray(captured.rewards).tolist(), captured.groups, strict=True)]
+        weights = sample_weights(rows, rows, self.params.reward_weighting)  # against all the message's rewards
+        keep = self._chosen_rows(len(rows))
+        index = keep.to(captured.tokens.device)
+        self.head.train()
+        loss = distill_loss(self.head, captured.features[index].float(), captured.tokens[index],
+                            captured.logits[index].float(), weights=weights[keep].to(self.device),
+                            valid=captured.valid[index], steps=self.params.unroll)
+        loss.backward()
+        self.head.eval()
+        self.losses.append(loss.detach())
+        self.pending += 1
+
+    def _chosen_rows(self, count: int) -> torch.Tensor:
+        if not self.params.max_rows or count <= self.params.max_rows:
+            return torch.arange(count)
+        return torch.randperm(count, generator=self.rng)[: self.params.max_rows].sort().values
+
+    async def _update(self, heldout: CapturedTargets) -> None:
+        """One AdamW step on the mean of the accumulated gradients, between two measurements
+        on `heldout` (rollouts no step has seen); then the new head is published."""
+        started = time.perf_counter()
+        before = self._acceptance(heldout)
+        heldout_s = time.perf_counter() - started
+        for parameter in self.head.parameters():
+            if parameter.grad is not None:
+                parameter.grad /= self.pending
+        torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.params.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        measured = time.perf_counter()
+        after = self._acceptance(heldout)
+        heldout_s += time.perf_counter() - measured
+        kl, messages = float(torch.stack(self.losses).mean()), self.pending
+        self.losses, self.pending = [], 0
+        self.version += 1
+        self.updated_at = heldout.policy_version
+        handle = await self._handle()
+        seconds = time.perf_counter() - started
+        await self.send(DraftWeights(version=self.version, handle=handle, heldout_accept_before=before,
+                                     heldout_accept_after=after, distill_s=seconds), draft_version=self.version)
+        self.report(heldout.policy_version, draft_version=self.version, distill_kl=kl, heldout_accept_before=before,
+                    heldout_accept_after=after, distill_s=seconds, distill_heldout_s=heldout_s,
+                    distill_messages=messages)
+
+    def _acceptance(self, captured: CapturedTargets) -> float:
+        total, roots = captured_acceptance(self.head, captured.features, captured.tokens, captured.logits,
+                                           captured.valid, captured.response_starts, self.draft_len,
+                                           self.params.heldout_temperature)
+        return total / roots if roots else 0.0
+
+    async def _handle(self) -> WeightsHandle:
+        """The head's own tensors as a file (the Generator is in another process); copied to
+        the host here, written in a worker thread so the trainer's loop is not held."""
+        state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        path = await asyncio.to_thread(self.weight_files.save, f"draft-v{self.version}", state)
+        return WeightsHandle(kind="file", location=str(path))

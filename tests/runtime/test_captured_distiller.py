@@ -1,0 +1,158 @@
+"""CapturedDistiller: the head learns from the PolicyTrainer's own forward pass, in its process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import msgspec
+import numpy as np
+import pytest
+import structlog
+import torch
+import transformers
+
+from respec.engine.checkpoint import load_model
+from respec.engine.drafters.eagle import EagleHead, TargetParts, layers_to_capture
+from respec.engine.speculative import Sampling, SpeculativeEngine
+from respec.engine.tokenizer import char_tokenizer
+from respec.messages import CapturedTargets
+from respec.rl.distill import pad_right
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("policy")
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(directory)
+    tokenizer.save(directory)
+    return directory
+
+
+def graph(path: str, distiller_group: str = "trainer", **distiller) -> dict:
+    return {
+        "prompts": {"class": "respec.actors.prompt_source.PromptSource",
+                    "params": {"tokenizer_path": path, "group_size": 4, "groups_per_step": 2, "max_staleness": 1,
+                               "max_new_tokens": 12}},
+        "generator": {"class": "respec.actors.generator.Generator",
+                      "params": {"max_rows": 8, "drafter": "eagle", "model_path": path, "shape": "s2_t1_n2"}},
+        "verifier": {"class": "respec.actors.verifier.Verifier",
+                     "params": {"model_path": path, "max_rows": 8, "max_len": 64}},
+        "scorer": {"class": "respec.actors.reward_scorer.RewardScorer", "params": {"tokenizer_path": path}},
+        "distiller": {"class": "respec.actors.captured_distiller.CapturedDistiller", "group": distiller_group,
+                      "params": {"model_path": path, "update_interval": 2, "lr": 1e-3, **distiller}},
+        "trainer": {"class": "respec.actors.policy_trainer.PolicyTrainer", "group": "trainer",
+                    "params": {"model_path": path, "group_size": 4, "groups_per_step": 2, "lr": 1e-3,
+                               "max_steps": 8}},
+    }
+
+
+def test_the_head_learns_from_the_trainers_pass_and_the_generator_swaps_it(run_graph, policy_dir):
+    result = run_graph(graph(str(policy_dir)), name="captured")
+    assert result.ok, result.reason
+    updates = [row for row in result.metrics if row["source"] == "distiller/0"]
+    # every 2 versions: the passes of versions 2, 4 and 6 (the last pass, of 7, comes as the run ends)
+    assert [row["draft_version"] for row in updates] == [1, 2, 3] and [row["step"] for row in updates] == [2, 4, 6]
+    assert all(row["heldout_accept_before"] >= 1.0 and row["distill_messages"] == 2 for row in updates)
+    log = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
+    assert [e["version"] for e in log if e["event"] == "draft_weights_loaded"][:1] == [1]
+
+
+def test_a_captured_distiller_outside_the_trainers_process_is_refused(run_graph, policy_dir):
+    from respec.runtime.graph import ConfigError
+
+    with pytest.raises(ConfigError, match="must share a process group with trainer .group 'trainer'.: "
+                                          "CapturedTargets hold device tensors"):
+        run_graph(graph(str(policy_dir), distiller_group="main"), name="captured_apart")
+
+
+def started(policy_dir, tmp_path, **params):
+    from respec.actors.captured_distiller import CapturedDistiller
+
+    actor = CapturedDistiller(CapturedDistiller.Params(model_path=str(policy_dir), weights_dir=str(tmp_path / "d"),
+                                                       **params),
+                              SimpleNamespace(instance="distiller/0", log=structlog.get_logger()))
+    asyncio.run(actor.on_start())
+    sent, reports = [], []
+
+    async def send(message, **fields):
+        sent.append(message)
+
+    actor.send, actor.report = send, lambda step, **row: reports.append({"step": step, **row})
+    return actor, sent, reports
+
+
+def captured_pass(policy, version: int, prompts: int = 8) -> CapturedTargets:
+    """What the trainer would send for the policy's greedy continuations of some prompts."""
+    generator = torch.Generator().manual_seed(5)
+    starts = [torch.randint(0, 40, (4,), generator=generator) for _ in range(prompts)]
+    rows = SpeculativeEngine(policy, None, max_rows=prompts, max_len=64).generate(
+        starts, Sampling(temperature=0.0, max_new_tokens=16))
+    tokens, valid = pad_right([r.prompt.tolist() + r.tokens for r in rows], 0)
+    layers = layers_to_capture(policy.config)
+    with torch.no_grad():
+        output = policy(tokens, capture_layers=layers)
+    return CapturedTargets(policy_version=version, layers=list(layers), tokens=tokens, valid=valid,
+                           response_starts=torch.full((prompts,), 4), features=torch.cat(output.captured, dim=-1),
+                           logits=output.logits, rewards=np.ones(prompts, np.float32),
+                           groups=[f"g{i // 4}" for i in range(prompts)], parts=TargetParts.state_of(policy))
+
+
+def test_acceptance_on_the_unseen_pass_rises_as_the_head_learns(policy_dir, tmp_path):
+    """Every version's pass adds its gradient; a pass of a version update_interval on
+    measures the head before and after one step (on its rollouts, not yet trained on), and
+    the head is published."""
+    actor, sent, reports = started(policy_dir, tmp_path, update_interval=1, lr=1e-2, unroll=2,
+                                   heldout_temperature=0.0, eval_shape="s2_t1_n2")
+    captured = captured_pass(load_model(policy_dir), 0)
+    for version in range(60):
+        asyncio.run(actor.on_captured(msgspec.structs.replace(captured, policy_version=version), None))
+    assert [m.version for m in sent] == list(range(1, 60)) and sent[0].handle.kind == "file"
+    first, last = reports[0], reports[-1]
+    assert first["heldout_accept_before"] < 1.3 and last["heldout_accept_after"] > first["heldout_accept_before"] + 0.8
+    assert all(r["distill_messages"] == 1 and r["distill_heldout_s"] > 0 for r in reports)
+    asyncio.run(actor.on_stop())
+
+
+def test_the_heads_target_parts_follow_the_messages(policy_dir, tmp_path):
+    actor, _, _ = started(policy_dir, tmp_path)
+    policy = load_model(policy_dir)
+    with torch.no_grad():
+        policy.model.norm.weight.fill_(3.0)
+    asyncio.run(actor.on_captured(captured_pass(policy, 0, prompts=2), None))
+    assert torch.equal(actor.head.target.norm.weight, torch.full_like(policy.model.norm.weight, 3.0))
+    asyncio.run(actor.on_stop())
+
+
+def test_a_head_reading_other_layers_than_the_trainer_captures_is_refused(policy_dir, tmp_path):
+    from respec.actors.captured_distiller import CapturedDistiller
+
+    head_dir = EagleHead.for_target(load_model(policy_dir), capture_layers=(0,)).save(tmp_path / "head")
+    actor = CapturedDistiller(CapturedDistiller.Params(model_path=str(policy_dir), draft_path=str(head_dir)),
+                              SimpleNamespace(instance="distiller/0", log=structlog.get_logger()))
+    with pytest.raises(ValueError, match=r"reads layers \[0\]; the trainer captures \[1, 1, 1\]"):
+        asyncio.run(actor.on_start())
+
+
+def test_max_rows_distils_from_a_random_subset_of_each_message(policy_dir, tmp_path, monkeypatch):
+    from respec.actors import captured_distiller
+
+    seen = []
+    real = captured_distiller.distill_loss
+
+    def recording(head, features, tokens, logits, weights, valid, steps):
+        seen.append((tokens.shape[0], weights.tolist()))
+        return real(head, features, tokens, logits, weights=weights, valid=valid, steps=steps)
+
+    monkeypatch.setattr(captured_distiller, "distill_loss", recording)
+    actor, _, _ = started(policy_dir, tmp_path, max_rows=3, reward_weighting="reward")
+    captured = captured_pass(load_model(policy_dir), 0)
+    rewards = np.array([0, 0, 0, 0, 1, 1, 1, 1], np.float32)  # mean 0.5: w = r / 0.5, floored at 0.1
+    asyncio.run(actor.on_captured(msgspec.structs.replace(captured, rewards=rewards), None))
+    assert seen[0][0] == 3 and all(w in (pytest.approx(0.1), pytest.approx(2.0)) for w in seen[0][1])
+    asyncio.run(actor.on_stop())
