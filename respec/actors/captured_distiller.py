@@ -84,6 +84,11 @@ class CapturedDistiller(Actor):
             problems.append(f"must share a process group with {', '.join(apart)} (group "
                             f"{plan.actors[apart[0]].spec.group!r}): CapturedTargets hold device tensors, "
                             f"passed by reference within one process")
+        for sender in plan.senders_of(CapturedTargets):
+            device = str(plan.actors[sender].spec.params.get("device", plan.config.model.device))
+            if device != params.device:
+                problems.append(f"params.device {params.device!r} must be {sender}'s ({device!r}): the captured "
+                                f"tensors stay where the trainer computed them")
         return problems
 
     async def on_start(self) -> None:

@@ -71,6 +71,13 @@ def test_a_captured_distiller_outside_the_trainers_process_is_refused(run_graph,
         run_graph(graph(str(policy_dir), distiller_group="main"), name="captured_apart")
 
 
+def test_a_captured_distiller_on_another_device_than_the_trainer_is_refused(run_graph, policy_dir):
+    from respec.runtime.graph import ConfigError
+
+    with pytest.raises(ConfigError, match="params.device 'cuda:0' must be trainer's .'cpu'."):
+        run_graph(graph(str(policy_dir), device="cuda:0"), name="captured_device")
+
+
 def started(policy_dir, tmp_path, **params):
     from respec.actors.captured_distiller import CapturedDistiller
 
