@@ -115,6 +115,10 @@ class ArrayPacker:
         return [NUMPY, array.dtype.str, list(array.shape), len(self.frames) - 1]
 
     def _pack_torch(self, tensor) -> list:
+        # Registers torch.Tensor as an Array: a device reference is decoded in this process,
+        # and a process whose first tensor is on a GPU would otherwise reject it on receipt
+        # ("Expected `Array`, got `Tensor`": every CapturedTargets of an H100 run, e1f3871).
+        _torch()
         dtype = str(tensor.dtype).removeprefix("torch.")
         if tensor.device.type != "cpu":
             if not self.allow_device_refs:

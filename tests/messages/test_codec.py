@@ -203,6 +203,36 @@ def test_a_captured_pass_travels_by_reference_within_a_process():
         encode(envelope_for(body), body)
 
 
+DEVICE_REF_FIRST = """
+import sys
+from respec.messages import SCHEMA_VERSION, CapturedTargets, Envelope, decode, encode
+assert "torch" not in sys.modules
+import numpy as np
+import torch
+
+class FakeCuda(torch.Tensor):
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+t = torch.zeros(2, 3).as_subclass(FakeCuda)
+body = CapturedTargets(policy_version=0, layers=[0], tokens=t, valid=t, response_starts=t, features=t, logits=t,
+                       rewards=np.zeros(2, np.float32), groups=["a", "b"])
+envelope = Envelope(schema=SCHEMA_VERSION, id="a/0#1", type="CapturedTargets", sender="a/0", sent_at=0.0)
+assert decode(encode(envelope, body, allow_device_refs=True))[1].tokens is t
+"""
+
+
+def test_a_process_whose_first_tensor_is_on_a_gpu_takes_its_own_references():
+    """respec.messages imported before torch, the first tensor ever encoded a device one:
+    its reference decodes as an Array (an H100 run rejected every CapturedTargets so)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", DEVICE_REF_FIRST], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 # --- bad frames -------------------------------------------------------------------------------
 def good_frames():
     return encode(envelope_for(EXAMPLES[3]), EXAMPLES[3])
