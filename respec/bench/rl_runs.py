@@ -176,6 +176,7 @@ def run_variants(bench: str, variants: dict[str, tuple[Path, dict]], steps: int,
         result = run_file(config, name=run_name, overrides=overrides, progress=False)
         if not result.ok:
             raise RuntimeError(f"{bench}/{name}: the run failed: {result.reason} (see {result.run_dir}/log.jsonl)")
+        _refuse_rejections(bench, name, result)
         summary_path = result.run_dir / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         rows = result.metrics
@@ -184,6 +185,17 @@ def run_variants(bench: str, variants: dict[str, tuple[Path, dict]], steps: int,
             [r for r in rows if r["source"].startswith("distiller")], summary, time.perf_counter() - started,
             {"scheduler_decisions": scheduler_decisions(result.run_dir)}, seed))
     return results
+
+
+def _refuse_rejections(bench: str, name: str, result) -> None:
+    """A run whose actors rejected messages (frame_rejected: recorded, the actor goes on)
+    ran a different graph than its file: its timing measures nothing asked for. An H100
+    run's distiller rejected all of its inputs and the e2e table still showed the variant."""
+    rejected = {actor: stats["rejected"] for actor, stats in (result.stats or {}).items() if stats.get("rejected")}
+    if rejected:
+        counts = ", ".join(f"{actor} {count}" for actor, count in sorted(rejected.items()))
+        raise RuntimeError(f"{bench}/{name}: messages were rejected ({counts}); see frame_rejected in "
+                           f"{result.run_dir}/log.jsonl")
 
 
 def chosen(variants: dict[str, Any], only: tuple[str, ...]) -> dict[str, Any]:

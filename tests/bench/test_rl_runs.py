@@ -214,3 +214,16 @@ def test_a_fast_file_with_its_own_distiller_keeps_its_settings_and_the_others_dr
     assert (params["lr"], params["device"], params["draft_path"]) == (5e-5, "cuda:1", "head")
     _, overrides = e2e_variants(path, path)["respec_fast_kd"]
     assert overrides == {}  # the file as it is
+
+
+def test_a_variant_whose_actors_rejected_messages_fails_the_bench(tmp_path, monkeypatch):
+    """Its run was ok (rejections are recorded, not fatal), but it is not the graph asked for."""
+    from types import SimpleNamespace
+
+    stats = {"trainer/0": {"rejected": 0}, "distiller/0": {"rejected": 200}}
+    monkeypatch.setattr(rl_runs, "run_file", lambda *args, **kwargs: SimpleNamespace(
+        ok=True, reason="", run_dir=tmp_path, stats=stats, metrics=[]))
+    with pytest.raises(RuntimeError, match=r"e2e/respec_fast_kd: messages were rejected \(distiller/0 200\)"):
+        rl_runs.run_variants("e2e", {"respec_fast_kd": (tmp_path / "run.yaml", {})}, 3, {}, Console(quiet=True))
+    stats["distiller/0"]["rejected"] = 0
+    assert rl_runs.run_variants("e2e", {"respec_fast_kd": (tmp_path / "run.yaml", {})}, 3, {}, Console(quiet=True))
