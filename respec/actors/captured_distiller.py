@@ -37,7 +37,7 @@ from respec.engine.devices import use_device
 from respec.engine.drafters.base import DraftShape
 from respec.engine.drafters.eagle import EagleHead, distill_loss, layers_to_capture
 from respec.messages import CapturedTargets, DraftWeights, Envelope, WeightsHandle
-from respec.rl.distill import WEIGHTINGS, Sequence, captured_acceptance, sample_weights
+from respec.rl.distill import Sequence, captured_acceptance, param_problems, sample_weights
 from respec.runtime import Actor, handles
 from respec.runtime.weight_files import WeightFiles
 
@@ -65,19 +65,9 @@ class CapturedDistiller(Actor):
 
     @classmethod
     def check_plan(cls, name, params, plan) -> list[str]:
-        problems = []
-        if params.reward_weighting not in WEIGHTINGS:
-            problems.append(f"params.reward_weighting must be one of {', '.join(WEIGHTINGS)}, "
-                            f"got {params.reward_weighting!r}")
+        problems = param_problems(params, ("update_interval", "unroll"))
         if params.max_rows < 0:
             problems.append(f"params.max_rows must be >= 0, got {params.max_rows}")
-        for key in ("update_interval", "unroll"):
-            if getattr(params, key) < 1:
-                problems.append(f"params.{key} must be >= 1, got {getattr(params, key)}")
-        try:
-            DraftShape.parse(params.eval_shape)
-        except ValueError as error:
-            problems.append(f"params.eval_shape: {error}")
         group = plan.actors[name].spec.group
         apart = sorted(s for s in plan.senders_of(CapturedTargets) if plan.actors[s].spec.group != group)
         if apart:

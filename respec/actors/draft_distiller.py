@@ -38,12 +38,12 @@ from respec.engine.tokenizer import load_tokenizer
 from respec.messages import DistillSample, DraftWeights, Envelope, PolicyWeights, WeightsHandle
 from respec.rl.distill import (
     HELDOUT_MEASURES,
-    WEIGHTINGS,
     DistillBuffer,
     Sequence,
     distill_step,
     expected_acceptance,
     heldout_acceptance,
+    param_problems,
     sample_weights,
 )
 from respec.runtime import Actor, handles
@@ -88,22 +88,11 @@ class DraftDistiller(Actor):
 
     @classmethod
     def check_plan(cls, name, params, plan) -> list[str]:
-        problems = []
+        problems = param_problems(params, ("update_interval", "buffer_size", "steps_per_update", "batch_size",
+                                           "min_buffer"))
         if params.heldout_measure not in HELDOUT_MEASURES:
             problems.append(f"params.heldout_measure must be one of {', '.join(HELDOUT_MEASURES)}, "
                             f"got {params.heldout_measure!r}")
-        if params.heldout_temperature < 0:
-            problems.append(f"params.heldout_temperature must be >= 0, got {params.heldout_temperature}")
-        if params.reward_weighting not in WEIGHTINGS:
-            problems.append(f"params.reward_weighting must be one of {', '.join(WEIGHTINGS)}, "
-                            f"got {params.reward_weighting!r}")
-        for key in ("update_interval", "buffer_size", "steps_per_update", "batch_size", "min_buffer"):
-            if getattr(params, key) < 1:
-                problems.append(f"params.{key} must be >= 1, got {getattr(params, key)}")
-        try:
-            DraftShape.parse(params.eval_shape)
-        except ValueError as error:
-            problems.append(f"params.eval_shape: {error}")
         if not 0 <= params.nice <= 19:
             problems.append(f"params.nice must be in [0, 19], got {params.nice}")
         group = plan.actors[name].spec.group

@@ -70,6 +70,25 @@ class DistillBuffer:
         self.samples.append(sequence)
 
 
+def param_problems(params, at_least_one: tuple[str, ...]) -> list[str]:
+    """A distiller actor's plan check of the parameters the distillers share
+    (reward_weighting, heldout_temperature, eval_shape) and of `at_least_one` (each >= 1)."""
+    problems = []
+    if params.reward_weighting not in WEIGHTINGS:
+        problems.append(f"params.reward_weighting must be one of {', '.join(WEIGHTINGS)}, "
+                        f"got {params.reward_weighting!r}")
+    if params.heldout_temperature < 0:
+        problems.append(f"params.heldout_temperature must be >= 0, got {params.heldout_temperature}")
+    for key in at_least_one:
+        if getattr(params, key) < 1:
+            problems.append(f"params.{key} must be >= 1, got {getattr(params, key)}")
+    try:
+        DraftShape.parse(params.eval_shape)
+    except ValueError as error:
+        problems.append(f"params.eval_shape: {error}")
+    return problems
+
+
 def sample_weights(batch: list[Sequence], pool: list[Sequence], weighting: str) -> torch.Tensor:
     """w per sample of `batch`, with mean about 1 over `pool` (the buffer), so the learning
     rate means the same in every mode.

@@ -11,45 +11,22 @@ import numpy as np
 import pytest
 import structlog
 import torch
-import transformers
 
 from respec.engine.checkpoint import load_model
 from respec.engine.drafters.eagle import EagleHead, TargetParts, layers_to_capture
 from respec.engine.speculative import Sampling, SpeculativeEngine
-from respec.engine.tokenizer import char_tokenizer
 from respec.messages import CapturedTargets
 from respec.rl.distill import pad_right
-
-
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("policy")
-    tokenizer = char_tokenizer()
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(directory)
-    tokenizer.save(directory)
-    return directory
+from tests.runtime.test_rl_graph import distill_graph
 
 
 def graph(path: str, distiller_group: str = "trainer", **distiller) -> dict:
-    return {
-        "prompts": {"class": "respec.actors.prompt_source.PromptSource",
-                    "params": {"tokenizer_path": path, "group_size": 4, "groups_per_step": 2, "max_staleness": 1,
-                               "max_new_tokens": 12}},
-        "generator": {"class": "respec.actors.generator.Generator",
-                      "params": {"max_rows": 8, "drafter": "eagle", "model_path": path, "shape": "s2_t1_n2"}},
-        "verifier": {"class": "respec.actors.verifier.Verifier",
-                     "params": {"model_path": path, "max_rows": 8, "max_len": 64}},
-        "scorer": {"class": "respec.actors.reward_scorer.RewardScorer", "params": {"tokenizer_path": path}},
-        "distiller": {"class": "respec.actors.captured_distiller.CapturedDistiller", "group": distiller_group,
-                      "params": {"model_path": path, "update_interval": 2, "lr": 1e-3, **distiller}},
-        "trainer": {"class": "respec.actors.policy_trainer.PolicyTrainer", "group": "trainer",
-                    "params": {"model_path": path, "group_size": 4, "groups_per_step": 2, "lr": 1e-3,
-                               "max_steps": 8}},
-    }
+    """test_rl_graph's RL graph with a CapturedDistiller for its DraftDistiller."""
+    actors = distill_graph(path)
+    actors["distiller"] = {"class": "respec.actors.captured_distiller.CapturedDistiller", "group": distiller_group,
+                           "params": {"model_path": path, "update_interval": 2, "lr": 1e-3, **distiller}}
+    actors["trainer"]["params"]["max_steps"] = 8
+    return actors
 
 
 def test_the_head_learns_from_the_trainers_pass_and_the_generator_swaps_it(run_graph, policy_dir):

@@ -9,22 +9,6 @@ import re
 import numpy as np
 import pytest
 import torch
-import transformers
-
-from respec.engine.tokenizer import char_tokenizer
-
-
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("policy")
-    tokenizer = char_tokenizer()
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(directory)
-    tokenizer.save(directory)
-    return directory
 
 
 @pytest.mark.parametrize("trainer_group", ["main", "trainer"])
