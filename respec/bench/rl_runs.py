@@ -5,7 +5,8 @@ same steps), reads their metrics.jsonl and summary.json, and writes one JSON, on
 a table:
 
 - staleness: acceptance length over RL steps for a frozen drafter, online distillation
-  without weighting and reward-weighted (ReSpec Fig. 4);
+  without weighting and reward-weighted (ReSpec Fig. 4), and reward-weighted from the
+  trainer's own pass (CapturedDistiller);
 - quality: reward curves of no-SD and SD with each distillation mode (Fig. 10);
 - interval: reward-weighted distillation every I in {1, 3, 5} policy versions (Fig. 15);
 - e2e: wall-clock to the same number of RL steps for the synchronous no-SD baseline,
@@ -66,6 +67,20 @@ def distiller(config: Path, weighting: str, interval: int = 1, nice: int = 0, de
                    "reward_weighting": weighting, "update_interval": interval, "nice": nice, "device": device}}}
 
 
+def captured_distiller(config: Path, weighting: str, interval: int = 1, lr: float = 3e-4) -> dict[str, Any]:
+    """Overrides that add a CapturedDistiller to `config`, in its trainer's process group and
+    on its device, starting from its Generator's head. lr: the DraftDistiller's default, as
+    one step per `interval` versions stands in for its `steps_per_update` steps."""
+    actors = load_yaml(config.read_text())["actors"]
+    policy = (actors.get("verifier") or actors["generator"])["params"]["model_path"]
+    trainer = actors["trainer"]
+    return {"actors.distiller": {
+        "class": "respec.actors.captured_distiller.CapturedDistiller", "group": trainer.get("group", "main"),
+        "params": {"model_path": policy, "draft_path": actors["generator"]["params"].get("draft_path", ""),
+                   "reward_weighting": weighting, "update_interval": interval, "lr": lr,
+                   "device": trainer.get("params", {}).get("device", "cpu")}}}
+
+
 def fast_rollouts(config: Path) -> dict[str, Any]:
     """Overrides that put FastRollouts, adaptive, in place of `config`'s Generator + Verifier
     pair: one batch per RL step, and the draft length per batch bucket from this machine's
@@ -101,7 +116,9 @@ STATIC = {"actors.scheduler": None, "actors.distiller": None}
 
 def staleness_variants(config: Path) -> dict[str, tuple[Path, dict]]:
     return {"frozen": (config, dict(STATIC)), "kd_none": (config, {**STATIC, **distiller(config, "none")}),
-            "kd_reward": (config, {**STATIC, **distiller(config, "reward")})}
+            "kd_reward": (config, {**STATIC, **distiller(config, "reward")}),
+            # reward-weighted too, from the trainer's own pass (no replay buffer, no target pass)
+            "kd_captured": (config, {**STATIC, **captured_distiller(config, "reward")})}
 
 
 def quality_variants(config: Path) -> dict[str, tuple[Path, dict]]:
@@ -136,6 +153,8 @@ def e2e_variants(config: Path, baseline: Path, trainer_device: str = "") -> dict
             # every 3 versions, at the lowest priority: on a 2-core CPU the distiller shares the
             # cores with generation and training, and must only use what they leave idle
             "respec": (config, {**STATIC, **scheduler(), **distiller(config, "reward", 3, nice=19)}),
+            # the same with the CapturedDistiller: in the trainer's process, from the update's pass
+            "respec_captured": (config, {**STATIC, **scheduler(), **captured_distiller(config, "reward", 3)}),
             # the same, generating through the fast path with its own per-bucket choice
             "respec_fast": (config, {**STATIC, **fast_rollouts(config), **distiller(config, "reward", 3, nice=19)})}
 

@@ -28,7 +28,7 @@ def test_variants_add_a_distiller_and_a_scheduler_that_plan(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(RUN)
     variants = staleness_variants(path)
-    assert list(variants) == ["frozen", "kd_none", "kd_reward"]
+    assert list(variants) == ["frozen", "kd_none", "kd_reward", "kd_captured"]
     assert variants["frozen"][1] == {"actors.scheduler": None, "actors.distiller": None}  # one draft shape
     params = variants["kd_reward"][1]["actors.distiller"]["params"]
     assert (params["model_path"], params["draft_path"], params["reward_weighting"]) == ("pol", "head", "reward")
@@ -40,6 +40,9 @@ def test_variants_add_a_distiller_and_a_scheduler_that_plan(tmp_path):
     assert {"scheduler", "distiller"} <= set(plans["respec"].actors)
     assert plans["respec"].actors["distiller"].spec.params["nice"] == 19
     assert "scheduler" in plans["async_sd_sched"].actors and "distiller" not in plans["async_sd_sched"].actors
+    captured = plans["respec_captured"].actors["distiller"]  # beside the trainer (group main here)
+    assert captured.cls.__name__ == "CapturedDistiller" and captured.spec.group == plans["respec"].actors["trainer"].spec.group
+    assert (captured.spec.params["update_interval"], captured.spec.params["draft_path"]) == (3, "head")
     fast = plans["respec_fast"].actors  # FastRollouts in place of the pair, with the distiller
     assert fast["generator"].cls.__name__ == "FastRollouts" and {"verifier", "scheduler"}.isdisjoint(fast)
     assert fast["generator"].spec.params["draft_path"] == "head" and "distiller" in fast
@@ -141,7 +144,7 @@ def test_a_bench_runs_only_the_variants_named(tmp_path):
     path.write_text(RUN)
     variants = staleness_variants(path)
     assert list(rl_runs.chosen(variants, ("kd_reward", "frozen"))) == ["frozen", "kd_reward"]  # the bench's order
-    assert list(rl_runs.chosen(variants, ())) == ["frozen", "kd_none", "kd_reward"]
+    assert list(rl_runs.chosen(variants, ())) == ["frozen", "kd_none", "kd_reward", "kd_captured"]
     with pytest.raises(ValueError, match="unknown variant.*kd_fast.*this bench has frozen"):
         rl_runs.chosen(variants, ("kd_fast",))
 
