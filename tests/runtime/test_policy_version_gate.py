@@ -18,7 +18,6 @@ from respec.actors.verifier import Verifier, _tensors
 from respec.messages import Envelope, PolicyWeights
 from respec.runtime import handles
 from respec.runtime.launcher import run_file
-from tests.runtime.test_rl_graph import policy_dir  # noqa: F401 - the tiny random policy fixture
 from tests.runtime.test_rl_run import rl_config, step_rows
 
 
@@ -42,7 +41,7 @@ class LateWeightsVerifier(Verifier):
 
 @pytest.mark.parametrize("staleness", [0, 1])
 def test_rollouts_respect_the_staleness_bound_when_weights_arrive_after_the_prompts(
-        tmp_path, policy_dir, staleness):  # noqa: F811
+        tmp_path, policy_dir, staleness):
     path = rl_config(tmp_path, policy_dir, f"late_{staleness}", steps=3, staleness=staleness)
     config = yaml.safe_load(path.read_text())
     config["actors"]["verifier"]["class"] = "tests.runtime.test_policy_version_gate.LateWeightsVerifier"

@@ -18,7 +18,6 @@ import yaml
 
 from respec.runtime.graph import ConfigError, load_config
 from respec.runtime.launcher import run_file
-from tests.runtime.test_rl_graph import policy_dir  # noqa: F401 - the tiny random policy fixture
 from tests.runtime.test_rl_run import rl_config, step_rows
 
 ray = pytest.importorskip("ray", reason="placement: ray needs the optional extra respec[ray]")
@@ -77,7 +76,7 @@ KILL_STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def local_rows(tmp_path_factory, policy_dir):  # noqa: F811
+def local_rows(tmp_path_factory, policy_dir):
     """The metrics of the Ray runs' local twin (placement local, ipc), KILL_STEPS steps. A
     synchronous run's step k depends on steps 1..k only, so a shorter run is its prefix."""
     tmp_path = tmp_path_factory.mktemp("local")
@@ -87,7 +86,7 @@ def local_rows(tmp_path_factory, policy_dir):  # noqa: F811
     return step_rows(local.run_dir)
 
 
-def test_synchronous_metrics_on_ray_equal_the_local_run(tmp_path, policy_dir, local_rows):  # noqa: F811
+def test_synchronous_metrics_on_ray_equal_the_local_run(tmp_path, policy_dir, local_rows):
     placed = ray_config(tmp_path, policy_dir, "on_ray", steps=3)
     on_ray = run_file(placed, progress=False)
     assert on_ray.ok, on_ray.reason
@@ -102,7 +101,7 @@ def test_synchronous_metrics_on_ray_equal_the_local_run(tmp_path, policy_dir, lo
 
 
 def test_a_group_killed_mid_run_is_restarted_by_ray_and_the_metrics_are_the_local_runs(
-        tmp_path, policy_dir, local_rows):  # noqa: F811
+        tmp_path, policy_dir, local_rows):
     ray.init(num_cpus=4, namespace="respec", include_dashboard=False, log_to_driver=False)
     try:
         placed = ray_config(tmp_path, policy_dir, "killed", steps=KILL_STEPS)
@@ -154,7 +153,7 @@ def _kill_scoring_after_two_steps(run_dir, killed: dict[str, int]) -> None:
     ({"ray": {"groups": {"main": {"num_cpus": 0}}}}, "ray.groups.main: num_cpus/num_gpus"),
     ({"ray": {"adress": "auto"}}, "ray.adress: unknown key"),
 ])
-def test_bad_ray_settings_are_refused_by_key(tmp_path, policy_dir, change, message):  # noqa: F811
+def test_bad_ray_settings_are_refused_by_key(tmp_path, policy_dir, change, message):
     config = yaml.safe_load(ray_config(tmp_path, policy_dir, "bad", steps=1).read_text())
     for section, values in change.items():
         config[section] = {**config[section], **values} if section == "run" else values
@@ -164,7 +163,7 @@ def test_bad_ray_settings_are_refused_by_key(tmp_path, policy_dir, change, messa
         load_config(path)
 
 
-def test_a_cluster_too_small_for_the_groups_is_refused_before_anything_starts(tmp_path, policy_dir):  # noqa: F811
+def test_a_cluster_too_small_for_the_groups_is_refused_before_anything_starts(tmp_path, policy_dir):
     config = yaml.safe_load(ray_config(tmp_path, policy_dir, "small", steps=1).read_text())
     config["ray"]["groups"]["main"] = {"num_cpus": 16}
     config["run"]["startup_timeout_s"] = 3

@@ -15,7 +15,6 @@ import yaml
 
 from respec.runtime.launcher import run_file
 from respec.runtime.trace_report import _load, _trace_files
-from tests.runtime.test_rl_graph import policy_dir  # noqa: F401 - the tiny random policy fixture
 
 STEP_KEYS = {"step", "policy_version", "draft_version", "reward_mean", "accuracy", "response_len", "accept_len",
              "gen_tokens_per_s", "staleness_mean", "gen_s", "score_s", "train_s", "update_s", "publish_s", "distill_s",
@@ -54,7 +53,7 @@ def step_rows(run_dir: Path) -> list[dict]:
     return sorted((r for r in rows if "reward_mean" in r), key=lambda r: r["step"])
 
 
-def test_rl_run_writes_metrics_summary_report_and_checkpoint(tmp_path, policy_dir):  # noqa: F811
+def test_rl_run_writes_metrics_summary_report_and_checkpoint(tmp_path, policy_dir):
     result = run_file(rl_config(tmp_path, policy_dir, "full", steps=3, eval_problems=8, profile_update=2),
                       progress=False)
     assert result.ok, result.reason
@@ -71,7 +70,7 @@ def test_rl_run_writes_metrics_summary_report_and_checkpoint(tmp_path, policy_di
     assert (result.run_dir / "checkpoints" / "latest").read_text() == "step-000003"
 
 
-def test_synchronous_runs_with_one_seed_train_on_the_same_data_in_the_same_order(tmp_path, policy_dir):  # noqa: F811
+def test_synchronous_runs_with_one_seed_train_on_the_same_data_in_the_same_order(tmp_path, policy_dir):
     first = run_file(rl_config(tmp_path, policy_dir, "a", steps=3), progress=False)
     second = run_file(rl_config(tmp_path, policy_dir, "b", steps=3), progress=False)
     assert first.ok and second.ok
@@ -80,7 +79,7 @@ def test_synchronous_runs_with_one_seed_train_on_the_same_data_in_the_same_order
     assert all(r["staleness_mean"] == 0 for r in a + b)  # synchronous: every token from the current policy
 
 
-def test_a_run_killed_with_sigkill_resumes_as_if_never_killed(tmp_path, policy_dir):  # noqa: F811
+def test_a_run_killed_with_sigkill_resumes_as_if_never_killed(tmp_path, policy_dir):
     config = rl_config(tmp_path, policy_dir, "killed", steps=8, checkpoint_every=2)
     run_dir = tmp_path / "runs" / "killed"
     process = subprocess.Popen([sys.executable, "-m", "respec", "run", str(config), "--no-progress"],
@@ -111,7 +110,7 @@ def test_a_run_killed_with_sigkill_resumes_as_if_never_killed(tmp_path, policy_d
     assert trained <= seen
 
 
-def test_an_actor_process_killed_mid_run_is_restarted_and_no_rollout_is_lost(tmp_path, policy_dir):  # noqa: F811
+def test_an_actor_process_killed_mid_run_is_restarted_and_no_rollout_is_lost(tmp_path, policy_dir):
     config = rl_config(tmp_path, policy_dir, "crash", steps=6, staleness=1, scorer_group="scoring")
     run_dir = tmp_path / "runs" / "crash"
     killed = {}
@@ -157,7 +156,7 @@ def test_an_actor_process_killed_mid_run_is_restarted_and_no_rollout_is_lost(tmp
     assert {r for r in sent if int(r.split("/")[0][1:]) in groups} <= received
 
 
-def test_the_trainer_process_dying_stops_the_run_and_says_to_resume(tmp_path, policy_dir):  # noqa: F811
+def test_the_trainer_process_dying_stops_the_run_and_says_to_resume(tmp_path, policy_dir):
     from respec import log as logging
     from respec.runtime.graph import load_config
     from respec.runtime.launcher import Launcher
