@@ -59,11 +59,10 @@ class VariantResult:
 def distiller(config: Path, weighting: str, interval: int = 1, nice: int = 0, device: str = "cpu") -> dict[str, Any]:
     """Overrides that add a DraftDistiller to `config`, starting from its Generator's head
     (the policy named by the Verifier, or by FastRollouts where there is no Verifier)."""
-    actors = load_yaml(config.read_text())["actors"]
-    policy = (actors.get("verifier") or actors["generator"])["params"]["model_path"]
+    _, policy, head = _distiller_sources(config)
     return {"actors.distiller": {
         "class": "respec.actors.draft_distiller.DraftDistiller", "group": "distiller",
-        "params": {"model_path": policy, "draft_path": actors["generator"]["params"].get("draft_path", ""),
+        "params": {"model_path": policy, "draft_path": head,
                    "reward_weighting": weighting, "update_interval": interval, "nice": nice, "device": device}}}
 
 
@@ -71,14 +70,20 @@ def captured_distiller(config: Path, weighting: str, interval: int = 1, lr: floa
     """Overrides that add a CapturedDistiller to `config`, in its trainer's process group and
     on its device, starting from its Generator's head. lr: the DraftDistiller's default, as
     one step per `interval` versions stands in for its `steps_per_update` steps."""
-    actors = load_yaml(config.read_text())["actors"]
-    policy = (actors.get("verifier") or actors["generator"])["params"]["model_path"]
+    actors, policy, head = _distiller_sources(config)
     trainer = actors["trainer"]
     return {"actors.distiller": {
         "class": "respec.actors.captured_distiller.CapturedDistiller", "group": trainer.get("group", "main"),
-        "params": {"model_path": policy, "draft_path": actors["generator"]["params"].get("draft_path", ""),
-                   "reward_weighting": weighting, "update_interval": interval, "lr": lr,
-                   "device": trainer.get("params", {}).get("device", "cpu")}}}
+        "params": {"model_path": policy, "draft_path": head, "reward_weighting": weighting,
+                   "update_interval": interval, "lr": lr, "device": trainer.get("params", {}).get("device", "cpu")}}}
+
+
+def _distiller_sources(config: Path) -> tuple[dict[str, Any], str, str]:
+    """`config`'s actors, the policy a distiller follows (the Verifier's, or FastRollouts'
+    where there is no Verifier) and the Generator's head it starts from."""
+    actors = load_yaml(config.read_text())["actors"]
+    policy = (actors.get("verifier") or actors["generator"])["params"]["model_path"]
+    return actors, policy, actors["generator"]["params"].get("draft_path", "")
 
 
 def fast_rollouts(config: Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from respec.engine.drafters.eagle import (
 )
 from respec.engine.sampling import target_probs
 from respec.engine.speculative import Sampling, SpeculativeEngine
-from tests.checkpoints import small_qwen2
+from tests.checkpoints import random_checkpoint, small_qwen2
 from tests.engine.stats import chi_square_pvalue, pair_counts
 from tests.engine.test_speculative import exact_pair_probs
 from tests.engine.test_speculative import tiny_model as tiny_speculative_model
@@ -321,3 +321,20 @@ def test_sampled_sd_with_model_drafts_has_the_target_distribution(tmp_path, whic
     _, pvalue = chi_square_pvalue(pair_counts(second, third, 6), exact_pair_probs(model, context, processed))
     assert pvalue > 1e-3
     assert one_step > 0.1  # drafts were accepted: not plain sampling in disguise
+
+
+def test_a_heads_target_parts_are_copied_once_under_each_name(tmp_path):
+    """TargetParts.state_of: the embedding, final norm and lm_head under their state_dict
+    names, copies (the trainer updates its own in place); tied embeddings copied once."""
+    from respec.engine.drafters.eagle import TargetParts
+
+    for tied in (False, True):
+        _, directory = random_checkpoint(tmp_path / str(tied), vocab_size=40, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         tie_word_embeddings=tied)
+        target = load_model(directory)
+        state = TargetParts.state_of(target)
+        assert sorted(state) == ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
+        assert torch.equal(state["lm_head.weight"], target.lm_head.weight)
+        assert state["lm_head.weight"].data_ptr() != target.lm_head.weight.data_ptr()
+        assert (state["lm_head.weight"] is state["model.embed_tokens.weight"]) == tied

@@ -78,10 +78,18 @@ class TargetParts:
     @staticmethod
     def state_of(target: CausalLM) -> dict[str, Tensor]:
         """Copies of these tensors under the target's state_dict names (load them with
-        ``strict=False``): all a head needs of a newer version of its target."""
+        ``strict=False``): all a head needs of a newer version of its target. Tied
+        embeddings are one tensor under two names: copied once (a real vocabulary's are
+        hundreds of MB)."""
         prefixes = ("model.embed_tokens.", "model.norm.", "lm_head.")
-        return {name: tensor.detach().clone() for name, tensor in target.state_dict().items()
-                if name.startswith(prefixes)}
+        copies: dict[int, Tensor] = {}
+        state = {}
+        for name, tensor in target.state_dict().items():
+            if name.startswith(prefixes):
+                if tensor.data_ptr() not in copies:
+                    copies[tensor.data_ptr()] = tensor.detach().clone()
+                state[name] = copies[tensor.data_ptr()]
+        return state
 
 
 class EagleHead(nn.Module):
