@@ -84,7 +84,7 @@ class CapturedDistiller(Actor):
     async def on_start(self) -> None:
         torch.manual_seed(self.params.seed)
         self.device = use_device(self.params.device)
-        self.policy = load_model(Path(self.params.model_path), device=self.device)
+        self.policy = load_model(Path(self.params.model_path), device=self.device, decoder_layers=False)  # never runs a layer
         self.head = (EagleHead.load(self.params.draft_path, self.policy) if self.params.draft_path
                      else EagleHead.for_target(self.policy)).eval()
         expected = layers_to_capture(self.policy.config)  # what the PolicyTrainer captures

@@ -36,24 +36,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections import deque
 from collections.abc import Iterator
-from pathlib import Path
 
 import msgspec
 import numpy as np
 import torch
 from safetensors import safe_open
 
-from respec.engine.checkpoint import INDEX_FILE, SINGLE_FILE
-from respec.engine.config import ModelConfig
+from respec.engine.checkpoint import load_model
 from respec.engine.drafters.base import Drafter, DraftShape
 from respec.engine.drafters.eagle import EagleDrafter, EagleHead
 from respec.engine.drafters.ngram import NgramDrafter
-from respec.engine.errors import CheckpointError
-from respec.engine.model import CausalLM
 from respec.engine.speculative import Row, RowBook
 from respec.engine.target import Verified
 from respec.messages import (
@@ -141,7 +136,7 @@ class Generator(Actor):
         if not params.model_path:
             raise ValueError("drafter 'eagle' needs model_path: the target checkpoint whose embeddings, "
                              "final norm and lm_head the head shares")
-        target = load_target_parts(params.model_path, params.device)
+        target = load_model(params.model_path, device=params.device, decoder_layers=False)
         if params.draft_path:
             head = EagleHead.load(params.draft_path, target)
         else:
@@ -297,39 +292,6 @@ def _select(verified: Verified, rows: slice, feature_counts=None) -> Verified:
         features = features[:, : int(feature_counts[rows.start])]
     return Verified(verified.tokens[rows], verified.logprobs[rows], verified.num_tokens[rows], verified.num_accepted[rows],
                     features)
-
-
-def load_target_parts(directory: str | Path, device: str = "cpu") -> CausalLM:
-    """The target with only what an EAGLE head shares loaded (embeddings, final norm,
-    lm_head, float32); the decoder layers stay on the meta device: no memory, and running
-    them fails loudly instead of computing garbage."""
-    directory = Path(directory)
-    config = ModelConfig.from_file(directory / "config.json")
-    with torch.device("meta"):
-        model = CausalLM(config)
-    names = [n for n in SHARED_TENSORS if not (n == "lm_head.weight" and config.tie_word_embeddings)]
-    tensors = _read_tensors(directory, names, device)
-    model.load_state_dict(tensors, strict=False, assign=True)
-    model.tie_weights()
-    return model.eval()
-
-
-def _read_tensors(directory: Path, names: list[str], device: str) -> dict[str, torch.Tensor]:
-    """Named tensors from a single-file or sharded safetensors checkpoint, float32."""
-    if (directory / INDEX_FILE).is_file():
-        weight_map = json.loads((directory / INDEX_FILE).read_text()).get("weight_map", {})
-        files = {name: directory / weight_map.get(name, SINGLE_FILE) for name in names}
-    else:
-        files = dict.fromkeys(names, directory / SINGLE_FILE)
-    tensors = {}
-    for name, path in files.items():
-        if not path.is_file():
-            raise CheckpointError(f"{path}: not found (looking for {name!r})")
-        with safe_open(str(path), framework="pt", device=str(device)) as file:
-            if name not in file.keys():
-                raise CheckpointError(f"{path}: tensor {name!r} is missing")
-            tensors[name] = file.get_tensor(name).float()
-    return tensors
 
 
 def handle_tensors(handle: WeightsHandle, names: tuple[str, ...] | None = None, version: int = 0,

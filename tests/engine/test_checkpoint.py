@@ -94,6 +94,24 @@ def test_load_in_bfloat16_and_load_weights_into_a_model(tiny_checkpoint, tmp_pat
     assert torch.equal(model.model.norm.weight, load_model(tiny_checkpoint).model.norm.weight)
 
 
+@pytest.mark.parametrize("tied, shard_bytes", [(False, None), (True, 30_000)])
+def test_without_decoder_layers_only_the_head_parts_are_read(hf_checkpoint, tmp_path, tied, shard_bytes):
+    full = load_model(hf_checkpoint("qwen2", tie_word_embeddings=tied)[1])
+    directory = save_model(full, tmp_path / "m", max_shard_bytes=shard_bytes)
+    parts = load_model(directory, decoder_layers=False)
+    assert all(p.is_meta for p in parts.model.layers.parameters())
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert torch.equal(parts.state_dict()[name], full.state_dict()[name])
+    assert (parts.lm_head.weight is parts.model.embed_tokens.weight) == tied
+
+
+def test_without_decoder_layers_every_tensor_is_still_checked(broken):
+    directory, config = broken
+    rewrite_config(directory, {**config, "intermediate_size": 128})
+    with pytest.raises(CheckpointError, match="'model.layers.0.mlp.down_proj.weight' has shape"):
+        load_model(directory, decoder_layers=False)
+
+
 # ---------------------------------------------------------------------- broken checkpoints
 
 

@@ -105,6 +105,7 @@ def test_acceptance_on_the_unseen_pass_rises_as_the_head_learns(policy_dir, tmp_
 
 def test_the_heads_target_parts_follow_the_messages(policy_dir, tmp_path):
     actor, _, _ = started(policy_dir, tmp_path)
+    assert all(p.is_meta for p in actor.policy.model.layers.parameters())  # no policy copy on the trainer's device
     policy = load_model(policy_dir)
     with torch.no_grad():
         policy.model.norm.weight.fill_(3.0)
