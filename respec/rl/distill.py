@@ -120,14 +120,15 @@ def distill_step(head: EagleHead, policy: CausalLM, optimizer: torch.optim.Optim
     device = next(policy.parameters()).device  # the batch is built on the CPU
     tokens, valid = (t.to(device) for t in pad_right([s.tokens for s in batch], pad_id))
     weights = weights.to(device)
-    # On a GPU the target pass runs in bf16 (as generation does): an fp32 pass over a batch
-    # of rollouts is several times the trainer's own update, on the GPU it shares. The head
-    # and its loss stay fp32.
+    # On a GPU the passes run in bf16 (as generation does, and as bench/gpu_train.py trains
+    # heads): fp32 ones over a batch of rollouts are several times the trainer's own update,
+    # on the GPU it shares. The head's master weights and its loss stay fp32.
     with torch.no_grad(), bf16_autocast(device):
         output = policy(tokens, capture_layers=head.capture_layers)
     head.train()
     features = torch.cat(output.captured, dim=-1).float()
-    loss = distill_loss(head, features, tokens, output.logits.float(), weights=weights, valid=valid, steps=unroll)
+    with bf16_autocast(device):
+        loss = distill_loss(head, features, tokens, output.logits.float(), weights=weights, valid=valid, steps=unroll)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -187,7 +188,8 @@ def captured_acceptance(head: EagleHead, features: torch.Tensor, tokens: torch.T
     [B, L, V] over tokens [B, L]): the sum over the draft roots of tokens per step, and how
     many roots there are."""
     with torch.no_grad():
-        drafts = head.unrolled(features.float(), tokens, draft_len)
+        with bf16_autocast(features.device):  # the head's passes as it drafts and learns on a GPU
+            drafts = head.unrolled(features.float(), tokens, draft_len)
         per_root = _tokens_per_step(logits[:, 1:].float(), drafts, valid, temperature)
     counted = _draft_roots(response_starts, valid.sum(1), tokens.shape[1] - 1)
     return float((per_root * counted).sum()), int(counted.sum())
