@@ -141,3 +141,45 @@ def test_max_rows_distils_from_a_random_subset_of_each_message(policy_dir, tmp_p
     asyncio.run(actor.on_captured(msgspec.structs.replace(captured, rewards=rewards), None))
     assert seen[0][0] == 3 and all(w in (pytest.approx(0.1), pytest.approx(2.0)) for w in seen[0][1])
     asyncio.run(actor.on_stop())
+
+
+@pytest.mark.parametrize("worker_thread", [True, False])
+def test_the_heads_work_leaves_the_event_loop_free_for_the_trainer(policy_dir, tmp_path, worker_thread):
+    """In its worker thread the head's passes let the loop the trainer shares run meanwhile
+    (in the handler they held it: the trainer's next update waited); it still publishes."""
+    import threading
+
+    actor, sent, _ = started(policy_dir, tmp_path, update_interval=1, worker_thread=worker_thread)
+    threads, real = [], actor._learn
+
+    def learn(captured):
+        threads.append(threading.current_thread().name)
+        return real(captured)
+
+    actor._learn = learn
+    captured = captured_pass(load_model(policy_dir), 0)
+
+    async def two_messages_beside_a_ticker() -> int:
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        before = ticks
+        for version in range(2):
+            await actor.on_captured(msgspec.structs.replace(captured, policy_version=version), None)
+        task.cancel()
+        return ticks - before
+
+    ticks = asyncio.run(two_messages_beside_a_ticker())
+    assert [m.version for m in sent] == [1]
+    if worker_thread:
+        assert threads == ["captured-distiller_0"] * 2 and ticks > 10
+    else:
+        assert threads == ["MainThread"] * 2 and ticks <= 2
+    asyncio.run(actor.on_stop())
