@@ -88,6 +88,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sft-bucket-pool", type=int, default=1, help="SFT batches cut by length from this many "
                         "batches' worth of examples (1: random batches; bucketing pads less but trains a worse "
                         "policy: bench/sft_bucketing.py)")
+    parser.add_argument("--sft-label-smoothing", type=float, default=0.0, help="of the policy's SFT (respec prepare's "
+                        "0.1 made the tiny policy one that RL on the norm gains improves, docs/RL.md; untried at "
+                        "this shape); 0: the runs measured so far")
     parser.add_argument("--head-steps", type=int, default=1500)
     parser.add_argument("--head-sequences", type=int, default=4096, help="the policy's completions the head is "
                         "distilled on (half sampled, half greedy)")
@@ -185,7 +188,7 @@ def trained_models(args, task, heldout, shape: str, device: str):
         log(f"policy and head loaded from {cache} (trained by an earlier run: {policy_report}, {head_report})")
         return model, head, {**policy_report, "loaded_from_cache": True}, head_report
     policy, policy_report = train_policy(task, shape, device, args.sft_steps, batch=args.sft_batch if not args.smoke else 8,
-                                         bucket_pool=args.sft_bucket_pool)
+                                         bucket_pool=args.sft_bucket_pool, label_smoothing=args.sft_label_smoothing)
     model = policy.to(torch.bfloat16) if device == "cuda" else policy
     release_cached_memory(device)  # SFT's activations and optimiser: the generators' graphs need the room
     policy_report["accuracy_sampled"] = accuracy(model, task, heldout, 1.0, args.max_new)

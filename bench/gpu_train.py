@@ -64,12 +64,14 @@ def log(message: str) -> None:
 
 
 def train_policy(task, shape: str, device: str, steps: int, batch: int = 128, lr: float = 1e-3,
-                 seed: int = 0, bucket_pool: int = 1) -> tuple[CausalLM, dict]:
+                 seed: int = 0, bucket_pool: int = 1, label_smoothing: float = 0.0) -> tuple[CausalLM, dict]:
     """Supervised training on worked solutions (as `respec prepare` does for the tiny policy).
     bucket_pool > 1 cuts batches of similar length from that many batches' worth of examples:
     less padding, but a worse policy (bench/sft_bucketing.py on the CPU: 0.05-0.11 held-out
     accuracy with a pool of 16 against 0.22-0.26 with random batches, 3 seeds each), so
-    batches are random by default."""
+    batches are random by default. `label_smoothing` as `respec prepare` trains the tiny
+    policy (0.1 there): better modes, a flatter T = 1 distribution, the gap RL on the norm
+    gains closes (docs/RL.md)."""
     tokenizer = char_tokenizer()
     model = random_model(shape_config(shape, tokenizer.vocab_size, tokenizer), device, torch.float32, seed).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98), fused=device == "cuda")
@@ -85,7 +87,7 @@ def train_policy(task, shape: str, device: str, steps: int, batch: int = 128, lr
         tokens, mask = batch_tensors(examples, tokenizer.pad_id)
         padded, real = padded + tokens.numel(), real + sum(len(ids) for ids, _ in examples)
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = sft_loss(model, tokens.to(device), mask.to(device))
+            loss = sft_loss(model, tokens.to(device), mask.to(device), label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -95,7 +97,8 @@ def train_policy(task, shape: str, device: str, steps: int, batch: int = 128, lr
             losses.append(float(loss.detach()))
             log(f"policy step {step + 1}/{steps}: loss {losses[-1]:.3f}")
     model.eval()
-    return model, {"steps": steps, "batch": batch, "lr": lr, "bucket_pool": bucket_pool, "loss_first": losses[0],
+    return model, {"steps": steps, "batch": batch, "lr": lr, "bucket_pool": bucket_pool,
+                   "label_smoothing": label_smoothing, "loss_first": losses[0],
                    "loss_last": losses[-1],
                    "padding_share": round(1 - real / padded, 3), "wall_s": round(time.perf_counter() - started, 1)}
 
