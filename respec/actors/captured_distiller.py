@@ -127,9 +127,9 @@ class CapturedDistiller(Actor):
         if update is not None:
             await self._publish(*update)
 
-    def _learn(self, captured: CapturedTargets) -> tuple[DraftWeights, dict] | None:
+    def _learn(self, captured: CapturedTargets) -> tuple[dict, dict] | None:
         """The message's gradient, after one update first if one is due (then returned: the
-        DraftWeights to send and the metrics row)."""
+        head's tensors to publish and the metrics row)."""
         if captured.parts:
             self.policy.load_state_dict(captured.parts, strict=False)
         update = None
@@ -159,9 +159,10 @@ class CapturedDistiller(Actor):
             return torch.arange(count)
         return torch.randperm(count, generator=self.rng)[: self.params.max_rows].sort().values
 
-    def _update(self, heldout: CapturedTargets) -> tuple[DraftWeights, dict]:
+    def _update(self, heldout: CapturedTargets) -> tuple[dict, dict]:
         """One AdamW step on the mean of the accumulated gradients, between two measurements
-        on `heldout` (rollouts no step has seen); the new head is written to a file."""
+        on `heldout` (rollouts no step has seen); returns the new head's tensors (host
+        copies) and the metrics row."""
         started = time.perf_counter()
         before = self._acceptance(heldout)
         heldout_s = time.perf_counter() - started
@@ -178,17 +179,20 @@ class CapturedDistiller(Actor):
         self.losses, self.pending = [], 0
         self.version += 1
         self.updated_at = heldout.policy_version
-        handle = self._handle()
-        seconds = time.perf_counter() - started
-        weights = DraftWeights(version=self.version, handle=handle, heldout_accept_before=before,
-                               heldout_accept_after=after, distill_s=seconds)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
         row = dict(step=heldout.policy_version, draft_version=self.version, distill_kl=kl,
-                   heldout_accept_before=before, heldout_accept_after=after, distill_s=seconds,
-                   distill_heldout_s=heldout_s, distill_messages=messages)
-        return weights, row
+                   heldout_accept_before=before, heldout_accept_after=after,
+                   distill_s=time.perf_counter() - started, distill_heldout_s=heldout_s, distill_messages=messages)
+        return state, row
 
-    async def _publish(self, weights: DraftWeights, row: dict) -> None:
-        await self.send(weights, draft_version=weights.version)
+    async def _publish(self, state: dict, row: dict) -> None:
+        """The head as a file (the Generator is in another process), written in a thread
+        either way so that the trainer's loop is not held, then announced."""
+        path = await asyncio.to_thread(self.weight_files.save, f"draft-v{row['draft_version']}", state)
+        await self.send(DraftWeights(version=row["draft_version"], handle=WeightsHandle(kind="file", location=str(path)),
+                                     heldout_accept_before=row["heldout_accept_before"],
+                                     heldout_accept_after=row["heldout_accept_after"], distill_s=row["distill_s"]),
+                        draft_version=row["draft_version"])
         self.report(row.pop("step"), **row)
 
     def _acceptance(self, captured: CapturedTargets) -> float:
@@ -196,9 +200,3 @@ class CapturedDistiller(Actor):
                                            captured.valid, captured.response_starts, self.draft_len,
                                            self.params.heldout_temperature)
         return total / roots if roots else 0.0
-
-    def _handle(self) -> WeightsHandle:
-        """The head's own tensors as a file (the Generator is in another process)."""
-        state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
-        path = self.weight_files.save(f"draft-v{self.version}", state)
-        return WeightsHandle(kind="file", location=str(path))
