@@ -233,7 +233,9 @@ def chosen(variants: dict[str, Any], only: tuple[str, ...]) -> dict[str, Any]:
 def _removing(config: Path, overrides: dict[str, Any], name: str,
               directory: Path = Path("runs")) -> tuple[Path, dict[str, Any]]:
     """Overrides whose value is None remove that key: the run file is rewritten without it
-    (under runs/, beside the run) when one is there, and the override dropped."""
+    (under runs/, beside the run) when one is there, and the override dropped, with any
+    override below it (`--set actors.distiller.params.lr=...` tunes the variants that keep
+    a distiller, and is no error in those that drop it)."""
     remove = [key for key, value in overrides.items() if value is None]
     if not remove:
         return config, overrides
@@ -248,7 +250,8 @@ def _removing(config: Path, overrides: dict[str, Any], name: str,
     path = directory / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path, {k: v for k, v in overrides.items() if v is not None}
+    return path, {k: v for k, v in overrides.items()
+                  if v is not None and not any(k.startswith(removed + ".") for removed in remove)}
 
 
 def scheduler_decisions(run_dir: Path) -> dict[str, int]:

@@ -74,6 +74,21 @@ def test_a_fast_path_run_file_runs_against_itself_without_drafting_or_asynchrony
     assert fast["generator"].spec.params["adaptive"] == [2, 4] and fast["generator"].spec.params["draft_path"] == "head"
 
 
+def test_a_setting_of_an_actor_a_variant_drops_applies_to_the_others(tmp_path):
+    """`--set actors.distiller.params.X=...` on a file with a distiller: the variants
+    without one run (the key is dropped with the actor), the one with it takes it."""
+    path = tmp_path / "run.yaml"
+    path.write_text(FAST_RUN + "  distiller: {class: respec.actors.captured_distiller.CapturedDistiller,\n"
+                               "              params: {model_path: pol, draft_path: head}}\n")
+    extra = {"actors.distiller.params.worker_thread": False}
+    plans = {}
+    for name, (config, overrides) in e2e_variants(path, path).items():
+        config, overrides = rl_runs._removing(config, {**overrides, **extra}, name, tmp_path)
+        plans[name] = build_plan(load_config(config, overrides), str(config)).actors
+    assert "distiller" not in plans["sync_nosd"] and "distiller" not in plans["respec_fast"]
+    assert plans["respec_fast_kd"]["distiller"].spec.params["worker_thread"] is False
+
+
 def test_static_variants_drop_a_scheduler_the_run_file_names(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(RUN + "  scheduler: {class: respec.actors.scheduler.Scheduler}\n")
