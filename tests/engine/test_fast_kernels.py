@@ -234,6 +234,41 @@ def test_the_kernels_take_passes_that_fit_their_blocks(kernels, model_and_head):
     assert not layer.takes(torch.zeros(1, 33, hidden)) and not layer.takes(torch.zeros(65, 1, hidden))
 
 
+@pytest.mark.parametrize("rows", [100, 128])
+def test_gemv_over_more_than_64_rows_is_the_product(kernels, rows):
+    """RESPEC_KERNEL_ROWS=128: one program's block of rows is 128 (split over the inputs too)."""
+    torch.manual_seed(rows)
+    x, weight, bias, norm = torch.randn(rows, 40), torch.randn(72, 40), torch.randn(72), torch.rand(40) + 0.5
+    for config in ((16, 16, 4, 1), (16, 16, 4, 2)):
+        out = kernels.gemv(x, weight, 72, norm=(norm, 1e-6), bias=bias, config=config)
+        torch.testing.assert_close(out, F.linear(rms_norm(x, norm, 1e-6), weight, bias), atol=1e-4, rtol=1e-4)
+
+
+def test_with_128_rows_a_long_pass_through_the_kernels_equals_the_fused_pass(kernels, model_and_head, monkeypatch):
+    """48 rows x 2 tokens (96 > 64): the PyTorch layers' pass without RESPEC_KERNEL_ROWS,
+    the kernels' with it, and the two agree."""
+    monkeypatch.setattr(kernels, "MAX_ROWS", 128)
+    model, _ = model_and_head
+    layer = FusedModel(model, kernels=True).layers[0]
+    assert layer.takes(torch.zeros(48, 2, model.config.hidden_size))
+    states = [FastState(model.config, 48, 16, 4, torch.float32, torch.device("cpu")) for _ in range(2)]
+    prefix = torch.randint(0, 8, (48, 3))
+    for state in states:
+        cached_pass(model, False, prefix, torch.arange(3).repeat(48, 1), state)
+    tokens, positions = torch.randint(0, 8, (48, 2)), 3 + torch.arange(2).repeat(48, 1)
+    (logits, features), (expected_logits, expected_features) = (
+        cached_pass(model, use, tokens, positions, state) for use, state in zip((True, False), states, strict=True))
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(features, expected_features, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(states[0].k, states[1].k, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_rows_past_the_supported_sizes_are_refused(kernels, monkeypatch):
+    monkeypatch.setenv("RESPEC_KERNEL_ROWS", "96")
+    with pytest.raises(ValueError, match="RESPEC_KERNEL_ROWS must be 64, 128 or 256, got 96"):
+        kernels._max_rows()
+
+
 def test_one_rows_attention_and_output_in_one_kernel_is_opt_in(kernels, model_and_head, monkeypatch):
     """attend_o only where asked for (kernels.ATTEND_O, RESPEC_ATTEND_O=1): its time alone
     is unmeasured, and with a fused MLP beside it the step was slower on an H100; and only
