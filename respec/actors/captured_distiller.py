@@ -7,25 +7,25 @@ This actor lives in the trainer's process group instead: for every micro-batch o
 GRPO update the PolicyTrainer sends `CapturedTargets`, the features and logits its forward
 pass computed anyway (by reference, on its device), and the head learns from them:
 
-- each message adds its reward-weighted KL(target || draft) gradient (EAGLE-3's
-  training-time test over `unroll` drafting steps) to the head's gradients: one head
-  forward and backward, no target pass;
-- when a message of a version `update_interval` past the last update arrives, the
-  accumulated gradient (its mean over the messages) takes one AdamW step. Before and
-  after that step, expected acceptance (`captured_acceptance`) is measured on that
-  message's rollouts, which no step has seen yet, and `DraftWeights(version)` is
-  published for the Generator.
+- each message's rows (up to `max_rows`, with their reward weights) are kept on the
+  device until the next update;
+- when a message of a version `update_interval` past the last update arrives, the kept
+  rows are learnt from in one head forward and backward (reward-weighted KL(target ||
+  draft), EAGLE-3's training-time test over `unroll` drafting steps: no target pass) and
+  one AdamW step is taken. Before and after that step, expected acceptance
+  (`captured_acceptance`) is measured on the arriving message's rollouts, which no step
+  has seen yet, and `DraftWeights(version)` is published for the Generator. The message's
+  rows are then kept for the next update.
 
 The head's work runs on the device's one stream, its kernels queued behind the trainer's,
 from a worker thread of its own (`worker_thread`). Run in the handler, they held the event
-loop the trainer shares, and its next update waited: on two H100s (0abbfeb) the distiller
+loop the trainer shares, and its next update waited. At the 0.5B shape each head pass is
+launch-bound host work: on two H100s (0abbfeb) a forward and backward for every message
 cost 0.013-0.025 s a step over SD alone at 8-24 rollouts a message, nearly independent of
-the rows, which is what launch-bound host work looks like at the 0.5B shape. From the
-thread the launches can overlap the trainer's update, which spends most of its time
-waiting on the GPU with the GIL released (not yet measured there). Messages are still
-learnt from one at a time, in order (the handler awaits the thread). The head's target
-parts (embedding, final norm, lm_head) follow the policy through the copies each message
-carries.
+the rows. So the rows of an update's messages are learnt from together, one pass for I
+messages (until they hold `kept_mb`: at a real vocabulary the logits are large; then they
+are learnt from early, the gradient kept). The head's target parts (embedding, final
+norm, lm_head) follow the policy through the copies each message carries.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 import numpy as np
@@ -70,14 +71,20 @@ class CapturedDistiller(Actor):
         # The head's work in a thread of its own (the module docstring says why); False: in
         # the handler, on the event loop (its only way until 0abbfeb: 0.54-0.61x there).
         worker_thread: bool = True
+        # The kept rows (features and logits of max_rows rollouts a message) are learnt from
+        # ahead of the update once they hold this many MB (0: each message at once, as before
+        # a4e6835). At the built-in vocabulary 24 rows are ~10 MB; at Qwen2.5's 152k tokens,
+        # ~2 GB in bf16.
+        kept_mb: float = 1024.0
 
     sends = (DraftWeights,)
 
     @classmethod
     def check_plan(cls, name, params, plan) -> list[str]:
         problems = param_problems(params, ("update_interval", "unroll"))
-        if params.max_rows < 0:
-            problems.append(f"params.max_rows must be >= 0, got {params.max_rows}")
+        if params.max_rows < 0 or params.kept_mb < 0:
+            problems.append(f"params.max_rows and params.kept_mb must be >= 0, got {params.max_rows}, "
+                            f"{params.kept_mb}")
         group = plan.actors[name].spec.group
         apart = sorted(s for s in plan.senders_of(CapturedTargets) if plan.actors[s].spec.group != group)
         if apart:
@@ -106,8 +113,11 @@ class CapturedDistiller(Actor):
         self.rng = torch.Generator().manual_seed(self.params.seed)
         self.version = 0  # of the head
         self.updated_at = 0  # the policy version of the last update
-        self.pending = 0  # messages whose gradient is accumulated
-        self.losses: list[torch.Tensor] = []  # their losses, read at the update (no sync per message)
+        self.kept: list[KeptRows] = []  # rows not yet learnt from
+        self.messages = 0  # since the last update
+        self.rows_learnt = 0  # since the last update: their gradient is accumulated
+        self.losses: list[torch.Tensor] = []  # their summed losses, read at the update (no sync before)
+        self.keep_s = 0.0  # seconds spent keeping messages' rows since the last update
         self.weight_files = WeightFiles(self.params.weights_dir, "respec-draft-", keep=2)
         # One thread, so messages are learnt from in order; made current on the device, as
         # CUDA's current device is per thread.
@@ -130,33 +140,48 @@ class CapturedDistiller(Actor):
             await self._publish(*update)
 
     def _learn(self, captured: CapturedTargets) -> tuple[dict, dict] | None:
-        """The message's gradient, after one update first if one is due (then returned: the
+        """The message's rows kept, after one update first if one is due (then returned: the
         head's tensors to publish and the metrics row)."""
         if captured.parts:
             self.policy.load_state_dict(captured.parts, strict=False)
         update = None
-        if self.pending and captured.policy_version - self.updated_at >= self.params.update_interval:
+        if self.messages and captured.policy_version - self.updated_at >= self.params.update_interval:
             update = self._update(captured)
-        self._accumulate(captured)
+        started = time.perf_counter()
+        self._keep(captured)
+        self.keep_s += time.perf_counter() - started
         return update
 
-    def _accumulate(self, captured: CapturedTargets) -> None:
+    def _keep(self, captured: CapturedTargets) -> None:
         rows = [Sequence([], 0, float(r), g, captured.policy_version)
                 for r, g in zip(np.asarray(captured.rewards).tolist(), captured.groups, strict=True)]
         weights = sample_weights(rows, rows, self.params.reward_weighting)  # against all the message's rewards
         keep = self._chosen_rows(len(rows))
         index = keep.to(captured.tokens.device)
+        self.kept.append(KeptRows(captured.features[index], captured.tokens[index], captured.logits[index],
+                                  captured.valid[index], weights[keep].to(self.device)))
+        self.messages += 1
+        if sum(kept.nbytes for kept in self.kept) > self.params.kept_mb * 2**20:
+            self._learn_kept()
+
+    def _learn_kept(self) -> None:
+        """One head forward and backward over the kept rows, its gradient added to the head's
+        (scaled by the rows, so that the update's mean is over rows, however they came)."""
+        if not self.kept:
+            return
+        rows = KeptRows.joined(self.kept)
         self.head.train()
         # bf16 on a GPU, as bench/gpu_train.py trains heads (in fp32 the held-out measure alone
         # took 0.084 s an update against 0.023 s, 72b6d2b and 0abbfeb on two H100s)
         with bf16_autocast(self.device):
-            loss = distill_loss(self.head, captured.features[index].float(), captured.tokens[index],
-                                captured.logits[index].float(), weights=weights[keep].to(self.device),
-                                valid=captured.valid[index], steps=self.params.unroll)
-        loss.backward()
+            loss = distill_loss(self.head, rows.features.float(), rows.tokens, rows.logits.float(),
+                                weights=rows.weights, valid=rows.valid, steps=self.params.unroll)
+        count = rows.tokens.shape[0]
+        (loss * count).backward()
         self.head.eval()
-        self.losses.append(loss.detach())
-        self.pending += 1
+        self.losses.append(loss.detach() * count)
+        self.rows_learnt += count
+        self.kept = []
 
     def _chosen_rows(self, count: int) -> torch.Tensor:
         if not self.params.max_rows or count <= self.params.max_rows:
@@ -168,25 +193,28 @@ class CapturedDistiller(Actor):
         on `heldout` (rollouts no step has seen); returns the new head's tensors (host
         copies) and the metrics row."""
         started = time.perf_counter()
+        self._learn_kept()
+        measured = time.perf_counter()
         before = self._acceptance(heldout)
-        heldout_s = time.perf_counter() - started
+        heldout_s = time.perf_counter() - measured
         for parameter in self.head.parameters():
             if parameter.grad is not None:
-                parameter.grad /= self.pending
+                parameter.grad /= self.rows_learnt
         torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.params.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         measured = time.perf_counter()
         after = self._acceptance(heldout)
         heldout_s += time.perf_counter() - measured
-        kl, messages = float(torch.stack(self.losses).mean()), self.pending
-        self.losses, self.pending = [], 0
+        kl, messages, keep_s = float(torch.stack(self.losses).sum()) / self.rows_learnt, self.messages, self.keep_s
+        self.losses, self.messages, self.rows_learnt, self.keep_s = [], 0, 0, 0.0
         self.version += 1
         self.updated_at = heldout.policy_version
         state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
         row = dict(step=heldout.policy_version, draft_version=self.version, distill_kl=kl,
                    heldout_accept_before=before, heldout_accept_after=after,
-                   distill_s=time.perf_counter() - started, distill_heldout_s=heldout_s, distill_messages=messages)
+                   distill_s=time.perf_counter() - started, distill_heldout_s=heldout_s, distill_messages=messages,
+                   distill_keep_s=keep_s)
         return state, row
 
     async def _publish(self, state: dict, row: dict) -> None:
@@ -204,3 +232,37 @@ class CapturedDistiller(Actor):
                                            captured.valid, captured.response_starts, self.draft_len,
                                            self.params.heldout_temperature)
         return total / roots if roots else 0.0
+
+
+class KeptRows(NamedTuple):
+    """Rows of one or more messages, on the device, for the next update to learn from."""
+
+    features: torch.Tensor  # [B, L, layers * hidden]
+    tokens: torch.Tensor  # [B, L]
+    logits: torch.Tensor  # [B, L, V]
+    valid: torch.Tensor  # [B, L]
+    weights: torch.Tensor  # [B] reward weights, normalised within each row's message
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensor.numel() * tensor.element_size() for tensor in self)
+
+    @staticmethod
+    def joined(parts: list[KeptRows]) -> KeptRows:
+        """One batch of rows, right-padded to the longest (padding is not valid: no loss)."""
+        if len(parts) == 1:
+            return parts[0]
+        length = max(part.tokens.shape[1] for part in parts)
+        return KeptRows(*(_padded([part[field] for part in parts], length) for field in range(4)),
+                        torch.cat([part.weights for part in parts]))
+
+
+def _padded(tensors: list[torch.Tensor], length: int) -> torch.Tensor:
+    """[sum of B, length, ...]: the tensors stacked by rows, zeros past each one's length."""
+    first = tensors[0]
+    out = first.new_zeros((sum(t.shape[0] for t in tensors), length, *first.shape[2:]))
+    row = 0
+    for tensor in tensors:
+        out[row: row + tensor.shape[0], : tensor.shape[1]] = tensor
+        row += tensor.shape[0]
+    return out

@@ -165,8 +165,8 @@ class FastRollouts(Actor):
                              error=f"{type(error).__name__}: {error}")
             return
         self._refresh()
-        if self.live is not None:  # a new head: its acceptance is unknown until its rollouts come
-            self.live.expect(max(self.live.rate, self.params.adaptive_rate))
+        if self.live is not None:
+            self.live.new_head(self.params.adaptive_rate)
         self.log.info("draft_weights_loaded", version=weights.version)
 
     def _refresh(self) -> None:

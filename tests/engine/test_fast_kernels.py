@@ -225,13 +225,15 @@ def test_with_kernels_refreshed_weights_are_the_ones_generating(kernels, tmp_pat
 
 
 def test_the_kernels_take_passes_that_fit_their_blocks(kernels, model_and_head):
-    """At most 64 tokens a pass, and at most 64 attention query rows (here 2 query heads per
-    KV head: up to 32 tokens a row); longer passes (prefill) stay on the PyTorch layers."""
+    """At most 128 tokens a pass by default, and at most 64 attention query rows (here 2
+    query heads per KV head: up to 32 tokens a row); longer passes (prefill) stay on the
+    PyTorch layers."""
+    assert kernels.MAX_ROWS == 128  # RESPEC_KERNEL_ROWS unset
     model, _ = model_and_head
     layer = FusedModel(model, kernels=True).layers[0]
     hidden = model.config.hidden_size
-    assert layer.takes(torch.zeros(2, 32, hidden)) and layer.takes(torch.zeros(64, 1, hidden))
-    assert not layer.takes(torch.zeros(1, 33, hidden)) and not layer.takes(torch.zeros(65, 1, hidden))
+    assert layer.takes(torch.zeros(2, 32, hidden)) and layer.takes(torch.zeros(128, 1, hidden))
+    assert not layer.takes(torch.zeros(1, 33, hidden)) and not layer.takes(torch.zeros(129, 1, hidden))
 
 
 @pytest.mark.parametrize("rows", [100, 128])
@@ -245,8 +247,8 @@ def test_gemv_over_more_than_64_rows_is_the_product(kernels, rows):
 
 
 def test_with_128_rows_a_long_pass_through_the_kernels_equals_the_fused_pass(kernels, model_and_head, monkeypatch):
-    """48 rows x 2 tokens (96 > 64): the PyTorch layers' pass without RESPEC_KERNEL_ROWS,
-    the kernels' with it, and the two agree."""
+    """48 rows x 2 tokens (96 > 64): the PyTorch layers' pass with RESPEC_KERNEL_ROWS=64,
+    the kernels' with 128 (the default), and the two agree."""
     monkeypatch.setattr(kernels, "MAX_ROWS", 128)
     model, _ = model_and_head
     layer = FusedModel(model, kernels=True).layers[0]

@@ -138,9 +138,57 @@ def test_max_rows_distils_from_a_random_subset_of_each_message(policy_dir, tmp_p
     actor, _, _ = started(policy_dir, tmp_path, max_rows=3, reward_weighting="reward")
     captured = captured_pass(load_model(policy_dir), 0)
     rewards = np.array([0, 0, 0, 0, 1, 1, 1, 1], np.float32)  # mean 0.5: w = r / 0.5, floored at 0.1
-    asyncio.run(actor.on_captured(msgspec.structs.replace(captured, rewards=rewards), None))
+    for version in range(2):  # the second one's update learns from the first's rows
+        asyncio.run(actor.on_captured(msgspec.structs.replace(captured, rewards=rewards, policy_version=version), None))
     assert seen[0][0] == 3 and all(w in (pytest.approx(0.1), pytest.approx(2.0)) for w in seen[0][1])
     asyncio.run(actor.on_stop())
+
+
+def shorter(captured: CapturedTargets, cut: int, version: int) -> CapturedTargets:
+    """The same rows with their last `cut` positions gone (a pass padded to another length)."""
+    return msgspec.structs.replace(captured, policy_version=version, tokens=captured.tokens[:, :-cut],
+                                   valid=captured.valid[:, :-cut], features=captured.features[:, :-cut],
+                                   logits=captured.logits[:, :-cut], parts={})
+
+
+def test_an_updates_messages_are_learnt_from_in_one_pass(policy_dir, tmp_path, monkeypatch):
+    """update_interval 3: the rows of three messages of different lengths, learnt from in
+    one head pass at the update (kept_mb 0: one pass a message), with the same gradient:
+    the mean over all their rows."""
+    from respec.actors import captured_distiller
+
+    real_loss, real_update = captured_distiller.distill_loss, captured_distiller.CapturedDistiller._update
+    captured = captured_pass(load_model(policy_dir), 0)
+
+    def run(kept_mb: float) -> tuple[list, list]:
+        passes, grads = [], []
+
+        def recording(head, features, tokens, logits, weights, valid, steps):
+            passes.append(tuple(tokens.shape))
+            return real_loss(head, features, tokens, logits, weights=weights, valid=valid, steps=steps)
+
+        def update(actor, heldout):  # the gradient the step takes: the kept rows learnt, then / rows
+            actor._learn_kept()
+            grads.extend(p.grad / actor.rows_learnt for p in actor.head.parameters() if p.grad is not None)
+            return real_update(actor, heldout)
+
+        monkeypatch.setattr(captured_distiller, "distill_loss", recording)
+        monkeypatch.setattr(captured_distiller.CapturedDistiller, "_update", update)
+        actor, sent, reports = started(policy_dir, tmp_path / str(kept_mb), update_interval=3, kept_mb=kept_mb,
+                                       max_rows=4)
+        for version, cut in enumerate((1, 3, 5, 1)):
+            asyncio.run(actor.on_captured(shorter(captured, cut, version), None))
+        assert [m.version for m in sent] == [1] and reports[0]["distill_messages"] == 3
+        asyncio.run(actor.on_stop())
+        return passes, grads
+
+    length = captured.tokens.shape[1]
+    (together, together_grads), (apart, apart_grads) = run(1024.0), run(0.0)
+    assert together == [(12, length - 1)]  # the fourth message's rows wait for the next update
+    assert apart == [(4, length - 1), (4, length - 3), (4, length - 5), (4, length - 1)]
+    assert len(together_grads) == len(apart_grads) > 0
+    for joined, alone in zip(together_grads, apart_grads, strict=True):
+        torch.testing.assert_close(joined, alone, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("worker_thread", [True, False])

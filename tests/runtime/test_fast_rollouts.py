@@ -213,8 +213,8 @@ def test_adaptive_drafting_times_each_bucket_learns_the_acceptance_and_keeps_the
     """With `adaptive`, the first batch times every (bucket, draft length) on this device,
     the choice per bucket comes from those costs and the acceptance rate, the rate moves to
     what the rollouts show (from a prior of 0.9, with a head accepted about half the time), and
-    greedy tokens stay the plain rows' (drafting never changes them). A new head brings the
-    prior back (its own rate is unknown)."""
+    greedy tokens stay the plain rows' (drafting never changes them). A new head keeps the
+    live rate, unless that rate had drafting off at every bucket: then the prior."""
     actor, sent = started(FastRollouts.Params(model_path=str(checkpoint), draft_path=str(eagle_head_dir), max_rows=8,
                                               max_len=64, max_new_tokens=20, adaptive=[2, 4], adaptive_rate=0.9,
                                               profile_steps=2, gather_s=0.0))
@@ -237,10 +237,19 @@ def test_adaptive_drafting_times_each_bucket_learns_the_acceptance_and_keeps_the
     plain = FastGenerator(load_model(checkpoint), None, max_rows=8, max_len=64, max_new=20, max_k=0).generate(PROMPTS)
     assert {m.prompt.prompt_id: m.tokens.tolist() for m in sent} == {f"p{i}": r.tokens for i, r in enumerate(plain)}
     head = EagleHead.load(eagle_head_dir, load_model(checkpoint))
+
+    def new_head(version: int) -> None:
+        asyncio.run(actor.on_draft_weights(DraftWeights(version=version, handle=WeightsHandle(
+            kind="local", tensors={name: t.clone() for name, t in head.state_dict().items()})), None))
+
     live.expect(0.05)
-    asyncio.run(actor.on_draft_weights(DraftWeights(version=1, handle=WeightsHandle(
-        kind="local", tensors={name: t.clone() for name, t in head.state_dict().items()})), None))
-    assert live.rate == 0.9
+    assert not any(live.choice.values())
+    new_head(1)
+    assert live.rate == 0.9  # drafting was off everywhere: the prior, or nothing is ever observed
+    live.expect(0.6)
+    assert any(live.choice.values())
+    new_head(2)
+    assert live.rate == 0.6  # drafting on somewhere: the live rate stands
 
 
 def test_a_full_batch_starts_without_waiting_out_gather_s(checkpoint):

@@ -59,21 +59,20 @@ def _pdl(device: torch.device) -> bool:
 
 
 def _max_rows() -> int:
-    rows = int(os.environ.get("RESPEC_KERNEL_ROWS", "64"))
+    rows = int(os.environ.get("RESPEC_KERNEL_ROWS", "128"))
     if rows not in (64, 128, 256):
         raise ValueError(f"RESPEC_KERNEL_ROWS must be 64, 128 or 256, got {rows}")
     return rows
 
 
 # The most rows (batch x tokens) a layer takes through these kernels: one row is a
-# multiply-and-sum on the CUDA cores, 2-64 one tl.dot on tensor cores (padded to 16, 32 or
-# 64 rows: the arithmetic is free, the weights are read once either way; a loop over the
-# rows took 1.5-2x as long on an H100). Longer passes run PyTorch's layers, which cost
-# nearly twice as much a pass once it reaches 65 tokens (8c4be4e: at 16 rows, 1.66 ms for
-# 64 tokens, 2.72 ms for 80), so long drafts do not pay between 16 and 64 rows.
-# RESPEC_KERNEL_ROWS=128 or 256 takes passes that long through the same kernels, one
-# block of rows per program (exact under the interpreter; not yet timed on a GPU, where
-# the larger accumulators may spill registers).
+# multiply-and-sum on the CUDA cores, 2-128 one tl.dot on tensor cores (padded to 16, 32,
+# 64 or 128 rows: the arithmetic is free, the weights are read once either way; a loop over
+# the rows took 1.5-2x as long on an H100). Longer passes run PyTorch's layers. 128 since
+# the H100 timing at a4e6835 (docs/PERFORMANCE.md, "Kernels past 64 tokens"): passes of
+# 65-128 tokens took 0.80-0.95x the PyTorch layers' time (16 rows x 5 tokens: 3.18 ms
+# against 3.87), where with 64 they ran PyTorch's. RESPEC_KERNEL_ROWS=64 restores that;
+# 256 is exact under the interpreter but untimed.
 MAX_ROWS = _max_rows()
 
 
@@ -464,7 +463,7 @@ CANDIDATES = {1: ((1, 1024, 2, 1), (2, 1024, 4, 1), (2, 2048, 8, 1), (4, 512, 4,
               16: ((16, 128, 4, 1), (32, 128, 4, 1), (16, 128, 4, 4), (16, 128, 4, 8), (16, 256, 4, 4),
                    (32, 128, 4, 4), (32, 128, 4, 8), (64, 64, 4, 8), (16, 64, 4, 16))}
 CANDIDATES[32] = CANDIDATES[64] = ((16, 128, 4, 1), (32, 128, 4, 1), (16, 128, 4, 4), (32, 128, 4, 4), (16, 64, 4, 8))
-# RESPEC_KERNEL_ROWS past 64 (untimed): more warps and smaller k tiles for the larger blocks of rows
+# Blocks past 64 rows: more warps and smaller k tiles for the larger blocks of rows
 CANDIDATES[128] = ((16, 128, 4, 1), (16, 64, 8, 1), (32, 64, 8, 1), (16, 128, 8, 4), (16, 64, 4, 8))
 CANDIDATES[256] = ((16, 64, 8, 1), (16, 32, 8, 1), (32, 32, 8, 1), (16, 64, 8, 4), (16, 32, 8, 8))
 ATTENTION_CANDIDATES = ((16, 4), (32, 4), (64, 4), (128, 4), (128, 8))  # (keys per program, warps)
