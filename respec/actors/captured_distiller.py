@@ -46,7 +46,7 @@ from respec.engine.drafters.base import DraftShape
 from respec.engine.drafters.eagle import EagleHead, distill_loss, layers_to_capture
 from respec.messages import CapturedTargets, DraftWeights, Envelope, WeightsHandle
 from respec.rl.distill import Sequence, captured_acceptance, param_problems, sample_weights
-from respec.runtime import Actor, handles
+from respec.runtime import Actor, handles, weights_route, weights_transfer
 from respec.runtime.weight_files import WeightFiles
 
 
@@ -119,10 +119,26 @@ class CapturedDistiller(Actor):
         self.losses: list[torch.Tensor] = []  # their summed losses, read at the update (no sync before)
         self.keep_s = 0.0  # seconds spent keeping messages' rows since the last update
         self.weight_files = WeightFiles(self.params.weights_dir, "respec-draft-", keep=2)
+        self.weights_kind = self._weights_kind()
+        self.publisher = None
+        if self.weights_kind == "cuda_ipc":  # the buffers on the Generator's GPU, as the trainer's (dcb407e)
+            self.publisher = weights_transfer.CudaIpcPublisher(
+                keep=self.context.plan.config.run.weights_keep,
+                device=weights_route.receivers_gpu(self.context.plan, DraftWeights, self.device))
         # One thread, so messages are learnt from in order; made current on the device, as
         # CUDA's current device is per thread.
         self.worker = (ThreadPoolExecutor(1, "captured-distiller", initializer=use_device,
                                           initargs=(self.params.device,)) if self.params.worker_thread else None)
+
+    def _weights_kind(self) -> str:
+        """`run.weights` for the head (as the PolicyTrainer resolves it for the policy), except
+        that a head, tens of MB, travels by file where the setting asks for a collective or
+        for local references to a receiver in another process."""
+        plan, group = self.context.plan, self.context.group.name
+        kind = weights_route.kind(plan, DraftWeights, group, self.device)
+        if kind == "collective" or (kind == "local" and not weights_route.all_in_group(plan, DraftWeights, group)):
+            return "file"
+        return kind
 
     async def on_stop(self) -> None:
         if getattr(self, "worker", None) is not None:
@@ -210,18 +226,32 @@ class CapturedDistiller(Actor):
         self.losses, self.messages, self.rows_learnt, self.keep_s = [], 0, 0, 0.0
         self.version += 1
         self.updated_at = heldout.policy_version
-        state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        payload = self._published(self.version)
         row = dict(step=heldout.policy_version, draft_version=self.version, distill_kl=kl,
                    heldout_accept_before=before, heldout_accept_after=after,
                    distill_s=time.perf_counter() - started, distill_heldout_s=heldout_s, distill_messages=messages,
                    distill_keep_s=keep_s)
-        return state, row
+        return payload, row
 
-    async def _publish(self, state: dict, row: dict) -> None:
-        """The head as a file (the Generator is in another process), written in a thread
-        either way so that the trainer's loop is not held, then announced."""
-        path = await asyncio.to_thread(self.weight_files.save, f"draft-v{row['draft_version']}", state)
-        await self.send(DraftWeights(version=row["draft_version"], handle=WeightsHandle(kind="file", location=str(path)),
+    def _published(self, version: int) -> WeightsHandle | dict[str, torch.Tensor]:
+        """The new head as the Generator will load it: a handle, for local and cuda_ipc (made
+        here, in the head's thread, where its copies queue behind the trainer's kernels), or
+        host copies for `_publish` to write to a file."""
+        state = {name: tensor.detach() for name, tensor in self.head.state_dict().items()}
+        if self.weights_kind == "local":
+            return WeightsHandle(kind="local", tensors={name: tensor.clone() for name, tensor in state.items()})
+        if self.weights_kind == "cuda_ipc":
+            return weights_transfer.as_message(self.publisher.publish(state, version))
+        return {name: tensor.cpu().contiguous() for name, tensor in state.items()}
+
+    async def _publish(self, payload: WeightsHandle | dict, row: dict) -> None:
+        """The head announced; a file is written in a thread, in either mode, so that the
+        trainer's loop is not held."""
+        handle = payload
+        if isinstance(payload, dict):
+            path = await asyncio.to_thread(self.weight_files.save, f"draft-v{row['draft_version']}", payload)
+            handle = WeightsHandle(kind="file", location=str(path))
+        await self.send(DraftWeights(version=row["draft_version"], handle=handle,
                                      heldout_accept_before=row["heldout_accept_before"],
                                      heldout_accept_after=row["heldout_accept_after"], distill_s=row["distill_s"]),
                         draft_version=row["draft_version"])

@@ -157,6 +157,7 @@ class FastRollouts(Actor):
     async def on_draft_weights(self, weights: DraftWeights, envelope: Envelope) -> None:
         if self.head is None:
             return
+        started = time.perf_counter()  # between two batches: on the rollouts' critical path
         try:
             with loaded_tensors(weights.handle, weights.version, device=str(self.device)) as tensors, torch.no_grad():
                 self.head.load_state_dict(tensors)
@@ -167,7 +168,8 @@ class FastRollouts(Actor):
         self._refresh()
         if self.live is not None:
             self.live.new_head(self.params.adaptive_rate)
-        self.log.info("draft_weights_loaded", version=weights.version)
+        self.log.info("draft_weights_loaded", version=weights.version, kind=weights.handle.kind,
+                      load_s=round(time.perf_counter() - started, 4))
 
     def _refresh(self) -> None:
         if self.fast is not None:

@@ -148,10 +148,12 @@ class Generator(Actor):
     async def on_draft_weights(self, weights: DraftWeights, envelope: Envelope) -> None:
         if self.book.drafter is None:
             return
+        started = time.perf_counter()
         try:
             with loaded_tensors(weights.handle, weights.version, device=self.params.device) as tensors:
                 self.book.drafter.load_weights(tensors, weights.version)
-            self.log.info("draft_weights_loaded", version=weights.version)
+            self.log.info("draft_weights_loaded", version=weights.version, kind=weights.handle.kind,
+                          load_s=round(time.perf_counter() - started, 4))
         except (ValueError, OSError, RuntimeError) as error:  # a bad update must not cost the rows in flight
             self.log.warning("draft_weights_not_loaded", version=weights.version, error=f"{type(error).__name__}: {error}")
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from respec.engine.checkpoint import load_model, weights_to_save
-from respec.engine.devices import gpu_of, use_device
+from respec.engine.devices import use_device
 from respec.engine.drafters.eagle import TargetParts, layers_to_capture
 from respec.engine.tokenizer import load_tokenizer
 from respec.messages import (
@@ -38,7 +38,7 @@ from respec.rl.evaluate import evaluate
 from respec.rl.loss import PPOConfig
 from respec.rl.step_metrics import form_shares, group_index, step_metrics
 from respec.rl.trainer import GRPOTrainer, TrainerConfig, TrainSample
-from respec.runtime import Actor, handles, weights_transfer
+from respec.runtime import Actor, handles, weights_route, weights_transfer
 from respec.runtime.weight_files import WeightFiles
 from respec.tasks import make_task
 
@@ -77,6 +77,7 @@ class PolicyTrainer(Actor):
 
     sends = (PolicyWeights,)
     optional_sends = (CapturedTargets,)  # to a CapturedDistiller, where the graph has one
+    reads_weights = False  # DraftWeights tell it the head's version and distillation time
     process_restartable = False  # the policy and optimizer live here; --resume continues a run
 
     async def on_start(self) -> None:
@@ -258,69 +259,36 @@ class PolicyTrainer(Actor):
     def _weights_kind(self) -> str:
         """`run.weights` resolved for this trainer and the PolicyWeights receivers (auto:
         local in one process, cuda_ipc on one host with CUDA on both sides, else file)."""
-        run = self.context.plan.config.run
-        same_process = self._verifiers_share_my_process()
-        setting = run.weights
+        plan = self.context.plan
+        same_process = weights_route.all_in_group(plan, PolicyWeights, self.context.group.name)
+        setting = plan.config.run.weights
         if setting == "auto" and not self.params.share_by_reference and same_process:
             return "file"
         if setting == "local" and not same_process:
             raise ValueError("run.weights: local needs every PolicyWeights receiver in the trainer's process group")
-        return weights_transfer.choose_kind(setting, same_process=same_process, same_host=run.placement == "local",
-                                            publisher_cuda=self._device().type == "cuda",
-                                            receivers_cuda=self._receivers_on_cuda())
+        return weights_route.kind(plan, PolicyWeights, self.context.group.name, self._device())
 
     def _device(self) -> torch.device:
         return next(self.trainer.model.parameters()).device
-
-    def _weight_loaders(self) -> list[str]:
-        """The PolicyWeights receivers that load the tensors (Actor.reads_weights): the
-        PromptSource reads only the version. Counting it made every GPU run fall back to
-        files, 1-2 s of each update's time on an H100."""
-        plan = self.context.plan
-        return [name for name in plan.handlers_of(PolicyWeights) if plan.actors[name].cls.reads_weights]
-
-    def _receivers_on_cuda(self) -> bool:
-        """Whether every actor that loads the weights is on CUDA."""
-        devices = self._loader_devices()
-        return bool(devices) and all(device.startswith("cuda") for device in devices)
-
-    def _loader_devices(self) -> list[str]:
-        """Each weight loader's device setting (its own, else the model's)."""
-        plan = self.context.plan
-        return [str(plan.actors[name].spec.params.get("device", plan.config.model.device))
-                for name in self._weight_loaders()]
-
-    def _receivers_gpu(self) -> torch.device | None:
-        """The one GPU every weight loader off the trainer's GPU is on: the cuda_ipc buffers
-        are put there (CudaIpcPublisher says why), and a loader on the trainer's GPU (a
-        DraftDistiller beside it) reads across instead. None where there is no such GPU."""
-        devices = {gpu_of(device) for device in self._loader_devices()} - {gpu_of(str(self._device()))}
-        if len(devices) != 1 or None in devices:
-            return None
-        return next(iter(devices))
 
     def _publisher(self, kind: str):
         """One publisher for the run: its IPC buffers or process group serve every version."""
         publisher = getattr(self, "weights_publisher", None)
         if publisher is None:
-            run = self.context.plan.config.run
+            plan = self.context.plan
+            run = plan.config.run
             if kind == "cuda_ipc":
-                publisher = weights_transfer.CudaIpcPublisher(keep=run.weights_keep, device=self._receivers_gpu())
+                gpu = weights_route.receivers_gpu(plan, PolicyWeights, self._device())
+                publisher = weights_transfer.CudaIpcPublisher(keep=run.weights_keep, device=gpu)
             else:
-                plan = self.context.plan
                 # the processes that join each broadcast: those whose actors load the weights
-                groups = {plan.actors[name].spec.group for name in self._weight_loaders()}
+                groups = {plan.actors[name].spec.group for name in weights_route.loaders(plan, PolicyWeights)}
                 groups.discard(self.context.group.name)
                 publisher = weights_transfer.CollectivePublisher(
                     receivers=len(groups), device=self._device(),
                     host=run.host if run.transport == "tcp" else "127.0.0.1")
             self.weights_publisher = publisher
         return publisher
-
-    def _verifiers_share_my_process(self) -> bool:
-        plan = self.context.plan
-        return all(plan.actors[name].spec.group == self.context.group.name
-                   for name in plan.handlers_of(PolicyWeights))
 
 
 # The update's trust-region statistics (respec.rl.loss): behaviour_weight_mean far from 1

@@ -55,12 +55,44 @@ def test_a_captured_distiller_on_another_device_than_the_trainer_is_refused(run_
         run_graph(graph(str(policy_dir), device="cuda:0"), name="captured_device")
 
 
+def plan_of(actors: dict):
+    from respec.runtime.graph import parse_config
+    from respec.runtime.plan import build_plan
+
+    return build_plan(parse_config({"run": {"name": "t"}, "actors": actors}))
+
+
+def test_the_head_travels_as_the_policy_does(policy_dir):
+    """run.weights resolved for DraftWeights as for PolicyWeights: cuda_ipc onto the
+    Generator's GPU when it is in another process on CUDA (not through the CPU and a file),
+    by reference within the process, by file on the CPU."""
+    from respec.messages import DraftWeights
+    from respec.runtime import weights_route
+
+    def route(generator_group: str, device: str) -> tuple[str, torch.device | None]:
+        actors = graph(str(policy_dir))
+        actors["generator"]["group"] = generator_group
+        actors["generator"]["params"]["device"] = device
+        plan = plan_of(actors)
+        trainer = torch.device("cuda", 1) if device.startswith("cuda") else torch.device("cpu")
+        return (weights_route.kind(plan, DraftWeights, "trainer", trainer),
+                weights_route.receivers_gpu(plan, DraftWeights, trainer))
+
+    assert route("main", "cuda") == ("cuda_ipc", torch.device("cuda", 0))
+    assert route("main", "cpu") == ("file", None)
+    assert route("trainer", "cpu")[0] == "local"
+
+
 def started(policy_dir, tmp_path, **params):
+    """The distiller alone, in graph()'s plan (its DraftWeights go to a Generator in another
+    process on the CPU: by file)."""
     from respec.actors.captured_distiller import CapturedDistiller
 
     actor = CapturedDistiller(CapturedDistiller.Params(model_path=str(policy_dir), weights_dir=str(tmp_path / "d"),
                                                        **params),
-                              SimpleNamespace(instance="distiller/0", log=structlog.get_logger()))
+                              SimpleNamespace(instance="distiller/0", log=structlog.get_logger(),
+                                              plan=plan_of(graph(str(policy_dir))),
+                                              group=SimpleNamespace(name="trainer")))
     asyncio.run(actor.on_start())
     sent, reports = [], []
 

@@ -14,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from respec.messages import SCHEMA_VERSION, Envelope, PolicyWeights, codec
+from respec.runtime import weights_route
 from respec.runtime import weights_transfer as wt
 from respec.runtime.graph import ConfigError, parse_config
 
@@ -299,9 +300,6 @@ def test_the_prompt_source_does_not_decide_how_weights_travel():
     """It handles PolicyWeights for the version alone: a trainer on CUDA whose only weight
     loader is a CUDA generator picks cuda_ipc, not files (which cost 1-2 s an update on an
     H100 while the CPU-side PromptSource counted as a receiver)."""
-    from types import SimpleNamespace
-
-    from respec.actors.policy_trainer import PolicyTrainer
     from respec.runtime.plan import build_plan
 
     config = parse_config({"run": {"name": "w"}, "model": {"device": "cpu"}, "actors": {
@@ -311,10 +309,10 @@ def test_the_prompt_source_does_not_decide_how_weights_travel():
         "scorer": {"class": "respec.actors.reward_scorer.RewardScorer", "params": {"tokenizer_path": "t"}},
         "trainer": {"class": "respec.actors.policy_trainer.PolicyTrainer", "group": "train",
                     "params": {"model_path": "m", "device": "cuda"}}}})
-    trainer = PolicyTrainer.__new__(PolicyTrainer)
-    trainer.context = SimpleNamespace(plan=build_plan(config))
-    assert trainer._receivers_on_cuda()
-    assert trainer._weight_loaders() == ["generator"]  # also whom a collective broadcast waits for
+    plan = build_plan(config)
+    assert weights_route.loaders_on_cuda(plan, PolicyWeights)
+    assert weights_route.loaders(plan, PolicyWeights) == ["generator"]  # also whom a collective broadcast waits for
+    assert weights_route.kind(plan, PolicyWeights, "train", torch.device("cuda", 0)) == "cuda_ipc"
 
 
 def test_the_trainer_puts_cuda_ipc_buffers_on_its_receivers_gpu_when_it_is_another():
@@ -322,9 +320,6 @@ def test_the_trainer_puts_cuda_ipc_buffers_on_its_receivers_gpu_when_it_is_anoth
     trainer's next update (CudaIpcPublisher): with every loader on one other GPU the
     buffers go there; on the trainer's own GPU (or off the GPU) they stay with the trainer.
     A loader on the trainer's own GPU (a distiller beside it) does not count."""
-    from types import SimpleNamespace
-
-    from respec.actors.policy_trainer import PolicyTrainer
     from respec.runtime.plan import build_plan
 
     def receivers_gpu(generator_devices: list[str], trainer_device: str, distiller_device: str = ""):
@@ -340,10 +335,7 @@ def test_the_trainer_puts_cuda_ipc_buffers_on_its_receivers_gpu_when_it_is_anoth
             "scorer": {"class": "respec.actors.reward_scorer.RewardScorer", "params": {"tokenizer_path": "t"}},
             "trainer": {"class": "respec.actors.policy_trainer.PolicyTrainer", "group": "train",
                         "params": {"model_path": "m", "device": trainer_device}}}})
-        trainer = PolicyTrainer.__new__(PolicyTrainer)
-        trainer.context = SimpleNamespace(plan=build_plan(config))
-        trainer._device = lambda: torch.device(trainer_device)
-        return trainer._receivers_gpu()
+        return weights_route.receivers_gpu(build_plan(config), PolicyWeights, torch.device(trainer_device))
 
     assert receivers_gpu(["cuda"], "cuda:1") == torch.device("cuda", 0)
     assert receivers_gpu(["cuda:1"], "cuda:0") == torch.device("cuda", 1)
