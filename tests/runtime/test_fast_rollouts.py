@@ -105,19 +105,20 @@ def test_a_torn_policy_copy_generates_nothing_until_the_next_version_loads(check
     assert sent[0].tokens.tolist() == expected.tokens and sent[0].token_versions.tolist() == [2] * 8
 
 
-@pytest.mark.parametrize("draft_length", [0, 3])
+@pytest.mark.parametrize("draft_length, worker_thread", [(0, False), (3, False), (3, True)])
 def test_fast_rollouts_generate_what_the_fast_path_generates(run_graph, tmp_path, checkpoint, eagle_head_dir,
-                                                             draft_length):
+                                                             draft_length, worker_thread):
     """Five prompts asking for 20, 20, 7, 20 and 1 tokens, in one batch of up to 4 rows and
-    one of 1: each the fast path's own greedy rows, cut at its limit."""
+    one of 1: each the fast path's own greedy rows, cut at its limit (batches on the loop or
+    in the worker thread)."""
     limits = [20, 20, 7, 20, 1]
     prompts_file = tmp_path / "prompts.json"
     prompts_file.write_text(json.dumps([{"tokens": p, "sampling": {"max_new_tokens": m}}
                                         for p, m in zip(PROMPTS, limits, strict=True)]))
     params = {"model_path": str(checkpoint), "max_rows": 4, "max_len": 64, "max_new_tokens": 20,
-              "draft_path": str(eagle_head_dir), "draft_length": draft_length}
-    result = run_graph(rollouts_graph(tmp_path, params, prompts_file, len(PROMPTS)), name=f"fast_{draft_length}",
-                       threads_per_group=1)
+              "draft_path": str(eagle_head_dir), "draft_length": draft_length, "worker_thread": worker_thread}
+    result = run_graph(rollouts_graph(tmp_path, params, prompts_file, len(PROMPTS)),
+                       name=f"fast_{draft_length}_{worker_thread}", threads_per_group=1)
     assert result.ok, result.reason
     rollouts = json.loads((tmp_path / "rollouts.json").read_text())
     model = load_model(checkpoint)
@@ -180,11 +181,13 @@ async def until(condition, seconds: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-def test_a_prompt_waits_for_its_policy_and_its_tokens_carry_that_version(checkpoint):
+@pytest.mark.parametrize("worker_thread", [False, True])
+def test_a_prompt_waits_for_its_policy_and_its_tokens_carry_that_version(checkpoint, worker_thread):
     """A prompt that needs policy version 1 is held until PolicyWeights(1) load; its tokens
-    are then the new policy's, stamped 1, while an earlier prompt's carry 0."""
+    are then the new policy's, stamped 1, while an earlier prompt's carry 0 (batches on the
+    loop or in a worker thread alike)."""
     actor, sent = started(FastRollouts.Params(model_path=str(checkpoint), max_rows=4, max_len=64, max_new_tokens=8,
-                                              gather_s=0.0))
+                                              gather_s=0.0, worker_thread=worker_thread))
     new_policy = perturbed(checkpoint, seed=7)
 
     async def scenario():
@@ -207,6 +210,63 @@ def test_a_prompt_waits_for_its_policy_and_its_tokens_carry_that_version(checkpo
     expected = FastGenerator(new_policy, None, max_rows=4, max_len=64, max_new=8, max_k=0).generate([PROMPTS[0]])[0]
     old = FastGenerator(load_model(checkpoint), None, max_rows=4, max_len=64, max_new=8, max_k=0).generate([PROMPTS[0]])[0]
     assert second.tokens.tolist() == expected.tokens != old.tokens == first.tokens.tolist()
+
+
+def test_in_the_worker_thread_the_loop_runs_during_a_batch_and_weights_wait_for_its_end(checkpoint):
+    """worker_thread: while a batch generates, the loop the actor shares runs (other actors'
+    messages are handled), and PolicyWeights arriving then load only after the batch: its
+    tokens are the old policy's, stamped 0; the next batch's are the new one's, stamped 1."""
+    import threading
+
+    actor, sent = started(FastRollouts.Params(model_path=str(checkpoint), max_rows=4, max_len=64, max_new_tokens=8,
+                                              gather_s=0.0, worker_thread=True))
+    new_policy = perturbed(checkpoint, seed=7)
+    in_batch, release, threads = threading.Event(), threading.Event(), []
+
+    async def scenario():
+        await actor.on_start()
+        real = actor._generator
+
+        def held_generator():  # each batch waits in its thread until the test lets it go
+            fast = real()
+            generate = fast.generate
+
+            def held(*args, **kwargs):
+                threads.append(threading.current_thread().name)
+                in_batch.set()
+                assert release.wait(10)
+                return generate(*args, **kwargs)
+
+            fast.generate = held
+            actor._generator = real
+            return fast
+
+        actor._generator = held_generator
+        loop = asyncio.create_task(actor.run())
+        await actor.on_prompt(prompt(0, PROMPTS[0], 8), None)
+        await until(in_batch.is_set)
+        ticks = 0
+        tensors = {name: t.clone() for name, t in new_policy.state_dict().items()}
+        load = asyncio.create_task(actor.on_policy_weights(
+            PolicyWeights(version=1, handle=WeightsHandle(kind="local", tensors=tensors)), None))
+        for _ in range(20):  # the loop turns while the batch is held in its thread
+            await asyncio.sleep(0)
+            ticks += 1
+        assert ticks == 20 and not load.done() and actor.version == 0 and not sent
+        release.set()
+        await load
+        await until(lambda: len(sent) == 1)
+        await actor.on_prompt(prompt(1, PROMPTS[0], 8, min_version=1), None)
+        await until(lambda: len(sent) == 2)
+        loop.cancel()
+        await actor.on_stop()
+
+    asyncio.run(scenario())
+    first, second = sent
+    assert threads == ["fast-rollouts_0"] * 2
+    assert first.token_versions.tolist() == [0] * 8 and second.token_versions.tolist() == [1] * 8
+    expected = FastGenerator(new_policy, None, max_rows=4, max_len=64, max_new=8, max_k=0).generate([PROMPTS[0]])[0]
+    assert second.tokens.tolist() == expected.tokens != first.tokens.tolist()
 
 
 def test_adaptive_drafting_times_each_bucket_learns_the_acceptance_and_keeps_the_tokens(checkpoint, eagle_head_dir):
