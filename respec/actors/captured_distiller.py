@@ -18,14 +18,17 @@ pass computed anyway (by reference, on its device), and the head learns from the
   rows are then kept for the next update.
 
 The head's work runs on the device's one stream, its kernels queued behind the trainer's,
-from a worker thread of its own (`worker_thread`). Run in the handler, they held the event
-loop the trainer shares, and its next update waited. At the 0.5B shape each head pass is
-launch-bound host work: on two H100s (0abbfeb) a forward and backward for every message
-cost 0.013-0.025 s a step over SD alone at 8-24 rollouts a message, nearly independent of
-the rows. So the rows of an update's messages are learnt from together, one pass for I
-messages (until they hold `kept_mb`: at a real vocabulary the logits are large; then they
-are learnt from early, the gradient kept). The head's target parts (embedding, final
-norm, lm_head) follow the policy through the copies each message carries.
+from a worker thread of its own (`worker_thread`), so that it does not hold the event loop
+the trainer shares. The rows of an update's messages are learnt from together, one pass
+for I messages (until they hold `kept_mb`: at a real vocabulary the logits are large; then
+they are learnt from early, the gradient kept), since at the 0.5B shape a head pass is
+launch-bound host work. On two H100s neither the thread (a4e6835: 0.67x the sync no-SD
+step against 0.68x in the handler) nor the one pass (504160d: 0.66x) changed the step;
+the updates were the cost: about 0.1 s of step time each, against 0.012 s a step for the
+capture and the kept rows (docs/PERFORMANCE.md). The new head goes to the Generator as
+`run.weights` resolves it (cuda_ipc onto its GPU where it can; `_published`). The head's
+target parts (embedding, final norm, lm_head) follow the policy through the copies each
+message carries.
 """
 
 from __future__ import annotations
