@@ -13,9 +13,9 @@ pass computed anyway (by reference, on its device), and the head learns from the
   rows are learnt from in one head forward and backward (reward-weighted KL(target ||
   draft), EAGLE-3's training-time test over `unroll` drafting steps: no target pass) and
   one AdamW step is taken. Before and after that step, expected acceptance
-  (`captured_acceptance`) is measured on the arriving message's rollouts, which no step
-  has seen yet, and `DraftWeights(version)` is published for the Generator. The message's
-  rows are then kept for the next update.
+  (`captured_acceptance`) is measured on the arriving message's rows, which no step has
+  seen yet, and `DraftWeights(version)` is published for the Generator. Those rows are
+  then kept for the next update.
 
 The head's work runs on the device's one stream, its kernels queued behind the trainer's,
 from a worker thread of its own (`worker_thread`), so that it does not hold the event loop
@@ -62,8 +62,8 @@ class CapturedDistiller(Actor):
         lr: float = 5e-5  # see DraftDistiller.Params.lr: a good head wants small steps
         max_grad_norm: float = 1.0
         unroll: int = 4  # drafting steps trained per position
-        # Distil from at most this many rollouts of each message, chosen at random (0: all):
-        # bounds the head's work per trainer update. bench/gpu_rl.py's 0.39x run used ~21 a
+        # Distil from, and measure held-out acceptance on, at most this many rollouts of each
+        # message, chosen at random (0: all): bounds the head's work per trainer update. bench/gpu_rl.py's 0.39x run used ~21 a
         # version; 128 took ~0.2 s a version on an H100 beside a ~0.2 s update (597254b).
         max_rows: int = 0
         eval_shape: str = "s4_t1_n4"  # its depth: the chain length of the acceptance measure
@@ -158,27 +158,35 @@ class CapturedDistiller(Actor):
         if update is not None:
             await self._publish(*update)
 
-    def _learn(self, captured: CapturedTargets) -> tuple[dict, dict] | None:
-        """The message's rows kept, after one update first if one is due (then returned: the
-        head's tensors to publish and the metrics row)."""
+    def _learn(self, captured: CapturedTargets) -> tuple[WeightsHandle | dict, dict] | None:
+        """The message's rows kept, after one update first if one is due, measured on those
+        rows (then returned: the new head to publish and the metrics row)."""
         if captured.parts:
             self.policy.load_state_dict(captured.parts, strict=False)
+        started = time.perf_counter()
+        rows = self._rows_of(captured)
+        self.keep_s += time.perf_counter() - started
         update = None
         if self.messages and captured.policy_version - self.updated_at >= self.params.update_interval:
-            update = self._update(captured)
+            update = self._update(rows, captured.policy_version)
         started = time.perf_counter()
-        self._keep(captured)
+        self._keep(rows)
         self.keep_s += time.perf_counter() - started
         return update
 
-    def _keep(self, captured: CapturedTargets) -> None:
+    def _rows_of(self, captured: CapturedTargets) -> KeptRows:
+        """The message's `max_rows` rows (at random; all if 0), on the device, with their
+        reward weights (normalised against all the message's rewards)."""
         rows = [Sequence([], 0, float(r), g, captured.policy_version)
                 for r, g in zip(np.asarray(captured.rewards).tolist(), captured.groups, strict=True)]
-        weights = sample_weights(rows, rows, self.params.reward_weighting)  # against all the message's rewards
+        weights = sample_weights(rows, rows, self.params.reward_weighting)
         keep = self._chosen_rows(len(rows))
         index = keep.to(captured.tokens.device)
-        self.kept.append(KeptRows(captured.features[index], captured.tokens[index], captured.logits[index],
-                                  captured.valid[index], weights[keep].to(self.device)))
+        return KeptRows(captured.features[index], captured.tokens[index], captured.logits[index],
+                        captured.valid[index], weights[keep].to(self.device), captured.response_starts[index])
+
+    def _keep(self, rows: KeptRows) -> None:
+        self.kept.append(rows)
         self.messages += 1
         if sum(kept.nbytes for kept in self.kept) > self.params.kept_mb * 2**20:
             self._learn_kept()
@@ -207,10 +215,11 @@ class CapturedDistiller(Actor):
             return torch.arange(count)
         return torch.randperm(count, generator=self.rng)[: self.params.max_rows].sort().values
 
-    def _update(self, heldout: CapturedTargets) -> tuple[dict, dict]:
+    def _update(self, heldout: KeptRows, version: int) -> tuple[WeightsHandle | dict, dict]:
         """One AdamW step on the mean of the accumulated gradients, between two measurements
-        on `heldout` (rollouts no step has seen); returns the new head's tensors (host
-        copies) and the metrics row."""
+        on `heldout` (rows of version `version`'s message, which no step has seen: the rows
+        the next update learns from, so the measure costs no more than they do); returns
+        the new head (`_published`) and the metrics row."""
         started = time.perf_counter()
         self._learn_kept()
         measured = time.perf_counter()
@@ -228,9 +237,9 @@ class CapturedDistiller(Actor):
         kl, messages, keep_s = float(torch.stack(self.losses).sum()) / self.rows_learnt, self.messages, self.keep_s
         self.losses, self.messages, self.rows_learnt, self.keep_s = [], 0, 0, 0.0
         self.version += 1
-        self.updated_at = heldout.policy_version
+        self.updated_at = version
         payload = self._published(self.version)
-        row = dict(step=heldout.policy_version, draft_version=self.version, distill_kl=kl,
+        row = dict(step=version, draft_version=self.version, distill_kl=kl,
                    heldout_accept_before=before, heldout_accept_after=after,
                    distill_s=time.perf_counter() - started, distill_heldout_s=heldout_s, distill_messages=messages,
                    distill_keep_s=keep_s)
@@ -260,10 +269,9 @@ class CapturedDistiller(Actor):
                         draft_version=row["draft_version"])
         self.report(row.pop("step"), **row)
 
-    def _acceptance(self, captured: CapturedTargets) -> float:
-        total, roots = captured_acceptance(self.head, captured.features, captured.tokens, captured.logits,
-                                           captured.valid, captured.response_starts, self.draft_len,
-                                           self.params.heldout_temperature)
+    def _acceptance(self, rows: KeptRows) -> float:
+        total, roots = captured_acceptance(self.head, rows.features, rows.tokens, rows.logits, rows.valid,
+                                           rows.response_starts, self.draft_len, self.params.heldout_temperature)
         return total / roots if roots else 0.0
 
 
@@ -275,6 +283,7 @@ class KeptRows(NamedTuple):
     logits: torch.Tensor  # [B, L, V]
     valid: torch.Tensor  # [B, L]
     weights: torch.Tensor  # [B] reward weights, normalised within each row's message
+    response_starts: torch.Tensor  # [B] where each row's response begins
 
     @property
     def nbytes(self) -> int:
@@ -287,7 +296,8 @@ class KeptRows(NamedTuple):
             return parts[0]
         length = max(part.tokens.shape[1] for part in parts)
         return KeptRows(*(_padded([part[field] for part in parts], length) for field in range(4)),
-                        torch.cat([part.weights for part in parts]))
+                        torch.cat([part.weights for part in parts]),
+                        torch.cat([part.response_starts for part in parts]))
 
 
 def _padded(tensors: list[torch.Tensor], length: int) -> torch.Tensor:

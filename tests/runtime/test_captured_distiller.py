@@ -156,23 +156,29 @@ def test_a_head_reading_other_layers_than_the_trainer_captures_is_refused(policy
         asyncio.run(actor.on_start())
 
 
-def test_max_rows_distils_from_a_random_subset_of_each_message(policy_dir, tmp_path, monkeypatch):
+def test_max_rows_distils_from_and_measures_on_a_random_subset_of_each_message(policy_dir, tmp_path, monkeypatch):
     from respec.actors import captured_distiller
 
-    seen = []
-    real = captured_distiller.distill_loss
+    seen, measured = [], []
+    real, real_acceptance = captured_distiller.distill_loss, captured_distiller.captured_acceptance
 
     def recording(head, features, tokens, logits, weights, valid, steps):
         seen.append((tokens.shape[0], weights.tolist()))
         return real(head, features, tokens, logits, weights=weights, valid=valid, steps=steps)
 
+    def acceptance(head, features, tokens, *rest):
+        measured.append(tokens.shape[0])
+        return real_acceptance(head, features, tokens, *rest)
+
     monkeypatch.setattr(captured_distiller, "distill_loss", recording)
+    monkeypatch.setattr(captured_distiller, "captured_acceptance", acceptance)
     actor, _, _ = started(policy_dir, tmp_path, max_rows=3, reward_weighting="reward")
     captured = captured_pass(load_model(policy_dir), 0)
     rewards = np.array([0, 0, 0, 0, 1, 1, 1, 1], np.float32)  # mean 0.5: w = r / 0.5, floored at 0.1
     for version in range(2):  # the second one's update learns from the first's rows
         asyncio.run(actor.on_captured(msgspec.structs.replace(captured, rewards=rewards, policy_version=version), None))
     assert seen[0][0] == 3 and all(w in (pytest.approx(0.1), pytest.approx(2.0)) for w in seen[0][1])
+    assert measured == [3, 3]  # before and after the update, on the second message's kept rows
     asyncio.run(actor.on_stop())
 
 
@@ -199,10 +205,10 @@ def test_an_updates_messages_are_learnt_from_in_one_pass(policy_dir, tmp_path, m
             passes.append(tuple(tokens.shape))
             return real_loss(head, features, tokens, logits, weights=weights, valid=valid, steps=steps)
 
-        def update(actor, heldout):  # the gradient the step takes: the kept rows learnt, then / rows
+        def update(actor, heldout, version):  # the gradient the step takes: the kept rows learnt, then / rows
             actor._learn_kept()
             grads.extend(p.grad / actor.rows_learnt for p in actor.head.parameters() if p.grad is not None)
-            return real_update(actor, heldout)
+            return real_update(actor, heldout, version)
 
         monkeypatch.setattr(captured_distiller, "distill_loss", recording)
         monkeypatch.setattr(captured_distiller.CapturedDistiller, "_update", update)
