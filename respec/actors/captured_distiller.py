@@ -63,8 +63,9 @@ class CapturedDistiller(Actor):
         max_grad_norm: float = 1.0
         unroll: int = 4  # drafting steps trained per position
         # Distil from, and measure held-out acceptance on, at most this many rollouts of each
-        # message, chosen at random (0: all): bounds the head's work per trainer update. bench/gpu_rl.py's 0.39x run used ~21 a
-        # version; 128 took ~0.2 s a version on an H100 beside a ~0.2 s update (597254b).
+        # message, chosen at random (0: all): bounds the head's work per trainer update.
+        # bench/gpu_rl.py's 0.39x run used ~21 a version; 128 took ~0.2 s a version on an
+        # H100 beside a ~0.2 s update (597254b).
         max_rows: int = 0
         eval_shape: str = "s4_t1_n4"  # its depth: the chain length of the acceptance measure
         heldout_temperature: float = 1.0  # of the acceptance measure (RL's sampling; 0: greedy)
@@ -76,8 +77,8 @@ class CapturedDistiller(Actor):
         worker_thread: bool = True
         # The kept rows (features and logits of max_rows rollouts a message) are learnt from
         # ahead of the update once they hold this many MB (0: each message at once, as before
-        # a4e6835). At the built-in vocabulary 24 rows are ~10 MB; at Qwen2.5's 152k tokens,
-        # ~2 GB in bf16.
+        # 504160d). 24 rows of 256 tokens at the 0.5B shape: ~20-40 MB of features with the
+        # built-in vocabulary; Qwen2.5's 152k-token logits add ~2-4 GB.
         kept_mb: float = 1024.0
 
     sends = (DraftWeights,)
