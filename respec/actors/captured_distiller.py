@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -50,6 +49,7 @@ from respec.engine.drafters.eagle import EagleHead, distill_loss, layers_to_capt
 from respec.messages import CapturedTargets, DraftWeights, Envelope, WeightsHandle
 from respec.rl.distill import Sequence, captured_acceptance, param_problems, sample_weights
 from respec.runtime import Actor, handles, weights_route, weights_transfer
+from respec.runtime.device_thread import DeviceThread
 from respec.runtime.weight_files import WeightFiles
 
 
@@ -129,10 +129,8 @@ class CapturedDistiller(Actor):
             self.publisher = weights_transfer.CudaIpcPublisher(
                 keep=self.context.plan.config.run.weights_keep,
                 device=weights_route.receivers_gpu(self.context.plan, DraftWeights, self.device))
-        # One thread, so messages are learnt from in order; made current on the device, as
-        # CUDA's current device is per thread.
-        self.worker = (ThreadPoolExecutor(1, "captured-distiller", initializer=use_device,
-                                          initargs=(self.params.device,)) if self.params.worker_thread else None)
+        # One thread, so messages are learnt from in order
+        self.worker = DeviceThread("captured-distiller", self.params.device, enabled=self.params.worker_thread)
 
     def _weights_kind(self) -> str:
         """`run.weights` for the head (as the PolicyTrainer resolves it for the policy), except
@@ -145,17 +143,14 @@ class CapturedDistiller(Actor):
         return kind
 
     async def on_stop(self) -> None:
-        if getattr(self, "worker", None) is not None:
-            self.worker.shutdown(wait=True)  # a message's work in flight ends before its files go
+        if hasattr(self, "worker"):
+            self.worker.close()  # a message's work in flight ends before its files go
         if hasattr(self, "weight_files"):  # absent if the start failed
             self.weight_files.close()
 
     @handles(CapturedTargets)
     async def on_captured(self, captured: CapturedTargets, envelope: Envelope) -> None:
-        if self.worker is None:
-            update = self._learn(captured)
-        else:
-            update = await asyncio.get_running_loop().run_in_executor(self.worker, self._learn, captured)
+        update = await self.worker.run(self._learn, captured)
         if update is not None:
             await self._publish(*update)
 

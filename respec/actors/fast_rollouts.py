@@ -41,7 +41,6 @@ import contextlib
 import functools
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import msgspec
@@ -68,6 +67,7 @@ from respec.messages import (
     VerifyRequest,
 )
 from respec.runtime import Actor, handles
+from respec.runtime.device_thread import DeviceThread
 from respec.runtime.weights_transfer import SupersededWeights, TornWeights
 from respec.sched.draft_lengths import LiveChoice
 
@@ -131,8 +131,7 @@ class FastRollouts(Actor):
         self.waiting: deque[Prompt] = deque()
         self.wake = asyncio.Event()
         self.between_batches = asyncio.Lock()  # held from taking a batch to its end: weights load outside it
-        self.worker = (ThreadPoolExecutor(1, "fast-rollouts", initializer=use_device, initargs=(str(self.device),))
-                       if p.worker_thread else None)
+        self.worker = DeviceThread("fast-rollouts", self.device, enabled=p.worker_thread)
         self.log.info("fast_rollouts_ready", device=str(self.device), drafting=self.head is not None,
                       draft_lengths=self.lengths)
 
@@ -142,8 +141,8 @@ class FastRollouts(Actor):
         self.wake.set()
 
     async def on_stop(self) -> None:
-        if getattr(self, "worker", None) is not None:
-            self.worker.shutdown(wait=True)
+        if hasattr(self, "worker"):
+            self.worker.close()
 
     @handles(PolicyWeights, optional=True)
     async def on_policy_weights(self, weights: PolicyWeights, envelope: Envelope) -> None:
@@ -270,9 +269,9 @@ class FastRollouts(Actor):
         fast = self._generator()
         lengths = self.live.choice if self.live is not None else self.lengths
         started = time.perf_counter()
-        run = functools.partial(fast.generate, [prompt.tokens.tolist() for prompt in batch], lengths,
-                                max_new=[prompt.sampling.max_new_tokens for prompt in batch])
-        results = run() if self.worker is None else await asyncio.get_running_loop().run_in_executor(self.worker, run)
+        results = await self.worker.run(functools.partial(
+            fast.generate, [prompt.tokens.tolist() for prompt in batch], lengths,
+            max_new=[prompt.sampling.max_new_tokens for prompt in batch]))
         seconds = time.perf_counter() - started
         if self.live is not None:
             self.live.observe(fast.chains, sum(result.accepted for result in results))

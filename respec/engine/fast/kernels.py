@@ -70,7 +70,7 @@ def _max_rows() -> int:
 # 64 or 128 rows: the arithmetic is free, the weights are read once either way; a loop over
 # the rows took 1.5-2x as long on an H100). Longer passes run PyTorch's layers. 128 since
 # the H100 timing at a4e6835 (docs/PERFORMANCE.md, "Kernels past 64 tokens"): passes of
-# 65-128 tokens took 0.80-0.95x the PyTorch layers' time (16 rows x 5 tokens: 3.18 ms
+# 65-128 tokens took 0.80-0.82x the PyTorch layers' time (16 rows x 5 tokens: 3.18 ms
 # against 3.87), where with 64 they ran PyTorch's. RESPEC_KERNEL_ROWS=64 restores that;
 # 256 is exact under the interpreter but untimed.
 MAX_ROWS = _max_rows()

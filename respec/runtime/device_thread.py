@@ -1,0 +1,31 @@
+"""Work an actor runs off its event loop: in order, in one thread of its own whose current
+CUDA device is the actor's (CUDA's current device is per thread), so that the loop it
+shares with other actors keeps handling their messages meanwhile. Off, the same calls run
+on the loop itself (the in-loop way, kept for A/B runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from respec.engine.devices import use_device
+
+
+class DeviceThread:
+    def __init__(self, name: str, device: Any, enabled: bool = True) -> None:
+        self.executor = (ThreadPoolExecutor(1, name, initializer=use_device, initargs=(str(device),))
+                         if enabled else None)
+
+    async def run(self, work: Callable[..., Any], *args: Any) -> Any:
+        """`work(*args)` in the thread (the loop runs meanwhile), or on the loop when off."""
+        if self.executor is None:
+            return work(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(work, *args))
+
+    def close(self) -> None:
+        """Waits for the work in flight, so that nothing it uses is torn down under it."""
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
