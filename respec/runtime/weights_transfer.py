@@ -298,34 +298,7 @@ def _tagged_version(handle: Any) -> int | None:
     """The version in a cuda_ipc handle's buffers now (None: a handle without a tag)."""
     if handle.version_tag is None:
         return None
-    return int(_mapped(handle.location, handle.version_tag).item())
-
-
-# Receivers keep the publishers' buffers mapped: location -> {(IPC handle, offset): buffer}.
-# A publisher writes every version into one of its `keep` buffer sets, so the same few
-# handles come back; keeping them open costs no memory here (the publisher never frees a
-# set it has shared), while opening one each time (cudaIpcOpenMemHandle, a ref-counter
-# file, an event) and closing it after the copy cost every load of a new policy version.
-# `_open_ipc` on a buffer still mapped returns it through torch's own cache, which also
-# hands the publisher back the reference its `reduce_tensor` took for this version.
-_MAPPED: dict[str, dict[tuple[bytes, int], torch.Tensor]] = {}
-MAPPED_PER_PUBLISHER = 16  # keep sets x dtypes (+ tags), far more than a publisher cycles through
-
-
-def _mapped(location: str, buffer: Any) -> torch.Tensor:
-    """The publisher's buffer, mapped once and kept (the oldest mapping goes past the bound)."""
-    kept = _MAPPED.setdefault(location, {})
-    key = (bytes(buffer.handle), int(buffer.storage_offset))
-    tensor = _open_ipc(buffer)
-    if key not in kept and len(kept) >= MAPPED_PER_PUBLISHER:
-        kept.pop(next(iter(kept)))
-    kept[key] = tensor
-    return tensor
-
-
-def forget_mappings() -> None:
-    """Unmap every publisher's buffers this process keeps (the next load maps them again)."""
-    _MAPPED.clear()
+    return int(_open_ipc(handle.version_tag).item())
 
 
 def _open_ipc(buffer: Any) -> torch.Tensor:
@@ -532,7 +505,7 @@ def receive(handle: Any, version: int, names: tuple[str, ...] | None = None, dev
                 raise SupersededWeights(f"cuda_ipc weights v{version}: this process published v{local[0]} since")
             return unflatten(list(handle.specs), local[1], names)
         try:
-            buffers = [_mapped(handle.location, buffer) for buffer in handle.buffers]
+            buffers = [_open_ipc(buffer) for buffer in handle.buffers]
             tagged = _tagged_version(handle)
         except RuntimeError as error:
             raise WeightsTransferError(f"cuda_ipc weights v{version}: cannot map the publisher's buffers ({error}); "
