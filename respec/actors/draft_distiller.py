@@ -31,6 +31,7 @@ import torch
 
 from respec.actors.generator import loaded_tensors
 from respec.engine.checkpoint import load_model
+from respec.engine.copy_in import copy_in
 from respec.engine.devices import use_device
 from respec.engine.drafters.base import DraftShape
 from respec.engine.drafters.eagle import EagleHead
@@ -168,7 +169,7 @@ class DraftDistiller(Actor):
         use_device(self.params.device)  # this thread's current GPU too (cuda_ipc's synchronize)
         try:
             with loaded_tensors(weights.handle, weights.version, device=str(self.device)) as tensors:
-                self.policy.load_state_dict(tensors, strict=False)
+                copy_in(self.policy, tensors)
         except (FileNotFoundError, SupersededWeights, TornWeights) as error:
             # The trainer keeps its latest few weight files (or cuda_ipc buffer sets) and has
             # moved on; a newer announcement is queued, and its load overwrites whatever a torn

@@ -50,6 +50,7 @@ import torch
 from respec.actors.generator import loaded_tensors
 from respec.engine.admission import check_prompt_tokens
 from respec.engine.checkpoint import load_model
+from respec.engine.copy_in import copy_in
 from respec.engine.devices import use_device
 from respec.engine.drafters.eagle import EagleHead
 from respec.engine.errors import INPUT_ERRORS
@@ -155,7 +156,7 @@ class FastRollouts(Actor):
         started = time.time()  # the envelope's sent_at is wall-clock time: how long the announcement waited
         try:
             with loaded_tensors(weights.handle, weights.version, device=str(self.device)) as tensors, torch.no_grad():
-                self.model.load_state_dict(tensors, strict=False)
+                copy_in(self.model, tensors)  # one launch, not one per tensor: ~7 ms less a load
         except SupersededWeights as error:  # nothing copied; a newer announcement follows
             self.log.info("policy_weights_superseded", version=weights.version, reason=str(error))
             return

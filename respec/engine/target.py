@@ -18,6 +18,7 @@ import torch
 
 from respec.engine.acceptance import accept
 from respec.engine.admission import check_fits
+from respec.engine.copy_in import copy_in
 from respec.engine.errors import CacheFullError
 from respec.engine.feature_rebuild import committed_features
 from respec.engine.kv_cache import KVCache
@@ -156,7 +157,7 @@ class TargetRunner:
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Swap policy weights between steps; rows in flight continue under the new version."""
-        self.model.load_state_dict(state_dict, strict=False)
+        copy_in(self.model, state_dict)
         self.version = version
 
     def _probs(self, sampling: list[Sampling], logits: torch.Tensor) -> torch.Tensor:
