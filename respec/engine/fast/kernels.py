@@ -72,7 +72,8 @@ def _max_rows() -> int:
 # the H100 timing at a4e6835 (docs/PERFORMANCE.md, "Kernels past 64 tokens"): passes of
 # 65-128 tokens took 0.80-0.82x the PyTorch layers' time (16 rows x 5 tokens: 3.18 ms
 # against 3.87), where with 64 they ran PyTorch's. RESPEC_KERNEL_ROWS=64 restores that;
-# 256 is exact under the interpreter but untimed.
+# 256 is exact but gains nothing: passes of 160-256 tokens took 0.97-1.05x PyTorch's time
+# on an H100 (d8763a3, "Kernels past 128 tokens").
 MAX_ROWS = _max_rows()
 
 
