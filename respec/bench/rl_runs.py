@@ -29,6 +29,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from respec.bench.batch_gaps import run_gaps
 from respec.runtime.graph import load_yaml
 from respec.runtime.launcher import run_file
 
@@ -207,7 +208,8 @@ def run_variants(bench: str, variants: dict[str, tuple[Path, dict]], steps: int,
         results.append(VariantResult(
             name, [r for r in rows if r["source"].startswith("trainer") and "reward_mean" in r],
             [r for r in rows if r["source"].startswith("distiller")], summary, time.perf_counter() - started,
-            {"scheduler_decisions": scheduler_decisions(result.run_dir)}, seed))
+            {"scheduler_decisions": scheduler_decisions(result.run_dir), "batch_gaps": run_gaps(result.run_dir)},
+            seed))
     return results
 
 
@@ -276,7 +278,8 @@ def report(bench: str, results: list[VariantResult], columns: list[tuple[str, An
     console.print(table)
     payload = {"bench": bench, **(notes or {}),
                "variants": {_key(r): {**{title: get(r) for title, get in columns}, "summary": r.summary,
-                                      "trainer": r.trainer, "distiller": r.distiller} for r in results}}
+                                      "trainer": r.trainer, "distiller": r.distiller, "extra": r.extra}
+                            for r in results}}
     json_file.parent.mkdir(parents=True, exist_ok=True)
     json_file.write_text(json.dumps(payload, indent=2, default=float))
     _plot(results, curves, json_file.with_suffix(".png"), bench)
@@ -393,7 +396,8 @@ def bench_e2e(json_file: Path, steps: int, extra: dict[str, Any], config: Path =
                ("accept_len mean", lambda r: r.summary.get("accept_len_mean")),
                ("scheduler decisions sent", lambda r: sum(r.extra["scheduler_decisions"].values())),
                ("decisions by kind", lambda r: r.extra["scheduler_decisions"]),
-               ("draft updates", lambda r: len(r.distiller))]
+               ("draft updates", lambda r: len(r.distiller)),
+               ("batch / gap / policy load s", _between_batches)]
     aggregate = over_seeds(results, base, _evaluations(baseline)) if len(seeds) > 1 else None
     if aggregate:
         _print_over_seeds(aggregate, console)
@@ -459,6 +463,15 @@ def _step_time(result: VariantResult) -> float:
 
 def _accuracy(result: VariantResult) -> str:
     return f"{result.summary.get('accuracy_start', '?')} -> {result.summary.get('accuracy_end', '?')}"
+
+
+def _between_batches(result: VariantResult) -> str:
+    """FastRollouts' median batch, the gap before the next one and the policy load within
+    it (respec/bench/batch_gaps.py); "-" for a run that generated another way."""
+    gaps = result.extra.get("batch_gaps")
+    if not gaps:
+        return "-"
+    return f"{gaps['batch_s']} / {gaps['gap_s']} / {gaps['policy_load_s']}"
 
 
 def _ratio(a: float, b: float) -> float:

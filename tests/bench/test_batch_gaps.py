@@ -1,16 +1,13 @@
-"""bench/batch_gaps.py: the time between FastRollouts' batches, and the loads within it."""
+"""respec/bench/batch_gaps.py: the time between FastRollouts' batches, and the loads within it."""
 
 from __future__ import annotations
 
-import sys
+import json
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-from batch_gaps import gaps, summary  # noqa: E402
+from respec.bench.batch_gaps import gaps, log_events, run_gaps, summary
 
 T0 = 1_800_000_000.0
 
@@ -36,7 +33,20 @@ def test_a_gap_runs_from_a_batchs_end_to_the_next_ones_start_with_the_loads_in_i
     assert result["gap_s_with_a_head_load"] == pytest.approx(0.10) and result["draft_load_s"] == pytest.approx(0.04)
 
 
-def test_nothing_left_after_the_skipped_batches_is_an_error():
+def test_nothing_left_after_the_skipped_batches_is_none():
     rows = gaps([_event(1.0, "batch_generated", seconds=0.5), _event(2.0, "batch_generated", seconds=0.5)])
-    with pytest.raises(SystemExit, match="no batches"):
-        summary(rows, skip=5)
+    assert summary(rows, skip=5) is None
+
+
+def test_a_run_directorys_log_is_read_for_its_batch_and_load_events_only(tmp_path):
+    events = [_event(0.5, "run_started"), _event(1.00, "batch_generated", seconds=0.9),
+              _event(1.01, "policy_weights_loaded", version=1, load_s=0.01),
+              _event(1.02, "rollout_sent", note='mentions "batch_generated" in a field'),
+              _event(1.20, "batch_generated", seconds=0.15)]
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n")
+    assert [e["event"] for e in log_events(tmp_path / "log.jsonl")] == [
+        "batch_generated", "policy_weights_loaded", "batch_generated"]
+    medians = run_gaps(tmp_path, skip=0)
+    assert medians["batches"] == 1 and medians["gap_s"] == pytest.approx(0.05)
+    assert medians["policy_load_s"] == pytest.approx(0.01)
+    assert run_gaps(tmp_path / "elsewhere") is None  # no log: a run that generated elsewhere

@@ -197,6 +197,7 @@ def test_e2e_reports_the_speedup_to_the_last_step_and_per_step_after_the_first(t
         "variants"]
     respec = variants["respec"]
     assert respec["speedup vs sync_nosd"] < 1 < respec["step speedup vs sync_nosd"]
+    assert respec["batch / gap / policy load s"] == "-"  # generated without FastRollouts: no batches
     assert respec["step speedup vs sync_nosd"] == round(0.344 / 0.204, 3)
     assert variants["sync_nosd"]["step speedup vs sync_nosd"] == 1.0
 
@@ -245,3 +246,20 @@ def test_a_variant_whose_actors_rejected_messages_fails_the_bench(tmp_path, monk
         rl_runs.run_variants("e2e", {"respec_fast_kd": (tmp_path / "run.yaml", {})}, 3, {}, Console(quiet=True))
     stats["distiller/0"]["rejected"] = 0
     assert rl_runs.run_variants("e2e", {"respec_fast_kd": (tmp_path / "run.yaml", {})}, 3, {}, Console(quiet=True))
+
+
+def test_each_run_carries_the_gaps_between_its_batches_into_the_e2e_table(tmp_path, monkeypatch):
+    """From the run's own log: FastRollouts' batch, the gap before the next, the policy load."""
+    from types import SimpleNamespace
+
+    stamp = lambda at: f"2026-11-27T22:00:{at:09.6f}Z"  # noqa: E731
+    events = []
+    for batch in range(8):  # each 0.15 s, ending every 0.2 s: a gap of 0.05 s with a load in it
+        events.append({"event": "batch_generated", "seconds": 0.15, "timestamp": stamp(1.0 + 0.2 * batch)})
+        events.append({"event": "policy_weights_loaded", "load_s": 0.012, "timestamp": stamp(1.02 + 0.2 * batch)})
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    monkeypatch.setattr(rl_runs, "run_file", lambda *args, **kwargs: SimpleNamespace(
+        ok=True, reason="", run_dir=tmp_path, stats={}, metrics=[]))
+    [result] = rl_runs.run_variants("e2e", {"respec_fast": (tmp_path / "run.yaml", {})}, 3, {}, Console(quiet=True))
+    assert result.extra["batch_gaps"]["gap_s"] == pytest.approx(0.05)
+    assert rl_runs._between_batches(result) == "0.15 / 0.05 / 0.012"
