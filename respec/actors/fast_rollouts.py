@@ -41,6 +41,7 @@ import contextlib
 import functools
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
@@ -71,6 +72,15 @@ from respec.runtime import Actor, handles
 from respec.runtime.device_thread import DeviceThread
 from respec.runtime.weights_transfer import SupersededWeights, TornWeights
 from respec.sched.draft_lengths import LiveChoice
+
+
+Unsent = Callable[[], Awaitable[None]]  # a batch's rollouts, ready to send
+
+
+async def _sent(unsent: Unsent | None) -> None:
+    """Send what is unsent (if anything); None, for `unsent = await _sent(unsent)`."""
+    if unsent is not None:
+        await unsent()
 
 
 class FastRollouts(Actor):
@@ -199,7 +209,10 @@ class FastRollouts(Actor):
             self.fast.refresh_weights()
 
     async def run(self) -> None:
+        unsent = None  # the last batch's rollouts; with worker_thread they go out during the next batch
         while True:
+            if len(self.waiting) < self.params.max_rows:  # about to wait: what prompts wait on goes out first
+                unsent = await _sent(unsent)
             if not self.waiting:
                 self.wake.clear()
                 await self.wake.wait()
@@ -208,7 +221,9 @@ class FastRollouts(Actor):
             async with self.between_batches:  # the policy taken with is the one the batch runs
                 batch = await self._take()
                 if batch:
-                    await self._generate(batch)
+                    unsent = await self._generate(batch, unsent)
+            if not batch or not self.worker.threaded:
+                unsent = await _sent(unsent)
             if not batch:  # every waiting prompt needs a newer policy (or was refused)
                 self.wake.clear()
                 await self.wake.wait()
@@ -264,29 +279,37 @@ class FastRollouts(Actor):
         self.log.warning("prompt_rejected", prompt_id=prompt.prompt_id, error=reason)
         await self.send(Rollout.refused(prompt, reason), correlation_id=prompt.prompt_id)
 
-    async def _generate(self, batch: list[Prompt]) -> None:
+    async def _generate(self, batch: list[Prompt], unsent: Unsent | None) -> Unsent:
         """One batch to completion, within `between_batches` (so no weights change mid-batch):
-        on the loop, or in the worker thread while the loop handles other actors' messages."""
+        on the loop, or in the worker thread while the loop handles other actors' messages.
+        In the thread, the previous batch's rollouts (`unsent`) go out, and are scored by the
+        actors sharing the loop, while this batch generates: on two H100s sending and scoring
+        them first left the GPU idle between batches. Returns this batch's rollouts, to send."""
         fast = self._generator()
         lengths = self.live.choice if self.live is not None else self.lengths
         started = time.perf_counter()
-        results = await self.worker.run(functools.partial(
+        generating = self.worker.start(functools.partial(
             fast.generate, [prompt.tokens.tolist() for prompt in batch], lengths,
             max_new=[prompt.sampling.max_new_tokens for prompt in batch]))
+        await _sent(unsent)
+        results = await generating
         seconds = time.perf_counter() - started
         if self.live is not None:
             self.live.observe(fast.chains, sum(result.accepted for result in results))
+        self.log.info("batch_generated", rows=len(batch), tokens=sum(len(r.tokens) for r in results),
+                      seconds=round(seconds, 4), policy_version=self.version, draft_lengths=lengths)
+        return functools.partial(self._send_rollouts, batch, results, self.version, seconds)
+
+    async def _send_rollouts(self, batch: list[Prompt], results: list, version: int, seconds: float) -> None:
         stops = set(self.sampling[1])
         for prompt, result in zip(batch, results, strict=True):
             tokens = np.array(result.tokens, dtype=np.int32)
             await self.send(Rollout(
                 prompt=prompt, tokens=tokens, logprobs=np.array(result.logprobs, dtype=np.float32),
-                token_versions=np.full(len(tokens), self.version, dtype=np.int32),
+                token_versions=np.full(len(tokens), version, dtype=np.int32),
                 finish_reason="stop" if len(tokens) and int(tokens[-1]) in stops else "length",
                 accept_len=(len(tokens) - 1) / max(result.steps, 1), gen_time_s=seconds,
             ), correlation_id=prompt.prompt_id)
-        self.log.info("batch_generated", rows=len(batch), tokens=sum(len(r.tokens) for r in results),
-                      seconds=round(seconds, 4), policy_version=self.version, draft_lengths=lengths)
 
     def _generator(self) -> FastGenerator:
         """Built once, for the sampling every row shares (graphs are captured on first use)."""

@@ -19,11 +19,27 @@ class DeviceThread:
         self.executor = (ThreadPoolExecutor(1, name, initializer=use_device, initargs=(str(device),))
                          if enabled else None)
 
+    @property
+    def threaded(self) -> bool:
+        return self.executor is not None
+
     async def run(self, work: Callable[..., Any], *args: Any) -> Any:
         """`work(*args)` in the thread (the loop runs meanwhile), or on the loop when off."""
-        if self.executor is None:
-            return work(*args)
-        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(work, *args))
+        return await self.start(work, *args)
+
+    def start(self, work: Callable[..., Any], *args: Any) -> asyncio.Future:
+        """`work(*args)` under way when this returns: handed to the thread (await the future
+        for its result while the caller does other things), or, when off, already run to its
+        end on the loop."""
+        loop = asyncio.get_running_loop()
+        if self.executor is not None:
+            return loop.run_in_executor(self.executor, functools.partial(work, *args))
+        done = loop.create_future()
+        try:
+            done.set_result(work(*args))
+        except Exception as error:  # noqa: BLE001 (the caller's await raises it, as in the thread)
+            done.set_exception(error)
+        return done
 
     def close(self) -> None:
         """Waits for the work in flight, so that nothing it uses is torn down under it."""
