@@ -73,7 +73,6 @@ from respec.runtime.device_thread import DeviceThread
 from respec.runtime.weights_transfer import SupersededWeights, TornWeights
 from respec.sched.draft_lengths import LiveChoice
 
-
 Unsent = Callable[[], Awaitable[None]]  # a batch's rollouts, ready to send
 
 
