@@ -290,8 +290,10 @@ class FastRollouts(Actor):
         generating = self.worker.start(functools.partial(
             fast.generate, [prompt.tokens.tolist() for prompt in batch], lengths,
             max_new=[prompt.sampling.max_new_tokens for prompt in batch]))
-        await _sent(unsent)
-        results = await generating
+        try:
+            await _sent(unsent)
+        finally:  # a failed send must not free the lock (and let weights load) mid-batch
+            results = await generating
         seconds = time.perf_counter() - started
         if self.live is not None:
             self.live.observe(fast.chains, sum(result.accepted for result in results))

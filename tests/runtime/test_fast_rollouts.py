@@ -329,6 +329,54 @@ def test_in_the_worker_thread_a_batchs_rollouts_go_out_while_the_next_one_genera
     assert all(m.token_versions.tolist() == [0] * len(m.tokens) for m in sent)
 
 
+def test_a_send_failing_during_a_threaded_batch_keeps_the_weights_locked_until_the_batch_ends(checkpoint):
+    """The previous batch's rollouts go out while the next batch runs in the thread; if a
+    send fails, the error waits for that batch, so no weights load under it."""
+    import threading
+
+    actor, _ = started(FastRollouts.Params(model_path=str(checkpoint), max_rows=1, max_len=64, max_new_tokens=8,
+                                           gather_s=0.0, worker_thread=True))
+    started_batches, release = [], threading.Event()
+
+    async def scenario():
+        await actor.on_start()
+        real = actor._generator
+
+        def holding_generator():
+            fast = real()
+            generate = fast.generate
+
+            def held(*args, **kwargs):
+                started_batches.append(1)
+                if len(started_batches) == 2:
+                    assert release.wait(10)
+                return generate(*args, **kwargs)
+
+            fast.generate = held
+            actor._generator = lambda: fast
+            return fast
+
+        actor._generator = holding_generator
+
+        async def failing_send(message, correlation_id=""):
+            raise ConnectionError("the socket is gone")
+
+        actor.send = failing_send
+        for index in range(2):
+            await actor.on_prompt(prompt(index, PROMPTS[index], 8), None)
+        loop = asyncio.create_task(actor.run())
+        await until(lambda: len(started_batches) == 2)
+        await asyncio.sleep(0.2)
+        assert not loop.done() and actor.between_batches.locked()  # the send failed; batch 1 still holds
+        release.set()
+        with pytest.raises(ConnectionError):
+            await loop
+        assert not actor.between_batches.locked()
+        await actor.on_stop()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("staleness", [0, 1])
 def test_an_rl_run_with_batches_in_the_thread_ends_within_its_staleness_bound(tmp_path, policy_dir, staleness):
     """Rollouts held back for the next batch must not hold up the run: synchronously
