@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from respec.bench.console import table_console
 from respec.engine.checkpoint import load_model
 from respec.engine.drafters.base import DraftShape
 from respec.engine.speculative import Sampling, SpeculativeEngine
@@ -268,7 +269,7 @@ def _summarise_tail(results: dict) -> dict:
 
 
 def print_tables(results: dict) -> None:
-    console = Console()
+    console = table_console()
     names = [NOSD, NOSD_READY, *results["configs"], ADAPTIVE]
     table = Table(title=f"respec bench adaptive: tokens/s (x no-SD, paired) by batch size ({results['draft']}; "
                         f"median of {results['repeats']})")

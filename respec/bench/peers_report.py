@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from rich.console import Console
 from rich.table import Table
+
+from respec.bench.console import table_console
 
 _COLUMNS = ("batch", "mode", "vLLM engine", "respec tok/s", "vLLM tok/s", "ratio", "ratio of best runs", "ratio per CPU-s", "vs vLLM best", "same tokens",
             "respec accept len")
@@ -20,7 +21,7 @@ def print_table(results: dict) -> None:
                       f"{row['vllm_tokens_per_s']:.1f}", f"{row['ratio']:.2f}x", f"{row['ratio_best']:.2f}x",
                       _x(row.get("ratio_per_cpu_s")), f"{row['ratio_vs_vllm_best']:.2f}x",
                       same, f"{row['respec_accept_len']:.2f}")
-    Console(width=200).print(table)
+    table_console().print(table)
 
 
 def markdown_table(results: dict) -> str:

@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from respec.bench.batch_gaps import run_gaps
+from respec.bench.console import table_console
 from respec.runtime.graph import load_yaml
 from respec.runtime.launcher import run_file
 
@@ -323,7 +324,7 @@ def smooth(values: list[float]) -> list[float]:
 
 def bench_staleness(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG,
                 only: tuple[str, ...] = ()) -> dict:
-    console = Console()
+    console = table_console()
     results = run_variants("staleness", staleness_variants(config), steps, extra, console, only)
     columns = [("variant", lambda r: r.name), ("accept_len start", lambda r: r.edge("accept_len", False)),
                ("accept_len end", lambda r: r.edge("accept_len", True)),
@@ -345,7 +346,7 @@ def _form_keys(results: list[VariantResult]) -> list[str]:
 
 def bench_quality(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG,
                 only: tuple[str, ...] = ()) -> dict:
-    console = Console()
+    console = table_console()
     results = run_variants("quality", quality_variants(config), steps, extra, console, only)
     columns = [("variant", lambda r: r.name), ("reward start", lambda r: r.edge("reward_mean", False)),
                ("reward end", lambda r: r.edge("reward_mean", True)), ("held-out accuracy start -> end", _accuracy),
@@ -357,7 +358,7 @@ def bench_quality(json_file: Path, steps: int, extra: dict[str, Any], config: Pa
 
 def bench_interval(json_file: Path, steps: int, extra: dict[str, Any], config: Path = ASYNC_CONFIG,
                 only: tuple[str, ...] = ()) -> dict:
-    console = Console()
+    console = table_console()
     results = run_variants("interval", interval_variants(config), steps, extra, console, only)
     columns = [("variant", lambda r: r.name), ("accept_len start", lambda r: r.edge("accept_len", False)),
                ("accept_len end", lambda r: r.edge("accept_len", True)), ("draft updates", lambda r: len(r.distiller)),
@@ -377,7 +378,7 @@ def bench_e2e(json_file: Path, steps: int, extra: dict[str, Any], config: Path =
         raise ValueError("e2e compares every variant with sync_nosd: name it in --variants too")
     if generates_fast(config):  # its baseline is itself, changed (e2e_variants)
         baseline = config
-    console = Console()
+    console = table_console()
     variants = e2e_variants(config, baseline, str(extra.get("actors.trainer.params.device", "")))
     results = [r for seed in seeds for r in run_variants("e2e", variants, steps, extra, console, only, seed)]
     base = {r.seed: _run_time(r) for r in results if r.name == "sync_nosd"}

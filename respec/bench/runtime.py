@@ -11,9 +11,9 @@ from __future__ import annotations
 import tempfile
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
+from respec.bench.console import table_console
 from respec.bench.raw_zmq import memcpy_ms, raw_rtt_us
 from respec.runtime.graph import parse_config
 from respec.runtime.launcher import Launcher
@@ -100,7 +100,7 @@ def _print(results: dict) -> None:
     for transport in TRANSPORTS:
         table.add_row(transport, *(str(results[key][transport]) for key in
                                    ("rtt_p50_us", "raw_rtt_p50_us", "overhead_ratio", "rtt_p99_us", "raw_rtt_p99_us")))
-    console = Console()
+    console = table_console()
     console.print(table)
     console.print(f"small messages over ipc: {results['msgs_per_s']:,} msgs/s")
     console.print(f"64 MiB float32 across processes: {results['tensor_64mib_ms']} ms "

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from respec.bench.console import table_console
 from respec.engine.checkpoint import load_model
 from respec.engine.drafters.base import DraftShape
 from respec.engine.drafters.ngram import NgramDrafter
@@ -128,7 +129,7 @@ def _print(results: dict) -> None:
     for row in results["rows"]:
         table.add_row(str(row["batch"]), row["config"], f"{row['tokens_per_s']:.1f}", f"{row['accept_len']:.2f}",
                       f"{row['speedup']:.2f}x")
-    Console().print(table)
+    table_console().print(table)
 
 
 def _plot(results: dict, path: str) -> None:
