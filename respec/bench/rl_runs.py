@@ -209,8 +209,8 @@ def run_variants(bench: str, variants: dict[str, tuple[Path, dict]], steps: int,
         results.append(VariantResult(
             name, [r for r in rows if r["source"].startswith("trainer") and "reward_mean" in r],
             [r for r in rows if r["source"].startswith("distiller")], summary, time.perf_counter() - started,
-            {"scheduler_decisions": scheduler_decisions(result.run_dir), "batch_gaps": run_gaps(result.run_dir)},
-            seed))
+            {"scheduler_decisions": scheduler_decisions(result.run_dir), "batch_gaps": run_gaps(result.run_dir),
+             "step_costs": profiled_step_costs(result.run_dir)}, seed))
     return results
 
 
@@ -266,6 +266,17 @@ def scheduler_decisions(run_dir: Path) -> dict[str, int]:
         if "kind" in event:  # log.jsonl is appended to: lines of an older rule (no kind) are another run's
             kinds[event["kind"]] = kinds.get(event["kind"], 0) + 1
     return kinds
+
+
+def profiled_step_costs(run_dir: Path) -> dict[str, Any] | None:
+    """FastRollouts' step cost per "bucket/draft length" in ms and the draft lengths it chose
+    from them (its `draft_lengths_profiled` event); None for a run without one."""
+    log = run_dir / "log.jsonl"
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        if '"draft_lengths_profiled"' in line:
+            event = json.loads(line)
+            return {key: event.get(key) for key in ("step_ms", "choice", "cached")}
+    return None
 
 
 def report(bench: str, results: list[VariantResult], columns: list[tuple[str, Any]], json_file: Path,

@@ -249,7 +249,8 @@ def test_a_variant_whose_actors_rejected_messages_fails_the_bench(tmp_path, monk
 
 
 def test_each_run_carries_the_gaps_between_its_batches_into_the_e2e_table(tmp_path, monkeypatch):
-    """From the run's own log: FastRollouts' batch, the gap before the next, the policy load."""
+    """From the run's own log: FastRollouts' batch, the gap before the next, the policy load,
+    and the step costs its draft lengths were chosen from."""
     from types import SimpleNamespace
 
     stamp = lambda at: f"2026-11-27T22:00:{at:09.6f}Z"  # noqa: E731
@@ -257,9 +258,13 @@ def test_each_run_carries_the_gaps_between_its_batches_into_the_e2e_table(tmp_pa
     for batch in range(8):  # each 0.15 s, ending every 0.2 s: a gap of 0.05 s with a load in it
         events.append({"event": "batch_generated", "seconds": 0.15, "timestamp": stamp(1.0 + 0.2 * batch)})
         events.append({"event": "policy_weights_loaded", "load_s": 0.012, "timestamp": stamp(1.02 + 0.2 * batch)})
+    events.insert(0, {"event": "draft_lengths_profiled", "choice": {"1": 4, "8": 0}, "cached": False,
+                      "step_ms": {"1/0": 0.7, "1/4": 1.9, "8/0": 0.9, "8/4": 2.4}, "timestamp": stamp(0.5)})
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     monkeypatch.setattr(rl_runs, "run_file", lambda *args, **kwargs: SimpleNamespace(
         ok=True, reason="", run_dir=tmp_path, stats={}, metrics=[]))
     [result] = rl_runs.run_variants("e2e", {"respec_fast": (tmp_path / "run.yaml", {})}, 3, {}, Console(quiet=True))
     assert result.extra["batch_gaps"]["gap_s"] == pytest.approx(0.05)
     assert rl_runs._between_batches(result) == "0.15 / 0.05 / 0.012"
+    assert result.extra["step_costs"] == {"step_ms": {"1/0": 0.7, "1/4": 1.9, "8/0": 0.9, "8/4": 2.4},
+                                          "choice": {"1": 4, "8": 0}, "cached": False}
