@@ -165,7 +165,7 @@ class FastRollouts(Actor):
         started = time.time()  # the envelope's sent_at is wall-clock time: how long the announcement waited
         try:
             with loaded_tensors(weights.handle, weights.version, device=str(self.device)) as tensors, torch.no_grad():
-                copy_in(self.model, tensors)  # one launch, not one per tensor: ~7 ms less a load
+                copy_in(self.model, tensors)  # one launch, not one per tensor: ~5 ms less a load (H100)
         except SupersededWeights as error:  # nothing copied; a newer announcement follows
             self.log.info("policy_weights_superseded", version=weights.version, reason=str(error))
             return
@@ -282,8 +282,9 @@ class FastRollouts(Actor):
         """One batch to completion, within `between_batches` (so no weights change mid-batch):
         on the loop, or in the worker thread while the loop handles other actors' messages.
         In the thread, the previous batch's rollouts (`unsent`) go out, and are scored by the
-        actors sharing the loop, while this batch generates: on two H100s sending and scoring
-        them first left the GPU idle between batches. Returns this batch's rollouts, to send."""
+        actors sharing the loop, while this batch generates; sent first, they and their
+        scoring were part of the gap between batches (0.033 s on two H100s, 450490b).
+        Returns this batch's rollouts, to send."""
         fast = self._generator()
         lengths = self.live.choice if self.live is not None else self.lengths
         started = time.perf_counter()

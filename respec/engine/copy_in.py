@@ -1,9 +1,10 @@
 """New weights into a live model, in place, with one launch for all of them.
 
 `Module.load_state_dict` copies tensor by tensor: for the 0.5B shape's 291 tensors (float32
-from the trainer into the bf16 policy) that took 9-10 ms on an H100, against 2.5 ms for one
-`torch._foreach_copy_` (bench/policy_load.py, docs/PERFORMANCE.md). A policy load sits
-between two batches of rollouts, so those milliseconds are on the RL step's critical path.
+from the trainer into the bf16 policy) that took 6-10 ms of launches on two H100 machines,
+against 1.7-2.5 ms for one `torch._foreach_copy_`; a whole load 5.6 ms against 10.6 ms
+(bench/policy_load.py, docs/PERFORMANCE.md). A policy load sits between two batches of
+rollouts, so those milliseconds are on the RL step's critical path.
 """
 
 from __future__ import annotations
