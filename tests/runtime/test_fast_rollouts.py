@@ -181,6 +181,27 @@ async def until(condition, seconds: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
+def hook_batches(actor: FastRollouts, at_start) -> None:
+    """Call at_start(index) where each batch starts generating (in the worker thread, if on);
+    the FastGenerator is built at the first batch, since it needs the prompts' sampling."""
+    real, count = actor._generator, []
+
+    def hooked() -> FastGenerator:
+        fast = real()
+        generate = fast.generate
+
+        def wrapped(*args, **kwargs):
+            at_start(len(count))
+            count.append(1)
+            return generate(*args, **kwargs)
+
+        fast.generate = wrapped
+        actor._generator = lambda: fast
+        return fast
+
+    actor._generator = hooked
+
+
 @pytest.mark.parametrize("worker_thread", [False, True])
 def test_a_prompt_waits_for_its_policy_and_its_tokens_carry_that_version(checkpoint, worker_thread):
     """A prompt that needs policy version 1 is held until PolicyWeights(1) load; its tokens
@@ -280,26 +301,14 @@ def test_in_the_worker_thread_a_batchs_rollouts_go_out_while_the_next_one_genera
                                               gather_s=0.0, worker_thread=worker_thread))
     order, release = [], threading.Event()
 
+    def at_start(index: int) -> None:
+        order.append(f"batch {index}")
+        if worker_thread and index == 1:
+            assert release.wait(10)  # the second batch is held until the test has looked
+
     async def scenario():
         await actor.on_start()
-        real = actor._generator
-
-        def recording_generator():  # built at the first batch (it needs the prompts' sampling)
-            fast = real()
-            generate = fast.generate
-
-            def recorded(prompts, *args, **kwargs):
-                order.append(f"batch {sum(entry.startswith('batch') for entry in order)}")
-                if worker_thread and order[-1] == "batch 1":
-                    assert release.wait(10)  # the second batch is held until the test has looked
-                return generate(prompts, *args, **kwargs)
-
-            if fast.generate is not recorded:
-                fast.generate = recorded
-            actor._generator = lambda: fast
-            return fast
-
-        actor._generator = recording_generator
+        hook_batches(actor, at_start)
         real_send = actor.send
 
         async def send(message, correlation_id=""):
@@ -338,25 +347,14 @@ def test_a_send_failing_during_a_threaded_batch_keeps_the_weights_locked_until_t
                                            gather_s=0.0, worker_thread=True))
     started_batches, release = [], threading.Event()
 
+    def at_start(index: int) -> None:
+        started_batches.append(index)
+        if index == 1:
+            assert release.wait(10)
+
     async def scenario():
         await actor.on_start()
-        real = actor._generator
-
-        def holding_generator():
-            fast = real()
-            generate = fast.generate
-
-            def held(*args, **kwargs):
-                started_batches.append(1)
-                if len(started_batches) == 2:
-                    assert release.wait(10)
-                return generate(*args, **kwargs)
-
-            fast.generate = held
-            actor._generator = lambda: fast
-            return fast
-
-        actor._generator = holding_generator
+        hook_batches(actor, at_start)
 
         async def failing_send(message, correlation_id=""):
             raise ConnectionError("the socket is gone")
