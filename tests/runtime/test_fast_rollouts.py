@@ -246,23 +246,13 @@ def test_in_the_worker_thread_the_loop_runs_during_a_batch_and_weights_wait_for_
 
     async def scenario():
         await actor.on_start()
-        real = actor._generator
 
-        def held_generator():  # each batch waits in its thread until the test lets it go
-            fast = real()
-            generate = fast.generate
+        def held(index: int) -> None:  # each batch waits in its thread until the test lets it go
+            threads.append(threading.current_thread().name)
+            in_batch.set()
+            assert release.wait(10)
 
-            def held(*args, **kwargs):
-                threads.append(threading.current_thread().name)
-                in_batch.set()
-                assert release.wait(10)
-                return generate(*args, **kwargs)
-
-            fast.generate = held
-            actor._generator = real
-            return fast
-
-        actor._generator = held_generator
+        hook_batches(actor, held)
         loop = asyncio.create_task(actor.run())
         await actor.on_prompt(prompt(0, PROMPTS[0], 8), None)
         await until(in_batch.is_set)
