@@ -3,7 +3,7 @@
     python3 bench/batch_gaps.py LOG.jsonl [LOG.jsonl ...]
 
 (`respec bench e2e` also puts these medians in its table and JSON for every variant that
-generates through FastRollouts: `run_gaps(run_dir)`.)
+generates through FastRollouts: `run_gaps(log_lines)`.)
 
 A batch's `batch_generated` event comes at its end, with its `seconds`, so it started
 `seconds` before. The gap from one batch's end to the next one's start is time the GPU
@@ -67,18 +67,21 @@ def summary(rows: list[dict], skip: int) -> dict | None:
             "draft_kinds": sorted({k for r in with_head for k in r["draft_kinds"]})}
 
 
-def log_events(path: Path) -> list[dict]:
-    """The log's batch and load events, in order (other lines are not parsed: a 100-step
-    GPU run's log is tens of MB)."""
+def events_in(lines: list[str]) -> list[dict]:
+    """A log's batch and load events, in order (other lines are not parsed: a 100-step GPU
+    run's log is tens of MB)."""
     wanted = tuple(f'"{name}"' for name in EVENTS)
-    lines = (line for line in path.read_text().splitlines() if any(name in line for name in wanted))
-    return [event for event in map(json.loads, lines) if event.get("event") in EVENTS]
+    chosen = (line for line in lines if any(name in line for name in wanted))
+    return [event for event in map(json.loads, chosen) if event.get("event") in EVENTS]
 
 
-def run_gaps(run_dir: Path, skip: int = 5) -> dict | None:
-    """`summary` of a run directory's log (None: no FastRollouts batches past `skip`)."""
-    log = run_dir / "log.jsonl"
-    return summary(gaps(log_events(log)), skip) if log.is_file() else None
+def log_events(path: Path) -> list[dict]:
+    return events_in(path.read_text().splitlines())
+
+
+def run_gaps(log_lines: list[str], skip: int = 5) -> dict | None:
+    """`summary` of a run's log lines (None: no FastRollouts batches past `skip`)."""
+    return summary(gaps(events_in(log_lines)), skip)
 
 
 def main() -> None:

@@ -209,8 +209,7 @@ def run_variants(bench: str, variants: dict[str, tuple[Path, dict]], steps: int,
         results.append(VariantResult(
             name, [r for r in rows if r["source"].startswith("trainer") and "reward_mean" in r],
             [r for r in rows if r["source"].startswith("distiller")], summary, time.perf_counter() - started,
-            {"scheduler_decisions": scheduler_decisions(result.run_dir), "batch_gaps": run_gaps(result.run_dir),
-             "step_costs": profiled_step_costs(result.run_dir)}, seed))
+            _from_log(result.run_dir), seed))
     return results
 
 
@@ -257,22 +256,28 @@ def _removing(config: Path, overrides: dict[str, Any], name: str,
                   if v is not None and not any(k.startswith(removed + ".") for removed in remove)}
 
 
-def scheduler_decisions(run_dir: Path) -> dict[str, int]:
-    """SchedulerDecisions the run's Scheduler sent (config changes), by kind."""
+def _from_log(run_dir: Path) -> dict[str, Any]:
+    """What a variant's result keeps from its run's log, read once (tens of MB on a GPU)."""
     log = run_dir / "log.jsonl"
+    lines = log.read_text().splitlines() if log.is_file() else []
+    return {"scheduler_decisions": scheduler_decisions(lines), "batch_gaps": run_gaps(lines),
+            "step_costs": profiled_step_costs(lines)}
+
+
+def scheduler_decisions(log_lines: list[str]) -> dict[str, int]:
+    """SchedulerDecisions the run's Scheduler sent (config changes), by kind."""
     kinds: dict[str, int] = {}
-    for line in log.read_text().splitlines() if log.is_file() else []:
+    for line in log_lines:
         event = json.loads(line) if '"scheduler_decision"' in line else {}
         if "kind" in event:  # log.jsonl is appended to: lines of an older rule (no kind) are another run's
             kinds[event["kind"]] = kinds.get(event["kind"], 0) + 1
     return kinds
 
 
-def profiled_step_costs(run_dir: Path) -> dict[str, Any] | None:
+def profiled_step_costs(log_lines: list[str]) -> dict[str, Any] | None:
     """FastRollouts' step cost per "bucket/draft length" in ms and the draft lengths it chose
     from them (its `draft_lengths_profiled` event); None for a run without one."""
-    log = run_dir / "log.jsonl"
-    for line in log.read_text().splitlines() if log.is_file() else []:
+    for line in log_lines:
         if '"draft_lengths_profiled"' in line:
             event = json.loads(line)
             return {key: event.get(key) for key in ("step_ms", "choice", "cached")}

@@ -46,7 +46,7 @@ def test_a_run_directorys_log_is_read_for_its_batch_and_load_events_only(tmp_pat
     (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n")
     assert [e["event"] for e in log_events(tmp_path / "log.jsonl")] == [
         "batch_generated", "policy_weights_loaded", "batch_generated"]
-    medians = run_gaps(tmp_path, skip=0)
+    medians = run_gaps((tmp_path / "log.jsonl").read_text().splitlines(), skip=0)
     assert medians["batches"] == 1 and medians["gap_s"] == pytest.approx(0.05)
     assert medians["policy_load_s"] == pytest.approx(0.01)
-    assert run_gaps(tmp_path / "elsewhere") is None  # no log: a run that generated elsewhere
+    assert run_gaps([]) is None  # no log: a run that generated elsewhere
