@@ -52,7 +52,7 @@ def main() -> None:
                          dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32)
     head = EagleHead.for_target(model).to(next(model.parameters()).dtype).eval()
     report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "shape": args.shape,
-              "agreement": [agreement(model, b, t) for b, t in ((1, 1), (2, 4), (4, 4), (1, 7), (16, 1))]}
+              "agreement": [agreement(model, b, t) for b, t in ((1, 1), (2, 4), (4, 4), (1, 7), (16, 1), (64, 3), (64, 5))]}
     if args.pdl:
         report["pdl_agreement"] = [pdl_agreement(model, b, t) for b, t in ((1, 1), (4, 4), (16, 1))]
     bandwidth = copy_bandwidth(DEVICE, gib=1.0 if DEVICE == "cuda" else 0.05)
@@ -84,13 +84,15 @@ def table(report: dict) -> str:
     pdl = "pdl_greedy_equal" in report
     lines = [f"{report['device']}, {report['shape']} shape, random weights; HBM floor at batch 1: "
              f"{report['hbm_floor_s'] * 1e3:.3f} ms", "",
-             "| batch | k | kernels ms | PyTorch's kernels ms | ratio |"
+             "| batch | k | kernels ms | PyTorch's kernels ms | ratio | wide route ms | wide / kernels |"
              + (" kernels + PDL ms | PDL / kernels | PDL with weight prefetch / kernels |" if pdl else ""),
-             "| --- | --- | --- | --- | --- |" + (" --- | --- | --- |" if pdl else "")]
+             "| --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- | --- |" if pdl else "")]
     for b, by_k in report["steps"].items():
         for k, times in by_k.items():
             lines.append(f"| {b} | {k[1:]} | {times['kernels'] * 1e3:.3f} | {times['pytorch'] * 1e3:.3f} | "
-                         f"{times['kernels_over_pytorch']:.2f} |"
+                         f"{times['kernels_over_pytorch']:.2f} | "
+                         + (f"{times['wide'] * 1e3:.3f} | {times['wide_over_kernels']:.2f} |" if "wide" in times
+                            else "(the same) | |")
                          + (f" {times['kernels_pdl'] * 1e3:.3f} | {times['pdl_over_kernels']:.2f} | "
                             f"{times['pdl_prefetch_over_kernels']:.2f} |" if pdl else ""))
     one_row = [(k, times) for k, times in report["steps"].get("1", {}).items() if "kernels_attend_o" in times]
@@ -328,7 +330,10 @@ def graph_us(work, calls: int) -> float:
 
 def step_times(model, head, batches: list[int], ks: list[int], pdl: bool = False) -> dict:
     """Graphed step seconds per batch and k, with the kernels and without (and with the
-    kernels under PDL)."""
+    kernels under PDL); where the pass fits the GEMV kernels, through the wide route too
+    (cuBLAS products: kernel_layer.py)."""
+    from respec.engine.fast import kernels as triton_kernels
+
     out = {}
     for b in batches:
         out[str(b)] = {}
@@ -336,17 +341,24 @@ def step_times(model, head, batches: list[int], ks: list[int], pdl: bool = False
             times = {}
             # (name, kernels, PDL, PDL's weight prefetch, attend_o)
             variants = [("kernels", True, False, True, False), ("pytorch", False, False, True, False)]
+            if b * (k + 1) <= triton_kernels.MAX_ROWS:  # the GEMV kernels' pass: against the wide route's too
+                variants.append(("wide", True, False, True, False))
             if b == 1:  # one row: attention and the output product in one kernel (opt-in), or in two
                 variants.append(("kernels_attend_o", True, False, True, True))
             if pdl:
                 variants += [("kernels_pdl", True, True, False, False), ("kernels_pdl_prefetch", True, True, True, False)]
             for name, kernels, with_pdl, prefetch, attend_o in variants:
-                with kernel_switches(PDL=with_pdl, PDL_PREFETCH=prefetch, ATTEND_O=attend_o):
+                rows = {"MAX_ROWS": 0} if name == "wide" else {}  # every pass past 0 tokens: the wide route
+                with kernel_switches(PDL=with_pdl, PDL_PREFETCH=prefetch, ATTEND_O=attend_o, **rows):
                     generator = FastGenerator(model, head if k else None, max_rows=b, max_len=256, max_new=128,
                                               max_k=max(ks), kernels=kernels)
                     times[name] = generator.time_step(b, k, 100 if DEVICE == "cuda" else 2)
                 del generator
             times["kernels_over_pytorch"] = times["kernels"] / times["pytorch"]
+            if "wide" in times:
+                times["wide_over_kernels"] = times["wide"] / times["kernels"]
+                log(f"batch {b} k {k}: the wide route {times['wide'] * 1e3:.3f} ms, the GEMV kernels' "
+                    f"{times['kernels'] * 1e3:.3f} ms ({times['wide_over_kernels']:.2f}x)")
             if b == 1:
                 times["attend_o_over_apart"] = times["kernels_attend_o"] / times["kernels"]
                 log(f"batch 1 k {k}: attention and output product in one kernel {times['kernels_attend_o'] * 1e3:.3f} "

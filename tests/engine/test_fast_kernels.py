@@ -225,15 +225,93 @@ def test_with_kernels_refreshed_weights_are_the_ones_generating(kernels, tmp_pat
 
 
 def test_the_kernels_take_passes_that_fit_their_blocks(kernels, model_and_head):
-    """At most 128 tokens a pass by default, and at most 64 attention query rows (here 2
-    query heads per KV head: up to 32 tokens a row); longer passes (prefill) stay on the
-    PyTorch layers."""
-    assert kernels.MAX_ROWS == 128  # RESPEC_KERNEL_ROWS unset
+    """At most 64 attention query rows (here 2 query heads per KV head: up to 32 tokens a
+    row), at any batch; the GEMV kernels up to 128 tokens a pass by default (RESPEC_KERNEL_ROWS
+    unset), the wide route past that. Longer rows (prefill) stay on the PyTorch layers."""
+    assert kernels.MAX_ROWS == 128
     model, _ = model_and_head
     layer = FusedModel(model, kernels=True).layers[0]
     hidden = model.config.hidden_size
     assert layer.takes(torch.zeros(2, 32, hidden)) and layer.takes(torch.zeros(128, 1, hidden))
-    assert not layer.takes(torch.zeros(1, 33, hidden)) and not layer.takes(torch.zeros(129, 1, hidden))
+    assert layer.takes(torch.zeros(129, 1, hidden)) and layer.takes(torch.zeros(64, 5, hidden))
+    assert not layer.takes(torch.zeros(1, 33, hidden))
+    wide = layer.kernel_layer._wide
+    assert not wide(128, 1) and not wide(32, 4) and wide(129, 1) and wide(64, 3)
+
+
+@pytest.mark.parametrize("b, t", [(3, 1), (3, 4), (2, 3)])
+def test_rope_store_rotates_and_stores_a_product_made_elsewhere(kernels, b, t):
+    """The wide route's qkv comes from cuBLAS: rope_store rotates q and k at each token's
+    position (past the table: its last row) and stores k and v at each write slot, as the
+    PyTorch layer does; nothing else in the stores is touched."""
+    torch.manual_seed(b * 10 + t)
+    heads, kv_heads, dim, slots = 4, 2, 16, 12
+    qkv = torch.randn(b * t, (heads + 2 * kv_heads) * dim)
+    table = RopeTable(1.0 / 10000 ** (torch.arange(0, dim, 2) / dim), 20, torch.float32, torch.device("cpu"))
+    positions = torch.tensor([[3, 8, 25, 1], [0, 19, 7, 2], [5, 6, 7, 8]])[:b, :t]  # 25: past the table's 20 rows
+    write_at = torch.tensor([[0, 5, 11, 1], [2, 3, 9, 4], [6, 7, 8, 10]])[:b, :t]
+    view = qkv.view(b, t, heads + 2 * kv_heads, dim)
+    rotated = _rotate(view[:, :, : heads + kv_heads], *table(positions))
+    k_store, v_store = torch.zeros(b, kv_heads, slots, dim), torch.zeros(b, kv_heads, slots, dim)
+    q = kernels.rope_store(qkv, table.cos, table.signed_sin, positions, write_at, k_store, v_store, heads, kv_heads)
+    torch.testing.assert_close(q, rotated[:, :, :heads].reshape(b * t, heads, dim), atol=1e-5, rtol=1e-5)
+    for row in range(b):
+        for i, slot in enumerate(write_at[row].tolist()):
+            torch.testing.assert_close(k_store[row, :, slot], rotated[row, i, heads:], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v_store[row, :, slot], view[row, i, heads + kv_heads:], atol=1e-5, rtol=1e-5)
+    written = torch.zeros(b, slots, dtype=torch.bool)
+    written[torch.arange(b)[:, None], write_at] = True
+    assert not k_store.transpose(1, 2)[~written].any() and not v_store.transpose(1, 2)[~written].any()
+
+
+def test_rope_store_refuses_a_qkv_of_the_wrong_width(kernels):
+    stores = torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4, 16)
+    with pytest.raises(ValueError, match="rope_store takes a contiguous \\[tokens, 128\\] qkv"):
+        kernels.rope_store(torch.zeros(2, 96), torch.zeros(8, 16), torch.zeros(8, 16), torch.zeros(1, 2, dtype=torch.long),
+                           torch.zeros(1, 2, dtype=torch.long), *stores, heads=4, kv_heads=2)
+
+
+@pytest.mark.parametrize("tokens, n", [(1, 7), (5, 300), (3, 1024)])
+def test_silu_mul_is_silu_gate_times_up(kernels, tokens, n):
+    torch.manual_seed(n)
+    gate_up = torch.randn(tokens, 2 * n)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_mul(gate_up), F.silu(gate) * up, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("b, t", [(3, 2), (8, 4)])
+def test_a_wide_pass_equals_the_fused_pass(kernels, model_and_head, monkeypatch, b, t):
+    """Past MAX_ROWS tokens (here moved down to 4) a pass takes the wide route: cuBLAS
+    products, rope_store, the attention kernel, silu_mul; logits, features and the KV
+    store written equal the PyTorch layers' after a prefix already cached."""
+    monkeypatch.setattr(kernels, "MAX_ROWS", 4)
+    model, _ = model_and_head
+    assert FusedModel(model, kernels=True).layers[0].kernel_layer._wide(b, t)
+    states = [FastState(model.config, 8, 24, 8, torch.float32, torch.device("cpu")) for _ in range(2)]
+    prefix = torch.randint(0, 8, (b, 5))
+    for state in states:
+        cached_pass(model, False, prefix, torch.arange(5).repeat(b, 1), state)
+    tokens, positions = torch.randint(0, 8, (b, t)), 5 + torch.arange(t).repeat(b, 1)
+    (logits, features), (expected_logits, expected_features) = (
+        cached_pass(model, use, tokens, positions, state) for use, state in zip((True, False), states, strict=True))
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(features, expected_features, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(states[0].k, states[1].k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(states[0].v, states[1].v, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_generation_through_the_wide_route_is_generation_without_kernels(kernels, model_and_head, monkeypatch, k):
+    """Greedy, three rows finishing and compacting, every pass past 2 tokens wide: the
+    verification and catch-up passes of k = 3 (3 x 4 tokens), decoding at 3 rows."""
+    monkeypatch.setattr(kernels, "MAX_ROWS", 2)
+    model, head = model_and_head
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 1], [2, 2]]
+    outputs = []
+    for use in (True, False):
+        fast = FastGenerator(model, head, max_rows=4, max_len=24, max_new=8, max_k=3, eos_ids=(7,), kernels=use)
+        outputs.append([(r.tokens, r.steps) for r in fast.generate(prompts, k)])
+    assert outputs[0] == outputs[1]
 
 
 @pytest.mark.parametrize("rows", [100, 128])

@@ -4,6 +4,12 @@ drafting at small batch), where a layer is bound by kernel count, not by arithme
 for a pass of one row with attention and the output product in one kernel (attend_o,
 opt-in: kernels.ATTEND_O).
 
+Longer passes (verification and the head's catch-up at the RL batch: 64 rows x 3-5
+tokens) take the wide route: the four products through cuBLAS, whose GEMMs run near the
+tensor cores' speed there, and between them the RMSNorms, one kernel that rotates q and k
+and stores k and v (rope_store), the attention kernel, and one SiLU-and-multiply: nine
+kernels a layer, where PyTorch's layers launch ~23 and build a mask over every key.
+
 It reads the FusedLayer's own tensors (the stacked qkv and gate-up matrices, the norms),
 so ``FusedLayer.refresh`` keeps it current and captured graphs stay valid.
 """
@@ -13,6 +19,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from respec.engine.fast.state import StaticKV
@@ -43,11 +50,14 @@ class KernelLayer:
         self.kernels, self.fused = kernels, fused
 
     def takes(self, x: Tensor) -> bool:
-        """Passes of at most MAX_ROWS tokens whose attention block (the query heads of a KV
-        head x the row's tokens) fits the one the kernel is built for."""
-        fused, (b, t) = self.fused, x.shape[:2]
-        group = fused.heads // fused.kv_heads
-        return b * t <= self.kernels.MAX_ROWS and group * t <= self.kernels.MAX_QUERY_ROWS
+        """Passes whose attention block (the query heads of a KV head x the row's tokens)
+        fits the one the attention kernel is built for: the GEMV kernels' up to MAX_ROWS
+        tokens, the wide route's past that."""
+        fused, t = self.fused, x.shape[1]
+        return fused.heads // fused.kv_heads * t <= self.kernels.MAX_QUERY_ROWS
+
+    def _wide(self, b: int, t: int) -> bool:
+        return b * t > self.kernels.MAX_ROWS  # read at each call: a bench may move the line
 
     def _attention_and_output_in_one(self, b: int, t: int, keys: int) -> bool:
         kernels = self.kernels
@@ -62,6 +72,8 @@ class KernelLayer:
         o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
         input_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
         b, t, hidden = x.shape
+        if self._wide(b, t):
+            return self._wide_pass(x, rope, positions, kv, index)
         flat = x.reshape(b * t, hidden)
         k_store, v_store = kv.k_store[index], kv.v_store[index]
         q = kernels.qkv_rope(flat, fused.qkv_weight, (input_norm.weight, input_norm.eps), fused.qkv_bias, rope.cos,
@@ -75,3 +87,26 @@ class KernelLayer:
                            bias=fused.gate_up_bias, gated=True)
         flat = kernels.gemv(act, down_proj.weight, hidden, bias=down_proj.bias, residual=flat)
         return flat.view(b, t, hidden)
+
+    def _wide_pass(self, x: Tensor, rope, positions: Tensor, kv: StaticKV, index: int) -> Tensor:
+        """The wide route (module docstring): products in cuBLAS, the rest in four kernels."""
+        kernels, fused, layer = self.kernels, self.fused, self.fused.layer
+        attention, mlp = layer.self_attn, layer.mlp
+        b, t, hidden = x.shape
+        flat = x.reshape(b * t, hidden)
+        k_store, v_store = kv.k_store[index], kv.v_store[index]
+        normed = F.rms_norm(flat, (hidden,), layer.input_layernorm.weight, layer.input_layernorm.eps)
+        qkv = F.linear(normed, fused.qkv_weight, fused.qkv_bias)
+        q = kernels.rope_store(qkv, rope.cos, rope.signed_sin, positions, kv.write_at, k_store, v_store, fused.heads,
+                               fused.kv_heads)
+        flat = _plus_product(flat, kernels.attend(q, k_store, v_store, positions, t), attention.o_proj)
+        normed = F.rms_norm(flat, (hidden,), layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
+        act = kernels.silu_mul(F.linear(normed, fused.gate_up_weight, fused.gate_up_bias))
+        return _plus_product(flat, act, mlp.down_proj).view(b, t, hidden)
+
+
+def _plus_product(residual: Tensor, x: Tensor, linear: torch.nn.Linear) -> Tensor:
+    """residual + linear(x): one cuBLAS call (the add in its epilogue) where there is no bias."""
+    if linear.bias is None:
+        return torch.addmm(residual, x, linear.weight.t())
+    return residual + linear(x)

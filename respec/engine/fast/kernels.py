@@ -296,10 +296,7 @@ def _rope_finish(low, high, squares, m, d, head, rows, k, eps, bias_ptr, cos_ptr
                  write_at_ptr, q_ptr, k_store_ptr, v_store_ptr, table_rows, tokens_per_row, heads, kv_heads,
                  store_row, store_head, store_pos, BIAS: tl.constexpr, HALF: tl.constexpr):
     """_qkv_rope's epilogue for channels d and d + HALF of one head: the norm's scale, the
-    bias, the product rounded where the PyTorch layer rounds it; then for a q or k head
-    x cos + swap(x) sin' (sin' carries rotate_half's sign; cos and sin' read from the tables
-    at each token's position, past their end their last row: rows that are done keep
-    stepping), each product rounded as the PyTorch layer rounds it; then the stores."""
+    bias, the product rounded where the PyTorch layer rounds it; then _rotate_store."""
     m_ok = m < rows
     dtype = q_ptr.dtype.element_ty
     scale = 1.0 / tl.sqrt(squares / k + eps)
@@ -309,6 +306,21 @@ def _rope_finish(low, high, squares, m, d, head, rows, k, eps, bias_ptr, cos_ptr
         low += tl.load(bias_ptr + head * 2 * HALF + d).to(tl.float32)[None, :]
         high += tl.load(bias_ptr + head * 2 * HALF + HALF + d).to(tl.float32)[None, :]
     low, high = low.to(dtype).to(tl.float32), high.to(dtype).to(tl.float32)
+    _rotate_store(low, high, m, m_ok, d, head, cos_ptr, sin_ptr, positions_ptr, write_at_ptr, q_ptr, k_store_ptr,
+                  v_store_ptr, table_rows, tokens_per_row, heads, kv_heads, store_row, store_head, store_pos, HALF)
+
+
+@triton.jit
+def _rotate_store(low, high, m, m_ok, d, head, cos_ptr, sin_ptr, positions_ptr, write_at_ptr, q_ptr, k_store_ptr,
+                  v_store_ptr, table_rows, tokens_per_row, heads, kv_heads, store_row, store_head, store_pos,
+                  HALF: tl.constexpr):
+    """Channels d and d + HALF of head `head` for tokens m (float32, already rounded as the
+    product): a q or k head is rotated, x cos + swap(x) sin' (sin' carries rotate_half's
+    sign; cos and sin' read from the tables at each token's position, past their end their
+    last row: rows that are done keep stepping), each product rounded as the PyTorch layer
+    rounds it; then q goes to q [tokens, heads, D], k and v into the KV stores at each
+    token's write slot."""
+    dtype = q_ptr.dtype.element_ty
     if head < heads + kv_heads:  # q or k: rotate
         position = tl.minimum(tl.load(positions_ptr + m, mask=m_ok, other=0), table_rows - 1)
         table = position[:, None] * 2 * HALF + d[None, :]
@@ -331,6 +343,37 @@ def _rope_finish(low, high, squares, m, d, head, rows, k, eps, bias_ptr, cos_ptr
         else:
             tl.store(v_store_ptr + store_at, low.to(dtype), mask=m_ok[:, None])
             tl.store(v_store_ptr + store_at + HALF, high.to(dtype), mask=m_ok[:, None])
+
+
+@triton.jit
+def _rope_store(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, write_at_ptr, q_ptr, k_store_ptr, v_store_ptr, tokens,
+                table_rows, tokens_per_row, heads, kv_heads, store_row, store_head, store_pos,
+                HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+    """What follows a qkv product computed elsewhere (cuBLAS, on the long passes):
+    programs (block of tokens, head) rotate and store as _qkv_rope's epilogue does."""
+    block, head = tl.program_id(0), tl.program_id(1)
+    m = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_ok = m < tokens
+    d = tl.arange(0, HALF)
+    at = qkv_ptr + m[:, None] * (heads + 2 * kv_heads) * 2 * HALF + head * 2 * HALF + d[None, :]
+    low = tl.load(at, mask=m_ok[:, None], other=0.0).to(tl.float32)
+    high = tl.load(at + HALF, mask=m_ok[:, None], other=0.0).to(tl.float32)
+    _rotate_store(low, high, m, m_ok, d, head, cos_ptr, sin_ptr, positions_ptr, write_at_ptr, q_ptr, k_store_ptr,
+                  v_store_ptr, table_rows, tokens_per_row, heads, kv_heads, store_row, store_head, store_pos, HALF)
+
+
+@triton.jit
+def _silu_mul(x_ptr, out_ptr, total, n, BLOCK: tl.constexpr):
+    """out [tokens, n] = silu(gate) * up from x [tokens, 2n] (gate, then up), each
+    rounded where the PyTorch layer rounds it (as _finish's GATED)."""
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offsets < total
+    at = x_ptr + (offsets // n) * 2 * n + offsets % n
+    gate = tl.load(at, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(at + n, mask=ok, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    out = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up
+    tl.store(out_ptr + offsets, out.to(dtype), mask=ok)
 
 
 @triton.jit
@@ -463,7 +506,10 @@ CANDIDATES = {1: ((1, 1024, 2, 1), (2, 1024, 4, 1), (2, 2048, 8, 1), (4, 512, 4,
                   (8, 256, 4, 4), (16, 256, 4, 4)),
               16: ((16, 128, 4, 1), (32, 128, 4, 1), (16, 128, 4, 4), (16, 128, 4, 8), (16, 256, 4, 4),
                    (32, 128, 4, 4), (32, 128, 4, 8), (64, 64, 4, 8), (16, 64, 4, 16))}
-CANDIDATES[32] = CANDIDATES[64] = ((16, 128, 4, 1), (32, 128, 4, 1), (16, 128, 4, 4), (32, 128, 4, 4), (16, 64, 4, 8))
+CANDIDATES[32] = ((16, 128, 4, 1), (32, 128, 4, 1), (16, 128, 4, 4), (32, 128, 4, 4), (16, 64, 4, 8))
+# At 64 rows each program's x tile ([64, BLOCK_K]) outweighs a 16-feature weight tile 4:1, and
+# every program reads it: wider blocks of features read it fewer times (untimed: the tuner decides).
+CANDIDATES[64] = CANDIDATES[32] + ((64, 64, 4, 1), (64, 128, 8, 1), (32, 64, 4, 2), (64, 64, 8, 2))
 # Blocks past 64 rows: more warps and smaller k tiles for the larger blocks of rows
 CANDIDATES[128] = ((16, 128, 4, 1), (16, 64, 8, 1), (32, 64, 8, 1), (16, 128, 8, 4), (16, 64, 4, 8))
 CANDIDATES[256] = ((16, 64, 8, 1), (16, 32, 8, 1), (32, 32, 8, 1), (16, 64, 8, 4), (16, 32, 8, 8))
@@ -585,6 +631,36 @@ def attend(q: Tensor, k_store: Tensor, v_store: Tensor, positions: Tensor, token
         )
 
     launch(tuned(launch, ("attend", rows, heads, kv_heads, keys, dim, block_q), q, (64, 4), ATTENTION_CANDIDATES))
+    return out
+
+
+def rope_store(qkv: Tensor, cos: Tensor, signed_sin: Tensor, positions: Tensor, write_at: Tensor, k_store: Tensor,
+               v_store: Tensor, heads: int, kv_heads: int) -> Tensor:
+    """qkv [tokens, (heads + 2 kv_heads) * D] (the product, bias added) -> rotated q
+    [tokens, heads, D]; rotated k and v written into the layer's stores at write_at, as
+    qkv_rope does after its product (the same tables, positions and stores)."""
+    tokens = qkv.shape[0]
+    dim = k_store.shape[-1]
+    if not qkv.is_contiguous() or qkv.shape[1] != (heads + 2 * kv_heads) * dim or dim & (dim - 1):
+        raise ValueError(f"rope_store takes a contiguous [tokens, {(heads + 2 * kv_heads) * dim}] qkv and a power-of-two "
+                         f"head size, got {tuple(qkv.shape)} and {dim}")
+    q = qkv.new_empty(tokens, heads, dim)
+    positions, write_at = positions.contiguous(), write_at.contiguous()
+    block_t = 16
+    _rope_store[(triton.cdiv(tokens, block_t), heads + 2 * kv_heads)](
+        qkv, cos, signed_sin, positions, write_at, q, k_store, v_store, tokens, cos.shape[0], positions.shape[1],
+        heads, kv_heads, k_store.stride(0), k_store.stride(1), k_store.stride(2), HALF=dim // 2, BLOCK_T=block_t)
+    return q
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """[tokens, 2n] (gate, then up) -> silu(gate) * up [tokens, n], in one kernel."""
+    tokens, width = gate_up.shape
+    if not gate_up.is_contiguous() or width % 2:
+        raise ValueError(f"silu_mul takes a contiguous [tokens, 2n], got {tuple(gate_up.shape)}")
+    out = gate_up.new_empty(tokens, width // 2)
+    block = 1024
+    _silu_mul[(triton.cdiv(out.numel(), block),)](gate_up, out, out.numel(), width // 2, BLOCK=block)
     return out
 
 
