@@ -226,9 +226,9 @@ def test_with_kernels_refreshed_weights_are_the_ones_generating(kernels, tmp_pat
 
 def test_the_kernels_take_passes_that_fit_their_blocks(kernels, model_and_head):
     """At most 64 attention query rows (here 2 query heads per KV head: up to 32 tokens a
-    row), at any batch; the GEMV kernels up to 128 tokens a pass by default (RESPEC_KERNEL_ROWS
+    row), at any batch; the GEMV kernels up to 64 tokens a pass by default (RESPEC_KERNEL_ROWS
     unset), the wide route past that. Longer rows (prefill) stay on the PyTorch layers."""
-    assert kernels.MAX_ROWS == 128
+    assert kernels.MAX_ROWS == 64
     model, _ = model_and_head
     layer = FusedModel(model, kernels=True).layers[0]
     hidden = model.config.hidden_size
@@ -236,7 +236,7 @@ def test_the_kernels_take_passes_that_fit_their_blocks(kernels, model_and_head):
     assert layer.takes(torch.zeros(129, 1, hidden)) and layer.takes(torch.zeros(64, 5, hidden))
     assert not layer.takes(torch.zeros(1, 33, hidden))
     wide = layer.kernel_layer._wide
-    assert not wide(128, 1) and not wide(32, 4) and wide(129, 1) and wide(64, 3)
+    assert not wide(64, 1) and not wide(16, 4) and wide(65, 1) and wide(32, 3)
 
 
 @pytest.mark.parametrize("b, t", [(3, 1), (3, 4), (2, 3)])
@@ -325,11 +325,12 @@ def test_gemv_over_more_than_64_rows_is_the_product(kernels, rows):
 
 
 def test_with_128_rows_a_long_pass_through_the_kernels_equals_the_fused_pass(kernels, model_and_head, monkeypatch):
-    """48 rows x 2 tokens (96 > 64): the PyTorch layers' pass with RESPEC_KERNEL_ROWS=64,
-    the kernels' with 128 (the default), and the two agree."""
+    """48 rows x 2 tokens (96 > 64): the wide route by default, the GEMV kernels' 128-row
+    blocks with RESPEC_KERNEL_ROWS=128, and those agree with the PyTorch layers."""
     monkeypatch.setattr(kernels, "MAX_ROWS", 128)
     model, _ = model_and_head
     layer = FusedModel(model, kernels=True).layers[0]
+    assert not layer.kernel_layer._wide(48, 2)
     assert layer.takes(torch.zeros(48, 2, model.config.hidden_size))
     states = [FastState(model.config, 48, 16, 4, torch.float32, torch.device("cpu")) for _ in range(2)]
     prefix = torch.randint(0, 8, (48, 3))

@@ -59,21 +59,21 @@ def _pdl(device: torch.device) -> bool:
 
 
 def _max_rows() -> int:
-    rows = int(os.environ.get("RESPEC_KERNEL_ROWS", "128"))
+    rows = int(os.environ.get("RESPEC_KERNEL_ROWS", "64"))
     if rows not in (64, 128, 256):
         raise ValueError(f"RESPEC_KERNEL_ROWS must be 64, 128 or 256, got {rows}")
     return rows
 
 
-# The most rows (batch x tokens) a layer takes through these kernels: one row is a
-# multiply-and-sum on the CUDA cores, 2-128 one tl.dot on tensor cores (padded to 16, 32,
-# 64 or 128 rows: the arithmetic is free, the weights are read once either way; a loop over
-# the rows took 1.5-2x as long on an H100). Longer passes run PyTorch's layers. 128 since
-# the H100 timing at a4e6835 (docs/PERFORMANCE.md, "Kernels past 64 tokens"): passes of
-# 65-128 tokens took 0.80-0.82x the PyTorch layers' time (16 rows x 5 tokens: 3.18 ms
-# against 3.87), where with 64 they ran PyTorch's. RESPEC_KERNEL_ROWS=64 restores that;
-# 256 is exact but gains nothing: passes of 160-256 tokens took 0.97-1.05x PyTorch's time
-# on an H100 (d8763a3, "Kernels past 128 tokens").
+# The most rows (batch x tokens) a layer takes through the GEMV kernels: one row is a
+# multiply-and-sum on the CUDA cores, 2-64 one tl.dot on tensor cores (padded to 16, 32 or
+# 64 rows: the arithmetic is free, the weights are read once either way; a loop over the
+# rows took 1.5-2x as long on an H100). Longer passes take the wide route (cuBLAS products
+# and four kernels: kernel_layer.py). 64 since the H100 timing at b9f3ce0 (docs/PERFORMANCE.md,
+# "The wide route"): passes of 80-128 tokens took 0.76-0.79x as long through the wide route
+# as through 128-row GEMV blocks, passes of 16-64 tokens 1.04-1.11x. RESPEC_KERNEL_ROWS=128
+# or 256 sends passes up to that size through the GEMV kernels (before the wide route,
+# 65-128 tokens there took 0.80-0.82x PyTorch's layers; 160-256 tokens 0.97-1.05x).
 MAX_ROWS = _max_rows()
 
 
