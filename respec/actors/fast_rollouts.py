@@ -328,7 +328,22 @@ class FastRollouts(Actor):
                 self.log.info("draft_lengths_profiled", choice=self.live.choice, cached=cached,
                               seconds=round(time.perf_counter() - started, 3),
                               step_ms={f"{b}/{k}": round(1e3 * t, 3) for (b, k), t in self.live.step_cost.items()})
+            self._capture_every_step()
         return self.fast
+
+    def _capture_every_step(self) -> None:
+        """Capture the graph of every (bucket, draft length) this actor may run, before the
+        first batch. Profiling captures them as it times them, but step costs read back
+        from disk skip that, and then a pair's graph was captured mid-run, the first time
+        the adaptive choice picked it: likely the one ~2.2 s step in two runs with the
+        distiller, whose head updates move the choice (8769895, docs/PERFORMANCE.md)."""
+        if self.params.adaptive:
+            pairs = [(b, k) for b in self.fast.buckets for k in (0, *sorted(set(self.params.adaptive)))]
+        else:
+            pairs = [(b, self.lengths[b]) for b in self.fast.buckets]
+        started = time.perf_counter()
+        self.fast.capture(pairs)
+        self.log.info("graphs_captured", pairs=len(pairs), seconds=round(time.perf_counter() - started, 3))
 
     def _step_costs(self) -> tuple[dict[tuple[int, int], float], bool]:
         """Seconds per step of every (bucket, draft length) on this device: what the

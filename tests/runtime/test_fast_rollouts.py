@@ -464,7 +464,9 @@ def test_a_full_batch_starts_without_waiting_out_gather_s(checkpoint):
 def test_adaptive_costs_measured_once_are_read_back_by_the_next_run(checkpoint, eagle_head_dir, tmp_path,
                                                                     monkeypatch):
     """Where the costs are kept (a GPU; here the CPU with the cache pointed at a folder), a
-    second actor with the same key reads them instead of timing every (bucket, length)."""
+    second actor with the same key reads them instead of timing every (bucket, length); it
+    still captures every pair's graph before its first batch (not mid-run, when the choice
+    first picks one)."""
     from respec.actors import fast_rollouts
 
     monkeypatch.setattr(fast_rollouts.StepCostCache, "for_device", classmethod(lambda cls, device: cls(tmp_path)))
@@ -485,12 +487,18 @@ def test_adaptive_costs_measured_once_are_read_back_by_the_next_run(checkpoint, 
             loop.cancel()
 
         monkeypatch.setattr(FastGenerator, "time_step", lambda self, b, k, steps: timed.append((b, k)) or 1e-3 * (k + 1))
+        captures.clear()
         asyncio.run(scenario())
         return actor.live.step_cost
 
+    captures = []
+    capture = FastGenerator.capture
+    monkeypatch.setattr(FastGenerator, "capture", lambda self, pairs, prefill=None: captures.append(
+        sorted(pairs)) or capture(self, pairs, prefill))
     first = run_once()
     assert sorted(timed) == [(1, 0), (1, 2), (2, 0), (2, 2)]
     assert run_once() == first and len(timed) == 4  # read back: nothing timed the second time
+    assert captures[0] == [(1, 0), (1, 2), (2, 0), (2, 2)]  # every pair, before the batch's own capture
     assert len(list(tmp_path.glob("step-costs-*.json"))) == 1
 
 
