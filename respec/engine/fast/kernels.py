@@ -7,7 +7,9 @@ speed of reading the weights; cuBLAS takes 4-7 us for each of them at the 0.5B s
 GEMV over many programs (a block of output features each, all rows at once, optionally a
 share of the inputs) with the work around it folded in: the RMSNorm before it, the bias,
 SiLU-and-multiply and the residual add after it; the qkv product also rotates q and k
-(RoPE) and writes k and v into the KV store. Attention is one more kernel. docs/ENGINE.md ("Triton kernels") gives the decisions.
+(RoPE) and writes k and v into the KV store. Attention is one more kernel. Longer passes (the
+wide route, kernel_layer.py) take cuBLAS's products, with rope_store and silu_mul doing
+what the GEMV kernels fold into theirs, and the same attention kernel. docs/ENGINE.md ("Triton kernels") gives the decisions.
 
 Sums are in float32; each product and the gate are rounded to the activations' dtype where
 the PyTorch layer rounds them. On a CPU these run under Triton's interpreter
