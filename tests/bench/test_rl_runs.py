@@ -202,6 +202,24 @@ def test_e2e_reports_the_speedup_to_the_last_step_and_per_step_after_the_first(t
     assert variants["sync_nosd"]["step speedup vs sync_nosd"] == 1.0
 
 
+def test_e2e_reports_the_median_step_beside_the_mean_and_the_trainers_cycle(tmp_path, monkeypatch):
+    """One slow step (a mid-run graph capture: 2.2 s) moves the mean, not the median; the
+    trainer's median update and publish are the floor of an overlapped step."""
+    (tmp_path / "run.yaml").write_text(RUN)
+    gaps = [0.15] * 20 + [2.2] + [0.14] * 9
+    times = [10.0 + sum(gaps[:s]) for s in range(31)]
+    rows = [{"step": s + 1, "time_s": t, "reward_mean": 0.1, "accept_len": 1.0, "update_s": 0.1 + 0.001 * (s % 3),
+             "publish_s": 0.02} for s, t in enumerate(times)]
+    result = VariantResult("sync_nosd", rows, [], {}, rows[-1]["time_s"], extra={"scheduler_decisions": {}})
+    monkeypatch.setattr(rl_runs, "run_variants", lambda *args: [result])
+    row = rl_runs.bench_e2e(tmp_path / "e.json", 30, {}, tmp_path / "run.yaml", baseline=tmp_path / "run.yaml")[
+        "variants"]["sync_nosd"]
+    assert row["s per step after it"] == round(sum(gaps) / 30, 3) == 0.215
+    assert row["median step s"] == 0.15
+    assert row["trainer update / publish s"] == "0.101 / 0.020"
+    assert rl_runs.step_intervals(rows[:3]) == pytest.approx([0.15, 0.15])
+
+
 def test_the_fast_files_distilling_variant_puts_the_distiller_beside_the_trainer(tmp_path):
     """respec_fast_kd: FastRollouts names the policy (there is no Verifier), and the
     distiller goes where the trainer is: the --set device, else the file's, niced on a CPU."""
