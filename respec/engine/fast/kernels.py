@@ -508,10 +508,12 @@ CANDIDATES = {1: ((1, 1024, 2, 1), (2, 1024, 4, 1), (2, 2048, 8, 1), (4, 512, 4,
                   (8, 256, 4, 4), (16, 256, 4, 4)),
               16: ((16, 128, 4, 1), (32, 128, 4, 1), (16, 128, 4, 4), (16, 128, 4, 8), (16, 256, 4, 4),
                    (32, 128, 4, 4), (32, 128, 4, 8), (64, 64, 4, 8), (16, 64, 4, 16))}
-CANDIDATES[32] = ((16, 128, 4, 1), (32, 128, 4, 1), (16, 128, 4, 4), (32, 128, 4, 4), (16, 64, 4, 8))
-# At 64 rows each program's x tile ([64, BLOCK_K]) outweighs a 16-feature weight tile 4:1, and
-# every program reads it: wider blocks of features read it fewer times (untimed: the tuner decides).
-CANDIDATES[64] = CANDIDATES[32] + ((64, 64, 4, 1), (64, 128, 8, 1), (32, 64, 4, 2), (64, 64, 8, 2))
+# At 32-64 rows each program's x tile ([rows, BLOCK_K]) outweighs a 16-feature weight tile 2-4:1,
+# and every program reads it: wider blocks of features read it fewer times. Added at b9f3ce0
+# (64 rows) and after it (32): decode at 64 rows then took 1.148 ms against 1.306 ms before, in
+# one profile each (docs/PERFORMANCE.md, "The wide route"); the tuner decides per shape.
+CANDIDATES[32] = CANDIDATES[64] = ((16, 128, 4, 1), (32, 128, 4, 1), (16, 128, 4, 4), (32, 128, 4, 4), (16, 64, 4, 8),
+                                   (64, 64, 4, 1), (64, 128, 8, 1), (32, 64, 4, 2), (64, 64, 8, 2))
 # Blocks past 64 rows: more warps and smaller k tiles for the larger blocks of rows
 CANDIDATES[128] = ((16, 128, 4, 1), (16, 64, 8, 1), (32, 64, 8, 1), (16, 128, 8, 4), (16, 64, 4, 8))
 CANDIDATES[256] = ((16, 64, 8, 1), (16, 32, 8, 1), (32, 32, 8, 1), (16, 64, 8, 4), (16, 32, 8, 8))
