@@ -97,10 +97,11 @@ def main() -> None:
     labels = ["draft", "verify", "accept", "record", "catch_up"]
     print(f"{args.shape} shape, batch {b}, {'Triton kernels' if use_kernels else 'PyTorch layers'}; "
           "kernel time in us (kernels launched)")
-    for k in (int(k) for k in args.ks.split(",")):
-        eager = FastGenerator(model, head if k else None, max_rows=b, max_len=256, max_new=128, max_k=4, graphs=False,
-                              kernels=use_kernels)
-        graphed = FastGenerator(model, head if k else None, max_rows=b, max_len=256, max_new=128, max_k=4,
+    ks = [int(k) for k in args.ks.split(",")]
+    for k in ks:
+        eager = FastGenerator(model, head if k else None, max_rows=b, max_len=256, max_new=128, max_k=max(ks),
+                              graphs=False, kernels=use_kernels)
+        graphed = FastGenerator(model, head if k else None, max_rows=b, max_len=256, max_new=128, max_k=max(ks),
                                 kernels=use_kernels)
         graphed_ms = graphed.time_step(b, k, 50) * 1e3
         eager_ms = eager.time_step(b, k, 10) * 1e3
