@@ -202,6 +202,18 @@ def test_e2e_reports_the_speedup_to_the_last_step_and_per_step_after_the_first(t
     assert variants["sync_nosd"]["step speedup vs sync_nosd"] == 1.0
 
 
+def test_over_seeds_gives_the_mean_step_time_over_the_sync_step_per_seed():
+    def run(name, seed, per_step):
+        rows = [{"step": s, "time_s": 20.0 + s * per_step} for s in range(1, 11)]
+        return VariantResult(name, rows, [], {"accuracy_end": 0.5}, rows[-1]["time_s"], seed=seed)
+
+    results = [run("sync_nosd", 0, 0.32), run("sync_nosd", 1, 0.30), run("respec", 0, 0.16), run("respec", 1, 0.18)]
+    base = {r.seed: r.trainer[-1]["time_s"] for r in results if r.name == "sync_nosd"}
+    rows = {row["variant"]: row for row in rl_runs.over_seeds(results, base, evaluations=100)}
+    assert rows["respec"]["step time / sync mean"] == round((0.16 / 0.32 + 0.18 / 0.30) / 2, 3) == 0.55
+    assert rows["sync_nosd"]["step time / sync mean"] == 1.0
+
+
 def test_e2e_reports_the_median_step_beside_the_mean_and_the_trainers_cycle(tmp_path, monkeypatch):
     """One slow step (a mid-run graph capture: 2.2 s) moves the mean, not the median; the
     trainer's median update and publish are the floor of an overlapped step."""
