@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 
+from respec.runtime import device_thread
 from respec.runtime.device_thread import DeviceThread
 
 
@@ -36,3 +38,21 @@ def test_off_it_runs_the_work_on_the_loop():
     worker = DeviceThread("probe", "cpu", enabled=False)
     assert asyncio.run(worker.run(lambda: threading.current_thread().name)) == threading.current_thread().name
     worker.close()
+
+
+def test_a_thread_lowers_the_gil_switch_interval_and_never_raises_it():
+    """With the default 5 ms the thread waited up to 5 ms for the GIL after each device
+    wait (bench/gil_switch.py); off, the process's interval is left alone."""
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        DeviceThread("probe", "cpu", enabled=False).close()
+        assert sys.getswitchinterval() == 0.005
+        worker = DeviceThread("probe", "cpu")
+        assert abs(sys.getswitchinterval() - device_thread.SWITCH_INTERVAL_S) < 1e-9
+        worker.close()
+        sys.setswitchinterval(0.0001)  # someone chose lower: kept
+        DeviceThread("probe", "cpu").close()
+        assert abs(sys.getswitchinterval() - 0.0001) < 1e-9
+    finally:
+        sys.setswitchinterval(before)
