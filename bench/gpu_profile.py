@@ -6,7 +6,8 @@ of a Qwen2.5 shape, one decoding step (k = 0) and SD steps (k > 0) under torch.p
 Prints, per k, the graph-replayed step time beside the eager one, then the step's kernel
 time split by phase (the head's drafting, the verification pass, acceptance and
 bookkeeping, the head's catch-up pass over the committed tokens): kernels launched and
-the sum of their durations. On a graph replay the GPU runs the same kernels back to back,
+the sum of their durations. Triton's kernels are not tied to the phase that launched
+them: their count and time are "unattributed". On a graph replay the GPU runs the same kernels back to back,
 so the sums say where a replayed step's time goes. --table adds torch's kernel table.
 A tool for making the fast path faster, not a result.
 """
@@ -75,8 +76,10 @@ def phase_split(prof, labels: list[str]) -> dict[str, tuple[int, float]]:
         events = top if label == "step" else [e for e in prof.events() if e.name == label and e.device_type.name == "CPU"]
         kernels = [kernel for event in events for kernel in kernels_under(event)]
         split[label] = (len(kernels), sum(kernel.duration for kernel in kernels))
-    # Kernels the profiler could not tie to a CPU range (none, when the split is whole).
-    every = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    # Kernels the profiler could not tie to a CPU range: Triton's launches are not tied to
+    # the range around them, so the GEMV route's kernels land here. The ranges' own GPU-side
+    # spans (same names) are not kernels.
+    every = [e for e in prof.events() if e.device_type.name == "CUDA" and e.name not in ("step", *labels)]
     split["unattributed"] = (len(every) - split["step"][0], sum(e.device_time for e in every) - split["step"][1])
     return split
 
