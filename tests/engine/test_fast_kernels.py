@@ -101,23 +101,30 @@ def cached_pass(model, kernels, tokens, positions, state):
     return fused.run(tokens, positions, kv, capture=(0, 2))
 
 
-@pytest.mark.parametrize("b, t, attend_o", [(1, 1, False), (1, 1, True), (1, 4, True), (2, 3, False), (8, 4, False)])
-def test_a_pass_through_the_kernels_equals_the_fused_pass(kernels, model_and_head, monkeypatch, b, t, attend_o):
-    """Logits, captured features and the KV store written, after a prefix already cached
-    (one row with attend_o too; 32 tokens: the 32-row dot products)."""
-    monkeypatch.setattr(kernels, "ATTEND_O", attend_o)
-    model, _ = model_and_head
-    states = [FastState(model.config, 8, 24, 8, torch.float32, torch.device("cpu")) for _ in range(2)]
-    prefix = torch.randint(0, 8, (b, 5))
-    for state in states:  # the same prefix in both stores, through the fused path
-        cached_pass(model, False, prefix, torch.arange(5).repeat(b, 1), state)
-    tokens, positions = torch.randint(0, 8, (b, t)), 5 + torch.arange(t).repeat(b, 1)
+def assert_kernels_pass_is_the_fused_pass(model, b: int, t: int, prefix: int = 5, rows: int = 8, max_len: int = 24):
+    """One pass of t tokens per row after a `prefix` cached by the fused path in two equal
+    stores: through the kernels (whichever route the pass takes) and through the PyTorch
+    layers, the logits, captured features and the KV store written agree."""
+    states = [FastState(model.config, rows, max_len, 4, torch.float32, torch.device("cpu")) for _ in range(2)]
+    cached = torch.randint(0, 8, (b, prefix))
+    for state in states:
+        cached_pass(model, False, cached, torch.arange(prefix).repeat(b, 1), state)
+    tokens, positions = torch.randint(0, 8, (b, t)), prefix + torch.arange(t).repeat(b, 1)
     (logits, features), (expected_logits, expected_features) = (
         cached_pass(model, use, tokens, positions, state) for use, state in zip((True, False), states, strict=True))
     torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(features, expected_features, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(states[0].k, states[1].k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(states[0].v, states[1].v, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("b, t, attend_o", [(1, 1, False), (1, 1, True), (1, 4, True), (2, 3, False), (8, 4, False)])
+def test_a_pass_through_the_kernels_equals_the_fused_pass(kernels, model_and_head, monkeypatch, b, t, attend_o):
+    """Logits, captured features and the KV store written, after a prefix already cached
+    (one row with attend_o too; 32 tokens: the 32-row dot products)."""
+    monkeypatch.setattr(kernels, "ATTEND_O", attend_o)
+    model, _ = model_and_head
+    assert_kernels_pass_is_the_fused_pass(model, b, t)
 
 
 @pytest.mark.parametrize("k", [0, 3])
@@ -287,17 +294,7 @@ def test_a_wide_pass_equals_the_fused_pass(kernels, model_and_head, monkeypatch,
     monkeypatch.setattr(kernels, "MAX_ROWS", 4)
     model, _ = model_and_head
     assert FusedModel(model, kernels=True).layers[0].kernel_layer._wide(b, t)
-    states = [FastState(model.config, 8, 24, 8, torch.float32, torch.device("cpu")) for _ in range(2)]
-    prefix = torch.randint(0, 8, (b, 5))
-    for state in states:
-        cached_pass(model, False, prefix, torch.arange(5).repeat(b, 1), state)
-    tokens, positions = torch.randint(0, 8, (b, t)), 5 + torch.arange(t).repeat(b, 1)
-    (logits, features), (expected_logits, expected_features) = (
-        cached_pass(model, use, tokens, positions, state) for use, state in zip((True, False), states, strict=True))
-    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(features, expected_features, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(states[0].k, states[1].k, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(states[0].v, states[1].v, atol=1e-5, rtol=1e-5)
+    assert_kernels_pass_is_the_fused_pass(model, b, t)
 
 
 @pytest.mark.parametrize("k", [0, 3])
@@ -332,16 +329,7 @@ def test_with_128_rows_a_long_pass_through_the_kernels_equals_the_fused_pass(ker
     layer = FusedModel(model, kernels=True).layers[0]
     assert not layer.kernel_layer._wide(48, 2)
     assert layer.takes(torch.zeros(48, 2, model.config.hidden_size))
-    states = [FastState(model.config, 48, 16, 4, torch.float32, torch.device("cpu")) for _ in range(2)]
-    prefix = torch.randint(0, 8, (48, 3))
-    for state in states:
-        cached_pass(model, False, prefix, torch.arange(3).repeat(48, 1), state)
-    tokens, positions = torch.randint(0, 8, (48, 2)), 3 + torch.arange(2).repeat(48, 1)
-    (logits, features), (expected_logits, expected_features) = (
-        cached_pass(model, use, tokens, positions, state) for use, state in zip((True, False), states, strict=True))
-    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(features, expected_features, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(states[0].k, states[1].k, atol=1e-5, rtol=1e-5)
+    assert_kernels_pass_is_the_fused_pass(model, 48, 2, prefix=3, rows=48, max_len=16)
 
 
 def test_kernel_rows_past_the_supported_sizes_are_refused(kernels, monkeypatch):
