@@ -396,3 +396,15 @@ def test_products_prefetching_the_next_weight_tiles_compute_the_same(kernels, mo
                        config=config)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
     test_a_pass_through_the_kernels_equals_the_fused_pass(kernels, model_and_head, monkeypatch, rows, 2, False)
+
+
+def test_the_wide_routes_residual_products_add_a_bias_where_there_is_one(kernels):
+    """o_proj and down_proj have no bias in Qwen2 (one addmm); a model whose do gets the
+    product with its bias, then the residual."""
+    from respec.engine.fast.kernel_layer import _plus_product
+
+    torch.manual_seed(0)
+    residual, x = torch.randn(6, 8), torch.randn(6, 5)
+    for bias in (False, True):
+        linear = torch.nn.Linear(5, 8, bias=bias)
+        torch.testing.assert_close(_plus_product(residual, x, linear), residual + linear(x), atol=1e-6, rtol=1e-6)
