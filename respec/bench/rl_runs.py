@@ -277,12 +277,24 @@ def scheduler_decisions(log_lines: list[str]) -> dict[str, int]:
 
 def profiled_step_costs(log_lines: list[str]) -> dict[str, Any] | None:
     """FastRollouts' step cost per "bucket/draft length" in ms and the draft lengths it chose
-    from them (its `draft_lengths_profiled` event); None for a run without one."""
+    from them (its `draft_lengths_profiled` event), the graphs it captured before its first
+    batch, and each later change of the choice as [batch index, choice] (the draft lengths
+    of its `batch_generated` events); None for a run without a profile."""
+    costs, captured, changes, batches, last = None, None, [], 0, None
     for line in log_lines:
-        if '"draft_lengths_profiled"' in line:
+        if '"draft_lengths_profiled"' in line and costs is None:
             event = json.loads(line)
-            return {key: event.get(key) for key in ("step_ms", "choice", "cached")}
-    return None
+            costs, last = {key: event.get(key) for key in ("step_ms", "choice", "cached")}, event.get("choice")
+        elif '"graphs_captured"' in line and captured is None:
+            event = json.loads(line)
+            captured = {key: event.get(key) for key in ("pairs", "seconds")}
+        elif '"batch_generated"' in line and costs is not None:
+            lengths = json.loads(line).get("draft_lengths")
+            if isinstance(lengths, dict) and lengths != last:
+                changes.append([batches, lengths])
+                last = lengths
+            batches += 1
+    return None if costs is None else {**costs, "captured": captured, "choice_changes": changes}
 
 
 def report(bench: str, results: list[VariantResult], columns: list[tuple[str, Any]], json_file: Path,

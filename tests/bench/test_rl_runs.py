@@ -286,10 +286,13 @@ def test_each_run_carries_the_gaps_between_its_batches_into_the_e2e_table(tmp_pa
     stamp = lambda at: f"2026-11-27T22:00:{at:09.6f}Z"  # noqa: E731
     events = []
     for batch in range(8):  # each 0.15 s, ending every 0.2 s: a gap of 0.05 s with a load in it
-        events.append({"event": "batch_generated", "seconds": 0.15, "timestamp": stamp(1.0 + 0.2 * batch)})
+        lengths = {"1": 4, "8": 0} if batch < 5 else {"1": 6, "8": 0}  # the choice moves at batch 5
+        events.append({"event": "batch_generated", "seconds": 0.15, "timestamp": stamp(1.0 + 0.2 * batch),
+                       "draft_lengths": lengths})
         events.append({"event": "policy_weights_loaded", "load_s": 0.012, "timestamp": stamp(1.02 + 0.2 * batch)})
     events.insert(0, {"event": "draft_lengths_profiled", "choice": {"1": 4, "8": 0}, "cached": False,
                       "step_ms": {"1/0": 0.7, "1/4": 1.9, "8/0": 0.9, "8/4": 2.4}, "timestamp": stamp(0.5)})
+    events.insert(1, {"event": "graphs_captured", "pairs": 4, "seconds": 0.3, "timestamp": stamp(0.6)})
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     monkeypatch.setattr(rl_runs, "run_file", lambda *args, **kwargs: SimpleNamespace(
         ok=True, reason="", run_dir=tmp_path, stats={}, metrics=[]))
@@ -297,4 +300,6 @@ def test_each_run_carries_the_gaps_between_its_batches_into_the_e2e_table(tmp_pa
     assert result.extra["batch_gaps"]["gap_s"] == pytest.approx(0.05)
     assert rl_runs._between_batches(result) == "0.15 / 0.05 / 0.012"
     assert result.extra["step_costs"] == {"step_ms": {"1/0": 0.7, "1/4": 1.9, "8/0": 0.9, "8/4": 2.4},
-                                          "choice": {"1": 4, "8": 0}, "cached": False}
+                                          "choice": {"1": 4, "8": 0}, "cached": False,
+                                          "captured": {"pairs": 4, "seconds": 0.3},
+                                          "choice_changes": [[5, {"1": 6, "8": 0}]]}
