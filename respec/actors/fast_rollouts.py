@@ -299,6 +299,7 @@ class FastRollouts(Actor):
         if self.live is not None:
             self.live.observe(fast.chains, sum(result.accepted for result in results))
         self.log.info("batch_generated", rows=len(batch), tokens=sum(len(r.tokens) for r in results),
+                      longest=max(len(r.tokens) for r in results), steps=fast.steps_taken,
                       seconds=round(seconds, 4), policy_version=self.version, draft_lengths=lengths)
         return functools.partial(self._send_rollouts, batch, results, self.version, seconds)
 

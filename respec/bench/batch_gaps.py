@@ -42,7 +42,7 @@ def gaps(events: list[dict]) -> list[dict]:
         elif kind == "batch_generated":
             start = _at(event) - event["seconds"]
             if end is not None:
-                rows.append({"batch_s": event["seconds"], "gap_s": start - end,
+                rows.append({"batch_s": event["seconds"], "gap_s": start - end, "steps": event.get("steps"),
                              "policy_load_s": sum(e.get("load_s", 0.0) for e in loads
                                                   if e["event"] == "policy_weights_loaded"),
                              "draft_load_s": sum(e.get("load_s", 0.0) for e in loads
@@ -64,7 +64,32 @@ def summary(rows: list[dict], skip: int) -> dict | None:
             "policy_load_s": median("policy_load_s", rows),
             "gaps_with_a_head_load": len(with_head), "gap_s_with_a_head_load": median("gap_s", with_head),
             "draft_load_s": median("draft_load_s", with_head),
-            "draft_kinds": sorted({k for r in with_head for k in r["draft_kinds"]})}
+            "draft_kinds": sorted({k for r in with_head for k in r["draft_kinds"]}), **slow_batches(rows)}
+
+
+SLOW = 1.5  # a batch this many times the median batch counts as slow
+
+
+def slow_batches(rows: list[dict]) -> dict:
+    """Why the slow batches were slow, where the log has each batch's steps (5ca5-this-session
+    on): more steps (a longer row: the long tail) or longer steps (the host late to launch
+    the next one: the GIL, a pause). Medians of steps and ms per step, over all batches and
+    over those past SLOW x the median batch; {} for a log without steps."""
+    timed = [r for r in rows if r.get("steps")]
+    if not timed:
+        return {}
+    typical = statistics.median(r["batch_s"] for r in timed)
+    slow = [r for r in timed if r["batch_s"] > SLOW * typical]
+
+    def medians(of: list[dict]) -> tuple[float | None, float | None]:
+        if not of:
+            return None, None
+        return (statistics.median(r["steps"] for r in of),
+                round(statistics.median(1e3 * r["batch_s"] / r["steps"] for r in of), 3))
+
+    (steps, ms), (slow_steps, slow_ms) = medians(timed), medians(slow)
+    return {"steps": steps, "ms_per_step": ms, "slow_batches": len(slow), "slow_steps": slow_steps,
+            "slow_ms_per_step": slow_ms}
 
 
 def events_in(lines: list[str]) -> list[dict]:

@@ -50,3 +50,19 @@ def test_a_run_directorys_log_is_read_for_its_batch_and_load_events_only(tmp_pat
     assert medians["batches"] == 1 and medians["gap_s"] == pytest.approx(0.05)
     assert medians["policy_load_s"] == pytest.approx(0.01)
     assert run_gaps([]) is None  # no log: a run that generated elsewhere
+
+
+def test_slow_batches_are_told_apart_by_their_steps_and_their_time_per_step():
+    """Over 1.5x the median batch: a long tail (more steps of the usual length) or a stalled
+    host (the usual steps, each longer); a log without steps gives nothing to tell."""
+    at, events = 0.0, []
+    for seconds, steps in [(0.10, 50)] * 6 + [(0.20, 100), (0.30, 50)]:
+        at += seconds + 0.05
+        events.append(_event(at, "batch_generated", seconds=seconds, steps=steps))
+    result = summary(gaps(events), skip=0)
+    assert result["steps"] == 50 and result["ms_per_step"] == pytest.approx(2.0)
+    assert result["slow_batches"] == 2 and result["slow_steps"] == 75
+    assert result["slow_ms_per_step"] == pytest.approx((2.0 + 6.0) / 2)
+    without = summary(gaps([_event(1.0, "batch_generated", seconds=0.1), _event(1.2, "batch_generated", seconds=0.1)]),
+                      skip=0)
+    assert "steps" not in without

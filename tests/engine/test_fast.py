@@ -211,3 +211,5 @@ def test_chains_count_every_row_step_by_its_draft_length(model_and_head):
     results = generator.generate(prompts_of(7), {8: 3, 4: 2, 2: 1, 1: 0})
     assert sum(generator.chains.values()) == sum(r.steps for r in results)
     assert set(generator.chains) <= {0, 1, 2, 3} and generator.chains.get(3, 0) > 0
+    # the steps the call ran: the longest-lived row's (a batch's time is about these)
+    assert generator.steps_taken == max(r.steps for r in results) > min(r.steps for r in results)

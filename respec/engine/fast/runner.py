@@ -72,6 +72,7 @@ class FastGenerator:
         self._prefill_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs_on else None
         self.chains: dict[int, int] = {}  # after generate: draft length -> row-steps that drafted that many
+        self.steps_taken = 0  # after generate: the steps it ran (the longest row's; a batch's time is about these)
 
     def refresh_weights(self) -> None:
         """Re-read the model's (and head's) weights into the fused copies, in place."""
@@ -178,13 +179,14 @@ class FastGenerator:
             limits.copy_(torch.as_tensor(list(max_new)), non_blocking=True)
             self.state.done[: len(prompts)] |= limits <= 1
         owner = list(range(len(prompts))) + [-1] * (self.state.rows - len(prompts))  # state row -> prompt
-        self.chains = {}
+        self.chains, self.steps_taken = {}, 0
         live = self.state.done[:b].tolist().count(False)  # rows not done before the next step (as of the last check)
         while True:
             for _ in range(check_every):
                 k = choose(b)
                 self.step(b, k)
                 self.chains[k] = self.chains.get(k, 0) + live
+                self.steps_taken += 1
             done = self.state.done[:b].tolist()  # the one host synchronisation per check
             live = done.count(False)
             if live == 0:
