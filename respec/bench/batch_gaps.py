@@ -71,7 +71,7 @@ SLOW = 1.5  # a batch this many times the median batch counts as slow
 
 
 def slow_batches(rows: list[dict]) -> dict:
-    """Why the slow batches were slow, where the log has each batch's steps (5ca5-this-session
+    """Why the slow batches were slow, where the log has each batch's steps (4acc087
     on): more steps (a longer row: the long tail) or longer steps (the host late to launch
     the next one: the GIL, a pause). Medians of steps and ms per step, over all batches and
     over those past SLOW x the median batch; {} for a log without steps."""
