@@ -1,7 +1,9 @@
 """The step times inside a `respec bench e2e` JSON: per run, the mean and the median
 step after the first, each against the same seed's sync no-SD run, the slowest steps, and
-the trainer's median update and publish. For files written before the e2e table had the
-median column (docs/PERFORMANCE.md quotes these).
+the trainer's median update and publish, and where the runs' logs had each batch's steps
+(4acc087 on), how many batches took over 1.5x the median and whether they ran more steps
+or slower ones. For files written before the e2e table had the median column
+(docs/PERFORMANCE.md quotes these).
 
     python3 bench/e2e_steps.py docs/results/e2e_gains_wide_2gpu_h100_8769895.json [...]
 """
@@ -22,7 +24,10 @@ def run_steps(name: str, run: dict) -> dict:
     intervals = step_intervals(run["trainer"])
     slowest = sorted(((gap, step + 2) for step, gap in enumerate(intervals)), reverse=True)[:3]
     rows = run["trainer"][1:]
-    return {"run": name, "seed": run.get("seed"), "variant": run.get("variant", name),
+    gaps = (run.get("extra") or {}).get("batch_gaps") or {}
+    slow = (f"{gaps['slow_batches']}: {gaps['slow_steps']} steps of {gaps['slow_ms_per_step']} ms "
+            f"(all: {gaps['steps']} of {gaps['ms_per_step']} ms)" if "steps" in gaps else "-")
+    return {"run": name, "seed": run.get("seed"), "variant": run.get("variant", name), "slow_batches": slow,
             "mean": statistics.mean(intervals), "median": statistics.median(intervals),
             "slowest": [(round(gap, 3), step) for gap, step in slowest],
             "update": statistics.median(float(row.get("update_s") or 0.0) for row in rows),
@@ -35,11 +40,11 @@ def main(paths: list[str]) -> None:
     for path in paths:
         runs = [run_steps(name, run) for name, run in json.loads(Path(path).read_text())["variants"].items()]
         base = {r["seed"]: r for r in runs if r["variant"] == "sync_nosd"}
-        print(f"{path}\n| run | mean step s (x sync) | median step s (x sync) | slowest (s, step) | trainer update / publish s |"
-              "\n| --- | --- | --- | --- | --- |")
+        print(f"{path}\n| run | mean step s (x sync) | median step s (x sync) | slowest (s, step) | trainer update / publish s "
+              "| slow batches (logs from 4acc087) |\n| --- | --- | --- | --- | --- | --- |")
         for r in runs:
             print(f"| {r['run']} | {_against(r, base, 'mean')} | {_against(r, base, 'median')} | "
-                  f"{r['slowest']} | {r['update']:.3f} / {r['publish']:.3f} |")
+                  f"{r['slowest']} | {r['update']:.3f} / {r['publish']:.3f} | {r['slow_batches']} |")
 
 
 def _against(run: dict, base: dict, key: str) -> str:
