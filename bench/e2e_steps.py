@@ -25,8 +25,11 @@ def run_steps(name: str, run: dict) -> dict:
     slowest = sorted(((gap, step + 2) for step, gap in enumerate(intervals)), reverse=True)[:3]
     rows = run["trainer"][1:]
     gaps = (run.get("extra") or {}).get("batch_gaps") or {}
-    slow = (f"{gaps['slow_batches']}: {gaps['slow_steps']} steps of {gaps['slow_ms_per_step']} ms "
-            f"(all: {gaps['steps']} of {gaps['ms_per_step']} ms)" if "steps" in gaps else "-")
+    slow = "-"
+    if "steps" in gaps:
+        typical = f"all: {gaps['steps']} steps of {gaps['ms_per_step']} ms"
+        slow = (f"{gaps['slow_batches']}: {gaps['slow_steps']} steps of {gaps['slow_ms_per_step']} ms ({typical})"
+                if gaps["slow_batches"] else f"0 ({typical})")
     return {"run": name, "seed": run.get("seed"), "variant": run.get("variant", name), "slow_batches": slow,
             "mean": statistics.mean(intervals), "median": statistics.median(intervals),
             "slowest": [(round(gap, 3), step) for gap, step in slowest],
