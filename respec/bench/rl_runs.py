@@ -431,10 +431,11 @@ def bench_e2e(json_file: Path, steps: int, extra: dict[str, Any], config: Path =
                ("draft updates", lambda r: len(r.distiller)),
                ("batch / gap / policy load s", _between_batches)]
     aggregate = over_seeds(results, base, _evaluations(baseline)) if len(seeds) > 1 else None
-    if aggregate:
+    payload = report("e2e", results, columns, json_file, [("reward_mean", "reward"), ("accept_len", "acceptance length")],
+                     console, {"steps": steps, "seeds": list(seeds), **({"over_seeds": aggregate} if aggregate else {})})
+    if aggregate:  # after the runs' table: the summary is what the output ends with
         _print_over_seeds(aggregate, console)
-    return report("e2e", results, columns, json_file, [("reward_mean", "reward"), ("accept_len", "acceptance length")],
-                  console, {"steps": steps, "seeds": list(seeds), **({"over_seeds": aggregate} if aggregate else {})})
+    return payload
 
 
 def over_seeds(results: list[VariantResult], base: dict[int | None, float], evaluations: int) -> list[dict[str, Any]]:
