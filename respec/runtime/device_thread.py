@@ -7,8 +7,9 @@ The thread mostly waits on the device with the GIL released, and between two wai
 it back for a moment. Python hands the GIL from a thread running Python to a waiting one
 only every switch interval, 5 ms by default, and meanwhile the device idles: on the CPU
 (`bench/gil_switch.py`) a worker of 60 steps of 1.5 ms took 4.2x its time beside a thread
-running Python at 5 ms, 1.17x at 0.2 ms, while the busy thread's own work per second did
-not change. So a DeviceThread lowers the process's switch interval to SWITCH_INTERVAL_S.
+running Python at 5 ms, 1.17-1.20x at 0.2 ms, while the busy thread's own work per second
+moved by 3% at most. So a DeviceThread lowers the process's switch interval to
+SWITCH_INTERVAL_S.
 """
 
 from __future__ import annotations
