@@ -6,7 +6,11 @@ responses of 20-250 tokens), each variant timed interleaved with the others, med
     python3 bench/train_lane.py --json f.json [--shape 0.5b] [--repeats 7]
 
 - update: `GRPOTrainer.step` with AdamW's for-each kernels against its fused kernel
-  (TrainerConfig.fused_adamw).
+  (TrainerConfig.fused_adamw), and training the RMSNorm gains only (lr 0, gain_lr 1e-2:
+  what the e2e runs of configs/gpu_fast.yaml train, and the floor of their asynchronous
+  step, docs/RUNTIME.md). The fused and gains-only updates are profiled once each: the
+  kernel table ends with the device time, to set beside the wall time (the rest is the
+  host's).
 - distill: `distill_rollouts` on 21 rollouts (one version's slice) as the RL section calls
   it, against the same call given the target's features and logits (what a pass the update
   already made could hand over): the share of the target's own forward pass.
@@ -45,11 +49,12 @@ def main() -> None:
     parser.add_argument("--json", required=True)
     parser.add_argument("--shape", default="0.5b")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rollouts", type=int, default=32, help="64: an RL step of configs/gpu_fast.yaml")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vocab = char_tokenizer().vocab_size
     base = random_model(shape_config(args.shape, vocab, tokenizer=char_tokenizer()), device).float().eval()
-    samples = rollouts(32, vocab)
+    samples = rollouts(args.rollouts, vocab)
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "shape": args.shape,
               "rollouts": len(samples), "tokens": sum(len(s.prompt) + len(s.response) for s in samples)}
     report["update"] = update_times(base, samples, args.repeats)
@@ -89,12 +94,13 @@ def timed(calls: dict, repeats: int, device: torch.device) -> dict:
 
 def update_times(base, samples, repeats: int) -> dict:
     device = next(base.parameters()).device
+    configs = {"foreach_adamw": dict(lr=1e-6, fused_adamw=False), "fused_adamw": dict(lr=1e-6),
+               "gains_only": dict(lr=0.0, gain_lr=1e-2)}
     trainers = {}
-    for fused in (False, True):
+    for name, config in configs.items():
         model = random_model(base.config, device).float()
         model.load_state_dict(base.state_dict())
-        trainers["fused_adamw" if fused else "foreach_adamw"] = GRPOTrainer(
-            model, TrainerConfig(lr=1e-6, micro_batch=64, length_multiple=LENGTH_MULTIPLE, fused_adamw=fused))
+        trainers[name] = GRPOTrainer(model, TrainerConfig(micro_batch=64, length_multiple=LENGTH_MULTIPLE, **config))
 
     def step(trainer):
         with bf16_autocast(device):
@@ -102,8 +108,10 @@ def update_times(base, samples, repeats: int) -> dict:
 
     out = timed({name: (lambda t=t: step(t)) for name, t in trainers.items()}, repeats, device)
     out["fused_over_foreach"] = out["fused_adamw"]["median_s"] / out["foreach_adamw"]["median_s"]
-    log(f"update: foreach {out['foreach_adamw']['median_s'] * 1e3:.1f} ms, fused {out['fused_adamw']['median_s'] * 1e3:.1f} ms")
+    log(f"update: foreach {out['foreach_adamw']['median_s'] * 1e3:.1f} ms, fused {out['fused_adamw']['median_s'] * 1e3:.1f} "
+        f"ms, gains only {out['gains_only']['median_s'] * 1e3:.1f} ms")
     out["profile"] = _profile(lambda: step(trainers["fused_adamw"]), device)
+    out["profile_gains_only"] = _profile(lambda: step(trainers["gains_only"]), device)
     return out
 
 
