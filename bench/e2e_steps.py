@@ -17,13 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from respec.bench.rl_runs import step_intervals  # noqa: E402
+from respec.bench.rl_runs import step_intervals, trainer_cycle  # noqa: E402
 
 
 def run_steps(name: str, run: dict) -> dict:
     intervals = step_intervals(run["trainer"])
     slowest = sorted(((gap, step + 2) for step, gap in enumerate(intervals)), reverse=True)[:3]
-    rows = run["trainer"][1:]
+    cycle = trainer_cycle(run["trainer"]) or {"update_s": 0.0, "publish_s": 0.0}
     gaps = (run.get("extra") or {}).get("batch_gaps") or {}
     slow = "-"
     if "steps" in gaps:
@@ -33,8 +33,7 @@ def run_steps(name: str, run: dict) -> dict:
     return {"run": name, "seed": run.get("seed"), "variant": run.get("variant", name), "slow_batches": slow,
             "mean": statistics.mean(intervals), "median": statistics.median(intervals),
             "slowest": [(round(gap, 3), step) for gap, step in slowest],
-            "update": statistics.median(float(row.get("update_s") or 0.0) for row in rows),
-            "publish": statistics.median(float(row.get("publish_s") or 0.0) for row in rows)}
+            "update": cycle["update_s"], "publish": cycle["publish_s"]}
 
 
 def main(paths: list[str]) -> None:

@@ -339,7 +339,7 @@ class FastRollouts(Actor):
         the adaptive choice picked it: likely the one ~2.2 s step in two runs with the
         distiller, whose head updates move the choice (8769895, docs/PERFORMANCE.md)."""
         if self.params.adaptive:
-            pairs = [(b, k) for b in self.fast.buckets for k in (0, *sorted(set(self.params.adaptive)))]
+            pairs = [(b, k) for b in self.fast.buckets for k in self._adaptive_lengths()]
         else:
             pairs = [(b, self.lengths[b]) for b in self.fast.buckets]
         started = time.perf_counter()
@@ -351,7 +351,7 @@ class FastRollouts(Actor):
         adaptive choice weighs the expected accepted drafts against. Measured, or on a GPU
         read back from an earlier run with the same key (step_costs.py); and whether read."""
         p = self.params
-        lengths = (0, *sorted(set(p.adaptive)))
+        lengths = self._adaptive_lengths()
         cache = StepCostCache.for_device(self.device)
         key = None
         if cache.folder is not None:
@@ -364,6 +364,10 @@ class FastRollouts(Actor):
         if key is not None:
             cache.store(key, costs)
         return costs, False
+
+    def _adaptive_lengths(self) -> tuple[int, ...]:
+        """The draft lengths the adaptive choice picks from: none, and each of params.adaptive."""
+        return (0, *sorted(set(self.params.adaptive)))
 
     def _max_k(self) -> int:
         return max(*self.lengths.values(), *self.params.adaptive, 0)

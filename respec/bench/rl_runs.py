@@ -511,14 +511,19 @@ def _median_step(result: VariantResult) -> float:
     return round(statistics.median(intervals), 3) if intervals else 0.0
 
 
-def _trainer_cycle(result: VariantResult) -> str:
-    """The trainer's median update and publish seconds: with generation overlapped, the
-    floor of an asynchronous step."""
-    rows = result.trainer[1:]
+def trainer_cycle(trainer: list[dict[str, Any]]) -> dict[str, float] | None:
+    """The trainer's median update and publish seconds after the first step (its metrics
+    rows): with generation overlapped, the floor of an asynchronous step; None before a
+    second step."""
+    rows = trainer[1:]
     if not rows:
-        return "-"
-    return " / ".join(f"{statistics.median(float(row.get(key) or 0.0) for row in rows):.3f}"
-                      for key in ("update_s", "publish_s"))
+        return None
+    return {key: statistics.median(float(row.get(key) or 0.0) for row in rows) for key in ("update_s", "publish_s")}
+
+
+def _trainer_cycle(result: VariantResult) -> str:
+    cycle = trainer_cycle(result.trainer)
+    return "-" if cycle is None else f"{cycle['update_s']:.3f} / {cycle['publish_s']:.3f}"
 
 
 def _accuracy(result: VariantResult) -> str:
