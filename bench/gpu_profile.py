@@ -7,8 +7,9 @@ Prints, per k, the graph-replayed step time beside the eager one, then the step'
 time split by phase (the head's drafting, the verification pass, acceptance and
 bookkeeping, the head's catch-up pass over the committed tokens): kernels launched and
 the sum of their durations. Triton's kernels are not tied to the phase that launched
-them: their count and time are "unattributed". On a graph replay the GPU runs the same kernels back to back,
-so the sums say where a replayed step's time goes. --table adds torch's kernel table.
+them: their count and time are "unattributed". On a graph replay the GPU runs the same
+kernels back to back, so the sums say where a replayed step's time goes. --table adds
+torch's kernel table.
 A tool for making the fast path faster, not a result.
 """
 
@@ -108,8 +109,7 @@ def main() -> None:
                                 kernels=use_kernels)
         graphed_ms = graphed.time_step(b, k, 50) * 1e3
         eager_ms = eager.time_step(b, k, 10) * 1e3
-        eager.time_step(b, k, 1)  # leaves the state empty; one more step below on a started state
-        eager.start([[1, 2, 3, 4, 5, 6, 7, 8]] * b)
+        eager.start([[1, 2, 3, 4, 5, 6, 7, 8]] * b)  # one more step below, on a started state
         eager.state.done[:b] = False
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         with labelled_phases(), profile(activities=activities) as prof:
